@@ -1,0 +1,85 @@
+#include "kernels/dtype.h"
+
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <random>
+#include <vector>
+
+namespace moemesh {
+namespace {
+
+TEST(DTypeTest, NamesRoundTrip) {
+  for (int i = 0; i <= static_cast<int>(DType::kF8E5M2); ++i) {
+    const DType d = static_cast<DType>(i);
+    auto parsed = DTypeFromName(DTypeName(d));
+    ASSERT_TRUE(parsed.has_value()) << DTypeName(d);
+    EXPECT_EQ(*parsed, d);
+  }
+  EXPECT_FALSE(DTypeFromName("F4").has_value());
+  EXPECT_FALSE(DTypeFromName("f32").has_value());
+  EXPECT_EQ(DTypeSize(DType::kBF16), 2u);
+  EXPECT_EQ(DTypeSize(DType::kI64), 8u);
+}
+
+TEST(DTypeTest, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(F32ToBf16(1.0f), 0x3f80);
+  // 1 + 2^-8 is exactly half-way between two bf16 values: ties go to the even one.
+  EXPECT_EQ(F32ToBf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);
+  EXPECT_EQ(F32ToBf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(std::nanf("")))));
+  EXPECT_EQ(Bf16ToF32(F32ToBf16(INFINITY)), INFINITY);
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = Bf16ToF32(static_cast<uint16_t>(h));
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(F32ToBf16(f), h);
+  }
+}
+
+TEST(DTypeTest, F16ExhaustiveRoundTrip) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = F16ToF32(static_cast<uint16_t>(h));
+    const _Float16 ref = std::bit_cast<_Float16>(static_cast<uint16_t>(h));
+    if (std::isnan(f)) {
+      ASSERT_TRUE(std::isnan(static_cast<float>(ref)));
+      ASSERT_TRUE(std::isnan(F16ToF32(F32ToF16(f))));
+      continue;
+    }
+    ASSERT_EQ(f, static_cast<float>(ref)) << h;
+    ASSERT_EQ(F32ToF16(f), h);
+  }
+}
+
+TEST(DTypeTest, F16RoundingMatchesCompiler) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 1000000; ++i) {
+    const float f = std::bit_cast<float>(bits(rng));
+    if (std::isnan(f)) continue;
+    const uint16_t ref = std::bit_cast<uint16_t>(static_cast<_Float16>(f));
+    ASSERT_EQ(F32ToF16(f), ref) << f;
+  }
+}
+
+TEST(DTypeTest, F8E4M3) {
+  EXPECT_EQ(F8E4M3ToF32(0x38), 1.0f);     // 0.0111.000
+  EXPECT_EQ(F8E4M3ToF32(0x7e), 448.0f);   // largest finite
+  EXPECT_EQ(F8E4M3ToF32(0x01), 0.001953125f);  // smallest subnormal 2^-9
+  EXPECT_EQ(F8E4M3ToF32(0xb8), -1.0f);
+  EXPECT_TRUE(std::isnan(F8E4M3ToF32(0x7f)));
+}
+
+TEST(DTypeTest, BulkConversions) {
+  std::vector<float> src = {0.5f, -2.25f, 3.0e-3f, 65504.0f};
+  std::vector<uint16_t> half(src.size());
+  std::vector<float> back(src.size());
+  ASSERT_TRUE(ConvertFromF32(src.data(), src.size(), DType::kF16, half.data()));
+  ASSERT_TRUE(ConvertToF32(DType::kF16, half.data(), half.size(), back.data()));
+  for (size_t i = 0; i < src.size(); ++i) EXPECT_NEAR(back[i], src[i], 1e-3 * std::abs(src[i]));
+  int32_t ints[2] = {1, 2};
+  EXPECT_FALSE(ConvertToF32(DType::kI32, ints, 2, back.data()));
+}
+
+}  // namespace
+}  // namespace moemesh

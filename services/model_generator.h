@@ -1,0 +1,38 @@
+// Writes a random checkpoint in a family's Hugging Face layout (config.json +
+// model.safetensors, or shards with an index). Nothing can be downloaded here, so the
+// demo, tests and benchmarks run on these; the tensor names, shapes and config keys
+// are the ones real checkpoints of the family use.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "kernels/dtype.h"
+#include "services/model_config.h"
+
+namespace moemesh {
+
+struct GenModelOptions {
+  ModelFamily family = ModelFamily::kMixtral;
+  int64_t hidden = 256;
+  int64_t intermediate = 512;  // per routed expert
+  int64_t experts = 8;
+  int64_t top_k = 2;
+  int64_t layers = 2;
+  // Shared expert intermediate size (Qwen2-MoE, DeepSeek); ignored by other families.
+  int64_t shared_intermediate = 512;
+  // DeepSeek group-limited routing; must divide experts.
+  int64_t num_groups = 4;
+  int64_t topk_groups = 2;
+  // DeepSeek: the first layer is dense (first_k_dense_replace = 1) when layers > 1.
+  DType dtype = DType::kBF16;
+  int shards = 1;  // > 1 writes model-0000i-of-0000n.safetensors + index
+  uint64_t seed = 0;
+
+  absl::Status Validate() const;
+};
+
+absl::Status GenerateModel(const std::string& dir, const GenModelOptions& options);
+
+}  // namespace moemesh

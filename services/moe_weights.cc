@@ -1,0 +1,171 @@
+#include "services/moe_weights.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "services/status_macros.h"
+
+namespace moemesh {
+namespace {
+
+// Stacks separate gate [I,H] and up [I,H] projections into gate_up [2I,H].
+absl::StatusOr<Tensor> StackGateUp(const Checkpoint& ckpt, const std::string& gate_name,
+                                   const std::string& up_name, int64_t inter, int64_t hidden) {
+  ASSIGN_OR_RETURN(Tensor gate, ckpt.Get(gate_name, {inter, hidden}));
+  ASSIGN_OR_RETURN(Tensor up, ckpt.Get(up_name, {inter, hidden}));
+  Tensor out = Tensor::Empty(DType::kF32, {2 * inter, hidden});
+  float* dst = out.mutable_data<float>();
+  for (const auto& [t, name, off] :
+       {std::tuple{&gate, &gate_name, int64_t{0}}, std::tuple{&up, &up_name, inter * hidden}}) {
+    if (!ConvertToF32(t->dtype(), t->raw(), t->numel(), dst + off) ||
+        !IsFloatingActivation(t->dtype())) {
+      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(*name), ": tensor '", *name,
+                                                     "' has dtype ", DTypeName(t->dtype()),
+                                                     ", expected F32, BF16 or F16"));
+    }
+  }
+  return out;
+}
+
+// The separate-projection layout every family but GPT-OSS uses.
+absl::StatusOr<ExpertWeights> LoadSwiGluExpert(const Checkpoint& ckpt, const std::string& prefix,
+                                               const char* gate, const char* up, const char* down,
+                                               int64_t inter, int64_t hidden) {
+  ExpertWeights w;
+  w.hidden = hidden;
+  w.intermediate = inter;
+  ASSIGN_OR_RETURN(w.gate_up, StackGateUp(ckpt, absl::StrCat(prefix, ".", gate, ".weight"),
+                                          absl::StrCat(prefix, ".", up, ".weight"), inter, hidden));
+  ASSIGN_OR_RETURN(w.down, ckpt.GetF32(absl::StrCat(prefix, ".", down, ".weight"), {hidden, inter}));
+  return w;
+}
+
+// GPT-OSS: expert e of gate_up_proj [E, H, 2I] (x·W, gate/up interleaved in columns)
+// becomes gate_up [2I, H] with gate rows first; down_proj [E, I, H] becomes [H, I].
+absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const MoeModelConfig& c,
+                                               int64_t layer, int64_t e) {
+  const std::string p = MoePrefix(c, layer) + ".experts";
+  const int64_t E = c.num_experts, H = c.hidden_size, I = c.expert_intermediate;
+  ExpertWeights w;
+  w.hidden = H;
+  w.intermediate = I;
+  ASSIGN_OR_RETURN(Tensor gu_all, ckpt.Get(p + ".gate_up_proj", {E, H, 2 * I}));
+  ASSIGN_OR_RETURN(Tensor gub_all, ckpt.Get(p + ".gate_up_proj_bias", {E, 2 * I}));
+  ASSIGN_OR_RETURN(Tensor down_all, ckpt.Get(p + ".down_proj", {E, I, H}));
+  ASSIGN_OR_RETURN(Tensor db_all, ckpt.Get(p + ".down_proj_bias", {E, H}));
+  auto slice_f32 = [&](const Tensor& all, const std::string& name) -> absl::StatusOr<Tensor> {
+    auto t = all.Slice(e).ToF32();
+    if (!t.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(name), ": tensor '", name, "': ",
+                                                     t.status().message()));
+    }
+    return t;
+  };
+  ASSIGN_OR_RETURN(Tensor gu, slice_f32(gu_all, p + ".gate_up_proj"));
+  ASSIGN_OR_RETURN(Tensor gub, slice_f32(gub_all, p + ".gate_up_proj_bias"));
+  ASSIGN_OR_RETURN(Tensor down, slice_f32(down_all, p + ".down_proj"));
+  ASSIGN_OR_RETURN(w.down_bias, slice_f32(db_all, p + ".down_proj_bias"));
+
+  w.gate_up = Tensor::Empty(DType::kF32, {2 * I, H});
+  w.gate_up_bias = Tensor::Empty(DType::kF32, {2 * I});
+  w.down = Tensor::Empty(DType::kF32, {H, I});
+  const float* src = gu.data<float>();
+  float* dst = w.gate_up.mutable_data<float>();
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < I; ++i) {
+      dst[i * H + h] = src[h * 2 * I + 2 * i];            // gate: even columns
+      dst[(I + i) * H + h] = src[h * 2 * I + 2 * i + 1];  // up: odd columns
+    }
+  }
+  for (int64_t i = 0; i < I; ++i) {
+    w.gate_up_bias.mutable_data<float>()[i] = gub.data<float>()[2 * i];
+    w.gate_up_bias.mutable_data<float>()[I + i] = gub.data<float>()[2 * i + 1];
+  }
+  for (int64_t i = 0; i < I; ++i) {
+    for (int64_t h = 0; h < H; ++h) w.down.mutable_data<float>()[h * I + i] = down.data<float>()[i * H + h];
+  }
+  return w;
+}
+
+}  // namespace
+
+std::string MoePrefix(const MoeModelConfig& c, int64_t layer) {
+  const char* block = c.family == ModelFamily::kMixtral ? "block_sparse_moe" : "mlp";
+  return absl::StrCat("model.layers.", layer, ".", block);
+}
+
+ExpertFfnWeights ExpertWeights::View(const MoeModelConfig& config) const {
+  ExpertFfnWeights v;
+  v.hidden = hidden;
+  v.intermediate = intermediate;
+  v.activation = config.activation;
+  v.clamp_limit = config.clamp_limit;
+  v.alpha = config.alpha;
+  v.gate_up = gate_up.data<float>();
+  v.gate_up_bias = gate_up_bias.raw() ? gate_up_bias.data<float>() : nullptr;
+  v.down = down.data<float>();
+  v.down_bias = down_bias.raw() ? down_bias.data<float>() : nullptr;
+  return v;
+}
+
+int64_t ExpertWeights::bytes() const {
+  return static_cast<int64_t>(gate_up.nbytes() + down.nbytes() +
+                              (gate_up_bias.raw() ? gate_up_bias.nbytes() : 0) +
+                              (down_bias.raw() ? down_bias.nbytes() : 0));
+}
+
+absl::StatusOr<GateWeights> LoadGate(const Checkpoint& ckpt, const MoeModelConfig& c,
+                                     int64_t layer) {
+  RETURN_IF_ERROR(c.CheckMoeLayer(layer));
+  const std::string p = MoePrefix(c, layer);
+  const int64_t E = c.num_experts, H = c.hidden_size;
+  GateWeights g;
+  if (c.family == ModelFamily::kGptOss) {
+    ASSIGN_OR_RETURN(g.weight, ckpt.GetF32(p + ".router.weight", {E, H}));
+    ASSIGN_OR_RETURN(g.bias, ckpt.GetF32(p + ".router.bias", {E}));
+    return g;
+  }
+  ASSIGN_OR_RETURN(g.weight, ckpt.GetF32(p + ".gate.weight", {E, H}));
+  if (c.family == ModelFamily::kDeepseekV3) {
+    ASSIGN_OR_RETURN(g.correction_bias, ckpt.GetF32(p + ".gate.e_score_correction_bias", {E}));
+  }
+  return g;
+}
+
+absl::StatusOr<ExpertWeights> LoadExpert(const Checkpoint& ckpt, const MoeModelConfig& c,
+                                         int64_t layer, int64_t expert) {
+  RETURN_IF_ERROR(c.CheckMoeLayer(layer));
+  if (expert < 0 || expert >= c.num_experts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("expert ", expert, " out of range [0, ", c.num_experts, ")"));
+  }
+  const std::string p = absl::StrCat(MoePrefix(c, layer), ".experts.", expert);
+  const int64_t H = c.hidden_size, I = c.expert_intermediate;
+  switch (c.family) {
+    case ModelFamily::kMixtral:
+      return LoadSwiGluExpert(ckpt, p, "w1", "w3", "w2", I, H);
+    case ModelFamily::kGptOss:
+      return LoadGptOssExpert(ckpt, c, layer, expert);
+    default:
+      return LoadSwiGluExpert(ckpt, p, "gate_proj", "up_proj", "down_proj", I, H);
+  }
+}
+
+absl::StatusOr<std::optional<SharedExpertWeights>> LoadSharedExperts(const Checkpoint& ckpt,
+                                                                     const MoeModelConfig& c,
+                                                                     int64_t layer) {
+  RETURN_IF_ERROR(c.CheckMoeLayer(layer));
+  if (c.shared_intermediate == 0) return std::nullopt;
+  const std::string p = MoePrefix(c, layer);
+  const int64_t H = c.hidden_size, I = c.shared_intermediate;
+  SharedExpertWeights s;
+  const bool qwen = c.family == ModelFamily::kQwen2Moe;
+  ASSIGN_OR_RETURN(s.ffn, LoadSwiGluExpert(ckpt, p + (qwen ? ".shared_expert" : ".shared_experts"),
+                                           "gate_proj", "up_proj", "down_proj", I, H));
+  if (c.shared_expert_gated) {
+    ASSIGN_OR_RETURN(s.gate, ckpt.GetF32(p + ".shared_expert_gate.weight", {1, H}));
+  }
+  return s;
+}
+
+}  // namespace moemesh

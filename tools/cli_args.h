@@ -1,0 +1,33 @@
+// Minimal `--name value` / `--flag` parsing for the moemesh command line. Flags are
+// parsed only in main programs; libraries take option structs.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace moemesh {
+
+class CliArgs {
+ public:
+  // args: everything after the subcommand. `known` lists accepted flag names (no
+  // leading dashes); `switches` those among them that take no value.
+  static absl::StatusOr<CliArgs> Parse(const std::vector<std::string>& args,
+                                       const std::set<std::string>& known,
+                                       const std::set<std::string>& switches = {});
+
+  bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  absl::StatusOr<std::string> Required(const std::string& name) const;
+  std::string String(const std::string& name, const std::string& fallback) const;
+  absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
+  absl::StatusOr<double> Double(const std::string& name, double fallback) const;
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+}  // namespace moemesh
