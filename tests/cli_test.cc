@@ -1,0 +1,139 @@
+// The moemesh command line as a user runs it: a real process, real files.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "services/safetensors.h"
+
+#ifndef MOEMESH_BINARY
+#error "MOEMESH_BINARY must name the moemesh executable"
+#endif
+
+namespace moemesh {
+namespace {
+
+struct CliRun {
+  int exit_code;
+  std::string output;  // stdout + stderr
+};
+
+CliRun Moemesh(const std::string& args) {
+  const std::string cmd = absl::StrCat(MOEMESH_BINARY, " ", args, " 2>&1");
+  CliRun r{-1, ""};
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int status = ::pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string Tmp(const std::string& name) {
+  return (std::filesystem::path(::testing::TempDir()) / name).string();
+}
+
+TEST(CliTest, LayerWritesOutputTopkIdsAndWeights) {
+  const std::string out = Tmp("cli_layer_out.safetensors");
+  CliRun r = Moemesh(absl::StrCat("layer --model tests/fixtures/deepseek_v3 --layer 2 --input ",
+                               "tests/fixtures/deepseek_v3/input.safetensors --output ", out));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto file = SafetensorsFile::Open(out);
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto expected = SafetensorsFile::Open("tests/fixtures/deepseek_v3/expected.safetensors").value();
+  const Tensor got = (*file)->Get("output").value();
+  const Tensor want = expected->Get("output.2").value();
+  ASSERT_EQ(got.shape(), want.shape());
+  ASSERT_EQ(got.dtype(), DType::kF32);
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    err += std::pow(double(got.data<float>()[i]) - want.data<float>()[i], 2);
+    norm += std::pow(double(want.data<float>()[i]), 2);
+  }
+  EXPECT_LE(std::sqrt(err / norm), 1e-5);
+  const Tensor ids = (*file)->Get("topk_ids").value();
+  EXPECT_EQ(ids.dtype(), DType::kI32);
+  EXPECT_EQ(ids.shape(), (std::vector<int64_t>{24, 4}));
+  EXPECT_EQ((*file)->Get("topk_weights").value().dtype(), DType::kF32);
+}
+
+TEST(CliTest, Bf16InputGivesBf16Output) {
+  const std::string out = Tmp("cli_bf16_out.safetensors");
+  CliRun r = Moemesh(absl::StrCat("layer --model tests/fixtures/mixtral_bf16 --layer 1 --input ",
+                               "tests/fixtures/mixtral_bf16/input_bf16.safetensors --output ", out));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(SafetensorsFile::Open(out).value()->Get("output").value().dtype(), DType::kBF16);
+}
+
+TEST(CliTest, GenModelThenLayerRoundTrip) {
+  const std::string dir = Tmp("cli_gen_gptoss");
+  CliRun g = Moemesh(absl::StrCat("gen-model --family gpt_oss --out ", dir,
+                               " --hidden 32 --intermediate 16 --experts 4 --top-k 2 --layers 1 --shards 2"));
+  ASSERT_EQ(g.exit_code, 0) << g.output;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/model.safetensors.index.json"));
+  Tensor x = Tensor::Zeros(DType::kF16, {3, 32});
+  const std::string in = Tmp("cli_gen_in.safetensors"), out = Tmp("cli_gen_out.safetensors");
+  ASSERT_TRUE(WriteSafetensors(in, {{"hidden_states", x}}).ok());
+  CliRun r = Moemesh(absl::StrCat("layer --model ", dir, " --layer 0 --input ", in, " --output ", out));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(SafetensorsFile::Open(out).value()->Get("output").value().dtype(), DType::kF16);
+}
+
+TEST(CliTest, BadInputsFailWithAMessageNamingTheProblem) {
+  const std::string out = Tmp("cli_bad_out.safetensors");
+  const std::string model = "--model tests/fixtures/mixtral --output " + out;
+  struct Case {
+    std::string args;
+    std::string needle;
+  };
+  const std::string wrong_h = Tmp("cli_wrong_h.safetensors");
+  ASSERT_TRUE(WriteSafetensors(wrong_h, {{"hidden_states", Tensor::Zeros(DType::kF32, {2, 63})}}).ok());
+  const std::string ints = Tmp("cli_ints.safetensors");
+  ASSERT_TRUE(WriteSafetensors(ints, {{"hidden_states", Tensor::Zeros(DType::kI32, {2, 64})}}).ok());
+  const std::string no_hidden = Tmp("cli_nohidden.safetensors");
+  ASSERT_TRUE(WriteSafetensors(no_hidden, {{"x", Tensor::Zeros(DType::kF32, {2, 64})}}).ok());
+  const std::string in = " --input tests/fixtures/mixtral/input.safetensors";
+  const Case cases[] = {
+      {model + " --layer 7" + in, "layer 7 does not exist"},
+      {model + " --layer -1" + in, "layer -1"},
+      {model + " --layer x" + in, "--layer wants an integer"},
+      {model + in, "missing --layer"},
+      {model + " --layer 0 --input " + wrong_h, "expected [T, 64]"},
+      {model + " --layer 0 --input " + ints, "dtype I32"},
+      {model + " --layer 0 --input " + no_hidden, "hidden_states"},
+      {model + " --layer 0 --input /nonexistent.safetensors", "/nonexistent.safetensors"},
+      {"--model /nonexistent --layer 0 --output " + out + in, "/nonexistent"},
+      {"--model tests/fixtures/qwen2_moe --layer 0 --output " + out +
+           " --input tests/fixtures/qwen2_moe/input.safetensors",
+       "dense"},
+      {model + " --layer 0 --bogus 1" + in, "unknown flag --bogus"},
+  };
+  for (const Case& c : cases) {
+    CliRun r = Moemesh("layer " + c.args);
+    EXPECT_EQ(r.exit_code, 1) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
+  }
+  CliRun unknown = Moemesh("gen-model --family llama --out " + Tmp("x"));
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_NE(unknown.output.find("unsupported model_type 'llama'"), std::string::npos) << unknown.output;
+  EXPECT_EQ(Moemesh("frobnicate").exit_code, 2);
+}
+
+TEST(CliTest, DemoRunsEveryMoeLayer) {
+  CliRun r = Moemesh("demo --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
+                  "--layers 3 --tokens 16 --iters 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.find("layer 0:"), std::string::npos) << "layer 0 is dense";
+  EXPECT_NE(r.output.find("layer 1:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("layer 2:"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace moemesh

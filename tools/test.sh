@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every test: install, build, run ctest; then the parsers under ASan+UBSan and a
+# bounded libFuzzer run of the safetensors header parser.
+#   FUZZ_SECONDS=60 tools/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/install_deps.sh
+jobs=$(nproc)
+
+echo "== build and ctest (Release)"
+tools/build.sh
+ctest --test-dir build --output-on-failure -j "$jobs"
+
+echo "== parser, checkpoint and reference tests under ASan + UBSan"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEMESH_CUDA=OFF \
+  -DMOEMESH_BENCH=OFF -DMOEMESH_SANITIZE=address,undefined >/dev/null
+ninja -C build-asan safetensors_test checkpoint_test model_config_test tensor_test fixture_test \
+  moe_layer_test
+ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "$jobs" \
+  -R '^(safetensors_test|checkpoint_test|model_config_test|tensor_test|fixture_test|moe_layer_test)$'
+
+echo "== libFuzzer: safetensors header parser (${FUZZ_SECONDS:-60} s)"
+CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DMOEMESH_FUZZ=ON -DMOEMESH_CUDA=OFF -DMOEMESH_TESTS=OFF -DMOEMESH_BENCH=OFF \
+  -DMOEMESH_SANITIZE=address,undefined >/dev/null
+ninja -C build-fuzz safetensors_header_fuzzer
+corpus=$(mktemp -d)
+cp tests/fuzz_corpus/safetensors/* "$corpus"/
+build-fuzz/services/safetensors_header_fuzzer -max_total_time="${FUZZ_SECONDS:-60}" \
+  -max_len=4096 -print_final_stats=1 "$corpus" 2>&1 | tail -n 12
+rm -rf "$corpus"
+echo "all test stages passed"
