@@ -1,6 +1,6 @@
 #include "kernels/cuda/convert.cuh"
 
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <random>
