@@ -31,6 +31,15 @@ constexpr std::array<DTypeInfo, 15> kDTypes = {{
     {DType::kF8E5M2, "F8_E5M2", 1},
 }};
 
+// Element i of an array that may be misaligned: safetensors packs tensors back to
+// back, so a checkpoint's BF16 or F32 data can start at any byte.
+template <typename T>
+T LoadAt(const void* base, size_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const char*>(base) + i * sizeof(T), sizeof(T));
+  return v;
+}
+
 }  // namespace
 
 size_t DTypeSize(DType dtype) { return kDTypes[static_cast<size_t>(dtype)].size; }
@@ -117,21 +126,15 @@ bool ConvertToF32(DType src_dtype, const void* src, size_t n, float* dst) {
     case DType::kF32:
       std::memcpy(dst, src, n * sizeof(float));
       return true;
-    case DType::kBF16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToF32(s[i]);
+    case DType::kBF16:
+      for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToF32(LoadAt<uint16_t>(src, i));
       return true;
-    }
-    case DType::kF16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = F16ToF32(s[i]);
+    case DType::kF16:
+      for (size_t i = 0; i < n; ++i) dst[i] = F16ToF32(LoadAt<uint16_t>(src, i));
       return true;
-    }
-    case DType::kF64: {
-      const auto* s = static_cast<const double*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+    case DType::kF64:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(LoadAt<double>(src, i));
       return true;
-    }
     default:
       return false;
   }
@@ -144,17 +147,17 @@ bool ConvertFromF32(const float* src, size_t n, DType dst_dtype, void* dst) {
       return true;
     case DType::kBF16: {
       auto* d = static_cast<uint16_t*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = F32ToBf16(src[i]);
+      for (size_t i = 0; i < n; ++i) d[i] = F32ToBf16(LoadAt<float>(src, i));
       return true;
     }
     case DType::kF16: {
       auto* d = static_cast<uint16_t*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = F32ToF16(src[i]);
+      for (size_t i = 0; i < n; ++i) d[i] = F32ToF16(LoadAt<float>(src, i));
       return true;
     }
     case DType::kF64: {
       auto* d = static_cast<double*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = src[i];
+      for (size_t i = 0; i < n; ++i) d[i] = LoadAt<float>(src, i);
       return true;
     }
     default:

@@ -53,9 +53,10 @@ uint16_t F32ToF16(float f);
 float F8E4M3ToF32(uint8_t v);
 
 // Converts n elements of a floating type (F32, BF16, F16, F64, F8_E4M3) to float32.
-// Returns false (and writes nothing) for non-floating types.
+// Returns false (and writes nothing) for non-floating types. `src` need not be aligned.
 bool ConvertToF32(DType src_dtype, const void* src, size_t n, float* dst);
 // Converts n float32 values to F32, BF16, F16 or F64. Returns false for other types.
+// `src` need not be aligned.
 bool ConvertFromF32(const float* src, size_t n, DType dst_dtype, void* dst);
 
 }  // namespace moemesh

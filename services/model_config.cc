@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -46,9 +47,10 @@ class ConfigReader {
     }
     return v;
   }
-  int64_t IntOr(absl::string_view key, int64_t fallback) const {
+  absl::StatusOr<int64_t> IntOr(absl::string_view key, int64_t fallback) const {
     auto it = json_.find(std::string(key));
-    return it != json_.end() && it->is_number_integer() ? it->get<int64_t>() : fallback;
+    if (it == json_.end() || it->is_null()) return fallback;
+    return Int({key});
   }
   absl::StatusOr<double> NumberOr(absl::string_view key, double fallback) const {
     auto it = json_.find(std::string(key));
@@ -188,7 +190,7 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
       ASSIGN_OR_RETURN(c.expert_intermediate, r.Positive({"moe_intermediate_size"}));
       rp.scoring = Scoring::kSoftmax;
       ASSIGN_OR_RETURN(rp.normalize, r.BoolOr("norm_topk_prob", false));
-      c.decoder_sparse_step = r.IntOr("decoder_sparse_step", 1);
+      ASSIGN_OR_RETURN(c.decoder_sparse_step, r.IntOr("decoder_sparse_step", 1));
       ASSIGN_OR_RETURN(c.mlp_only_layers, r.IntListOr("mlp_only_layers"));
       if (c.family == ModelFamily::kQwen2Moe) {
         ASSIGN_OR_RETURN(c.shared_intermediate, r.Int({"shared_expert_intermediate_size"}));
@@ -201,16 +203,25 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
       const bool v3 = c.family == ModelFamily::kDeepseekV3;
       ASSIGN_OR_RETURN(c.expert_intermediate, r.Positive({"moe_intermediate_size"}));
       ASSIGN_OR_RETURN(int64_t n_shared, r.Int({"n_shared_experts"}));
-      c.shared_intermediate = n_shared * c.expert_intermediate;
-      c.first_k_dense_replace = r.IntOr("first_k_dense_replace", 0);
-      c.moe_layer_freq = r.IntOr("moe_layer_freq", 1);
+      // Saturated, not wrapped, on overflow: the size bounds below then reject it.
+      if (__builtin_mul_overflow(n_shared, c.expert_intermediate, &c.shared_intermediate)) {
+        c.shared_intermediate = std::numeric_limits<int64_t>::max();
+      }
+      ASSIGN_OR_RETURN(c.first_k_dense_replace, r.IntOr("first_k_dense_replace", 0));
+      ASSIGN_OR_RETURN(c.moe_layer_freq, r.IntOr("moe_layer_freq", 1));
       ASSIGN_OR_RETURN(double scale, r.NumberOr("routed_scaling_factor", 1.0));
       rp.scaling = static_cast<float>(scale);
       ASSIGN_OR_RETURN(std::string scoring, r.StringOr("scoring_func", v3 ? "sigmoid" : "softmax"));
       ASSIGN_OR_RETURN(std::string method,
                        r.StringOr("topk_method", v3 ? "noaux_tc" : "greedy"));
-      const int64_t n_group = r.IntOr("n_group", 1);
-      const int64_t topk_group = r.IntOr("topk_group", n_group);
+      ASSIGN_OR_RETURN(const int64_t n_group, r.IntOr("n_group", 1));
+      ASSIGN_OR_RETURN(const int64_t topk_group, r.IntOr("topk_group", n_group));
+      // RoutingParams holds ints: larger values would wrap into plausible ones.
+      if (n_group < 1 || n_group > c.num_experts || topk_group < 1 || topk_group > n_group) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "config.json: 'n_group' ", n_group, " must be in [1, ", c.num_experts,
+            "] and 'topk_group' ", topk_group, " in [1, n_group]"));
+      }
       if (v3) {
         // HF's DeepseekV3 router: sigmoid scores, corrected choice, top-2-sum groups,
         // normalise (+1e-20) when norm_topk_prob, then scale.
@@ -273,6 +284,11 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
     return absl::InvalidArgumentError(absl::StrCat(
         "config.json: sizes out of range (hidden_size ", c.hidden_size, ", intermediate ",
         c.expert_intermediate, ", experts ", c.num_experts, ", layers ", c.num_layers, ")"));
+  }
+  // Checked before the narrowing below, which would wrap a huge top_k into a small one.
+  if (c.top_k > c.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("config.json: 'num_experts_per_tok' ", c.top_k,
+                                                   " exceeds the ", c.num_experts, " experts"));
   }
   rp.num_experts = static_cast<int>(c.num_experts);
   rp.top_k = static_cast<int>(c.top_k);

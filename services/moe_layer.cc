@@ -35,6 +35,9 @@ absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const Checkpoint& ckp
   RETURN_IF_ERROR(options.Validate());
   RETURN_IF_ERROR(config.CheckMoeLayer(layer));
   auto l = std::unique_ptr<MoeLayer>(new MoeLayer(config, layer, options));
+  l->pool_ = options.pool != nullptr ? options.pool : &ThreadPool::Default();
+  // Parallelism comes from the pool; BLAS calls inside its tasks run single-threaded.
+  SetBlasThreads(1);
   ASSIGN_OR_RETURN(l->gate_, LoadGate(ckpt, config, layer));
   l->experts_.reserve(config.num_experts);
   for (int64_t e = 0; e < config.num_experts; ++e) {
@@ -85,23 +88,56 @@ absl::StatusOr<MoeLayerOutput> MoeLayer::Forward(const Tensor& hidden) {
   return out;
 }
 
-int64_t MoeLayer::ForwardF32(const float* x, int64_t T, float* out, int32_t* topk_ids,
-                             float* topk_weights) {
-  std::lock_guard<std::mutex> lock(mu_);
-  const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
+namespace {
 
-  // Router logits in float32, as HF computes them: x·Wgᵀ (+ bias).
-  float* logits = Sized(logits_, T * E);
-  if (gate_.bias.raw() != nullptr) {
-    for (int64_t t = 0; t < T; ++t) std::copy_n(gate_.bias.data<float>(), E, logits + t * E);
+// Task sizes. Fixed (not derived from the thread count) so results never depend on
+// the machine; small enough that a handful of experts still feeds every core.
+// (The FFN's own split is the kernel's canonical one: expert_ffn.h.)
+constexpr int64_t kTokensPerTask = 64;     // routing and combine
+constexpr int64_t kRowsPerGatherTask = 256;
+
+int64_t Chunks(int64_t n, int64_t per) { return (n + per - 1) / per; }
+
+}  // namespace
+
+MoeLayer::ExpertRows MoeLayer::Rows(int32_t expert, const float* x, int64_t T) {
+  const int64_t H = config_.hidden_size;
+  if (expert == kShared) {
+    ExpertRows r{shared_->ffn.View(config_), x, T, nullptr, nullptr, shared_y_.data()};
+    const int64_t R = plan_.num_rows();
+    const ExpertFfnWeights& re = experts_[0].View(config_);
+    r.gu = gate_up_.data() + GateUpScratch(re, R);
+    r.h = hidden_.data() + HiddenScratch(re, R);
+    return r;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, H, 1.0f, x, H,
-              gate_.weight.data<float>(), H, gate_.bias.raw() ? 1.0f : 0.0f, logits, E);
+  const int64_t off = plan_.expert_offsets[expert];
+  ExpertRows r{experts_[expert].View(config_), grouped_x_.data() + off * H,
+               plan_.rows_of(expert), nullptr, nullptr, grouped_y_.data() + off * H};
+  r.gu = gate_up_.data() + GateUpScratch(r.w, off);
+  r.h = hidden_.data() + HiddenScratch(r.w, off);
+  return r;
+}
+
+void MoeLayer::Route(const float* x, int64_t T, int32_t* topk_ids, float* topk_weights) {
+  const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
+  float* logits = Sized(logits_, T * E);
   const bool expert_choice = options_.mode == RoutingMode::kExpertChoice;
   float* scores = expert_choice ? Sized(scores_, T * E) : nullptr;
-  RouteTopK(config_.routing, logits, T,
-            gate_.correction_bias.raw() ? gate_.correction_bias.data<float>() : nullptr,
-            topk_ids, topk_weights, scores);
+  const float* bias = gate_.bias.raw() ? gate_.bias.data<float>() : nullptr;
+  const float* correction =
+      gate_.correction_bias.raw() ? gate_.correction_bias.data<float>() : nullptr;
+  pool_->ParallelFor(Chunks(T, kTokensPerTask), [&](int64_t c) {
+    const int64_t t0 = c * kTokensPerTask, n = std::min(kTokensPerTask, T - t0);
+    float* lg = logits + t0 * E;
+    // Router logits in float32, as HF computes them: x·Wgᵀ (+ bias).
+    if (bias != nullptr) {
+      for (int64_t t = 0; t < n; ++t) std::copy_n(bias, E, lg + t * E);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, x + t0 * H, H,
+                gate_.weight.data<float>(), H, bias ? 1.0f : 0.0f, lg, E);
+    RouteTopK(config_.routing, lg, n, correction, topk_ids + t0 * k, topk_weights + t0 * k,
+              scores ? scores + t0 * E : nullptr);
+  });
 
   if (!expert_choice) {
     const int64_t capacity =
@@ -110,58 +146,98 @@ int64_t MoeLayer::ForwardF32(const float* x, int64_t T, float* out, int32_t* top
             : -1;
     BuildTokenChoicePlan(topk_ids, topk_weights, T, static_cast<int>(k), static_cast<int>(E),
                          capacity, &plan_);
-  } else {
-    const double cf = options_.capacity_factor > 0 ? options_.capacity_factor : 1.0;
-    const int64_t capacity = ExpertCapacity(cf, T, static_cast<int>(k), static_cast<int>(E));
-    BuildExpertChoicePlan(scores, T, static_cast<int>(E), capacity, &plan_);
-    // Report, per token, the first k experts that took it (expert order).
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t j = 0;
-      for (int64_t r = plan_.token_offsets[t]; r < plan_.token_offsets[t + 1] && j < k; ++r, ++j) {
-        const int64_t row = plan_.token_rows[r];
-        const auto it = std::upper_bound(plan_.expert_offsets.begin(), plan_.expert_offsets.end(), row);
-        topk_ids[t * k + j] = static_cast<int32_t>(it - plan_.expert_offsets.begin() - 1);
-        topk_weights[t * k + j] = plan_.token_weights[r];
-      }
-      for (; j < k; ++j) {
-        topk_ids[t * k + j] = -1;
-        topk_weights[t * k + j] = 0.0f;
-      }
+    return;
+  }
+  const double cf = options_.capacity_factor > 0 ? options_.capacity_factor : 1.0;
+  BuildExpertChoicePlan(scores, T, static_cast<int>(E),
+                        ExpertCapacity(cf, T, static_cast<int>(k), static_cast<int>(E)), &plan_);
+  // Report, per token, the first k experts that took it (expert order).
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t j = 0;
+    for (int64_t r = plan_.token_offsets[t]; r < plan_.token_offsets[t + 1] && j < k; ++r, ++j) {
+      const int64_t row = plan_.token_rows[r];
+      const auto it = std::upper_bound(plan_.expert_offsets.begin(), plan_.expert_offsets.end(), row);
+      topk_ids[t * k + j] = static_cast<int32_t>(it - plan_.expert_offsets.begin() - 1);
+      topk_weights[t * k + j] = plan_.token_weights[r];
+    }
+    for (; j < k; ++j) {
+      topk_ids[t * k + j] = -1;
+      topk_weights[t * k + j] = 0.0f;
     }
   }
+}
 
-  const int64_t rows = plan_.num_rows();
-  float* gx = Sized(grouped_x_, rows * H);
-  float* gy = Sized(grouped_y_, rows * H);
-  GatherRows(x, H, plan_, 0, rows, gx);
-  int64_t max_rows = 0;
-  for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, plan_.rows_of(static_cast<int>(e)));
-  int64_t scratch_floats = ExpertFfnScratch(experts_[0].View(config_), max_rows);
-  if (shared_) scratch_floats = std::max(scratch_floats, ExpertFfnScratch(shared_->ffn.View(config_), T));
-  float* scratch = Sized(scratch_, scratch_floats);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = plan_.rows_of(static_cast<int>(e));
-    if (n == 0) continue;
-    const int64_t off = plan_.expert_offsets[e];
-    ExpertFfn(experts_[e].View(config_), gx + off * H, n, scratch, gy + off * H);
-  }
-  CombineRows(gy, H, plan_, 0, T, out);
-
+void MoeLayer::RunExperts(const float* x, int64_t T) {
+  const int64_t H = config_.hidden_size, E = config_.num_experts, R = plan_.num_rows();
+  const ExpertFfnWeights routed = experts_[0].View(config_);
+  int64_t gu_floats = GateUpScratch(routed, R), h_floats = HiddenScratch(routed, R);
   if (shared_) {
-    float* sy = Sized(shared_y_, T * H);
-    ExpertFfn(shared_->ffn.View(config_), x, T, scratch, sy);
-    if (shared_->gate.raw() != nullptr) {
-      // Qwen2-MoE: out += sigmoid(x·w_sgᵀ) · shared(x)
-      const float* wg = shared_->gate.data<float>();
-      for (int64_t t = 0; t < T; ++t) {
-        const float z = cblas_sdot(static_cast<int>(H), x + t * H, 1, wg, 1);
-        const float g = 1.0f / (1.0f + std::exp(-z));
-        for (int64_t h = 0; h < H; ++h) out[t * H + h] += g * sy[t * H + h];
-      }
-    } else {
-      for (int64_t i = 0; i < T * H; ++i) out[i] += sy[i];
-    }
+    const ExpertFfnWeights sw = shared_->ffn.View(config_);
+    gu_floats += GateUpScratch(sw, T);
+    h_floats += HiddenScratch(sw, T);
+    Sized(shared_y_, T * H);
   }
+  Sized(grouped_x_, R * H);
+  Sized(grouped_y_, R * H);
+  Sized(gate_up_, gu_floats);
+  Sized(hidden_, h_floats);
+
+  pool_->ParallelFor(Chunks(R, kRowsPerGatherTask), [&](int64_t c) {
+    const int64_t r0 = c * kRowsPerGatherTask;
+    GatherRows(x, H, plan_, r0, std::min(R, r0 + kRowsPerGatherTask), grouped_x_.data() + r0 * H);
+  });
+
+  // Gate/up + activation, then down: one task list each over every expert with rows.
+  std::vector<int32_t> active;
+  for (int64_t e = 0; e < E; ++e) {
+    if (plan_.rows_of(static_cast<int>(e)) > 0) active.push_back(static_cast<int32_t>(e));
+  }
+  if (shared_) active.push_back(kShared);
+  tasks_.clear();
+  for (int32_t e : active) {
+    const ExpertFfnWeights& w = e == kShared ? shared_->ffn.View(config_) : routed;
+    for (int64_t i = 0; i < NumGateUpTasks(w); ++i) tasks_.push_back({e, i});
+  }
+  pool_->ParallelFor(static_cast<int64_t>(tasks_.size()), [&](int64_t i) {
+    const ExpertRows r = Rows(tasks_[i].expert, x, T);
+    ExpertGateUpTask(r.w, r.x, r.rows, tasks_[i].index, r.gu, r.h);
+  });
+  tasks_.clear();
+  for (int32_t e : active) {
+    const ExpertFfnWeights& w = e == kShared ? shared_->ffn.View(config_) : routed;
+    for (int64_t i = 0; i < NumDownTasks(w); ++i) tasks_.push_back({e, i});
+  }
+  pool_->ParallelFor(static_cast<int64_t>(tasks_.size()), [&](int64_t i) {
+    const ExpertRows r = Rows(tasks_[i].expert, x, T);
+    ExpertDownTask(r.w, r.h, r.rows, tasks_[i].index, r.y);
+  });
+}
+
+int64_t MoeLayer::ForwardF32(const float* x, int64_t T, float* out, int32_t* topk_ids,
+                             float* topk_weights) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t H = config_.hidden_size;
+  Route(x, T, topk_ids, topk_weights);
+  RunExperts(x, T);
+  const float* shared_gate =
+      shared_ && shared_->gate.raw() != nullptr ? shared_->gate.data<float>() : nullptr;
+  pool_->ParallelFor(Chunks(T, kTokensPerTask), [&](int64_t c) {
+    const int64_t t0 = c * kTokensPerTask, t1 = std::min(T, t0 + kTokensPerTask);
+    CombineRows(grouped_y_.data(), H, plan_, t0, t1, out);
+    if (!shared_) return;
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = out + t * H;
+      const float* sy = shared_y_.data() + t * H;
+      if (shared_gate != nullptr) {
+        // Qwen2-MoE: out += sigmoid(x·w_sgᵀ) · shared(x)
+        const float z = cblas_sdot(static_cast<int>(H), x + t * H, 1, shared_gate, 1);
+        const float g = 1.0f / (1.0f + std::exp(-z));
+        for (int64_t h = 0; h < H; ++h) o[h] += g * sy[h];
+      } else {
+        for (int64_t h = 0; h < H; ++h) o[h] += sy[h];
+      }
+    }
+  });
   return plan_.dropped;
 }
 

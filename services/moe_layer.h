@@ -4,13 +4,17 @@
 // Forward(x) returns Σ_j w_j · expert_{e_j}(x) (+ the family's shared expert), without
 // the residual, exactly as the family's HF block computes it in float32.
 //
-// Steps: router logits (one GEMM) -> RouteTopK -> DispatchPlan (tokens grouped per
-// expert) -> gather -> per-expert ExpertFfn (two GEMMs, fused activation) -> combine in
-// each token's top-k order -> + shared expert. Workspaces are kept between calls, so a
-// warm layer allocates nothing but its output tensors.
+// Steps: router logits (GEMM) + RouteTopK per token chunk -> DispatchPlan (tokens
+// grouped per expert) -> gather -> gate/up+activation tasks -> down tasks (the
+// kernel's canonical split, expert_ffn.h, for every expert with rows) -> combine in each token's top-k order
+// + shared expert. Each step is a ThreadPool ParallelFor with single-threaded BLAS
+// inside, so both small batches (many experts, few rows: weights streamed by every
+// core at once) and large ones use every core. The split is fixed by the shapes, never
+// by the thread count, so results are bit-identical on any machine.
+// Workspaces are kept between calls: a warm layer allocates only its output tensors.
 //
 // Thread safety: Forward may be called from several threads; calls on one layer are
-// serialised (its workspace is shared). Use one MoeLayer per thread for parallelism.
+// serialised (its workspace is shared).
 #pragma once
 
 #include <cstdint>
@@ -22,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/thread_pool.h"
 #include "services/checkpoint.h"
 #include "services/model_config.h"
 #include "services/moe_weights.h"
@@ -39,6 +44,8 @@ struct MoeLayerOptions {
   // order and drops the rest. Expert choice: C = cf·T·k/E (0 means 1.0).
   double capacity_factor = 0.0;
   RoutingMode mode = RoutingMode::kTokenChoice;
+  // Where the work runs; nullptr = ThreadPool::Default(). Not owned.
+  ThreadPool* pool = nullptr;
 
   absl::Status Validate() const;
 };
@@ -70,13 +77,33 @@ class MoeLayer {
   int64_t layer() const { return layer_; }
   int64_t weight_bytes() const;
 
-  // The per-expert part alone (gather, expert GEMMs, combine) on a plan built from
-  // given routing; exposed so benchmarks can time GEMMs apart from routing.
+  // Weights, for benchmarks that time the GEMMs alone.
   const ExpertWeights& expert(int64_t e) const { return experts_[e]; }
+  const GateWeights& gate() const { return gate_; }
 
  private:
   MoeLayer(const MoeModelConfig& config, int64_t layer, MoeLayerOptions options)
       : config_(config), layer_(layer), options_(options) {}
+
+  // One unit of FFN work: expert (kShared for the shared expert) and the index of one
+  // of the kernel's canonical tasks.
+  struct FfnTask {
+    int32_t expert;
+    int64_t index;
+  };
+  static constexpr int32_t kShared = -1;
+  // Views of one expert's rows in the workspace.
+  struct ExpertRows {
+    ExpertFfnWeights w;
+    const float* x;
+    int64_t rows;
+    float* gu;
+    float* h;
+    float* y;
+  };
+  ExpertRows Rows(int32_t expert, const float* x, int64_t num_tokens);
+  void Route(const float* x, int64_t num_tokens, int32_t* topk_ids, float* topk_weights);
+  void RunExperts(const float* x, int64_t num_tokens);
 
   const MoeModelConfig config_;
   const int64_t layer_;
@@ -85,9 +112,11 @@ class MoeLayer {
   std::vector<ExpertWeights> experts_;
   std::optional<SharedExpertWeights> shared_;
 
+  ThreadPool* pool_ = nullptr;
   std::mutex mu_;  // guards the workspace below
   DispatchPlan plan_;
-  std::vector<float> logits_, scores_, grouped_x_, grouped_y_, scratch_, shared_y_;
+  std::vector<float> logits_, scores_, grouped_x_, grouped_y_, gate_up_, hidden_, shared_y_;
+  std::vector<FfnTask> tasks_;
 };
 
 }  // namespace moemesh

@@ -33,10 +33,10 @@ Model Generate(ModelFamily family, DType dtype = DType::kF32, int64_t experts = 
   o.layers = 2;
   o.dtype = dtype;
   o.seed = 11;
-  const std::string dir = (std::filesystem::path(::testing::TempDir()) /
-                           absl::StrCat("moe_layer_test_", FamilyName(family), "_",
-                                        DTypeName(dtype)))
-                              .string();
+  const std::string dir =
+      (std::filesystem::path(::testing::TempDir()) /
+       absl::StrCat("moe_layer_test_", FamilyName(family), "_", DTypeName(dtype)))
+          .string();
   EXPECT_TRUE(GenerateModel(dir, o).ok());
   Model m;
   m.ckpt = Checkpoint::Open(dir).value();
@@ -173,8 +173,10 @@ TEST(MoeLayerTest, ExpertChoiceGivesEachExpertItsTopTokens) {
   std::vector<int> taken(4, 0);
   for (int64_t i = 0; i < out.topk_ids.numel(); ++i) {
     const int e = out.topk_ids.data<int32_t>()[i];
-    if (e >= 0) ++taken[e];
-    else EXPECT_EQ(out.topk_weights.data<float>()[i], 0.0f);
+    if (e >= 0)
+      ++taken[e];
+    else
+      EXPECT_EQ(out.topk_weights.data<float>()[i], 0.0f);
   }
   // Listing is capped at k per token, so an expert may show fewer than C, never more.
   int total = 0;

@@ -8,6 +8,13 @@
 namespace moemesh {
 namespace {
 
+// Stacked [gate; up] rows (or a bias) into the kernels' packed layout.
+Tensor Pack(const Tensor& stacked, int64_t inter, int64_t cols) {
+  Tensor out = Tensor::Empty(DType::kF32, stacked.shape());
+  PackGateUp(stacked.data<float>(), inter, cols, /*gated=*/true, out.mutable_data<float>());
+  return out;
+}
+
 // Stacks separate gate [I,H] and up [I,H] projections into gate_up [2I,H].
 absl::StatusOr<Tensor> StackGateUp(const Checkpoint& ckpt, const std::string& gate_name,
                                    const std::string& up_name, int64_t inter, int64_t hidden) {
@@ -34,8 +41,10 @@ absl::StatusOr<ExpertWeights> LoadSwiGluExpert(const Checkpoint& ckpt, const std
   ExpertWeights w;
   w.hidden = hidden;
   w.intermediate = inter;
-  ASSIGN_OR_RETURN(w.gate_up, StackGateUp(ckpt, absl::StrCat(prefix, ".", gate, ".weight"),
-                                          absl::StrCat(prefix, ".", up, ".weight"), inter, hidden));
+  ASSIGN_OR_RETURN(Tensor stacked,
+                   StackGateUp(ckpt, absl::StrCat(prefix, ".", gate, ".weight"),
+                               absl::StrCat(prefix, ".", up, ".weight"), inter, hidden));
+  w.gate_up = Pack(stacked, inter, hidden);
   ASSIGN_OR_RETURN(w.down, ckpt.GetF32(absl::StrCat(prefix, ".", down, ".weight"), {hidden, inter}));
   return w;
 }
@@ -66,11 +75,11 @@ absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const Moe
   ASSIGN_OR_RETURN(Tensor down, slice_f32(down_all, p + ".down_proj"));
   ASSIGN_OR_RETURN(w.down_bias, slice_f32(db_all, p + ".down_proj_bias"));
 
-  w.gate_up = Tensor::Empty(DType::kF32, {2 * I, H});
-  w.gate_up_bias = Tensor::Empty(DType::kF32, {2 * I});
+  Tensor stacked = Tensor::Empty(DType::kF32, {2 * I, H});
+  Tensor stacked_bias = Tensor::Empty(DType::kF32, {2 * I});
   w.down = Tensor::Empty(DType::kF32, {H, I});
   const float* src = gu.data<float>();
-  float* dst = w.gate_up.mutable_data<float>();
+  float* dst = stacked.mutable_data<float>();
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t i = 0; i < I; ++i) {
       dst[i * H + h] = src[h * 2 * I + 2 * i];            // gate: even columns
@@ -78,9 +87,11 @@ absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const Moe
     }
   }
   for (int64_t i = 0; i < I; ++i) {
-    w.gate_up_bias.mutable_data<float>()[i] = gub.data<float>()[2 * i];
-    w.gate_up_bias.mutable_data<float>()[I + i] = gub.data<float>()[2 * i + 1];
+    stacked_bias.mutable_data<float>()[i] = gub.data<float>()[2 * i];
+    stacked_bias.mutable_data<float>()[I + i] = gub.data<float>()[2 * i + 1];
   }
+  w.gate_up = Pack(stacked, I, H);
+  w.gate_up_bias = Pack(stacked_bias, I, 1);
   for (int64_t i = 0; i < I; ++i) {
     for (int64_t h = 0; h < H; ++h) w.down.mutable_data<float>()[h * I + i] = down.data<float>()[i * H + h];
   }

@@ -2,7 +2,8 @@
 // float32 layout the kernels use:
 //   gate:    [E, H] router weight (+ [E] router bias for GPT-OSS,
 //            + [E] e_score_correction_bias for DeepSeek-V3)
-//   expert:  gate_up [2I, H] (gate rows, then up rows), down [H, I] (+ biases, GPT-OSS)
+//   expert:  gate_up [2I, H] in the kernels' packed block layout (kernels/cpu/expert_ffn.h),
+//            down [H, I] (+ biases, GPT-OSS)
 // GPT-OSS's fused [E, H, 2I] interleaved tensors are de-interleaved and transposed here,
 // so nothing downstream knows the family. Only the requested tensors are read.
 #pragma once
@@ -20,8 +21,8 @@
 namespace moemesh {
 
 struct ExpertWeights {
-  Tensor gate_up;       // F32 [2I, H]
-  Tensor gate_up_bias;  // F32 [2I] or undefined
+  Tensor gate_up;       // F32 [2I, H], packed (PackGateUp)
+  Tensor gate_up_bias;  // F32 [2I], packed, or undefined
   Tensor down;          // F32 [H, I]
   Tensor down_bias;     // F32 [H] or undefined
   int64_t hidden = 0;

@@ -109,6 +109,11 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* bytes, s
     if (off == v.end() || !off->is_array() || off->size() != 2) {
       return BadTensor(label, name, "data_offsets must be [begin, end]");
     }
+    // Checked before anything dumps them: dump() recurses, and a hostile file can nest
+    // arrays deep enough to overflow the stack.
+    if (!(*off)[0].is_number_integer() || !(*off)[1].is_number_integer()) {
+      return BadTensor(label, name, "data_offsets must be integers");
+    }
     if (!AsCount((*off)[0], data_size, &e.begin) || !AsCount((*off)[1], data_size, &e.end)) {
       return BadTensor(label, name,
                        absl::StrCat("data_offsets ", off->dump(),
@@ -208,6 +213,9 @@ absl::Status WriteSafetensors(const std::string& path,
   for (const auto& [name, t] : tensors) {
     if (name == "__metadata__" || header.contains(name)) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": duplicate or reserved tensor name '", name, "'"));
+    }
+    if (!t.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' has no data"));
     }
     header[name] = {{"dtype", std::string(DTypeName(t.dtype()))},
                     {"shape", t.shape()},

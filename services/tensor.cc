@@ -55,7 +55,10 @@ Tensor Tensor::Slice(int64_t index) const {
 
 absl::StatusOr<Tensor> Tensor::Reshape(std::vector<int64_t> shape) const {
   Tensor t = View(dtype_, std::move(shape), data_, owner_);
-  if (t.numel() != numel()) {
+  // Negative sizes could multiply out to the right count: (-2)·(-3) == 2·3.
+  const bool negative =
+      std::any_of(t.shape_.begin(), t.shape_.end(), [](int64_t d) { return d < 0; });
+  if (negative || t.numel() != numel()) {
     return absl::InvalidArgumentError(
         absl::StrCat("cannot reshape ", DebugString(), " to ", ShapeString(t.shape())));
   }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -12,7 +13,7 @@ namespace {
 // Straightforward double-precision reference of ExpertFfn.
 std::vector<double> Reference(const ExpertFfnWeights& w, const std::vector<float>& x,
                               int64_t rows) {
-  const int64_t H = w.hidden, I = w.intermediate, C = w.first_gemm_cols();
+  const int64_t H = w.hidden, I = w.intermediate, C = w.gate_up_rows();
   std::vector<double> y(rows * H);
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<double> gu(C), h(I);
@@ -58,12 +59,12 @@ class ExpertFfnTest : public ::testing::TestWithParam<FfnCase> {};
 
 TEST_P(ExpertFfnTest, MatchesReference) {
   const FfnCase c = GetParam();
-  const int64_t H = 48, I = 40;
+  const int64_t H = 300, I = 600;  // 10 packed blocks (3 tasks, the last partial), 2 down tasks
   ExpertFfnWeights w;
   w.hidden = H;
   w.intermediate = I;
   w.activation = c.act;
-  const int64_t C = w.first_gemm_cols();
+  const int64_t C = w.gate_up_rows();
   std::mt19937 rng(static_cast<uint32_t>(c.rows) * 7 + static_cast<uint32_t>(c.act));
   std::normal_distribution<float> nd(0.0f, 1.0f);
   auto fill = [&](std::vector<float>& v, float scale) {
@@ -76,15 +77,26 @@ TEST_P(ExpertFfnTest, MatchesReference) {
   fill(down, 1.0f / std::sqrt(float(I)));
   fill(downb, 0.5f);
   fill(x, 1.0f);
-  w.gate_up = gu.data();
+  // The reference reads the stacked layout; the kernel the packed one.
+  ExpertFfnWeights stacked = w;
+  stacked.gate_up = gu.data();
+  stacked.down = down.data();
+  if (c.bias) {
+    stacked.gate_up_bias = gub.data();
+    stacked.down_bias = downb.data();
+  }
+  const std::vector<double> ref = Reference(stacked, x, c.rows);
+  std::vector<float> packed(gu.size()), packed_bias(gub.size());
+  PackGateUp(gu.data(), I, H, w.gated(), packed.data());
+  PackGateUp(gub.data(), I, 1, w.gated(), packed_bias.data());
+  w.gate_up = packed.data();
   w.down = down.data();
   if (c.bias) {
-    w.gate_up_bias = gub.data();
+    w.gate_up_bias = packed_bias.data();
     w.down_bias = downb.data();
   }
   std::vector<float> scratch(ExpertFfnScratch(w, c.rows), NAN), y(c.rows * H, NAN);
   ExpertFfn(w, x.data(), c.rows, scratch.data(), y.data());
-  const std::vector<double> ref = Reference(w, x, c.rows);
   double err = 0, norm = 0;
   for (size_t i = 0; i < y.size(); ++i) {
     ASSERT_TRUE(std::isfinite(y[i]));
@@ -92,6 +104,30 @@ TEST_P(ExpertFfnTest, MatchesReference) {
     norm += ref[i] * ref[i];
   }
   EXPECT_LE(std::sqrt(err / std::max(norm, 1e-30)), 1e-6);
+
+  // The canonical tasks, run in reverse order, are bit-identical to the one-call FFN:
+  // a parallel layer (or a remote expert service) must not change answers.
+  std::vector<float> gu_buf(GateUpScratch(w, c.rows)), h(HiddenScratch(w, c.rows)),
+      y2(c.rows * H, NAN);
+  for (int64_t t = NumGateUpTasks(w) - 1; t >= 0; --t) {
+    ExpertGateUpTask(w, x.data(), c.rows, t, gu_buf.data(), h.data());
+  }
+  for (int64_t t = NumDownTasks(w) - 1; t >= 0; --t) ExpertDownTask(w, h.data(), c.rows, t, y2.data());
+  EXPECT_EQ(std::memcmp(y.data(), y2.data(), y.size() * sizeof(float)), 0);
+
+  // Any other split agrees to rounding.
+  std::vector<float> y3(c.rows * H, NAN);
+  for (int64_t b = 0; b < w.num_blocks(); ++b) {
+    ExpertGateUpAct(w, x.data(), c.rows, b, b + 1, gu_buf.data(), h.data());
+  }
+  ExpertDown(w, h.data(), c.rows, 17, H, y3.data());
+  ExpertDown(w, h.data(), c.rows, 0, 17, y3.data());
+  double diff = 0, ynorm = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    diff += (double(y3[i]) - y[i]) * (double(y3[i]) - y[i]);
+    ynorm += double(y[i]) * y[i];
+  }
+  EXPECT_LE(std::sqrt(diff / std::max(ynorm, 1e-30)), 1e-6);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -113,20 +149,32 @@ TEST(ExpertFfnTest, ZeroRowsTouchesNothing) {
 }
 
 TEST(ExpertFfnTest, SiluAccurateOverWideRange) {
-  // One row, I values spanning [-100, 100]; up = 1 so h = silu(g).
+  // Identity-like weights: H = I = 64, gate rows pick x, up rows are zero with bias 1,
+  // so h = silu(x); then down = identity returns it.
+  const int64_t n = 64;
   ExpertFfnWeights w;
-  const int64_t I = 2001;
-  w.intermediate = I;
-  std::vector<float> row(2 * I);
-  for (int64_t i = 0; i < I; ++i) {
-    row[i] = -100.0f + 0.1f * float(i);
-    row[I + i] = 1.0f;
+  w.hidden = n;
+  w.intermediate = n;
+  std::vector<float> stacked(2 * n * n, 0.0f), bias(2 * n, 0.0f), down(n * n, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    stacked[i * n + i] = 1.0f;
+    down[i * n + i] = 1.0f;
+    bias[n + i] = 1.0f;
   }
-  std::vector<float> g(row.begin(), row.begin() + I);
-  ApplyActivation(w, row.data(), 1, 2 * I);
-  for (int64_t i = 0; i < I; ++i) {
-    const double ref = double(g[i]) / (1.0 + std::exp(-double(g[i])));
-    ASSERT_NEAR(row[i], ref, 4e-7 * std::max(1.0, std::abs(ref))) << g[i];
+  std::vector<float> packed(stacked.size()), packed_bias(bias.size());
+  PackGateUp(stacked.data(), n, n, true, packed.data());
+  PackGateUp(bias.data(), n, 1, true, packed_bias.data());
+  w.gate_up = packed.data();
+  w.gate_up_bias = packed_bias.data();
+  w.down = down.data();
+  std::vector<float> scratch(ExpertFfnScratch(w, 1)), x(n), y(n);
+  for (float start = -100.0f; start < 100.0f; start += 0.1f * n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = start + 0.1f * float(i);
+    ExpertFfn(w, x.data(), 1, scratch.data(), y.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const double ref = double(x[i]) / (1.0 + std::exp(-double(x[i])));
+      ASSERT_NEAR(y[i], ref, 4e-7 * std::max(1.0, std::abs(ref))) << x[i];
+    }
   }
 }
 
