@@ -32,8 +32,8 @@ enum class Activation : uint8_t {
 };
 
 inline constexpr int64_t kGateUpBlock = 64;
-inline constexpr int64_t kGateUpBlocksPerTask = 4;  // 256 intermediate columns
-inline constexpr int64_t kDownColsPerTask = 256;
+inline constexpr int64_t kGateUpBlocksPerTask = 8;  // 512 intermediate columns
+inline constexpr int64_t kDownColsPerTask = 512;
 
 struct ExpertFfnWeights {
   int64_t hidden = 0;                   // H
