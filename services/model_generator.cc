@@ -89,8 +89,7 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
               {"hidden_act", "silu"},
               {"torch_dtype", o.dtype == DType::kF32   ? "float32"
                               : o.dtype == DType::kF16 ? "float16"
-                                                       : "bfloat16"},
-              {"moemesh_generated", true}};
+                                                       : "bfloat16"}};
   const bool deepseek = o.family == ModelFamily::kDeepseekV2 || o.family == ModelFamily::kDeepseekV3;
   const int64_t first_dense = deepseek && o.layers > 1 ? 1 : 0;
   switch (o.family) {
@@ -181,7 +180,6 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
     }
   }
 
-  cfg.erase("moemesh_generated");
   cfg["moemesh_generated_seed"] = o.seed;
   {
     std::ofstream f(std::filesystem::path(dir) / "config.json");
