@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/thread_pool.h"
+#include "services/moe_gate.h"
 #include "services/checkpoint.h"
 #include "services/model_config.h"
 #include "services/moe_weights.h"
@@ -34,18 +34,11 @@
 
 namespace moemesh {
 
-enum class RoutingMode : uint8_t {
-  kTokenChoice,   // each token picks its top-k experts (every family's rule)
-  kExpertChoice,  // each expert picks its top-C tokens by router probability
-};
-
-struct MoeLayerOptions {
-  // Token choice: 0 = dropless; > 0 admits ceil(cf·T·k/E) slots per expert in token
-  // order and drops the rest. Expert choice: C = cf·T·k/E (0 means 1.0).
-  double capacity_factor = 0.0;
-  RoutingMode mode = RoutingMode::kTokenChoice;
-  // Where the work runs; nullptr = ThreadPool::Default(). Not owned.
-  ThreadPool* pool = nullptr;
+struct MoeLayerOptions : GateOptions {
+  // The mesh's token wire dtype this layer reproduces: with BF16, expert inputs and
+  // outputs are rounded through BF16 exactly as they are on the wire, so the mesh's
+  // answers equal this layer's bit for bit on either path.
+  DType wire_dtype = DType::kF32;
 
   absl::Status Validate() const;
 };
@@ -79,43 +72,28 @@ class MoeLayer {
 
   // Weights, for benchmarks that time the GEMMs alone.
   const ExpertWeights& expert(int64_t e) const { return experts_[e]; }
-  const GateWeights& gate() const { return gate_; }
+  const GateWeights& gate() const { return gate_->weights(); }
 
  private:
   MoeLayer(const MoeModelConfig& config, int64_t layer, MoeLayerOptions options)
       : config_(config), layer_(layer), options_(options) {}
 
-  // One unit of FFN work: expert (kShared for the shared expert) and the index of one
-  // of the kernel's canonical tasks.
+  // One unit of FFN work: an expert and the index of one of the kernel's canonical tasks.
   struct FfnTask {
     int32_t expert;
     int64_t index;
   };
-  static constexpr int32_t kShared = -1;
-  // Views of one expert's rows in the workspace.
-  struct ExpertRows {
-    ExpertFfnWeights w;
-    const float* x;
-    int64_t rows;
-    float* gu;
-    float* h;
-    float* y;
-  };
-  ExpertRows Rows(int32_t expert, const float* x, int64_t num_tokens);
-  void Route(const float* x, int64_t num_tokens, int32_t* topk_ids, float* topk_weights);
-  void RunExperts(const float* x, int64_t num_tokens);
+  void RunExperts(const float* x);
 
   const MoeModelConfig config_;
   const int64_t layer_;
   const MoeLayerOptions options_;
-  GateWeights gate_;
+  std::unique_ptr<MoeGate> gate_;
   std::vector<ExpertWeights> experts_;
-  std::optional<SharedExpertWeights> shared_;
 
-  ThreadPool* pool_ = nullptr;
   std::mutex mu_;  // guards the workspace below
-  DispatchPlan plan_;
-  std::vector<float> logits_, scores_, grouped_x_, grouped_y_, gate_up_, hidden_, shared_y_;
+  MoeGate::Workspace ws_;
+  std::vector<float> grouped_x_, grouped_y_, gate_up_, hidden_;
   std::vector<FfnTask> tasks_;
 };
 
