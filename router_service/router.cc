@@ -1,0 +1,307 @@
+#include "router_service/router.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "services/status_macros.h"
+#include "services/wire.h"
+
+namespace moemesh {
+
+absl::Status RouterOptions::Validate() const {
+  if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
+  if (placement_file.empty() && endpoints.empty()) {
+    return absl::InvalidArgumentError("endpoints or placement_file is required");
+  }
+  if (wire_dtype != DType::kF32 && wire_dtype != DType::kBF16) {
+    return absl::InvalidArgumentError("wire_dtype must be F32 or BF16");
+  }
+  if (default_timeout.count() <= 0) return absl::InvalidArgumentError("default_timeout must be positive");
+  return gate.Validate();
+}
+
+absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
+    RouterOptions options, std::shared_ptr<ExpertTransport> transport) {
+  RETURN_IF_ERROR(options.Validate());
+  ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(options.model_dir));
+  ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
+  PlacementTable table;
+  if (!options.placement_file.empty()) {
+    std::ifstream in(options.placement_file);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto json = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+    if (!in || json.is_discarded()) {
+      return absl::InvalidArgumentError(absl::StrCat(options.placement_file, ": not valid JSON"));
+    }
+    ASSIGN_OR_RETURN(table, PlacementTable::FromJson(json, config));
+  } else {
+    ASSIGN_OR_RETURN(table, PlacementTable::Build(config, options.policy, options.endpoints,
+                                                  options.replicas));
+  }
+  auto router = std::unique_ptr<MoeRouter>(new MoeRouter(std::move(options), config, std::move(transport)));
+  router->ckpt_ = std::move(ckpt);
+  for (int64_t layer : config.MoeLayers()) {
+    ASSIGN_OR_RETURN(router->gates_[layer],
+                     MoeGate::Create(*router->ckpt_, config, layer, router->options_.gate));
+    router->load_[layer] = std::vector<std::atomic<int64_t>>(config.num_experts);
+  }
+  router->placement_ = std::make_shared<const PlacementTable>(std::move(table));
+  return router;
+}
+
+std::shared_ptr<const PlacementTable> MoeRouter::placement() const {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  return placement_;
+}
+
+absl::Status MoeRouter::SetPlacement(PlacementTable table) {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  if (table.epoch() <= placement_->epoch()) {
+    return absl::FailedPreconditionError(absl::StrCat("placement epoch ", table.epoch(),
+                                                      " is not newer than the current ",
+                                                      placement_->epoch()));
+  }
+  placement_ = std::make_shared<const PlacementTable>(std::move(table));
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> MoeRouter::ExpertLoad(int64_t layer) const {
+  std::vector<int64_t> out;
+  auto it = load_.find(layer);
+  if (it == load_.end()) return out;
+  for (const auto& c : it->second) out.push_back(c.load(std::memory_order_relaxed));
+  return out;
+}
+
+std::atomic<int64_t>& MoeRouter::Outstanding(const std::string& endpoint) {
+  {
+    std::shared_lock<std::shared_mutex> lock(outstanding_mu_);
+    auto it = outstanding_.find(endpoint);
+    if (it != outstanding_.end()) return *it->second;
+  }
+  std::unique_lock<std::shared_mutex> lock(outstanding_mu_);
+  auto& slot = outstanding_[endpoint];
+  if (!slot) slot = std::make_unique<std::atomic<int64_t>>(0);
+  return *slot;
+}
+
+absl::Status MoeRouter::CheckReady(Clock::time_point deadline) const {
+  const auto table = placement();
+  for (const std::string& endpoint : table->endpoints()) {
+    v1::InfoResponse info;
+    absl::Status s = transport_->Info(endpoint, deadline, &info);
+    if (!s.ok()) return absl::UnavailableError(absl::StrCat(endpoint, ": ", s.message()));
+    std::set<std::pair<int64_t, int32_t>> held;
+    for (const auto& e : info.experts()) held.insert({e.layer(), e.expert()});
+    for (const auto& want : table->ExpertsOf(endpoint)) {
+      if (!held.count(want)) {
+        return absl::UnavailableError(absl::StrCat(endpoint, " does not hold layer ", want.first,
+                                                   " expert ", want.second));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// One Forward: inputs, routing, per-expert row blocks and the results coming back.
+struct MoeRouter::Call {
+  int64_t layer = 0;
+  const MoeGate* gate = nullptr;
+  std::shared_ptr<const PlacementTable> table;
+  Clock::time_point deadline;
+  const float* x = nullptr;
+  int64_t tokens = 0;
+  MoeGate::Workspace ws;
+  std::vector<float> grouped_x, grouped_y;
+};
+
+absl::Status MoeRouter::Dispatch(Call& c) {
+  const DispatchPlan& plan = c.ws.plan;
+  const int64_t H = config_.hidden_size, E = config_.num_experts;
+  std::vector<int32_t> pending;  // experts whose rows still need computing
+  for (int64_t e = 0; e < E; ++e) {
+    if (plan.rows_of(static_cast<int>(e)) > 0) pending.push_back(static_cast<int32_t>(e));
+  }
+  std::vector<std::set<int32_t>> failed_replicas(E);  // endpoint indices that failed per expert
+  std::map<int32_t, std::string> errors;              // endpoint -> last error
+  const auto& endpoints = c.table->endpoints();
+  bool shared_done = false;
+
+  while (!pending.empty()) {
+    // Choose a replica per expert: the least-loaded one that has not failed it.
+    std::map<int32_t, std::vector<int32_t>> by_dest;
+    for (int32_t e : pending) {
+      int32_t best = -1;
+      int64_t best_load = 0;
+      for (int32_t r : c.table->Replicas(c.layer, e)) {
+        if (failed_replicas[e].count(r)) continue;
+        const int64_t load = Outstanding(endpoints[r]).load(std::memory_order_relaxed);
+        if (best < 0 || load < best_load) {
+          best = r;
+          best_load = load;
+        }
+      }
+      if (best < 0) {
+        std::vector<std::string> why;
+        for (int32_t r : c.table->Replicas(c.layer, e)) {
+          why.push_back(absl::StrCat(endpoints[r], ": ", errors[r]));
+        }
+        return absl::UnavailableError(absl::StrCat("layer ", c.layer, " expert ", e,
+                                                   ": every replica failed (",
+                                                   absl::StrJoin(why, "; "), ")"));
+      }
+      by_dest[best].push_back(e);
+    }
+
+    // Build every request before sending any: the callbacks touch shared state, which
+    // must not change under them.
+    std::vector<std::pair<int32_t, std::unique_ptr<v1::ComputeRequest>>> requests;
+    std::map<int32_t, absl::Status> outcomes;  // written under mu by the callbacks
+    for (const auto& [dest, experts] : by_dest) {
+      auto request = std::make_unique<v1::ComputeRequest>();
+      request->set_layer(c.layer);
+      request->set_placement_epoch(c.table->epoch());
+      request->set_output_dtype(ToProtoDType(options_.wire_dtype));
+      for (int32_t e : experts) {
+        const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
+        auto* batch = request->add_batches();
+        batch->set_expert(e);
+        const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.grouped_x.data() + off * H, nullptr);
+        RETURN_IF_ERROR(ToProto(rows, options_.wire_dtype, batch->mutable_rows()));
+      }
+      requests.emplace_back(dest, std::move(request));
+      outcomes[dest] = absl::OkStatus();
+    }
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t remaining = requests.size();
+    for (auto& [dest, request] : requests) {
+      const std::vector<int32_t>* sent = &by_dest[dest];
+      int64_t tokens = 0;
+      for (int32_t e : *sent) tokens += plan.rows_of(e);
+      Outstanding(endpoints[dest]).fetch_add(tokens, std::memory_order_relaxed);
+      transport_->Compute(
+          endpoints[dest], std::move(request), c.deadline,
+          [&, dest = dest, sent, tokens](const absl::Status& status, v1::ComputeResponse* response) {
+            absl::Status result = status;
+            if (result.ok()) {
+              // Check the reply fully before any row lands in the output.
+              if (response->outputs_size() != static_cast<int>(sent->size())) {
+                result = absl::InternalError(absl::StrCat(endpoints[dest], " returned ",
+                                                          response->outputs_size(), " batches for ",
+                                                          sent->size()));
+              }
+              for (size_t i = 0; result.ok() && i < sent->size(); ++i) {
+                const int32_t e = (*sent)[i];
+                const auto& out = response->outputs(static_cast<int>(i));
+                auto t = FromProto(out.rows(), nullptr, absl::StrCat(endpoints[dest], " expert ", e));
+                const int64_t n = plan.rows_of(e);
+                if (!t.ok()) {
+                  result = absl::InternalError(t.status().message());
+                } else if (out.expert() != e || t->shape() != std::vector<int64_t>{n, H} ||
+                           t->dtype() != options_.wire_dtype) {
+                  result = absl::InternalError(absl::StrCat(endpoints[dest], " expert ", e,
+                                                            ": reply has the wrong expert, shape or dtype"));
+                } else {
+                  ConvertToF32(t->dtype(), t->raw(), n * H,
+                               c.grouped_y.data() + plan.expert_offsets[e] * H);
+                }
+              }
+            }
+            Outstanding(endpoints[dest]).fetch_sub(tokens, std::memory_order_relaxed);
+            std::lock_guard<std::mutex> lock(mu);
+            outcomes[dest] = result;
+            if (--remaining == 0) cv.notify_all();
+          });
+    }
+    // The shared expert runs here while the expert services work (first round only).
+    if (!shared_done) {
+      c.gate->RunSharedExpert(c.x, c.tokens, &c.ws);
+      shared_done = true;
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return remaining == 0; });
+    }
+    pending.clear();
+    for (const auto& [dest, status] : outcomes) {
+      if (status.ok()) continue;
+      // Only an unreachable service is worth another replica; anything else (a bad
+      // request, an expired deadline) would fail the same way there.
+      if (status.code() != absl::StatusCode::kUnavailable) {
+        return absl::Status(status.code(), absl::StrCat(endpoints[dest], ": ", status.message()));
+      }
+      errors[dest] = std::string(status.message());
+      for (int32_t e : by_dest[dest]) {
+        failed_replicas[e].insert(dest);
+        pending.push_back(e);
+      }
+    }
+  }
+  if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.ws);  // no routed rows at all
+  return absl::OkStatus();
+}
+
+absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& hidden,
+                                                  Clock::time_point deadline) {
+  auto gate = gates_.find(layer);
+  if (gate == gates_.end()) {
+    RETURN_IF_ERROR(config_.CheckMoeLayer(layer));
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not served"));
+  }
+  const int64_t H = config_.hidden_size, k = config_.top_k;
+  if (hidden.rank() != 2 || hidden.dim(1) != H) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden_states has shape ",
+                                                   ShapeString(hidden.shape()), ", expected [T, ", H, "]"));
+  }
+  if (!IsFloatingActivation(hidden.dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden_states has dtype ", DTypeName(hidden.dtype()),
+                                                   ", expected F32, BF16 or F16"));
+  }
+  const int64_t T = hidden.dim(0);
+  if (T == 0) return absl::InvalidArgumentError("hidden_states has no tokens (T = 0)");
+  Tensor x = hidden;
+  if (hidden.dtype() != DType::kF32) {
+    ASSIGN_OR_RETURN(x, hidden.ToF32());
+  }
+
+  Call c;
+  c.layer = layer;
+  c.gate = gate->second.get();
+  c.table = placement();
+  c.deadline = deadline;
+  c.x = x.data<float>();
+  c.tokens = T;
+  MoeLayerOutput out;
+  out.topk_ids = Tensor::Empty(DType::kI32, {T, k});
+  out.topk_weights = Tensor::Empty(DType::kF32, {T, k});
+  c.gate->Route(c.x, T, out.topk_ids.mutable_data<int32_t>(), out.topk_weights.mutable_data<float>(), &c.ws);
+  const DispatchPlan& plan = c.ws.plan;
+  const int64_t R = plan.num_rows();
+  c.grouped_x.resize(R * H);
+  c.grouped_y.resize(R * H);
+  GatherRows(c.x, H, plan, 0, R, c.grouped_x.data());
+  auto& load = load_.at(layer);
+  for (int64_t e = 0; e < config_.num_experts; ++e) {
+    load[e].fetch_add(plan.rows_of(static_cast<int>(e)), std::memory_order_relaxed);
+  }
+  RETURN_IF_ERROR(Dispatch(c));
+
+  Tensor y = Tensor::Empty(DType::kF32, {T, H});
+  c.gate->Combine(c.grouped_y.data(), c.x, T, c.ws, y.mutable_data<float>());
+  out.dropped = plan.dropped;
+  if (hidden.dtype() == DType::kF32) {
+    out.output = std::move(y);
+  } else {
+    ASSIGN_OR_RETURN(out.output, y.FromF32(hidden.dtype()));
+  }
+  return out;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,97 @@
+// MoeRouter: one MoE layer call served by the mesh. It computes the gates exactly as the
+// in-process MoeLayer does (the same MoeGate), sends each destination expert service
+// one request holding all its tokens grouped by expert — all destinations in parallel,
+// no thread blocked per call — runs the shared expert locally meanwhile, and combines in
+// each token's fixed order. Its output is therefore bit-identical to MoeLayer with the
+// same wire dtype, whatever the placement, replica or arrival order.
+//
+// Placement: an immutable PlacementTable swapped whole (SetPlacement); a call keeps the
+// table it started with. Replica choice: the replica with the fewest outstanding tokens.
+// A destination that fails with UNAVAILABLE is retried on another replica of each of its
+// experts while the deadline allows; an expert whose every replica failed gives
+// UNAVAILABLE naming it.
+//
+// Thread-safe: Forward may be called concurrently.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "services/checkpoint.h"
+#include "services/model_config.h"
+#include "services/moe_gate.h"
+#include "services/moe_layer.h"
+#include "services/placement.h"
+#include "services/transport.h"
+
+namespace moemesh {
+
+struct RouterOptions {
+  std::string model_dir;
+  // Expert service endpoints, for the policy-built placement.
+  std::vector<std::string> endpoints;
+  PlacementPolicy policy = PlacementPolicy::kContiguous;
+  int replicas = 1;
+  // A JSON placement (PlacementTable::FromJson) instead of policy + endpoints.
+  std::string placement_file;
+  // Token rows on the wire: F32 or BF16.
+  DType wire_dtype = DType::kF32;
+  // Deadline of a call whose caller gave none.
+  std::chrono::milliseconds default_timeout{30000};
+  GateOptions gate;
+
+  absl::Status Validate() const;
+};
+
+class MoeRouter {
+ public:
+  using Clock = ExpertTransport::Clock;
+
+  static absl::StatusOr<std::unique_ptr<MoeRouter>> Create(
+      RouterOptions options, std::shared_ptr<ExpertTransport> transport);
+
+  // hidden_states [T, H] (F32, BF16, F16) through MoE layer `layer`.
+  absl::StatusOr<MoeLayerOutput> Forward(int64_t layer, const Tensor& hidden_states,
+                                         Clock::time_point deadline);
+
+  const MoeModelConfig& config() const { return config_; }
+  const RouterOptions& options() const { return options_; }
+  std::shared_ptr<const PlacementTable> placement() const;
+  // Replaces the table; its epoch must exceed the current one.
+  absl::Status SetPlacement(PlacementTable table);
+  // Tokens routed to each expert of `layer` since start (empty for a non-MoE layer).
+  std::vector<int64_t> ExpertLoad(int64_t layer) const;
+  // OK when every endpoint of the placement answers Info holding the experts the table
+  // gives it; else UNAVAILABLE naming the first that does not.
+  absl::Status CheckReady(Clock::time_point deadline) const;
+
+ private:
+  struct Call;  // one Forward's state
+  MoeRouter(RouterOptions options, MoeModelConfig config, std::shared_ptr<ExpertTransport> t)
+      : options_(std::move(options)), config_(std::move(config)), transport_(std::move(t)) {}
+
+  std::atomic<int64_t>& Outstanding(const std::string& endpoint);
+  absl::Status Dispatch(Call& call);
+
+  const RouterOptions options_;
+  const MoeModelConfig config_;
+  std::shared_ptr<ExpertTransport> transport_;
+  std::unique_ptr<Checkpoint> ckpt_;
+  std::map<int64_t, std::unique_ptr<MoeGate>> gates_;  // per MoE layer; immutable after Create
+  std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;  // routed tokens per expert
+
+  mutable std::mutex placement_mu_;
+  std::shared_ptr<const PlacementTable> placement_;  // guarded by placement_mu_
+
+  mutable std::shared_mutex outstanding_mu_;
+  std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> outstanding_;  // guarded
+};
+
+}  // namespace moemesh

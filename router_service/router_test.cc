@@ -1,0 +1,229 @@
+// MoeRouter against an in-process fake transport: the experts are computed by the same
+// kernels in this process, replies arrive from other threads in scrambled order, and
+// chosen endpoints can be made to fail.
+#include "router_service/router.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/expert_ffn.h"
+#include "services/model_generator.h"
+#include "services/wire.h"
+
+namespace moemesh {
+namespace {
+
+class FakeTransport : public ExpertTransport {
+ public:
+  FakeTransport(const Checkpoint& ckpt, const MoeModelConfig& config)
+      : ckpt_(ckpt), config_(config) {}
+  ~FakeTransport() override {
+    for (auto& t : threads_) t.join();
+  }
+
+  void Compute(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+               Clock::time_point, Done done) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++calls_[endpoint];
+    const bool down = down_.count(endpoint) > 0;
+    const bool corrupt = corrupt_.count(endpoint) > 0;
+    const int delay_us = static_cast<int>(rng_() % 2000);
+    threads_.emplace_back([this, endpoint, down, corrupt, delay_us, done = std::move(done),
+                           request = std::shared_ptr<v1::ComputeRequest>(std::move(request))] {
+      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));  // scramble arrival order
+      if (down) {
+        done(absl::UnavailableError(absl::StrCat(endpoint, " is down")), nullptr);
+        return;
+      }
+      v1::ComputeResponse response;
+      const auto out_dtype = FromProtoDType(request->output_dtype()).value();
+      for (const auto& batch : request->batches()) {
+        const Tensor rows = FromProto(batch.rows(), nullptr, "rows").value().ToF32().value();
+        const int64_t n = rows.dim(0), H = config_.hidden_size;
+        const ExpertWeights w = LoadExpert(ckpt_, config_, request->layer(), batch.expert()).value();
+        const ExpertFfnWeights v = w.View(config_);
+        std::vector<float> scratch(ExpertFfnScratch(v, n));
+        Tensor y = Tensor::Empty(DType::kF32, {corrupt ? n + 1 : n, H});
+        ExpertFfn(v, rows.data<float>(), n, scratch.data(), y.mutable_data<float>());
+        auto* out = response.add_outputs();
+        out->set_expert(batch.expert());
+        EXPECT_TRUE(ToProto(y, out_dtype, out->mutable_rows()).ok());
+      }
+      done(absl::OkStatus(), &response);
+    });
+  }
+  absl::Status Info(const std::string&, Clock::time_point, v1::InfoResponse*) override {
+    return absl::OkStatus();
+  }
+
+  void SetDown(const std::string& e) { std::lock_guard<std::mutex> l(mu_); down_.insert(e); }
+  void SetCorrupt(const std::string& e) { std::lock_guard<std::mutex> l(mu_); corrupt_.insert(e); }
+  int Calls(const std::string& e) { std::lock_guard<std::mutex> l(mu_); return calls_[e]; }
+
+ private:
+  const Checkpoint& ckpt_;
+  const MoeModelConfig& config_;
+  std::mutex mu_;
+  std::mt19937 rng_{3};
+  std::set<std::string> down_, corrupt_;
+  std::map<std::string, int> calls_;
+  std::vector<std::thread> threads_;
+};
+
+struct Fixture {
+  std::string dir;
+  std::unique_ptr<Checkpoint> ckpt;
+  MoeModelConfig config;
+};
+
+Fixture Make(ModelFamily family) {
+  GenModelOptions o;
+  o.family = family;
+  o.hidden = 64;
+  o.intermediate = 40;
+  o.shared_intermediate = 40;
+  o.experts = 8;
+  o.top_k = 2;
+  o.layers = 2;
+  o.num_groups = 2;
+  o.topk_groups = 1;
+  o.seed = 5;
+  Fixture f;
+  f.dir = (std::filesystem::path(::testing::TempDir()) / absl::StrCat("router_test_", FamilyName(family))).string();
+  EXPECT_TRUE(GenerateModel(f.dir, o).ok());
+  f.ckpt = Checkpoint::Open(f.dir).value();
+  f.config = ParseMoeModelConfig(f.ckpt->config()).value();
+  return f;
+}
+
+Tensor Input(int64_t T, int64_t H) {
+  Tensor x = Tensor::Empty(DType::kF32, {T, H});
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd;
+  for (int64_t i = 0; i < x.numel(); ++i) x.mutable_data<float>()[i] = nd(rng);
+  return x;
+}
+
+auto Deadline() { return ExpertTransport::Clock::now() + std::chrono::seconds(30); }
+
+struct Case {
+  ModelFamily family;
+  DType wire;
+  PlacementPolicy policy;
+  int replicas;
+};
+
+class RouterTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(RouterTest, BitIdenticalToMoeLayer) {
+  const Case p = GetParam();
+  Fixture f = Make(p.family);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2", "c:3"};
+  ro.policy = p.policy;
+  ro.replicas = p.replicas;
+  ro.wire_dtype = p.wire;
+  auto router = MoeRouter::Create(ro, transport);
+  ASSERT_TRUE(router.ok()) << router.status();
+  MoeLayerOptions lo;
+  lo.wire_dtype = p.wire;
+  for (int64_t layer : f.config.MoeLayers()) {
+    auto ref_layer = MoeLayer::Create(*f.ckpt, f.config, layer, lo).value();
+    for (int64_t T : {1, 7, 100}) {
+      const Tensor x = Input(T, f.config.hidden_size);
+      const MoeLayerOutput want = ref_layer->Forward(x).value();
+      auto got = (*router)->Forward(layer, x, Deadline());
+      ASSERT_TRUE(got.ok()) << got.status();
+      ASSERT_EQ(std::memcmp(got->output.raw(), want.output.raw(), want.output.nbytes()), 0)
+          << "layer " << layer << " T " << T;
+      ASSERT_EQ(std::memcmp(got->topk_ids.raw(), want.topk_ids.raw(), want.topk_ids.nbytes()), 0);
+    }
+  }
+  int64_t routed = 0;
+  for (int64_t v : (*router)->ExpertLoad(f.config.MoeLayers().front())) routed += v;
+  EXPECT_EQ(routed, (1 + 7 + 100) * f.config.top_k);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Families, RouterTest,
+    ::testing::Values(Case{ModelFamily::kMixtral, DType::kF32, PlacementPolicy::kContiguous, 1},
+                      Case{ModelFamily::kMixtral, DType::kBF16, PlacementPolicy::kRoundRobin, 2},
+                      Case{ModelFamily::kQwen2Moe, DType::kF32, PlacementPolicy::kRoundRobin, 1},
+                      Case{ModelFamily::kQwen3Moe, DType::kBF16, PlacementPolicy::kContiguous, 3},
+                      Case{ModelFamily::kDeepseekV3, DType::kF32, PlacementPolicy::kContiguous, 2},
+                      Case{ModelFamily::kDeepseekV2, DType::kF32, PlacementPolicy::kRoundRobin, 1},
+                      Case{ModelFamily::kGptOss, DType::kBF16, PlacementPolicy::kContiguous, 1}));
+
+TEST(RouterFailureTest, FailsOverToAReplicaAndNamesExpertsWithNone) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2"};
+  ro.replicas = 2;
+  auto router = MoeRouter::Create(ro, transport).value();
+  const Tensor x = Input(50, f.config.hidden_size);
+  const MoeLayerOutput want = MoeLayer::Create(*f.ckpt, f.config, 0).value()->Forward(x).value();
+  transport->SetDown("a:1");
+  auto got = router->Forward(0, x, Deadline());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(std::memcmp(got->output.raw(), want.output.raw(), want.output.nbytes()), 0);
+  EXPECT_GT(transport->Calls("b:2"), 0);
+
+  transport->SetDown("b:2");
+  auto none = router->Forward(0, x, Deadline());
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(none.status().message().find("every replica failed"), std::string::npos) << none.status();
+}
+
+TEST(RouterFailureTest, CorruptReplyIsAnErrorNotAWrongAnswer) {
+  Fixture f = Make(ModelFamily::kQwen3Moe);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto router = MoeRouter::Create(ro, transport).value();
+  transport->SetCorrupt("a:1");
+  auto got = router->Forward(0, Input(5, f.config.hidden_size), Deadline());
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInternal) << got.status();
+}
+
+TEST(RouterTest, BadInputsAndPlacementEpochs) {
+  Fixture f = Make(ModelFamily::kDeepseekV3);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto router = MoeRouter::Create(ro, transport).value();
+  const int64_t H = f.config.hidden_size;
+  EXPECT_EQ(router->Forward(0, Input(2, H), Deadline()).status().code(),
+            absl::StatusCode::kInvalidArgument);  // dense layer
+  EXPECT_EQ(router->Forward(9, Input(2, H), Deadline()).status().code(),
+            absl::StatusCode::kInvalidArgument);  // no such layer
+  EXPECT_EQ(router->Forward(1, Input(2, H + 1), Deadline()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(router->Forward(1, Tensor::Zeros(DType::kF32, {0, H}), Deadline()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(router->Forward(1, Input(2, H), Deadline()).ok());
+
+  auto same = PlacementTable::Build(f.config, PlacementPolicy::kRoundRobin, {"a:1"}, 1, 1).value();
+  EXPECT_EQ(router->SetPlacement(same).code(), absl::StatusCode::kFailedPrecondition);
+  auto next = PlacementTable::Build(f.config, PlacementPolicy::kRoundRobin, {"z:9"}, 1, 2).value();
+  ASSERT_TRUE(router->SetPlacement(next).ok());
+  EXPECT_EQ(router->placement()->epoch(), 2u);
+  ASSERT_TRUE(router->Forward(1, Input(3, H), Deadline()).ok());
+  EXPECT_GT(transport->Calls("z:9"), 0);
+}
+
+}  // namespace
+}  // namespace moemesh
