@@ -1,0 +1,80 @@
+#include "router_service/router_main.h"
+
+#include <cstdio>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_split.h"
+#include "router_service/router_server.h"
+#include "services/signals.h"
+#include "services/status_macros.h"
+#include "tools/cli_args.h"
+
+namespace moemesh {
+
+const char kRouterUsage[] =
+    "moemesh router --model DIR (--endpoints H:P,H:P,... | --placement-file F)\n"
+    "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
+    "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
+    "  [--capacity-factor F]\n";
+
+namespace {
+
+absl::Status Run(const std::vector<std::string>& argv) {
+  ASSIGN_OR_RETURN(CliArgs args,
+                   CliArgs::Parse(argv, {"model", "endpoints", "placement-file", "listen",
+                                         "placement", "replicas", "wire", "model-name",
+                                         "max-message-mb", "timeout-ms", "capacity-factor"}));
+  RouterOptions ro;
+  ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
+  for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
+    ro.endpoints.emplace_back(e);
+  }
+  ro.placement_file = args.String("placement-file", "");
+  ASSIGN_OR_RETURN(ro.policy, ParsePlacementPolicy(args.String("placement", "contiguous")));
+  ASSIGN_OR_RETURN(int64_t replicas, args.Int("replicas", 1));
+  ro.replicas = static_cast<int>(std::clamp<int64_t>(replicas, -1, 1 << 20));
+  const std::string wire = absl::AsciiStrToLower(args.String("wire", "f32"));
+  if (wire == "f32") {
+    ro.wire_dtype = DType::kF32;
+  } else if (wire == "bf16") {
+    ro.wire_dtype = DType::kBF16;
+  } else {
+    return absl::InvalidArgumentError("--wire must be f32 or bf16");
+  }
+  ASSIGN_OR_RETURN(int64_t timeout_ms, args.Int("timeout-ms", 30000));
+  ro.default_timeout = std::chrono::milliseconds(timeout_ms);
+  ASSIGN_OR_RETURN(ro.gate.capacity_factor, args.Double("capacity-factor", 0.0));
+
+  RouterServerOptions so;
+  so.listen = args.String("listen", "127.0.0.1:0");
+  so.model_name = args.String("model-name", "moe");
+  ASSIGN_OR_RETURN(int64_t mb, args.Int("max-message-mb", 256));
+  if (mb <= 0 || mb > 2047) return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
+  so.max_message_bytes = static_cast<int>(mb << 20);
+
+  BlockStopSignals();
+  ASSIGN_OR_RETURN(auto router, MoeRouter::Create(ro, std::make_shared<GrpcExpertTransport>(
+                                                          GrpcTransportOptions{so.max_message_bytes})));
+  ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));
+  const std::string host = so.listen.substr(0, so.listen.rfind(':'));
+  std::printf("listening on %s:%d\n", host.c_str(), server->port());
+  std::fflush(stdout);
+  const int sig = WaitForStopSignal();
+  std::fprintf(stderr, "router: signal %d, draining\n", sig);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  server->Wait();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RouterMain(const std::vector<std::string>& args) {
+  const absl::Status s = Run(args);
+  if (!s.ok()) {
+    std::fprintf(stderr, "moemesh router: %s\n%s", std::string(s.ToString()).c_str(), kRouterUsage);
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace moemesh

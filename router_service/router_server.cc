@@ -1,0 +1,331 @@
+#include "router_service/router_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "grpc_predict_v2.grpc.pb.h"
+#include "router_control.grpc.pb.h"
+#include "services/status_macros.h"
+#include "services/wire.h"
+
+namespace moemesh {
+namespace {
+
+using inference::ModelInferRequest;
+using inference::ModelInferResponse;
+
+absl::StatusOr<DType> KServeDType(const std::string& datatype) {
+  if (datatype == "FP32") return DType::kF32;
+  if (datatype == "FP16") return DType::kF16;
+  if (datatype == "BF16") return DType::kBF16;
+  if (datatype == "INT32") return DType::kI32;
+  if (datatype == "INT64") return DType::kI64;
+  return absl::InvalidArgumentError(absl::StrCat("unsupported datatype '", datatype, "'"));
+}
+
+const char* KServeName(DType d) {
+  switch (d) {
+    case DType::kF32: return "FP32";
+    case DType::kF16: return "FP16";
+    case DType::kBF16: return "BF16";
+    case DType::kI32: return "INT32";
+    default: return "INT64";
+  }
+}
+
+// Reads input i as a tensor view into the request (kept alive by the caller).
+absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
+  const auto& in = req.inputs(i);
+  ASSIGN_OR_RETURN(DType dtype, KServeDType(in.datatype()));
+  std::vector<int64_t> shape(in.shape().begin(), in.shape().end());
+  uint64_t numel = 1;
+  for (int64_t d : shape) {
+    if (d < 0 || (d > 0 && numel > (uint64_t{1} << 40) / static_cast<uint64_t>(d))) {
+      return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "' has invalid shape ",
+                                                     ShapeString(shape)));
+    }
+    numel *= static_cast<uint64_t>(d);
+  }
+  const uint64_t bytes = numel * DTypeSize(dtype);
+  if (req.raw_input_contents_size() > 0) {
+    if (req.raw_input_contents_size() != req.inputs_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("raw_input_contents has ",
+                                                     req.raw_input_contents_size(),
+                                                     " entries for ", req.inputs_size(), " inputs"));
+    }
+    const std::string& raw = req.raw_input_contents(i);
+    if (raw.size() != bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "': ", in.datatype(),
+                                                     ShapeString(shape), " needs ", bytes,
+                                                     " bytes, got ", raw.size()));
+    }
+    return Tensor::View(dtype, shape, raw.data(), nullptr);
+  }
+  const auto& c = in.contents();
+  if (dtype == DType::kF32 && static_cast<uint64_t>(c.fp32_contents_size()) == numel) {
+    return Tensor::View(dtype, shape, c.fp32_contents().data(), nullptr);
+  }
+  if (dtype == DType::kI32 && static_cast<uint64_t>(c.int_contents_size()) == numel) {
+    return Tensor::View(dtype, shape, c.int_contents().data(), nullptr);
+  }
+  if (dtype == DType::kI64 && static_cast<uint64_t>(c.int64_contents_size()) == numel) {
+    return Tensor::View(dtype, shape, c.int64_contents().data(), nullptr);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "': ", in.datatype(),
+                                                 ShapeString(shape), " needs ", numel,
+                                                 " elements in raw_input_contents or typed contents"));
+}
+
+void AddOutput(const std::string& name, const Tensor& t, ModelInferResponse* resp) {
+  auto* out = resp->add_outputs();
+  out->set_name(name);
+  out->set_datatype(KServeName(t.dtype()));
+  for (int64_t d : t.shape()) out->add_shape(d);
+  resp->add_raw_output_contents(std::string(static_cast<const char*>(t.raw()), t.nbytes()));
+}
+
+}  // namespace
+
+absl::Status RouterServerOptions::Validate() const {
+  if (listen.empty()) return absl::InvalidArgumentError("listen address is required");
+  if (model_name.empty()) return absl::InvalidArgumentError("model_name is required");
+  if (max_message_bytes <= 0) return absl::InvalidArgumentError("max_message_bytes must be positive");
+  return absl::OkStatus();
+}
+
+class RouterServer::InferenceService : public inference::GRPCInferenceService::CallbackService {
+ public:
+  explicit InferenceService(RouterServer* server) : server_(server) {}
+
+  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx,
+                                       const inference::ServerLiveRequest*,
+                                       inference::ServerLiveResponse* resp) override {
+    resp->set_live(true);
+    return Done(ctx, absl::OkStatus());
+  }
+  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx,
+                                        const inference::ServerReadyRequest*,
+                                        inference::ServerReadyResponse* resp) override {
+    resp->set_ready(server_->ready());
+    return Done(ctx, absl::OkStatus());
+  }
+  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx,
+                                       const inference::ModelReadyRequest* req,
+                                       inference::ModelReadyResponse* resp) override {
+    if (req->name() != server_->options_.model_name) return Done(ctx, UnknownModel(req->name()));
+    resp->set_ready(server_->ready());
+    return Done(ctx, absl::OkStatus());
+  }
+  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx,
+                                           const inference::ServerMetadataRequest*,
+                                           inference::ServerMetadataResponse* resp) override {
+    resp->set_name("moemesh");
+    resp->set_version("0.1.0");
+    return Done(ctx, absl::OkStatus());
+  }
+  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx,
+                                          const inference::ModelMetadataRequest* req,
+                                          inference::ModelMetadataResponse* resp) override {
+    if (req->name() != server_->options_.model_name) return Done(ctx, UnknownModel(req->name()));
+    const MoeModelConfig& c = server_->router_->config();
+    resp->set_name(server_->options_.model_name);
+    resp->add_versions("1");
+    resp->set_platform(absl::StrCat("moemesh_", FamilyName(c.family)));
+    auto add = [](auto* list, const char* name, const char* dtype, std::vector<int64_t> shape) {
+      auto* t = list->Add();
+      t->set_name(name);
+      t->set_datatype(dtype);
+      for (int64_t d : shape) t->add_shape(d);
+    };
+    add(resp->mutable_inputs(), "hidden_states", "FP32", {-1, c.hidden_size});
+    add(resp->mutable_inputs(), "layer", "INT64", {1});
+    add(resp->mutable_outputs(), "output", "FP32", {-1, c.hidden_size});
+    add(resp->mutable_outputs(), "topk_ids", "INT32", {-1, c.top_k});
+    add(resp->mutable_outputs(), "topk_weights", "FP32", {-1, c.top_k});
+    return Done(ctx, absl::OkStatus());
+  }
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
+                                       const ModelInferRequest* req,
+                                       ModelInferResponse* resp) override {
+    return Done(ctx, Infer(ctx, *req, resp));
+  }
+
+ private:
+  static absl::Status UnknownModel(const std::string& name) {
+    return absl::NotFoundError(absl::StrCat("unknown model '", name, "'"));
+  }
+  static grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
+    auto* reactor = ctx->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
+
+  absl::Status Infer(grpc::CallbackServerContext* ctx, const ModelInferRequest& req,
+                     ModelInferResponse* resp) {
+    if (req.model_name() != server_->options_.model_name) return UnknownModel(req.model_name());
+    MoeRouter& router = *server_->router_;
+    const MoeModelConfig& c = router.config();
+    int hidden_index = -1;
+    int64_t layer = c.MoeLayers().front();
+    for (int i = 0; i < req.inputs_size(); ++i) {
+      const auto& in = req.inputs(i);
+      if (in.name() == "hidden_states") {
+        hidden_index = i;
+      } else if (in.name() == "layer") {
+        ASSIGN_OR_RETURN(Tensor t, InputTensor(req, i));
+        if (t.numel() != 1 || (t.dtype() != DType::kI32 && t.dtype() != DType::kI64)) {
+          return absl::InvalidArgumentError("input 'layer' must be INT32 or INT64 of shape [1]");
+        }
+        int64_t v = 0;
+        if (t.dtype() == DType::kI32) {
+          int32_t v32;
+          std::memcpy(&v32, t.raw(), 4);
+          v = v32;
+        } else {
+          std::memcpy(&v, t.raw(), 8);
+        }
+        layer = v;
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("unknown input '", in.name(),
+                                                       "' (expected hidden_states, layer)"));
+      }
+    }
+    if (hidden_index < 0) return absl::InvalidArgumentError("missing input 'hidden_states'");
+    ASSIGN_OR_RETURN(Tensor hidden, InputTensor(req, hidden_index));
+    if (!IsFloatingActivation(hidden.dtype())) {
+      return absl::InvalidArgumentError(absl::StrCat("input 'hidden_states' has datatype ",
+                                                     req.inputs(hidden_index).datatype(),
+                                                     ", expected FP32, FP16 or BF16"));
+    }
+    RETURN_IF_ERROR(c.CheckMoeLayer(layer));
+    bool want_ids = false, want_weights = false, want_output = req.outputs_size() == 0;
+    for (const auto& o : req.outputs()) {
+      if (o.name() == "output") want_output = true;
+      else if (o.name() == "topk_ids") want_ids = true;
+      else if (o.name() == "topk_weights") want_weights = true;
+      else return absl::InvalidArgumentError(absl::StrCat("unknown output '", o.name(), "'"));
+    }
+    // The caller's deadline bounds every outgoing call.
+    auto deadline = ctx->deadline();
+    const auto cap = std::chrono::system_clock::now() + router.options().default_timeout;
+    if (deadline > cap) deadline = cap;
+    ASSIGN_OR_RETURN(MoeLayerOutput out, router.Forward(layer, hidden, deadline));
+    resp->set_model_name(server_->options_.model_name);
+    resp->set_model_version("1");
+    resp->set_id(req.id());
+    if (want_output) AddOutput("output", out.output, resp);
+    if (want_ids) AddOutput("topk_ids", out.topk_ids, resp);
+    if (want_weights) AddOutput("topk_weights", out.topk_weights, resp);
+    return absl::OkStatus();
+  }
+
+  RouterServer* server_;
+};
+
+class RouterServer::ControlService : public v1::RouterControl::CallbackService {
+ public:
+  explicit ControlService(RouterServer* server) : server_(server) {}
+
+  grpc::ServerUnaryReactor* GetPlacement(grpc::CallbackServerContext* ctx,
+                                         const v1::GetPlacementRequest*,
+                                         v1::Placement* resp) override {
+    *resp = server_->router_->placement()->ToProto();
+    return Finish(ctx, absl::OkStatus());
+  }
+  grpc::ServerUnaryReactor* SetPlacement(grpc::CallbackServerContext* ctx,
+                                         const v1::Placement* req,
+                                         v1::SetPlacementResponse* resp) override {
+    absl::Status s = [&]() -> absl::Status {
+      ASSIGN_OR_RETURN(PlacementTable t,
+                       PlacementTable::FromProto(*req, server_->router_->config()));
+      return server_->router_->SetPlacement(std::move(t));
+    }();
+    resp->set_epoch(server_->router_->placement()->epoch());
+    return Finish(ctx, s);
+  }
+  grpc::ServerUnaryReactor* GetExpertLoad(grpc::CallbackServerContext* ctx,
+                                          const v1::GetExpertLoadRequest* req,
+                                          v1::ExpertLoad* resp) override {
+    const MoeModelConfig& c = server_->router_->config();
+    for (int64_t layer : c.MoeLayers()) {
+      if (req->layer() >= 0 && req->layer() != layer) continue;
+      auto* l = resp->add_layers();
+      l->set_layer(layer);
+      for (int64_t v : server_->router_->ExpertLoad(layer)) l->add_tokens(v);
+    }
+    if (req->layer() >= 0 && resp->layers_size() == 0) {
+      return Finish(ctx, c.CheckMoeLayer(req->layer()));
+    }
+    return Finish(ctx, absl::OkStatus());
+  }
+
+ private:
+  static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* ctx, const absl::Status& s) {
+    auto* reactor = ctx->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
+  RouterServer* server_;
+};
+
+absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(
+    RouterServerOptions options, std::unique_ptr<MoeRouter> router) {
+  RETURN_IF_ERROR(options.Validate());
+  auto s = std::unique_ptr<RouterServer>(new RouterServer());
+  s->options_ = std::move(options);
+  s->router_ = std::move(router);
+  s->inference_ = std::make_unique<InferenceService>(s.get());
+  s->control_ = std::make_unique<ControlService>(s.get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(s->options_.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.SetMaxReceiveMessageSize(s->options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(s->options_.max_message_bytes);
+  builder.RegisterService(s->inference_.get());
+  builder.RegisterService(s->control_.get());
+  s->server_ = builder.BuildAndStart();
+  if (!s->server_ || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", s->options_.listen));
+  }
+  s->server_->GetHealthCheckService()->SetServingStatus(false);
+  s->health_thread_ = std::thread([raw = s.get()] { raw->HealthLoop(); });
+  return s;
+}
+
+RouterServer::~RouterServer() {
+  Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  if (health_thread_.joinable()) health_thread_.join();
+}
+
+void RouterServer::HealthLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    lock.unlock();
+    const bool ok = router_->CheckReady(std::chrono::system_clock::now() + options_.health_interval).ok();
+    lock.lock();
+    if (stopping_) break;
+    ready_ = ok;
+    server_->GetHealthCheckService()->SetServingStatus(ok);
+    stop_cv_.wait_for(lock, options_.health_interval, [&] { return stopping_; });
+  }
+}
+
+void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    ready_ = false;
+    server_->GetHealthCheckService()->SetServingStatus(false);
+  }
+  stop_cv_.notify_all();
+  server_->Shutdown(deadline);
+}
+
+void RouterServer::Wait() { server_->Wait(); }
+
+}  // namespace moemesh

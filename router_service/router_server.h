@@ -1,0 +1,72 @@
+// The router's gRPC server: KServe v2 GRPCInferenceService in front of MoeRouter, the
+// RouterControl API, grpc.health.v1 and server reflection.
+//
+// ModelInfer inputs: `hidden_states` FP32/FP16/BF16 [T, H] (raw_input_contents or
+// fp32_contents) and optional `layer` INT32/INT64 [1] (default: the first MoE layer).
+// Outputs: `output` (the input's datatype, [T, H]); on request `topk_ids` INT32 [T, k]
+// and `topk_weights` FP32 [T, k]. Errors: INVALID_ARGUMENT (shape, dtype, byte count,
+// unknown or dense layer, T = 0), NOT_FOUND (model), RESOURCE_EXHAUSTED (over the
+// message limit), UNAVAILABLE (an expert's every replica down), DEADLINE_EXCEEDED.
+//
+// Health: SERVING only while every placement endpoint answers and holds its experts
+// (checked every `health_interval`). Shutdown: NOT_SERVING, refuse new calls, drain.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "router_service/router.h"
+
+namespace moemesh {
+
+struct RouterServerOptions {
+  std::string listen = "127.0.0.1:0";
+  std::string model_name = "moe";
+  int max_message_bytes = 256 << 20;
+  std::chrono::milliseconds health_interval{500};
+
+  absl::Status Validate() const;
+};
+
+class RouterServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<RouterServer>> Create(RouterServerOptions options,
+                                                              std::unique_ptr<MoeRouter> router);
+  ~RouterServer();
+
+  int port() const { return port_; }
+  MoeRouter& router() { return *router_; }
+  bool ready() const { return ready_.load(); }
+  // NOT_SERVING, then stop accepting and wait for in-flight calls until `deadline`.
+  void Shutdown(std::chrono::system_clock::time_point deadline);
+  void Wait();
+
+ private:
+  class InferenceService;
+  class ControlService;
+  RouterServer() = default;
+  void HealthLoop();
+
+  RouterServerOptions options_;
+  std::unique_ptr<MoeRouter> router_;
+  std::unique_ptr<InferenceService> inference_;
+  std::unique_ptr<ControlService> control_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::atomic<bool> ready_{false};
+
+  std::mutex mu_;
+  std::condition_variable stop_cv_;
+  bool stopping_ = false;  // guarded by mu_
+  std::thread health_thread_;
+};
+
+}  // namespace moemesh
