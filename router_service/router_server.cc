@@ -93,6 +93,7 @@ absl::Status RouterServerOptions::Validate() const {
   if (listen.empty()) return absl::InvalidArgumentError("listen address is required");
   if (model_name.empty()) return absl::InvalidArgumentError("model_name is required");
   if (max_message_bytes <= 0) return absl::InvalidArgumentError("max_message_bytes must be positive");
+  if (request_workers <= 0) return absl::InvalidArgumentError("request_workers must be positive");
   return absl::OkStatus();
 }
 
@@ -150,7 +151,14 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::C
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
                                        const ModelInferRequest* req,
                                        ModelInferResponse* resp) override {
-    return Done(ctx, Infer(ctx, *req, resp));
+    // A layer call waits for its expert services, whose replies complete on gRPC's
+    // callback threads: blocking one of those here could starve them. The call runs on
+    // the router's request workers and finishes the reactor from there.
+    auto* reactor = ctx->DefaultReactor();
+    server_->Submit([this, ctx, req, resp, reactor] {
+      reactor->Finish(ToGrpcStatus(Infer(ctx, *req, resp)));
+    });
+    return reactor;
   }
 
  private:
@@ -292,6 +300,9 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(
     return absl::UnavailableError(absl::StrCat("cannot listen on ", s->options_.listen));
   }
   s->server_->GetHealthCheckService()->SetServingStatus(false);
+  for (int i = 0; i < s->options_.request_workers; ++i) {
+    s->workers_.emplace_back([raw = s.get()] { raw->WorkerLoop(); });
+  }
   s->health_thread_ = std::thread([raw = s.get()] { raw->HealthLoop(); });
   return s;
 }
@@ -299,6 +310,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(
 RouterServer::~RouterServer() {
   Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (health_thread_.joinable()) health_thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(work_mu_);
+    workers_stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (auto& t : workers_) t.join();
 }
 
 void RouterServer::HealthLoop() {
@@ -327,5 +344,24 @@ void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
 }
 
 void RouterServer::Wait() { server_->Wait(); }
+
+void RouterServer::Submit(std::function<void()> work) {
+  std::lock_guard<std::mutex> lock(work_mu_);
+  work_.push_back(std::move(work));
+  work_cv_.notify_one();
+}
+
+void RouterServer::WorkerLoop() {
+  std::unique_lock<std::mutex> lock(work_mu_);
+  while (true) {
+    work_cv_.wait(lock, [&] { return workers_stop_ || !work_.empty(); });
+    if (work_.empty()) return;  // stopping and drained
+    auto job = std::move(work_.front());
+    work_.pop_front();
+    lock.unlock();
+    job();
+    lock.lock();
+  }
+}
 
 }  // namespace moemesh

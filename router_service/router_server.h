@@ -15,6 +15,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
+#include <functional>
+#include <vector>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,6 +35,8 @@ struct RouterServerOptions {
   std::string model_name = "moe";
   int max_message_bytes = 256 << 20;
   std::chrono::milliseconds health_interval{500};
+  // Threads that run ModelInfer calls (each waits while its expert calls fly).
+  int request_workers = 32;
 
   absl::Status Validate() const;
 };
@@ -54,6 +59,8 @@ class RouterServer {
   class ControlService;
   RouterServer() = default;
   void HealthLoop();
+  void Submit(std::function<void()> work);
+  void WorkerLoop();
 
   RouterServerOptions options_;
   std::unique_ptr<MoeRouter> router_;
@@ -67,6 +74,12 @@ class RouterServer {
   std::condition_variable stop_cv_;
   bool stopping_ = false;  // guarded by mu_
   std::thread health_thread_;
+
+  std::mutex work_mu_;
+  std::condition_variable work_cv_;
+  std::deque<std::function<void()>> work_;  // guarded by work_mu_
+  bool workers_stop_ = false;               // guarded by work_mu_
+  std::vector<std::thread> workers_;
 };
 
 }  // namespace moemesh

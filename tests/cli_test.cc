@@ -127,7 +127,7 @@ TEST(CliTest, BadInputsFailWithAMessageNamingTheProblem) {
 }
 
 TEST(CliTest, DemoRunsEveryMoeLayer) {
-  CliRun r = Moemesh("demo --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
+  CliRun r = Moemesh("demo --in-process --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
                   "--layers 3 --tokens 16 --iters 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(r.output.find("layer 0:"), std::string::npos) << "layer 0 is dense";

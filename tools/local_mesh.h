@@ -1,0 +1,82 @@
+// LocalMesh: a whole mesh on loopback as separate processes — N expert services and a
+// router, each a `moemesh` subcommand — for the demo and the end-to-end tests. The
+// placement is built first over placeholder names, each expert service is started
+// with the experts it gives it, and the router gets the table with the real ports.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "grpc_predict_v2.grpc.pb.h"
+#include "router_control.grpc.pb.h"
+#include "services/placement.h"
+#include "services/tensor.h"
+#include "tools/process.h"
+
+namespace moemesh {
+
+struct LocalMeshOptions {
+  std::string moemesh_binary;  // path of the moemesh executable
+  std::string model_dir;
+  int num_expert_services = 3;
+  int replicas = 1;
+  PlacementPolicy policy = PlacementPolicy::kContiguous;
+  std::string wire = "f32";
+  int router_port = 0;  // 0: any free port
+  int expert_threads = 1;
+  std::string work_dir;  // where the placement file goes
+};
+
+class LocalMesh {
+ public:
+  static absl::StatusOr<std::unique_ptr<LocalMesh>> Start(const LocalMeshOptions& options);
+
+  const std::string& router_endpoint() const { return router_endpoint_; }
+  const std::vector<std::string>& expert_endpoints() const { return expert_endpoints_; }
+  const PlacementTable& placement() const { return placement_; }
+  ChildProcess& expert_process(int i) { return *experts_[i]; }
+  // Starts expert service i again on its old port (after it was stopped).
+  absl::Status RestartExpert(int i);
+  // Waits until the router reports ready (every expert reachable).
+  absl::Status WaitReady(std::chrono::milliseconds timeout);
+
+ private:
+  LocalMesh() = default;
+  std::vector<std::string> ExpertArgs(int i, const std::string& listen) const;
+
+  LocalMeshOptions options_;
+  PlacementTable placement_;
+  std::vector<std::string> specs_;  // per expert service: its --experts value
+  std::vector<std::unique_ptr<ChildProcess>> experts_;
+  std::vector<std::string> expert_endpoints_;
+  std::unique_ptr<ChildProcess> router_;
+  std::string router_endpoint_;
+};
+
+// A KServe v2 client for the router's ModelInfer.
+class KServeClient {
+ public:
+  explicit KServeClient(const std::string& endpoint, int max_message_bytes = 256 << 20);
+  struct Result {
+    Tensor output, topk_ids, topk_weights;
+  };
+  // hidden_states in its dtype; layer < 0 leaves the input out.
+  absl::StatusOr<Result> Infer(const Tensor& hidden_states, int64_t layer,
+                               std::chrono::milliseconds timeout, bool want_topk = true);
+  absl::StatusOr<bool> ServerReady();
+  absl::StatusOr<v1::ExpertLoad> ExpertLoad();
+  absl::StatusOr<v1::Placement> Placement();
+  inference::GRPCInferenceService::Stub& stub() { return *stub_; }
+
+ private:
+  std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
+  std::unique_ptr<v1::RouterControl::Stub> control_;
+};
+
+// KServe datatype name of a dtype ("FP32", "BF16", ...).
+const char* KServeDatatype(DType dtype);
+
+}  // namespace moemesh

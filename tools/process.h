@@ -1,0 +1,40 @@
+// A child process started from this binary or another one, with its stdout read for the
+// "listening on HOST:PORT" line every MoE Mesh service prints when it is ready. The
+// destructor stops it (SIGTERM, then SIGKILL after a grace period).
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace moemesh {
+
+class ChildProcess {
+ public:
+  // Starts `argv[0]` (a path) with `argv`; stderr is inherited.
+  static absl::StatusOr<std::unique_ptr<ChildProcess>> Start(const std::vector<std::string>& argv);
+  ~ChildProcess();
+
+  // Reads stdout until "listening on HOST:PORT"; returns "HOST:PORT".
+  absl::StatusOr<std::string> WaitListening(std::chrono::milliseconds timeout);
+  pid_t pid() const { return pid_; }
+  // Sends `sig`; with wait, reaps the child and returns its exit code (128+sig if killed).
+  int Signal(int sig, bool wait);
+  bool running() const { return pid_ > 0; }
+
+ private:
+  ChildProcess() = default;
+  pid_t pid_ = -1;
+  int stdout_fd_ = -1;
+  std::string buffer_;
+};
+
+// This executable's path (for launching its own subcommands).
+std::string SelfExecutable();
+
+}  // namespace moemesh
