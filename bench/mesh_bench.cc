@@ -1,0 +1,120 @@
+// mesh_bench: the mesh (router + expert services on loopback, KServe ModelInfer) against
+// the in-process MoeLayer on the same model and inputs, in one run, for each wire dtype.
+//
+//   mesh_bench [--model DIR | generated Mixtral-like H=1024 I=3584 E=8 k=2]
+//              [--tokens 1,16,256,2048] [--repeats N] [--expert-services N]
+//
+// Prints one JSON line per (wire, T): medians of the in-process layer and of a mesh call
+// (one client, calls back to back), the throughput ratio in-process/mesh time and the
+// latency the mesh adds. Needs the moemesh binary next to it (MOEMESH_BINARY).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "services/checkpoint.h"
+#include "services/model_generator.h"
+#include "services/moe_layer.h"
+#include "services/status_macros.h"
+#include "tools/cli_args.h"
+#include "tools/local_mesh.h"
+
+namespace moemesh {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+absl::Status Run(int argc, char** argv) {
+  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
+                                                {"model", "tokens", "repeats", "expert-services",
+                                                 "moemesh"}));
+  std::string dir = args.String("model", "");
+  if (dir.empty()) {
+    dir = (std::filesystem::temp_directory_path() / "mesh_bench_model").string();
+    if (!std::filesystem::exists(dir + "/config.json")) {
+      GenModelOptions g;
+      g.hidden = 1024;
+      g.intermediate = 3584;
+      g.experts = 8;
+      g.top_k = 2;
+      g.layers = 1;
+      g.dtype = DType::kBF16;
+      RETURN_IF_ERROR(GenerateModel(dir, g));
+    }
+  }
+  std::vector<int64_t> tokens;
+  for (absl::string_view s : absl::StrSplit(args.String("tokens", "1,16,256,2048"), ',')) {
+    int64_t t;
+    if (!absl::SimpleAtoi(s, &t) || t <= 0) return absl::InvalidArgumentError("bad --tokens");
+    tokens.push_back(t);
+  }
+  ASSIGN_OR_RETURN(int64_t repeats, args.Int("repeats", 20));
+  ASSIGN_OR_RETURN(int64_t services, args.Int("expert-services", 2));
+  ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
+  ASSIGN_OR_RETURN(MoeModelConfig c, ParseMoeModelConfig(ckpt->config()));
+  const int64_t layer = c.MoeLayers().front();
+
+  for (const std::string wire : {"f32", "bf16"}) {
+    MoeLayerOptions lo;
+    lo.wire_dtype = wire == "f32" ? DType::kF32 : DType::kBF16;
+    ASSIGN_OR_RETURN(auto moe, MoeLayer::Create(*ckpt, c, layer, lo));
+    LocalMeshOptions mo;
+    mo.moemesh_binary = args.String("moemesh", MOEMESH_BINARY);
+    mo.model_dir = dir;
+    mo.num_expert_services = static_cast<int>(services);
+    mo.wire = wire;
+    mo.expert_threads = 0;  // each service: all cores, as deployed
+    ASSIGN_OR_RETURN(auto mesh, LocalMesh::Start(mo));
+    RETURN_IF_ERROR(mesh->WaitReady(std::chrono::seconds(120)));
+    KServeClient client(mesh->router_endpoint(), 1 << 30);
+    for (int64_t T : tokens) {
+      Tensor x = Tensor::Empty(DType::kF32, {T, c.hidden_size});
+      std::mt19937 rng(static_cast<uint32_t>(T));
+      std::normal_distribution<float> nd;
+      for (int64_t i = 0; i < x.numel(); ++i) x.mutable_data<float>()[i] = nd(rng);
+      const int64_t reps = std::max<int64_t>(3, T >= 1024 ? repeats / 4 : repeats);
+      std::vector<double> local_ms, mesh_ms;
+      for (int64_t r = -1; r < reps; ++r) {  // r = -1: warm-up
+        auto t0 = Clock::now();
+        ASSIGN_OR_RETURN(MoeLayerOutput want, moe->Forward(x));
+        const double l = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        t0 = Clock::now();
+        ASSIGN_OR_RETURN(auto got, client.Infer(x, layer, std::chrono::seconds(120), false));
+        const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (std::memcmp(got.output.raw(), want.output.raw(), want.output.nbytes()) != 0) {
+          return absl::InternalError(absl::StrCat("mesh answer differs from MoeLayer at T=", T));
+        }
+        if (r < 0) continue;
+        local_ms.push_back(l);
+        mesh_ms.push_back(m);
+      }
+      const double lm = Median(local_ms), mm = Median(mesh_ms);
+      std::printf("{\"wire\":\"%s\",\"T\":%lld,\"inprocess_ms\":%.3f,\"mesh_ms\":%.3f,"
+                  "\"throughput_ratio\":%.3f,\"added_us\":%.0f,\"repeats\":%lld}\n",
+                  wire.c_str(), (long long)T, lm, mm, lm / mm, (mm - lm) * 1e3, (long long)reps);
+      std::fflush(stdout);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace moemesh
+
+int main(int argc, char** argv) {
+  const absl::Status s = moemesh::Run(argc, argv);
+  if (!s.ok()) {
+    std::fprintf(stderr, "mesh_bench: %s\n", std::string(s.ToString()).c_str());
+    return 1;
+  }
+  return 0;
+}
