@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "expert_service/expert_server.h"
+#include "services/checkpoint.h"
 #include "services/signals.h"
 #include "services/status_macros.h"
 #include "tools/cli_args.h"
@@ -13,35 +14,56 @@ namespace {
 
 constexpr char kUsage[] =
     "moemesh expert --model DIR [--listen HOST:PORT] [--service-id ID]\n"
-    "  [--experts all|none|0-3,6|1:0-3;2:4,7] [--max-message-mb N] [--threads N]\n";
+    "  [--experts all|none|E0-E1,E|L:E0-E1;L:E,...] [--max-message-mb N] [--threads N]\n"
+    "  --experts: what to load at start (default all): every expert of every MoE layer,\n"
+    "  none, the listed experts of every MoE layer, or per layer\n"
+    "  --threads: compute threads (default MOEMESH_THREADS or every core)\n";
+
+// How long a stop signal leaves in-flight calls to finish.
+constexpr auto kDrainTime = std::chrono::seconds(10);
 
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
                                                        "max-message-mb", "threads"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
-  o.listen = args.String("listen", "127.0.0.1:0");
-  o.service_id = args.String("service-id", "expert");
-  o.experts = args.String("experts", "all");
-  ASSIGN_OR_RETURN(int64_t mb, args.Int("max-message-mb", 256));
-  if (mb <= 0 || mb > 2047) return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
+  o.listen = args.String("listen", o.listen);
+  o.service_id = args.String("service-id", o.service_id);
+  ASSIGN_OR_RETURN(int64_t mb, args.Int("max-message-mb", o.max_message_bytes >> 20));
+  if (mb <= 0 || mb > 2047)
+    return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
   o.max_message_bytes = static_cast<int>(mb << 20);
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
-  if (threads < 0 || threads > 1024) return absl::InvalidArgumentError("--threads must be in [0, 1024]");
+  if (threads < 0 || threads > 1024)
+    return absl::InvalidArgumentError("--threads must be in [0, 1024]");
+  {
+    // The spec needs the model's MoE layers and expert count. Opening reads only
+    // headers; Create opens the checkpoint again for the weights.
+    ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(o.model_dir));
+    ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
+    ASSIGN_OR_RETURN(o.experts, ParseExpertSpec(args.String("experts", "all"), config));
+  }
+
+  // Before any thread starts, so that every thread inherits the mask and the signal
+  // reaches only WaitForStopSignal: no work happens inside a signal handler.
   BlockStopSignals();
   std::unique_ptr<ThreadPool> pool;
   if (threads > 0) {
     pool = std::make_unique<ThreadPool>(static_cast<int>(threads));
     o.pool = pool.get();
   }
-  ASSIGN_OR_RETURN(auto server, ExpertServer::Create(o));
+  ASSIGN_OR_RETURN(std::unique_ptr<ExpertServer> server, ExpertServer::Create(o));
+  std::fprintf(stderr, "expert service %s: %lld experts, %.1f MiB of weights\n",
+               o.service_id.c_str(), static_cast<long long>(server->store().size()),
+               server->store().weight_bytes() / 1048576.0);
   const std::string host = o.listen.substr(0, o.listen.rfind(':'));
-  std::fprintf(stderr, "expert service %s: %zu experts, %.1f MiB\n", o.service_id.c_str(),
-               server->store().List().size(), server->store().weight_bytes() / 1048576.0);
   std::printf("listening on %s:%d\n", host.c_str(), server->port());
   std::fflush(stdout);
-  WaitForStopSignal();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+
+  const int sig = WaitForStopSignal();
+  std::fprintf(stderr, "expert service %s: signal %d, draining %lld in-flight calls\n",
+               o.service_id.c_str(), sig, static_cast<long long>(server->in_flight()));
+  server->Shutdown(std::chrono::system_clock::now() + kDrainTime);
   server->Wait();
   return absl::OkStatus();
 }

@@ -3,10 +3,13 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
-#include <set>
+#include <algorithm>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "kernels/cpu/expert_ffn.h"
+#include "services/moe_gate.h"
 #include "services/status_macros.h"
 #include "services/wire.h"
 
@@ -14,126 +17,248 @@ namespace moemesh {
 
 absl::Status ExpertServerOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
-  if (listen.empty()) return absl::InvalidArgumentError("listen address is required");
-  if (max_message_bytes <= 0) return absl::InvalidArgumentError("max_message_bytes must be positive");
+  // gRPC accepts a port above 65535 and silently binds another one.
+  const size_t colon = listen.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos ||
+      !absl::SimpleAtoi(absl::string_view(listen).substr(colon + 1), &port)) {
+    return absl::InvalidArgumentError(absl::StrCat("listen '", listen, "' is not HOST:PORT"));
+  }
+  if (port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("listen '", listen, "': port out of [0, 65535]"));
+  }
+  if (service_id.empty()) return absl::InvalidArgumentError("service_id is required");
+  // gRPC reads a negative limit as "unlimited"; 0 would refuse every call.
+  if (max_message_bytes <= 0) {
+    return absl::InvalidArgumentError("max_message_bytes must be positive");
+  }
+  if (compute_threads <= 0) return absl::InvalidArgumentError("compute_threads must be positive");
   return absl::OkStatus();
+}
+
+namespace {
+
+// "E" or "E0-E1" items of a comma list, each in [0, num_experts).
+absl::Status ParseRanges(absl::string_view text, int64_t num_experts,
+                         std::vector<int32_t>* experts) {
+  for (absl::string_view item : absl::StrSplit(text, ',')) {
+    const std::vector<absl::string_view> ends = absl::StrSplit(item, absl::MaxSplits('-', 1));
+    int64_t lo = 0, hi = 0;
+    if (!absl::SimpleAtoi(ends.front(), &lo) || !absl::SimpleAtoi(ends.back(), &hi)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert spec: '", std::string(item), "' is not E or E0-E1"));
+    }
+    if (lo < 0 || hi < lo || hi >= num_experts) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "expert spec: '", std::string(item), "' is not a range within [0, ", num_experts, ")"));
+    }
+    for (int64_t e = lo; e <= hi; ++e) experts->push_back(static_cast<int32_t>(e));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<ExpertKey>> ParseExpertSpec(absl::string_view spec,
+                                                       const MoeModelConfig& config) {
+  std::vector<ExpertKey> keys;
+  if (spec == "none") return keys;
+  if (spec == "all") {
+    for (int64_t layer : config.MoeLayers()) {
+      for (int32_t e = 0; e < config.num_experts; ++e) keys.push_back({layer, e});
+    }
+    return keys;
+  }
+  if (spec.find(':') == absl::string_view::npos) {
+    std::vector<int32_t> experts;
+    RETURN_IF_ERROR(ParseRanges(spec, config.num_experts, &experts));
+    for (int64_t layer : config.MoeLayers()) {
+      for (int32_t e : experts) keys.push_back({layer, e});
+    }
+  } else {
+    for (absl::string_view part : absl::StrSplit(spec, ';')) {
+      const size_t colon = part.find(':');
+      int64_t layer = 0;
+      if (colon == absl::string_view::npos || !absl::SimpleAtoi(part.substr(0, colon), &layer)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("expert spec: '", std::string(part), "' is not LAYER:RANGES"));
+      }
+      const absl::Status layer_ok = config.CheckMoeLayer(layer);
+      if (!layer_ok.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("expert spec: ", std::string(layer_ok.message())));
+      }
+      std::vector<int32_t> experts;
+      RETURN_IF_ERROR(ParseRanges(part.substr(colon + 1), config.num_experts, &experts));
+      for (int32_t e : experts) keys.push_back({layer, e});
+    }
+  }
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  return keys;
 }
 
 absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
   const auto start = std::chrono::steady_clock::now();
-  const int64_t layer = req.layer(), H = config_.hidden_size;
-  RETURN_IF_ERROR(config_.CheckMoeLayer(layer));
-  auto out_dtype = FromProtoDType(req.output_dtype());
+  const MoeModelConfig& config = store_->config();
+  const int64_t layer = req.layer(), H = config.hidden_size;
+  RETURN_IF_ERROR(config.CheckMoeLayer(layer));
+  const absl::StatusOr<DType> out_dtype = FromProtoDType(req.output_dtype());
   if (!out_dtype.ok() || (*out_dtype != DType::kF32 && *out_dtype != DType::kBF16)) {
-    return absl::InvalidArgumentError("output_dtype must be F32 or BF16");
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": output_dtype ",
+                                                   static_cast<int>(req.output_dtype()),
+                                                   " is not F32 (1) or BF16 (2)"));
   }
-  // Validate everything before computing anything.
+
+  // Everything is checked before anything is computed. Each batch gets its place in
+  // the per-call buffers: rows [row, row + n) of x and y, its own gate/up and h scratch.
   struct Batch {
-    int32_t expert;
+    // Keeps the expert alive even if it is unloaded while this call computes.
     std::shared_ptr<const ExpertWeights> weights;
     ExpertFfnWeights view;
-    Tensor x;  // F32 [n, H]
-    int64_t rows;
-    size_t gu_off, h_off;
+    Tensor rows;  // a view of the request's bytes
+    int64_t n, row, gu_offset, h_offset;
   };
   std::vector<Batch> batches;
-  std::set<int32_t> seen;
-  size_t gu_floats = 0, h_floats = 0;
-  for (int i = 0; i < req.batches_size(); ++i) {
-    const auto& b = req.batches(i);
-    const std::string what = absl::StrCat("layer ", layer, " expert ", b.expert());
-    if (!seen.insert(b.expert()).second) {
-      return absl::InvalidArgumentError(absl::StrCat(what, " appears twice in one request"));
+  batches.reserve(req.batches_size());
+  std::vector<bool> seen(config.num_experts, false);
+  int64_t total_rows = 0, gu_floats = 0, h_floats = 0;
+  for (const v1::ExpertRows& b : req.batches()) {
+    const int32_t e = b.expert();
+    const std::string what = absl::StrCat("layer ", layer, " expert ", e);
+    if (e < 0 || e >= config.num_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": expert out of range [0, ", config.num_experts, ")"));
     }
-    ASSIGN_OR_RETURN(auto weights, store_->Get(layer, b.expert()));
+    if (seen[e]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": expert appears twice in the request"));
+    }
+    seen[e] = true;
+    ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> weights, store_->Get(layer, e));
     ASSIGN_OR_RETURN(Tensor rows, FromProto(b.rows(), nullptr, what));
     if (rows.rank() != 2 || rows.dim(1) != H) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": rows have shape ", ShapeString(rows.shape()),
-                                                     ", expected [n, ", H, "]"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": rows have shape ", ShapeString(rows.shape()), ", expected [n, ", H, "]"));
     }
     if (rows.dtype() != DType::kF32 && rows.dtype() != DType::kBF16) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": rows have dtype ", DTypeName(rows.dtype()),
-                                                     ", expected F32 or BF16"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": rows have dtype ", DTypeName(rows.dtype()), ", expected F32 or BF16"));
     }
-    ASSIGN_OR_RETURN(Tensor x, rows.ToF32());
-    Batch batch{b.expert(), weights, weights->View(config_), std::move(x), rows.dim(0), gu_floats, h_floats};
-    gu_floats += GateUpScratch(batch.view, batch.rows);
-    h_floats += HiddenScratch(batch.view, batch.rows);
-    batches.push_back(std::move(batch));
+    const ExpertFfnWeights view = weights->View(config);
+    const int64_t n = rows.dim(0);
+    batches.push_back(
+        {std::move(weights), view, std::move(rows), n, total_rows, gu_floats, h_floats});
+    total_rows += n;
+    gu_floats += GateUpScratch(view, n);
+    h_floats += HiddenScratch(view, n);
   }
-  // The kernels' canonical tasks over every batch, exactly as MoeLayer runs them.
-  std::vector<float> gu(gu_floats), h(h_floats);
-  std::vector<Tensor> ys;
-  std::vector<std::pair<size_t, int64_t>> tasks;  // (batch, task)
-  for (size_t i = 0; i < batches.size(); ++i) {
-    ys.push_back(Tensor::Empty(DType::kF32, {batches[i].rows, H}));
-    if (batches[i].rows == 0) continue;
+
+  // Scratch kept per compute thread and only ever grown: fresh buffers of this size
+  // (hundreds of MB at large T) would be page-faulted in on every call, which cost more
+  // than the GEMMs. One more float keeps the pointers valid when every batch is empty.
+  thread_local std::vector<float> x_buf, y_buf, gu_buf, h_buf;
+  float* const x = Sized(x_buf, total_rows * H + 1);
+  float* const y = Sized(y_buf, total_rows * H + 1);
+  float* const gu = Sized(gu_buf, gu_floats + 1);
+  float* const h = Sized(h_buf, h_floats + 1);
+  const int64_t num_batches = static_cast<int64_t>(batches.size());
+  pool_->ParallelFor(num_batches, [&](int64_t i) {
+    const Batch& b = batches[i];
+    // Checked above: F32 and BF16 always convert.
+    ConvertToF32(b.rows.dtype(), b.rows.raw(), b.n * H, x + b.row * H);
+  });
+
+  // The kernels' canonical tasks over every batch: all gate/up tasks in one
+  // ParallelFor, then all down tasks, as MoeLayer::RunExperts runs them.
+  struct Task {
+    int64_t batch, index;
+  };
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < num_batches; ++i) {
+    if (batches[i].n == 0) continue;
     for (int64_t t = 0; t < NumGateUpTasks(batches[i].view); ++t) tasks.push_back({i, t});
   }
   pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-    const Batch& b = batches[tasks[k].first];
-    ExpertGateUpTask(b.view, b.x.data<float>(), b.rows, tasks[k].second, gu.data() + b.gu_off,
-                     h.data() + b.h_off);
+    const Batch& b = batches[tasks[k].batch];
+    ExpertGateUpTask(b.view, x + b.row * H, b.n, tasks[k].index, gu + b.gu_offset,
+                     h + b.h_offset);
   });
   tasks.clear();
-  for (size_t i = 0; i < batches.size(); ++i) {
-    if (batches[i].rows == 0) continue;
+  for (int64_t i = 0; i < num_batches; ++i) {
+    if (batches[i].n == 0) continue;
     for (int64_t t = 0; t < NumDownTasks(batches[i].view); ++t) tasks.push_back({i, t});
   }
   pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-    const size_t i = tasks[k].first;
-    const Batch& b = batches[i];
-    ExpertDownTask(b.view, h.data() + b.h_off, b.rows, tasks[k].second, ys[i].mutable_data<float>());
+    const Batch& b = batches[tasks[k].batch];
+    ExpertDownTask(b.view, h + b.h_offset, b.n, tasks[k].index, y + b.row * H);
   });
-  for (size_t i = 0; i < batches.size(); ++i) {
-    auto* out = resp->add_outputs();
-    out->set_expert(batches[i].expert);
-    RETURN_IF_ERROR(ToProto(ys[i], *out_dtype, out->mutable_rows()));
-  }
+
+  // Outputs in request order; the entries exist before the parallel writes fill them.
+  for (const v1::ExpertRows& b : req.batches()) resp->add_outputs()->set_expert(b.expert());
+  std::vector<absl::Status> written(batches.size());
+  pool_->ParallelFor(num_batches, [&](int64_t i) {
+    const Batch& b = batches[i];
+    const Tensor out = Tensor::View(DType::kF32, {b.n, H}, y + b.row * H, nullptr);
+    written[i] = ToProto(out, *out_dtype, resp->mutable_outputs(i)->mutable_rows());
+  });
+  for (const absl::Status& s : written) RETURN_IF_ERROR(s);
   resp->set_compute_micros(std::chrono::duration_cast<std::chrono::microseconds>(
-                               std::chrono::steady_clock::now() - start).count());
+                               std::chrono::steady_clock::now() - start)
+                               .count());
   return absl::OkStatus();
 }
 
-class ExpertServer::Service : public v1::ExpertService::CallbackService {
+class ExpertServer::Service final : public v1::ExpertService::CallbackService {
  public:
   explicit Service(ExpertServer* server) : server_(server) {}
 
   grpc::ServerUnaryReactor* Compute(grpc::CallbackServerContext* ctx, const v1::ComputeRequest* req,
                                     v1::ComputeResponse* resp) override {
-    absl::Status s = server_->Compute(*req, resp);
-    if (!s.ok()) resp->Clear();
-    return Finish(ctx, s);
+    // Reactions run on gRPC's small, fixed thread pool and must not block it for long,
+    // so the call computes on one of the server's compute threads, which finishes it.
+    ++server_->in_flight_;
+    auto* reactor = ctx->DefaultReactor();
+    server_->Submit([this, ctx, req, resp, reactor] {
+      absl::Status s = ctx->IsCancelled()
+                           ? absl::CancelledError("the caller cancelled before the call ran")
+                           : server_->Compute(*req, resp);
+      if (!s.ok()) resp->Clear();
+      --server_->in_flight_;
+      reactor->Finish(ToGrpcStatus(s));
+    });
+    return reactor;
   }
+
   grpc::ServerUnaryReactor* LoadExperts(grpc::CallbackServerContext* ctx,
                                         const v1::LoadExpertsRequest* req,
                                         v1::LoadExpertsResponse* resp) override {
-    std::vector<ExpertKey> keys;
-    for (const auto& e : req->experts()) keys.push_back({e.layer(), e.expert()});
-    absl::Status s = server_->store_->Load(keys);
-    resp->set_experts_loaded(static_cast<int64_t>(server_->store_->List().size()));
+    const absl::Status s = server_->store_->Load(Keys(req->experts()));
+    resp->set_experts_loaded(server_->store_->size());
     resp->set_weight_bytes(server_->store_->weight_bytes());
     return Finish(ctx, s);
   }
+
   grpc::ServerUnaryReactor* UnloadExperts(grpc::CallbackServerContext* ctx,
                                           const v1::UnloadExpertsRequest* req,
                                           v1::UnloadExpertsResponse* resp) override {
-    std::vector<ExpertKey> keys;
-    for (const auto& e : req->experts()) keys.push_back({e.layer(), e.expert()});
-    server_->store_->Unload(keys);
-    resp->set_experts_loaded(static_cast<int64_t>(server_->store_->List().size()));
+    const absl::Status s = server_->store_->Unload(Keys(req->experts()));
+    resp->set_experts_loaded(server_->store_->size());
     resp->set_weight_bytes(server_->store_->weight_bytes());
-    return Finish(ctx, absl::OkStatus());
+    return Finish(ctx, s);
   }
+
   grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* ctx, const v1::InfoRequest*,
                                  v1::InfoResponse* resp) override {
-    resp->set_model_type(FamilyName(server_->config_.family));
-    resp->set_hidden_size(server_->config_.hidden_size);
-    resp->set_num_experts(server_->config_.num_experts);
+    const MoeModelConfig& c = server_->store_->config();
+    resp->set_model_type(FamilyName(c.family));
+    resp->set_hidden_size(c.hidden_size);
+    resp->set_num_experts(c.num_experts);
     for (const auto& [layer, expert] : server_->store_->List()) {
-      auto* e = resp->add_experts();
-      e->set_layer(layer);
-      e->set_expert(expert);
+      v1::ExpertId* id = resp->add_experts();
+      id->set_layer(layer);
+      id->set_expert(expert);
     }
     resp->set_weight_bytes(server_->store_->weight_bytes());
     resp->set_service_id(server_->options_.service_id);
@@ -141,25 +266,35 @@ class ExpertServer::Service : public v1::ExpertService::CallbackService {
   }
 
  private:
+  static std::vector<ExpertKey> Keys(const google::protobuf::RepeatedPtrField<v1::ExpertId>& ids) {
+    std::vector<ExpertKey> keys;
+    keys.reserve(ids.size());
+    for (const v1::ExpertId& id : ids) keys.emplace_back(id.layer(), id.expert());
+    return keys;
+  }
+
   static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* ctx, const absl::Status& s) {
     auto* reactor = ctx->DefaultReactor();
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }
-  ExpertServer* server_;
+
+  ExpertServer* const server_;
 };
 
 absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerOptions options) {
   RETURN_IF_ERROR(options.Validate());
   auto s = std::unique_ptr<ExpertServer>(new ExpertServer());
   s->options_ = std::move(options);
-  ASSIGN_OR_RETURN(s->ckpt_, Checkpoint::Open(s->options_.model_dir));
-  ASSIGN_OR_RETURN(s->config_, ParseMoeModelConfig(s->ckpt_->config()));
-  s->store_ = std::make_unique<ExpertStore>(*s->ckpt_, s->config_);
-  s->pool_ = s->options_.pool ? s->options_.pool : &ThreadPool::Default();
-  SetBlasThreads(1);  // parallelism comes from the pool
-  ASSIGN_OR_RETURN(std::vector<ExpertKey> keys, ParseExpertSpec(s->options_.experts, s->config_));
-  RETURN_IF_ERROR(s->store_->Load(keys));
+  ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
+  RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
+  s->pool_ = s->options_.pool != nullptr ? s->options_.pool : &ThreadPool::Default();
+  // Parallelism comes from the pool; a multi-threaded BLAS inside each task would
+  // oversubscribe the cores.
+  SetBlasThreads(1);
+  for (int i = 0; i < s->options_.compute_threads; ++i) {
+    s->compute_threads_.emplace_back([raw = s.get()] { raw->ComputeLoop(); });
+  }
 
   s->service_ = std::make_unique<Service>(s.get());
   grpc::EnableDefaultHealthCheckService(true);
@@ -170,23 +305,57 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   builder.SetMaxSendMessageSize(s->options_.max_message_bytes);
   builder.RegisterService(s->service_.get());
   s->server_ = builder.BuildAndStart();
-  if (!s->server_ || s->port_ == 0) {
+  if (s->server_ == nullptr || s->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", s->options_.listen));
   }
-  // SERVING only now: every assigned expert is loaded.
+  // Only now: every initial expert is loaded and the port is open.
   s->server_->GetHealthCheckService()->SetServingStatus(true);
   return s;
 }
 
-ExpertServer::~ExpertServer() { Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5)); }
+ExpertServer::~ExpertServer() {
+  if (server_ != nullptr) {
+    Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    server_->Wait();
+  }
+  // Every call has finished, so the queue is empty and the threads only need waking.
+  {
+    std::lock_guard<std::mutex> lock(work_mu_);
+    work_stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : compute_threads_) t.join();
+}
 
 void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {
-  if (shut_down_ || !server_) return;
-  shut_down_ = true;
-  server_->GetHealthCheckService()->SetServingStatus(false);
-  server_->Shutdown(deadline);
+  std::call_once(shutdown_once_, [&] {
+    // Health first: watchers see NOT_SERVING rather than a refused connection.
+    server_->GetHealthCheckService()->SetServingStatus(false);
+    server_->Shutdown(deadline);
+  });
 }
 
 void ExpertServer::Wait() { server_->Wait(); }
+
+void ExpertServer::Submit(std::function<void()> work) {
+  {
+    std::lock_guard<std::mutex> lock(work_mu_);
+    work_.push_back(std::move(work));
+  }
+  work_cv_.notify_one();
+}
+
+void ExpertServer::ComputeLoop() {
+  std::unique_lock<std::mutex> lock(work_mu_);
+  while (true) {
+    work_cv_.wait(lock, [&] { return work_stop_ || !work_.empty(); });
+    if (work_.empty()) return;  // work_stop_, and nothing left to finish
+    std::function<void()> work = std::move(work_.front());
+    work_.pop_front();
+    lock.unlock();
+    work();
+    lock.lock();
+  }
+}
 
 }  // namespace moemesh

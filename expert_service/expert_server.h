@@ -1,19 +1,42 @@
-// ExpertServer: the expert service's gRPC server (callback API) — Compute, LoadExperts,
-// UnloadExperts, Info — plus grpc.health.v1 and reflection.
+// ExpertServer: the expert service's gRPC server — moemesh.v1.ExpertService (Compute,
+// LoadExperts, UnloadExperts, Info) on the callback API, plus grpc.health.v1 and
+// server reflection.
 //
-// Compute runs every batch of a request with the kernels' canonical task split on a
-// ThreadPool, so its rows are bit-identical to what the in-process MoeLayer computes.
-// Concurrent callers (several routers) share the pool; nothing serialises them.
+// Compute runs every batch of a request in float32 with the kernels' canonical task
+// split (kernels/cpu/expert_ffn.h) on a ThreadPool, exactly as MoeLayer::RunExperts
+// does, so its rows are bit-identical to the in-process layer's. Concurrent calls
+// (several routers) share the pool; no lock is held while computing.
+//
+// Compute errors, each naming the layer and expert and what is wrong; the call fails,
+// the server stays up:
+//   INVALID_ARGUMENT  layer missing or dense; expert out of range or given twice; rows
+//                     not [n, hidden_size], or not F32/BF16, or a byte count that does
+//                     not match; output_dtype not F32/BF16
+//   NOT_FOUND         a valid expert this service does not hold (the router's
+//                     placement is stale)
+//   CANCELLED         the caller gave up before the call was computed
+// LoadExperts/UnloadExperts: ExpertStore's errors (INVALID_ARGUMENT naming the pair).
+//
+// Health: SERVING once the initial experts are loaded; Shutdown turns it NOT_SERVING,
+// refuses new calls and drains the ones in flight.
 #pragma once
-
-#include <chrono>
-#include <memory>
-#include <string>
-#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "expert_service.grpc.pb.h"
 #include "expert_service/expert_store.h"
 #include "kernels/cpu/thread_pool.h"
@@ -21,43 +44,83 @@
 namespace moemesh {
 
 struct ExpertServerOptions {
+  // Hugging Face checkpoint folder the experts are read from.
   std::string model_dir;
+  // gRPC listen address; port 0 picks a free port (ExpertServer::port()).
   std::string listen = "127.0.0.1:0";
+  // Names the service in Info, logs and metrics.
   std::string service_id = "expert";
-  std::string experts = "all";  // ParseExpertSpec grammar
+  // Loaded before the server reports SERVING (see ParseExpertSpec).
+  std::vector<ExpertKey> experts;
+  // Bounds one request or reply, so one call cannot exhaust the service's memory.
   int max_message_bytes = 256 << 20;
-  ThreadPool* pool = nullptr;  // nullptr: ThreadPool::Default()
+  // Calls computed at once; each such thread also works on its own ParallelFor. More
+  // calls wait in a queue: the work is CPU-bound, so more would only contend.
+  int compute_threads = 4;
+  // Runs the FFN tasks; not owned. nullptr: ThreadPool::Default().
+  ThreadPool* pool = nullptr;
 
   absl::Status Validate() const;
 };
 
+// Parses an expert list (the --experts flag) against a model's config:
+//   "all"              every expert of every MoE layer
+//   "none"             no expert (load them later with LoadExperts)
+//   RANGES             those experts in every MoE layer
+//   L:RANGES;L:RANGES  per MoE layer L
+// where RANGES is a comma list of E or E0-E1 (inclusive), e.g. "0-3", "0-1,5",
+// "1:0-3;2:4-7". Result: sorted, without duplicates. INVALID_ARGUMENT naming the bad
+// part (syntax, expert out of range, reversed range, dense or missing layer).
+absl::StatusOr<std::vector<ExpertKey>> ParseExpertSpec(absl::string_view spec,
+                                                       const MoeModelConfig& config);
+
 class ExpertServer {
  public:
+  // Loads options.experts, then starts serving.
   static absl::StatusOr<std::unique_ptr<ExpertServer>> Create(ExpertServerOptions options);
+  // Shuts down (5 s drain) if Shutdown was not called.
   ~ExpertServer();
+  ExpertServer(const ExpertServer&) = delete;
+  ExpertServer& operator=(const ExpertServer&) = delete;
 
+  // The bound port (the real one when listen asked for port 0).
   int port() const { return port_; }
   ExpertStore& store() { return *store_; }
-  // NOT_SERVING, stop accepting, drain in-flight calls until `deadline`.
-  void Shutdown(std::chrono::system_clock::time_point deadline);
-  void Wait();
+  // Compute calls accepted and not yet answered (queued or computing).
+  int64_t in_flight() const { return in_flight_.load(); }
 
-  // The computation behind Compute, callable without gRPC (tests, benchmarks).
-  absl::Status Compute(const v1::ComputeRequest& request, v1::ComputeResponse* response);
+  // Health NOT_SERVING, then stop accepting calls and wait for the ones in flight until
+  // `deadline` (gRPC cancels what is left then). Idempotent; thread-safe.
+  void Shutdown(std::chrono::system_clock::time_point deadline);
+  // Blocks until the server has shut down.
+  void Wait();
 
  private:
   class Service;
   ExpertServer() = default;
 
+  // The body of the Compute RPC.
+  absl::Status Compute(const v1::ComputeRequest& request, v1::ComputeResponse* response);
+  // Runs `work` on a compute thread.
+  void Submit(std::function<void()> work);
+  void ComputeLoop();
+
   ExpertServerOptions options_;
-  std::unique_ptr<Checkpoint> ckpt_;
-  MoeModelConfig config_;
   std::unique_ptr<ExpertStore> store_;
   ThreadPool* pool_ = nullptr;
+  std::atomic<int64_t> in_flight_{0};
+
+  std::mutex work_mu_;
+  std::condition_variable work_cv_;
+  std::deque<std::function<void()>> work_;  // guarded by work_mu_
+  bool work_stop_ = false;                  // guarded by work_mu_
+  std::vector<std::thread> compute_threads_;
+
+  std::once_flag shutdown_once_;
   std::unique_ptr<Service> service_;
+  // After service_ so it is destroyed first: the server may use the service until then.
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
-  bool shut_down_ = false;
 };
 
 }  // namespace moemesh

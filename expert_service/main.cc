@@ -1,4 +1,5 @@
-// moemesh_expert_service: the expert service as its own executable (= `moemesh expert`).
+// moemesh_expert_service: the expert service as its own executable (the same as
+// `moemesh expert`), for deployments that ship one binary per service.
 #include <string>
 #include <vector>
 

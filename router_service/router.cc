@@ -117,12 +117,24 @@ struct MoeRouter::Call {
   Clock::time_point deadline;
   const float* x = nullptr;
   int64_t tokens = 0;
-  MoeGate::Workspace ws;
-  std::vector<float> grouped_x, grouped_y;
+  std::unique_ptr<CallBuffers> buf;  // from the router's free list, returned after
 };
 
+std::unique_ptr<MoeRouter::CallBuffers> MoeRouter::TakeBuffers() {
+  std::lock_guard<std::mutex> lock(buffers_mu_);
+  if (free_buffers_.empty()) return std::make_unique<CallBuffers>();
+  auto b = std::move(free_buffers_.back());
+  free_buffers_.pop_back();
+  return b;
+}
+
+void MoeRouter::ReturnBuffers(std::unique_ptr<CallBuffers> b) {
+  std::lock_guard<std::mutex> lock(buffers_mu_);
+  free_buffers_.push_back(std::move(b));
+}
+
 absl::Status MoeRouter::Dispatch(Call& c) {
-  const DispatchPlan& plan = c.ws.plan;
+  const DispatchPlan& plan = c.buf->ws.plan;
   const int64_t H = config_.hidden_size, E = config_.num_experts;
   std::vector<int32_t> pending;  // experts whose rows still need computing
   for (int64_t e = 0; e < E; ++e) {
@@ -172,7 +184,7 @@ absl::Status MoeRouter::Dispatch(Call& c) {
         const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
         auto* batch = request->add_batches();
         batch->set_expert(e);
-        const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.grouped_x.data() + off * H, nullptr);
+        const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
         RETURN_IF_ERROR(ToProto(rows, options_.wire_dtype, batch->mutable_rows()));
       }
       requests.emplace_back(dest, std::move(request));
@@ -210,7 +222,7 @@ absl::Status MoeRouter::Dispatch(Call& c) {
                                                             ": reply has the wrong expert, shape or dtype"));
                 } else {
                   ConvertToF32(t->dtype(), t->raw(), n * H,
-                               c.grouped_y.data() + plan.expert_offsets[e] * H);
+                               c.buf->grouped_y.data() + plan.expert_offsets[e] * H);
                 }
               }
             }
@@ -222,7 +234,7 @@ absl::Status MoeRouter::Dispatch(Call& c) {
     }
     // The shared expert runs here while the expert services work (first round only).
     if (!shared_done) {
-      c.gate->RunSharedExpert(c.x, c.tokens, &c.ws);
+      c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);
       shared_done = true;
     }
     {
@@ -244,7 +256,7 @@ absl::Status MoeRouter::Dispatch(Call& c) {
       }
     }
   }
-  if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.ws);  // no routed rows at all
+  if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);  // no routed rows at all
   return absl::OkStatus();
 }
 
@@ -278,15 +290,22 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
   c.deadline = deadline;
   c.x = x.data<float>();
   c.tokens = T;
+  // Buffers go back to the free list however this call ends.
+  c.buf = TakeBuffers();
+  struct Return {
+    MoeRouter* router;
+    Call* call;
+    ~Return() { router->ReturnBuffers(std::move(call->buf)); }
+  } give_back{this, &c};
   MoeLayerOutput out;
   out.topk_ids = Tensor::Empty(DType::kI32, {T, k});
   out.topk_weights = Tensor::Empty(DType::kF32, {T, k});
-  c.gate->Route(c.x, T, out.topk_ids.mutable_data<int32_t>(), out.topk_weights.mutable_data<float>(), &c.ws);
-  const DispatchPlan& plan = c.ws.plan;
+  c.gate->Route(c.x, T, out.topk_ids.mutable_data<int32_t>(), out.topk_weights.mutable_data<float>(), &c.buf->ws);
+  const DispatchPlan& plan = c.buf->ws.plan;
   const int64_t R = plan.num_rows();
-  c.grouped_x.resize(R * H);
-  c.grouped_y.resize(R * H);
-  GatherRows(c.x, H, plan, 0, R, c.grouped_x.data());
+  Sized(c.buf->grouped_x, R * H);
+  Sized(c.buf->grouped_y, R * H);
+  GatherRows(c.x, H, plan, 0, R, c.buf->grouped_x.data());
   auto& load = load_.at(layer);
   for (int64_t e = 0; e < config_.num_experts; ++e) {
     load[e].fetch_add(plan.rows_of(static_cast<int>(e)), std::memory_order_relaxed);
@@ -294,7 +313,7 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
   RETURN_IF_ERROR(Dispatch(c));
 
   Tensor y = Tensor::Empty(DType::kF32, {T, H});
-  c.gate->Combine(c.grouped_y.data(), c.x, T, c.ws, y.mutable_data<float>());
+  c.gate->Combine(c.buf->grouped_y.data(), c.x, T, c.buf->ws, y.mutable_data<float>());
   out.dropped = plan.dropped;
   if (hidden.dtype() == DType::kF32) {
     out.output = std::move(y);

@@ -74,6 +74,14 @@ class MoeRouter {
 
  private:
   struct Call;  // one Forward's state
+  // Scratch of one call, reused through a free list: fresh buffers of this size would be
+  // page-faulted in on every call.
+  struct CallBuffers {
+    MoeGate::Workspace ws;
+    std::vector<float> grouped_x, grouped_y;
+  };
+  std::unique_ptr<CallBuffers> TakeBuffers();
+  void ReturnBuffers(std::unique_ptr<CallBuffers> b);
   MoeRouter(RouterOptions options, MoeModelConfig config, std::shared_ptr<ExpertTransport> t)
       : options_(std::move(options)), config_(std::move(config)), transport_(std::move(t)) {}
 
@@ -89,6 +97,9 @@ class MoeRouter {
 
   mutable std::mutex placement_mu_;
   std::shared_ptr<const PlacementTable> placement_;  // guarded by placement_mu_
+
+  std::mutex buffers_mu_;
+  std::vector<std::unique_ptr<CallBuffers>> free_buffers_;  // guarded by buffers_mu_
 
   mutable std::shared_mutex outstanding_mu_;
   std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> outstanding_;  // guarded
