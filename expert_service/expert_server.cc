@@ -155,14 +155,31 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
     h_floats += HiddenScratch(view, n);
   }
 
-  // Scratch kept per compute thread and only ever grown: fresh buffers of this size
+  // Scratch is reused across calls and only ever grown: fresh buffers of this size
   // (hundreds of MB at large T) would be page-faulted in on every call, which cost more
   // than the GEMMs. One more float keeps the pointers valid when every batch is empty.
-  thread_local std::vector<float> x_buf, y_buf, gu_buf, h_buf;
-  float* const x = Sized(x_buf, total_rows * H + 1);
-  float* const y = Sized(y_buf, total_rows * H + 1);
-  float* const gu = Sized(gu_buf, gu_floats + 1);
-  float* const h = Sized(h_buf, h_floats + 1);
+  // A LIFO free list hands the most recently used (hottest) scratch to the next call.
+  std::unique_ptr<Scratch> scratch;
+  {
+    std::lock_guard<std::mutex> lock(scratch_mu_);
+    if (!free_scratch_.empty()) {
+      scratch = std::move(free_scratch_.back());
+      free_scratch_.pop_back();
+    }
+  }
+  if (!scratch) scratch = std::make_unique<Scratch>();
+  struct GiveBack {
+    ExpertServer* server;
+    std::unique_ptr<Scratch>& scratch;
+    ~GiveBack() {
+      std::lock_guard<std::mutex> lock(server->scratch_mu_);
+      server->free_scratch_.push_back(std::move(scratch));
+    }
+  } give_back{this, scratch};
+  float* const x = Sized(scratch->x, total_rows * H + 1);
+  float* const y = Sized(scratch->y, total_rows * H + 1);
+  float* const gu = Sized(scratch->gu, gu_floats + 1);
+  float* const h = Sized(scratch->h, h_floats + 1);
   const int64_t num_batches = static_cast<int64_t>(batches.size());
   pool_->ParallelFor(num_batches, [&](int64_t i) {
     const Batch& b = batches[i];

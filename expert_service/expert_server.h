@@ -121,6 +121,13 @@ class ExpertServer {
   // After service_ so it is destroyed first: the server may use the service until then.
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+
+  // Compute scratch, reused through a free list (see Compute).
+  struct Scratch {
+    std::vector<float> x, y, gu, h;
+  };
+  std::mutex scratch_mu_;
+  std::vector<std::unique_ptr<Scratch>> free_scratch_;  // guarded by scratch_mu_
 };
 
 }  // namespace moemesh
