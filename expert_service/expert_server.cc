@@ -237,7 +237,7 @@ class ExpertServer::Service final : public v1::ExpertService::CallbackService {
     // so the call computes on one of the server's compute threads, which finishes it.
     ++server_->in_flight_;
     auto* reactor = ctx->DefaultReactor();
-    server_->Submit([this, ctx, req, resp, reactor] {
+    server_->compute_->Submit([this, ctx, req, resp, reactor] {
       absl::Status s = ctx->IsCancelled()
                            ? absl::CancelledError("the caller cancelled before the call ran")
                            : server_->Compute(*req, resp);
@@ -309,14 +309,15 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   // Parallelism comes from the pool; a multi-threaded BLAS inside each task would
   // oversubscribe the cores.
   SetBlasThreads(1);
-  for (int i = 0; i < s->options_.compute_threads; ++i) {
-    s->compute_threads_.emplace_back([raw = s.get()] { raw->ComputeLoop(); });
-  }
+  s->compute_ = std::make_unique<WorkQueue>(s->options_.compute_threads);
 
   s->service_ = std::make_unique<Service>(s.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // gRPC sets SO_REUSEPORT by default: a second service on a busy port would silently
+  // share it instead of failing.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(s->options_.listen, grpc::InsecureServerCredentials(), &s->port_);
   builder.SetMaxReceiveMessageSize(s->options_.max_message_bytes);
   builder.SetMaxSendMessageSize(s->options_.max_message_bytes);
@@ -335,13 +336,7 @@ ExpertServer::~ExpertServer() {
     Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     server_->Wait();
   }
-  // Every call has finished, so the queue is empty and the threads only need waking.
-  {
-    std::lock_guard<std::mutex> lock(work_mu_);
-    work_stop_ = true;
-  }
-  work_cv_.notify_all();
-  for (std::thread& t : compute_threads_) t.join();
+  compute_.reset();  // every call has finished: the queue only needs stopping
 }
 
 void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {
@@ -354,25 +349,5 @@ void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {
 
 void ExpertServer::Wait() { server_->Wait(); }
 
-void ExpertServer::Submit(std::function<void()> work) {
-  {
-    std::lock_guard<std::mutex> lock(work_mu_);
-    work_.push_back(std::move(work));
-  }
-  work_cv_.notify_one();
-}
-
-void ExpertServer::ComputeLoop() {
-  std::unique_lock<std::mutex> lock(work_mu_);
-  while (true) {
-    work_cv_.wait(lock, [&] { return work_stop_ || !work_.empty(); });
-    if (work_.empty()) return;  // work_stop_, and nothing left to finish
-    std::function<void()> work = std::move(work_.front());
-    work_.pop_front();
-    lock.unlock();
-    work();
-    lock.lock();
-  }
-}
 
 }  // namespace moemesh

@@ -40,6 +40,7 @@
 #include "expert_service.grpc.pb.h"
 #include "expert_service/expert_store.h"
 #include "kernels/cpu/thread_pool.h"
+#include "services/work_queue.h"
 
 namespace moemesh {
 
@@ -101,20 +102,13 @@ class ExpertServer {
 
   // The body of the Compute RPC.
   absl::Status Compute(const v1::ComputeRequest& request, v1::ComputeResponse* response);
-  // Runs `work` on a compute thread.
-  void Submit(std::function<void()> work);
-  void ComputeLoop();
 
   ExpertServerOptions options_;
   std::unique_ptr<ExpertStore> store_;
   ThreadPool* pool_ = nullptr;
   std::atomic<int64_t> in_flight_{0};
 
-  std::mutex work_mu_;
-  std::condition_variable work_cv_;
-  std::deque<std::function<void()>> work_;  // guarded by work_mu_
-  bool work_stop_ = false;                  // guarded by work_mu_
-  std::vector<std::thread> compute_threads_;
+  std::unique_ptr<WorkQueue> compute_;  // runs Compute calls off gRPC's threads
 
   std::once_flag shutdown_once_;
   std::unique_ptr<Service> service_;

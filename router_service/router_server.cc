@@ -155,7 +155,7 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::C
     // callback threads: blocking one of those here could starve them. The call runs on
     // the router's request workers and finishes the reactor from there.
     auto* reactor = ctx->DefaultReactor();
-    server_->Submit([this, ctx, req, resp, reactor] {
+    server_->requests_->Submit([this, ctx, req, resp, reactor] {
       reactor->Finish(ToGrpcStatus(Infer(ctx, *req, resp)));
     });
     return reactor;
@@ -290,32 +290,32 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // gRPC sets SO_REUSEPORT by default: a second router on a busy port would silently
+  // share it instead of failing.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(s->options_.listen, grpc::InsecureServerCredentials(), &s->port_);
   builder.SetMaxReceiveMessageSize(s->options_.max_message_bytes);
   builder.SetMaxSendMessageSize(s->options_.max_message_bytes);
   builder.RegisterService(s->inference_.get());
   builder.RegisterService(s->control_.get());
+  // Before the server starts: the first ModelInfer may arrive at once.
+  s->requests_ = std::make_unique<WorkQueue>(s->options_.request_workers);
   s->server_ = builder.BuildAndStart();
   if (!s->server_ || s->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", s->options_.listen));
   }
   s->server_->GetHealthCheckService()->SetServingStatus(false);
-  for (int i = 0; i < s->options_.request_workers; ++i) {
-    s->workers_.emplace_back([raw = s.get()] { raw->WorkerLoop(); });
-  }
   s->health_thread_ = std::thread([raw = s.get()] { raw->HealthLoop(); });
   return s;
 }
 
 RouterServer::~RouterServer() {
-  Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  if (health_thread_.joinable()) health_thread_.join();
-  {
-    std::lock_guard<std::mutex> lock(work_mu_);
-    workers_stop_ = true;
+  if (server_ != nullptr) {  // null when Create failed to listen
+    Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    if (health_thread_.joinable()) health_thread_.join();
+    server_->Wait();
   }
-  work_cv_.notify_all();
-  for (auto& t : workers_) t.join();
+  requests_.reset();  // every call has finished: the queue only needs stopping
 }
 
 void RouterServer::HealthLoop() {
@@ -345,23 +345,5 @@ void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
 
 void RouterServer::Wait() { server_->Wait(); }
 
-void RouterServer::Submit(std::function<void()> work) {
-  std::lock_guard<std::mutex> lock(work_mu_);
-  work_.push_back(std::move(work));
-  work_cv_.notify_one();
-}
-
-void RouterServer::WorkerLoop() {
-  std::unique_lock<std::mutex> lock(work_mu_);
-  while (true) {
-    work_cv_.wait(lock, [&] { return workers_stop_ || !work_.empty(); });
-    if (work_.empty()) return;  // stopping and drained
-    auto job = std::move(work_.front());
-    work_.pop_front();
-    lock.unlock();
-    job();
-    lock.lock();
-  }
-}
 
 }  // namespace moemesh

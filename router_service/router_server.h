@@ -27,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "router_service/router.h"
+#include "services/work_queue.h"
 
 namespace moemesh {
 
@@ -59,8 +60,6 @@ class RouterServer {
   class ControlService;
   RouterServer() = default;
   void HealthLoop();
-  void Submit(std::function<void()> work);
-  void WorkerLoop();
 
   RouterServerOptions options_;
   std::unique_ptr<MoeRouter> router_;
@@ -74,12 +73,7 @@ class RouterServer {
   std::condition_variable stop_cv_;
   bool stopping_ = false;  // guarded by mu_
   std::thread health_thread_;
-
-  std::mutex work_mu_;
-  std::condition_variable work_cv_;
-  std::deque<std::function<void()>> work_;  // guarded by work_mu_
-  bool workers_stop_ = false;               // guarded by work_mu_
-  std::vector<std::thread> workers_;
+  std::unique_ptr<WorkQueue> requests_;  // runs ModelInfer calls off gRPC's threads
 };
 
 }  // namespace moemesh

@@ -2,6 +2,7 @@
 // kernels in this process, replies arrive from other threads in scrambled order, and
 // chosen endpoints can be made to fail.
 #include "router_service/router.h"
+#include "router_service/router_server.h"
 
 #include <gtest/gtest.h>
 
@@ -223,6 +224,27 @@ TEST(RouterTest, BadInputsAndPlacementEpochs) {
   EXPECT_EQ(router->placement()->epoch(), 2u);
   ASSERT_TRUE(router->Forward(1, Input(3, H), Deadline()).ok());
   EXPECT_GT(transport->Calls("z:9"), 0);
+}
+
+}  // namespace
+}  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+TEST(RouterServerTest, BusyPortIsAClearErrorNotACrash) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto first = RouterServer::Create({}, MoeRouter::Create(ro, transport).value());
+  ASSERT_TRUE(first.ok()) << first.status();
+  RouterServerOptions same_port;
+  same_port.listen = absl::StrCat("127.0.0.1:", (*first)->port());
+  auto second = RouterServer::Create(same_port, MoeRouter::Create(ro, transport).value());
+  ASSERT_FALSE(second.ok());
+  EXPECT_NE(second.status().message().find("cannot listen"), std::string::npos) << second.status();
 }
 
 }  // namespace
