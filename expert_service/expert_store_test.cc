@@ -154,6 +154,9 @@ TEST(ExpertStoreTest, ConcurrentGetAndUnload) {
       }
     });
   }
+  // Let the readers get going first: on a loaded machine the writer could otherwise
+  // finish before any reader ran, and the test would check nothing.
+  while (hits.load() < 4) std::this_thread::yield();
   for (int i = 0; i < 50; ++i) {
     ASSERT_TRUE(store->Unload({{0, i % 2}}).ok());
     ASSERT_TRUE(store->Load({{0, i % 2}}).ok());
