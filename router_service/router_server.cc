@@ -17,29 +17,10 @@ namespace {
 using inference::ModelInferRequest;
 using inference::ModelInferResponse;
 
-absl::StatusOr<DType> KServeDType(const std::string& datatype) {
-  if (datatype == "FP32") return DType::kF32;
-  if (datatype == "FP16") return DType::kF16;
-  if (datatype == "BF16") return DType::kBF16;
-  if (datatype == "INT32") return DType::kI32;
-  if (datatype == "INT64") return DType::kI64;
-  return absl::InvalidArgumentError(absl::StrCat("unsupported datatype '", datatype, "'"));
-}
-
-const char* KServeName(DType d) {
-  switch (d) {
-    case DType::kF32: return "FP32";
-    case DType::kF16: return "FP16";
-    case DType::kBF16: return "BF16";
-    case DType::kI32: return "INT32";
-    default: return "INT64";
-  }
-}
-
 // Reads input i as a tensor view into the request (kept alive by the caller).
 absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
   const auto& in = req.inputs(i);
-  ASSIGN_OR_RETURN(DType dtype, KServeDType(in.datatype()));
+  ASSIGN_OR_RETURN(DType dtype, DTypeFromKServe(in.datatype()));
   std::vector<int64_t> shape(in.shape().begin(), in.shape().end());
   uint64_t numel = 1;
   for (int64_t d : shape) {
@@ -82,7 +63,7 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
 void AddOutput(const std::string& name, const Tensor& t, ModelInferResponse* resp) {
   auto* out = resp->add_outputs();
   out->set_name(name);
-  out->set_datatype(KServeName(t.dtype()));
+  out->set_datatype(KServeDatatype(t.dtype()));
   for (int64_t d : t.shape()) out->add_shape(d);
   resp->add_raw_output_contents(std::string(static_cast<const char*>(t.raw()), t.nbytes()));
 }

@@ -80,6 +80,25 @@ absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const voi
   return Tensor::View(*dtype, std::move(shape), in.data().data(), std::move(owner));
 }
 
+const char* KServeDatatype(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "FP32";
+    case DType::kBF16: return "BF16";
+    case DType::kF16: return "FP16";
+    case DType::kI32: return "INT32";
+    case DType::kI64: return "INT64";
+    default: return "BYTES";
+  }
+}
+
+absl::StatusOr<DType> DTypeFromKServe(absl::string_view datatype) {
+  for (DType d : {DType::kF32, DType::kBF16, DType::kF16, DType::kI32, DType::kI64}) {
+    if (datatype == KServeDatatype(d)) return d;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported datatype '", std::string(datatype), "'"));
+}
+
 grpc::Status ToGrpcStatus(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));

@@ -28,6 +28,10 @@ absl::Status ToProto(const Tensor& t, DType wire, v1::Tensor* out);
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const void> owner,
                                  absl::string_view what);
 
+// KServe v2 datatype names ("FP32", "BF16", "FP16", "INT32", "INT64") and back.
+const char* KServeDatatype(DType dtype);
+absl::StatusOr<DType> DTypeFromKServe(absl::string_view datatype);
+
 // Maps a status at the service edge. Codes carry over one to one.
 grpc::Status ToGrpcStatus(const absl::Status& s);
 absl::Status FromGrpcStatus(const grpc::Status& s);

@@ -14,17 +14,6 @@
 
 namespace moemesh {
 
-const char* KServeDatatype(DType dtype) {
-  switch (dtype) {
-    case DType::kF32: return "FP32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "FP16";
-    case DType::kI32: return "INT32";
-    case DType::kI64: return "INT64";
-    default: return "BYTES";
-  }
-}
-
 std::vector<std::string> LocalMesh::ExpertArgs(int i, const std::string& listen) const {
   return {options_.moemesh_binary, "expert", "--model", options_.model_dir, "--listen", listen,
           "--service-id", absl::StrCat("expert-", i), "--experts", specs_[i], "--threads",
@@ -144,10 +133,7 @@ absl::StatusOr<KServeClient::Result> KServeClient::Infer(const Tensor& hidden, i
   auto owner = std::make_shared<inference::ModelInferResponse>(std::move(resp));
   for (int i = 0; i < owner->outputs_size(); ++i) {
     const auto& o = owner->outputs(i);
-    const DType dtype = o.datatype() == "FP32"   ? DType::kF32
-                        : o.datatype() == "BF16" ? DType::kBF16
-                        : o.datatype() == "FP16" ? DType::kF16
-                                                 : DType::kI32;
+    ASSIGN_OR_RETURN(const DType dtype, DTypeFromKServe(o.datatype()));
     Tensor t = Tensor::View(dtype, std::vector<int64_t>(o.shape().begin(), o.shape().end()),
                             owner->raw_output_contents(i).data(), owner);
     if (t.nbytes() != owner->raw_output_contents(i).size()) {

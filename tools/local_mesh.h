@@ -76,7 +76,4 @@ class KServeClient {
   std::unique_ptr<v1::RouterControl::Stub> control_;
 };
 
-// KServe datatype name of a dtype ("FP32", "BF16", ...).
-const char* KServeDatatype(DType dtype);
-
 }  // namespace moemesh
