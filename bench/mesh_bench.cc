@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "services/allocator.h"
 #include "services/checkpoint.h"
 #include "services/model_generator.h"
 #include "services/moe_layer.h"
@@ -111,6 +112,7 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
+  moemesh::ConfigureAllocatorForServing();  // as the services do: both sides alike
   const absl::Status s = moemesh::Run(argc, argv);
   if (!s.ok()) {
     std::fprintf(stderr, "mesh_bench: %s\n", std::string(s.ToString()).c_str());

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "expert_service/expert_server.h"
+#include "services/allocator.h"
 #include "services/checkpoint.h"
 #include "services/signals.h"
 #include "services/status_macros.h"
@@ -71,6 +72,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int ExpertServiceMain(const std::vector<std::string>& args) {
+  ConfigureAllocatorForServing();
   const absl::Status s = Run(args);
   if (!s.ok()) {
     std::fprintf(stderr, "moemesh expert: %s\n%s", std::string(s.ToString()).c_str(), kUsage);

@@ -1,6 +1,5 @@
 #include "expert_service/expert_server.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include <algorithm>
@@ -9,6 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "kernels/cpu/expert_ffn.h"
+#include "services/concurrency_limit.h"
+#include "services/grpc_server.h"
 #include "services/moe_gate.h"
 #include "services/status_macros.h"
 #include "services/wire.h"
@@ -17,22 +18,8 @@ namespace moemesh {
 
 absl::Status ExpertServerOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
-  // gRPC accepts a port above 65535 and silently binds another one.
-  const size_t colon = listen.rfind(':');
-  int port = -1;
-  if (colon == std::string::npos ||
-      !absl::SimpleAtoi(absl::string_view(listen).substr(colon + 1), &port)) {
-    return absl::InvalidArgumentError(absl::StrCat("listen '", listen, "' is not HOST:PORT"));
-  }
-  if (port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("listen '", listen, "': port out of [0, 65535]"));
-  }
+  RETURN_IF_ERROR(ValidateGrpcServerOptions({listen, max_message_bytes}));
   if (service_id.empty()) return absl::InvalidArgumentError("service_id is required");
-  // gRPC reads a negative limit as "unlimited"; 0 would refuse every call.
-  if (max_message_bytes <= 0) {
-    return absl::InvalidArgumentError("max_message_bytes must be positive");
-  }
   if (compute_threads <= 0) return absl::InvalidArgumentError("compute_threads must be positive");
   return absl::OkStatus();
 }
@@ -227,47 +214,46 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
   return absl::OkStatus();
 }
 
-class ExpertServer::Service final : public v1::ExpertService::CallbackService {
+// A synchronous service: each call runs on the gRPC thread that received it, so a
+// Compute starts without waking another thread (on an idle machine every wake-up costs
+// tens of microseconds). gRPC adds threads while all are busy.
+class ExpertServer::Service final : public v1::ExpertService::Service {
  public:
   explicit Service(ExpertServer* server) : server_(server) {}
 
-  grpc::ServerUnaryReactor* Compute(grpc::CallbackServerContext* ctx, const v1::ComputeRequest* req,
-                                    v1::ComputeResponse* resp) override {
-    // Reactions run on gRPC's small, fixed thread pool and must not block it for long,
-    // so the call computes on one of the server's compute threads, which finishes it.
+  grpc::Status Compute(grpc::ServerContext* ctx, const v1::ComputeRequest* req,
+                       v1::ComputeResponse* resp) override {
     ++server_->in_flight_;
-    auto* reactor = ctx->DefaultReactor();
-    server_->compute_->Submit([this, ctx, req, resp, reactor] {
-      absl::Status s = ctx->IsCancelled()
-                           ? absl::CancelledError("the caller cancelled before the call ran")
-                           : server_->Compute(*req, resp);
-      if (!s.ok()) resp->Clear();
-      --server_->in_flight_;
-      reactor->Finish(ToGrpcStatus(s));
-    });
-    return reactor;
+    absl::Status s;
+    {
+      // At most compute_threads calls compute at once; the rest wait their turn here.
+      ConcurrencyLimit::Slot slot(*server_->computing_);
+      s = ctx->IsCancelled() ? absl::CancelledError("the caller cancelled before the call ran")
+                             : server_->Compute(*req, resp);
+    }
+    if (!s.ok()) resp->Clear();
+    --server_->in_flight_;
+    return ToGrpcStatus(s);
   }
 
-  grpc::ServerUnaryReactor* LoadExperts(grpc::CallbackServerContext* ctx,
-                                        const v1::LoadExpertsRequest* req,
-                                        v1::LoadExpertsResponse* resp) override {
+  grpc::Status LoadExperts(grpc::ServerContext*, const v1::LoadExpertsRequest* req,
+                           v1::LoadExpertsResponse* resp) override {
     const absl::Status s = server_->store_->Load(Keys(req->experts()));
     resp->set_experts_loaded(server_->store_->size());
     resp->set_weight_bytes(server_->store_->weight_bytes());
-    return Finish(ctx, s);
+    return ToGrpcStatus(s);
   }
 
-  grpc::ServerUnaryReactor* UnloadExperts(grpc::CallbackServerContext* ctx,
-                                          const v1::UnloadExpertsRequest* req,
-                                          v1::UnloadExpertsResponse* resp) override {
+  grpc::Status UnloadExperts(grpc::ServerContext*, const v1::UnloadExpertsRequest* req,
+                             v1::UnloadExpertsResponse* resp) override {
     const absl::Status s = server_->store_->Unload(Keys(req->experts()));
     resp->set_experts_loaded(server_->store_->size());
     resp->set_weight_bytes(server_->store_->weight_bytes());
-    return Finish(ctx, s);
+    return ToGrpcStatus(s);
   }
 
-  grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* ctx, const v1::InfoRequest*,
-                                 v1::InfoResponse* resp) override {
+  grpc::Status Info(grpc::ServerContext*, const v1::InfoRequest*,
+                    v1::InfoResponse* resp) override {
     const MoeModelConfig& c = server_->store_->config();
     resp->set_model_type(FamilyName(c.family));
     resp->set_hidden_size(c.hidden_size);
@@ -279,7 +265,7 @@ class ExpertServer::Service final : public v1::ExpertService::CallbackService {
     }
     resp->set_weight_bytes(server_->store_->weight_bytes());
     resp->set_service_id(server_->options_.service_id);
-    return Finish(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
 
  private:
@@ -288,12 +274,6 @@ class ExpertServer::Service final : public v1::ExpertService::CallbackService {
     keys.reserve(ids.size());
     for (const v1::ExpertId& id : ids) keys.emplace_back(id.layer(), id.expert());
     return keys;
-  }
-
-  static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* ctx, const absl::Status& s) {
-    auto* reactor = ctx->DefaultReactor();
-    reactor->Finish(ToGrpcStatus(s));
-    return reactor;
   }
 
   ExpertServer* const server_;
@@ -305,27 +285,17 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   s->options_ = std::move(options);
   ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
   RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
+  s->computing_ = std::make_unique<ConcurrencyLimit>(s->options_.compute_threads);
   s->pool_ = s->options_.pool != nullptr ? s->options_.pool : &ThreadPool::Default();
   // Parallelism comes from the pool; a multi-threaded BLAS inside each task would
   // oversubscribe the cores.
   SetBlasThreads(1);
-  s->compute_ = std::make_unique<WorkQueue>(s->options_.compute_threads);
-
   s->service_ = std::make_unique<Service>(s.get());
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  // gRPC sets SO_REUSEPORT by default: a second service on a busy port would silently
-  // share it instead of failing.
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder.AddListeningPort(s->options_.listen, grpc::InsecureServerCredentials(), &s->port_);
-  builder.SetMaxReceiveMessageSize(s->options_.max_message_bytes);
-  builder.SetMaxSendMessageSize(s->options_.max_message_bytes);
-  builder.RegisterService(s->service_.get());
-  s->server_ = builder.BuildAndStart();
-  if (s->server_ == nullptr || s->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", s->options_.listen));
-  }
+  ASSIGN_OR_RETURN(StartedServer started,
+                   StartGrpcServer({s->options_.listen, s->options_.max_message_bytes},
+                                   {s->service_.get()}));
+  s->server_ = std::move(started.server);
+  s->port_ = started.port;
   // Only now: every initial expert is loaded and the port is open.
   s->server_->GetHealthCheckService()->SetServingStatus(true);
   return s;
@@ -336,7 +306,6 @@ ExpertServer::~ExpertServer() {
     Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     server_->Wait();
   }
-  compute_.reset();  // every call has finished: the queue only needs stopping
 }
 
 void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {

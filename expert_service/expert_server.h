@@ -1,6 +1,5 @@
 // ExpertServer: the expert service's gRPC server — moemesh.v1.ExpertService (Compute,
-// LoadExperts, UnloadExperts, Info) on the callback API, plus grpc.health.v1 and
-// server reflection.
+// LoadExperts, UnloadExperts, Info), plus grpc.health.v1 and server reflection.
 //
 // Compute runs every batch of a request in float32 with the kernels' canonical task
 // split (kernels/cpu/expert_ffn.h) on a ThreadPool, exactly as MoeLayer::RunExperts
@@ -40,7 +39,7 @@
 #include "expert_service.grpc.pb.h"
 #include "expert_service/expert_store.h"
 #include "kernels/cpu/thread_pool.h"
-#include "services/work_queue.h"
+#include "services/concurrency_limit.h"
 
 namespace moemesh {
 
@@ -56,7 +55,7 @@ struct ExpertServerOptions {
   // Bounds one request or reply, so one call cannot exhaust the service's memory.
   int max_message_bytes = 256 << 20;
   // Calls computed at once; each such thread also works on its own ParallelFor. More
-  // calls wait in a queue: the work is CPU-bound, so more would only contend.
+  // calls wait their turn: the work is CPU-bound, so more would only contend.
   int compute_threads = 4;
   // Runs the FFN tasks; not owned. nullptr: ThreadPool::Default().
   ThreadPool* pool = nullptr;
@@ -108,7 +107,7 @@ class ExpertServer {
   ThreadPool* pool_ = nullptr;
   std::atomic<int64_t> in_flight_{0};
 
-  std::unique_ptr<WorkQueue> compute_;  // runs Compute calls off gRPC's threads
+  std::unique_ptr<ConcurrencyLimit> computing_;  // compute_threads slots
 
   std::once_flag shutdown_once_;
   std::unique_ptr<Service> service_;

@@ -1,7 +1,6 @@
 #include "router_service/router.h"
 
 #include <algorithm>
-#include <condition_variable>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -133,6 +132,38 @@ void MoeRouter::ReturnBuffers(std::unique_ptr<CallBuffers> b) {
   free_buffers_.push_back(std::move(b));
 }
 
+// Checks a destination's whole reply before any of its rows lands in grouped_y.
+absl::Status MoeRouter::TakeReply(Call& c, const std::string& endpoint,
+                                  const std::vector<int32_t>& sent, v1::ComputeResponse* response) {
+  const DispatchPlan& plan = c.buf->ws.plan;
+  const int64_t H = config_.hidden_size;
+  if (response->outputs_size() != static_cast<int>(sent.size())) {
+    return absl::InternalError(absl::StrCat(endpoint, " returned ", response->outputs_size(),
+                                            " batches for ", sent.size()));
+  }
+  std::vector<Tensor> rows;
+  rows.reserve(sent.size());
+  for (size_t i = 0; i < sent.size(); ++i) {
+    const int32_t e = sent[i];
+    const auto& out = response->outputs(static_cast<int>(i));
+    const std::string what = absl::StrCat(endpoint, " expert ", e);
+    auto t = FromProto(out.rows(), nullptr, what);
+    if (!t.ok()) return absl::InternalError(t.status().message());
+    if (out.expert() != e || t->shape() != std::vector<int64_t>{plan.rows_of(e), H} ||
+        t->dtype() != options_.wire_dtype) {
+      return absl::InternalError(
+          absl::StrCat(what, ": reply has the wrong expert, shape or dtype"));
+    }
+    rows.push_back(*std::move(t));
+  }
+  for (size_t i = 0; i < sent.size(); ++i) {
+    const int32_t e = sent[i];
+    ConvertToF32(rows[i].dtype(), rows[i].raw(), rows[i].numel(),
+                 c.buf->grouped_y.data() + plan.expert_offsets[e] * H);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MoeRouter::Dispatch(Call& c) {
   const DispatchPlan& plan = c.buf->ws.plan;
   const int64_t H = config_.hidden_size, E = config_.num_experts;
@@ -171,76 +202,39 @@ absl::Status MoeRouter::Dispatch(Call& c) {
       by_dest[best].push_back(e);
     }
 
-    // Build every request before sending any: the callbacks touch shared state, which
-    // must not change under them.
-    std::vector<std::pair<int32_t, std::unique_ptr<v1::ComputeRequest>>> requests;
-    std::map<int32_t, absl::Status> outcomes;  // written under mu by the callbacks
+    // Each request goes out as soon as it is built. Replies are checked and converted on
+    // this thread, inside Wait; the shared expert runs here meanwhile (first round only).
+    std::map<int32_t, absl::Status> outcomes;
+    auto exchange = transport_->NewExchange(c.deadline);
     for (const auto& [dest, experts] : by_dest) {
       auto request = std::make_unique<v1::ComputeRequest>();
       request->set_layer(c.layer);
       request->set_placement_epoch(c.table->epoch());
       request->set_output_dtype(ToProtoDType(options_.wire_dtype));
+      int64_t tokens = 0;
       for (int32_t e : experts) {
         const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
         auto* batch = request->add_batches();
         batch->set_expert(e);
         const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
         RETURN_IF_ERROR(ToProto(rows, options_.wire_dtype, batch->mutable_rows()));
+        tokens += n;
       }
-      requests.emplace_back(dest, std::move(request));
       outcomes[dest] = absl::OkStatus();
-    }
-    std::mutex mu;
-    std::condition_variable cv;
-    size_t remaining = requests.size();
-    for (auto& [dest, request] : requests) {
-      const std::vector<int32_t>* sent = &by_dest[dest];
-      int64_t tokens = 0;
-      for (int32_t e : *sent) tokens += plan.rows_of(e);
       Outstanding(endpoints[dest]).fetch_add(tokens, std::memory_order_relaxed);
-      transport_->Compute(
-          endpoints[dest], std::move(request), c.deadline,
-          [&, dest = dest, sent, tokens](const absl::Status& status, v1::ComputeResponse* response) {
-            absl::Status result = status;
-            if (result.ok()) {
-              // Check the reply fully before any row lands in the output.
-              if (response->outputs_size() != static_cast<int>(sent->size())) {
-                result = absl::InternalError(absl::StrCat(endpoints[dest], " returned ",
-                                                          response->outputs_size(), " batches for ",
-                                                          sent->size()));
-              }
-              for (size_t i = 0; result.ok() && i < sent->size(); ++i) {
-                const int32_t e = (*sent)[i];
-                const auto& out = response->outputs(static_cast<int>(i));
-                auto t = FromProto(out.rows(), nullptr, absl::StrCat(endpoints[dest], " expert ", e));
-                const int64_t n = plan.rows_of(e);
-                if (!t.ok()) {
-                  result = absl::InternalError(t.status().message());
-                } else if (out.expert() != e || t->shape() != std::vector<int64_t>{n, H} ||
-                           t->dtype() != options_.wire_dtype) {
-                  result = absl::InternalError(absl::StrCat(endpoints[dest], " expert ", e,
-                                                            ": reply has the wrong expert, shape or dtype"));
-                } else {
-                  ConvertToF32(t->dtype(), t->raw(), n * H,
-                               c.buf->grouped_y.data() + plan.expert_offsets[e] * H);
-                }
-              }
-            }
+      exchange->Start(
+          endpoints[dest], std::move(request),
+          [&, dest = dest, sent = &experts, tokens](const absl::Status& status,
+                                                     v1::ComputeResponse* response) {
             Outstanding(endpoints[dest]).fetch_sub(tokens, std::memory_order_relaxed);
-            std::lock_guard<std::mutex> lock(mu);
-            outcomes[dest] = result;
-            if (--remaining == 0) cv.notify_all();
+            outcomes[dest] = status.ok() ? TakeReply(c, endpoints[dest], *sent, response) : status;
           });
     }
-    // The shared expert runs here while the expert services work (first round only).
     if (!shared_done) {
       c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);
       shared_done = true;
     }
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return remaining == 0; });
-    }
+    exchange->Wait();
     pending.clear();
     for (const auto& [dest, status] : outcomes) {
       if (status.ok()) continue;

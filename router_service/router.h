@@ -87,6 +87,8 @@ class MoeRouter {
 
   std::atomic<int64_t>& Outstanding(const std::string& endpoint);
   absl::Status Dispatch(Call& call);
+  absl::Status TakeReply(Call& call, const std::string& endpoint,
+                         const std::vector<int32_t>& sent, v1::ComputeResponse* response);
 
   const RouterOptions options_;
   const MoeModelConfig config_;

@@ -5,6 +5,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "router_service/router_server.h"
+#include "services/allocator.h"
 #include "services/signals.h"
 #include "services/status_macros.h"
 #include "tools/cli_args.h"
@@ -69,6 +70,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int RouterMain(const std::vector<std::string>& args) {
+  ConfigureAllocatorForServing();
   const absl::Status s = Run(args);
   if (!s.ok()) {
     std::fprintf(stderr, "moemesh router: %s\n%s", std::string(s.ToString()).c_str(), kRouterUsage);

@@ -1,6 +1,5 @@
 #include "router_service/router_server.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include <cstring>
@@ -8,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "router_control.grpc.pb.h"
+#include "services/grpc_server.h"
 #include "services/status_macros.h"
 #include "services/wire.h"
 
@@ -60,6 +60,10 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
                                                  " elements in raw_input_contents or typed contents"));
 }
 
+absl::Status UnknownModel(const std::string& name) {
+  return absl::NotFoundError(absl::StrCat("unknown model '", name, "'"));
+}
+
 void AddOutput(const std::string& name, const Tensor& t, ModelInferResponse* resp) {
   auto* out = resp->add_outputs();
   out->set_name(name);
@@ -74,47 +78,44 @@ absl::Status RouterServerOptions::Validate() const {
   if (listen.empty()) return absl::InvalidArgumentError("listen address is required");
   if (model_name.empty()) return absl::InvalidArgumentError("model_name is required");
   if (max_message_bytes <= 0) return absl::InvalidArgumentError("max_message_bytes must be positive");
-  if (request_workers <= 0) return absl::InvalidArgumentError("request_workers must be positive");
+  if (max_concurrent_infers <= 0) {
+    return absl::InvalidArgumentError("max_concurrent_infers must be positive");
+  }
   return absl::OkStatus();
 }
 
-class RouterServer::InferenceService : public inference::GRPCInferenceService::CallbackService {
+class RouterServer::InferenceService : public inference::GRPCInferenceService::Service {
  public:
   explicit InferenceService(RouterServer* server) : server_(server) {}
 
-  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx,
-                                       const inference::ServerLiveRequest*,
-                                       inference::ServerLiveResponse* resp) override {
+  grpc::Status ServerLive(grpc::ServerContext*, const inference::ServerLiveRequest*,
+                          inference::ServerLiveResponse* resp) override {
     resp->set_live(true);
-    return Done(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
-  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx,
-                                        const inference::ServerReadyRequest*,
-                                        inference::ServerReadyResponse* resp) override {
+  grpc::Status ServerReady(grpc::ServerContext*, const inference::ServerReadyRequest*,
+                           inference::ServerReadyResponse* resp) override {
     resp->set_ready(server_->ready());
-    return Done(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
-  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx,
-                                       const inference::ModelReadyRequest* req,
-                                       inference::ModelReadyResponse* resp) override {
-    if (req->name() != server_->options_.model_name) return Done(ctx, UnknownModel(req->name()));
+  grpc::Status ModelReady(grpc::ServerContext*, const inference::ModelReadyRequest* req,
+                          inference::ModelReadyResponse* resp) override {
+    if (req->name() != server_->options_.model_name) return ToGrpcStatus(UnknownModel(req->name()));
     resp->set_ready(server_->ready());
-    return Done(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
-  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx,
-                                           const inference::ServerMetadataRequest*,
-                                           inference::ServerMetadataResponse* resp) override {
+  grpc::Status ServerMetadata(grpc::ServerContext*, const inference::ServerMetadataRequest*,
+                              inference::ServerMetadataResponse* resp) override {
     resp->set_name("moemesh");
     resp->set_version("0.1.0");
-    return Done(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
-  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx,
-                                          const inference::ModelMetadataRequest* req,
-                                          inference::ModelMetadataResponse* resp) override {
-    if (req->name() != server_->options_.model_name) return Done(ctx, UnknownModel(req->name()));
+  grpc::Status ModelMetadata(grpc::ServerContext*, const inference::ModelMetadataRequest* req,
+                             inference::ModelMetadataResponse* resp) override {
+    if (req->name() != server_->options_.model_name) return ToGrpcStatus(UnknownModel(req->name()));
     const MoeModelConfig& c = server_->router_->config();
     resp->set_name(server_->options_.model_name);
-    resp->add_versions("1");
+    resp->add_versions(std::string("1"));  // (a const char* trips GCC 12's -Wrestrict)
     resp->set_platform(absl::StrCat("moemesh_", FamilyName(c.family)));
     auto add = [](auto* list, const char* name, const char* dtype, std::vector<int64_t> shape) {
       auto* t = list->Add();
@@ -127,32 +128,18 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::C
     add(resp->mutable_outputs(), "output", "FP32", {-1, c.hidden_size});
     add(resp->mutable_outputs(), "topk_ids", "INT32", {-1, c.top_k});
     add(resp->mutable_outputs(), "topk_weights", "FP32", {-1, c.top_k});
-    return Done(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
-  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
-                                       const ModelInferRequest* req,
-                                       ModelInferResponse* resp) override {
-    // A layer call waits for its expert services, whose replies complete on gRPC's
-    // callback threads: blocking one of those here could starve them. The call runs on
-    // the router's request workers and finishes the reactor from there.
-    auto* reactor = ctx->DefaultReactor();
-    server_->requests_->Submit([this, ctx, req, resp, reactor] {
-      reactor->Finish(ToGrpcStatus(Infer(ctx, *req, resp)));
-    });
-    return reactor;
+  grpc::Status ModelInfer(grpc::ServerContext* ctx, const ModelInferRequest* req,
+                          ModelInferResponse* resp) override {
+    // Runs on the gRPC thread that received the call: Forward waits for its expert
+    // calls on a completion queue of its own, so blocking here starves nothing.
+    ConcurrencyLimit::Slot slot(*server_->inferring_);
+    return ToGrpcStatus(Infer(ctx, *req, resp));
   }
 
  private:
-  static absl::Status UnknownModel(const std::string& name) {
-    return absl::NotFoundError(absl::StrCat("unknown model '", name, "'"));
-  }
-  static grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
-    auto* reactor = ctx->DefaultReactor();
-    reactor->Finish(ToGrpcStatus(s));
-    return reactor;
-  }
-
-  absl::Status Infer(grpc::CallbackServerContext* ctx, const ModelInferRequest& req,
+  absl::Status Infer(grpc::ServerContext* ctx, const ModelInferRequest& req,
                      ModelInferResponse* resp) {
     if (req.model_name() != server_->options_.model_name) return UnknownModel(req.model_name());
     MoeRouter& router = *server_->router_;
@@ -214,30 +201,27 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::C
   RouterServer* server_;
 };
 
-class RouterServer::ControlService : public v1::RouterControl::CallbackService {
+class RouterServer::ControlService : public v1::RouterControl::Service {
  public:
   explicit ControlService(RouterServer* server) : server_(server) {}
 
-  grpc::ServerUnaryReactor* GetPlacement(grpc::CallbackServerContext* ctx,
-                                         const v1::GetPlacementRequest*,
-                                         v1::Placement* resp) override {
+  grpc::Status GetPlacement(grpc::ServerContext*, const v1::GetPlacementRequest*,
+                            v1::Placement* resp) override {
     *resp = server_->router_->placement()->ToProto();
-    return Finish(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
-  grpc::ServerUnaryReactor* SetPlacement(grpc::CallbackServerContext* ctx,
-                                         const v1::Placement* req,
-                                         v1::SetPlacementResponse* resp) override {
+  grpc::Status SetPlacement(grpc::ServerContext*, const v1::Placement* req,
+                            v1::SetPlacementResponse* resp) override {
     absl::Status s = [&]() -> absl::Status {
       ASSIGN_OR_RETURN(PlacementTable t,
                        PlacementTable::FromProto(*req, server_->router_->config()));
       return server_->router_->SetPlacement(std::move(t));
     }();
     resp->set_epoch(server_->router_->placement()->epoch());
-    return Finish(ctx, s);
+    return ToGrpcStatus(s);
   }
-  grpc::ServerUnaryReactor* GetExpertLoad(grpc::CallbackServerContext* ctx,
-                                          const v1::GetExpertLoadRequest* req,
-                                          v1::ExpertLoad* resp) override {
+  grpc::Status GetExpertLoad(grpc::ServerContext*, const v1::GetExpertLoadRequest* req,
+                             v1::ExpertLoad* resp) override {
     const MoeModelConfig& c = server_->router_->config();
     for (int64_t layer : c.MoeLayers()) {
       if (req->layer() >= 0 && req->layer() != layer) continue;
@@ -246,17 +230,12 @@ class RouterServer::ControlService : public v1::RouterControl::CallbackService {
       for (int64_t v : server_->router_->ExpertLoad(layer)) l->add_tokens(v);
     }
     if (req->layer() >= 0 && resp->layers_size() == 0) {
-      return Finish(ctx, c.CheckMoeLayer(req->layer()));
+      return ToGrpcStatus(c.CheckMoeLayer(req->layer()));
     }
-    return Finish(ctx, absl::OkStatus());
+    return grpc::Status::OK;
   }
 
  private:
-  static grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* ctx, const absl::Status& s) {
-    auto* reactor = ctx->DefaultReactor();
-    reactor->Finish(ToGrpcStatus(s));
-    return reactor;
-  }
   RouterServer* server_;
 };
 
@@ -268,24 +247,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(
   s->router_ = std::move(router);
   s->inference_ = std::make_unique<InferenceService>(s.get());
   s->control_ = std::make_unique<ControlService>(s.get());
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  // gRPC sets SO_REUSEPORT by default: a second router on a busy port would silently
-  // share it instead of failing.
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder.AddListeningPort(s->options_.listen, grpc::InsecureServerCredentials(), &s->port_);
-  builder.SetMaxReceiveMessageSize(s->options_.max_message_bytes);
-  builder.SetMaxSendMessageSize(s->options_.max_message_bytes);
-  builder.RegisterService(s->inference_.get());
-  builder.RegisterService(s->control_.get());
-  // Before the server starts: the first ModelInfer may arrive at once.
-  s->requests_ = std::make_unique<WorkQueue>(s->options_.request_workers);
-  s->server_ = builder.BuildAndStart();
-  if (!s->server_ || s->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", s->options_.listen));
-  }
-  s->server_->GetHealthCheckService()->SetServingStatus(false);
+  s->inferring_ = std::make_unique<ConcurrencyLimit>(s->options_.max_concurrent_infers);
+  ASSIGN_OR_RETURN(StartedServer started,
+                   StartGrpcServer({s->options_.listen, s->options_.max_message_bytes},
+                                   {s->inference_.get(), s->control_.get()}));
+  s->server_ = std::move(started.server);
+  s->port_ = started.port;
   s->health_thread_ = std::thread([raw = s.get()] { raw->HealthLoop(); });
   return s;
 }
@@ -296,7 +263,6 @@ RouterServer::~RouterServer() {
     if (health_thread_.joinable()) health_thread_.join();
     server_->Wait();
   }
-  requests_.reset();  // every call has finished: the queue only needs stopping
 }
 
 void RouterServer::HealthLoop() {

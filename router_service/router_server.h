@@ -27,7 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "router_service/router.h"
-#include "services/work_queue.h"
+#include "services/concurrency_limit.h"
 
 namespace moemesh {
 
@@ -36,8 +36,8 @@ struct RouterServerOptions {
   std::string model_name = "moe";
   int max_message_bytes = 256 << 20;
   std::chrono::milliseconds health_interval{500};
-  // Threads that run ModelInfer calls (each waits while its expert calls fly).
-  int request_workers = 32;
+  // ModelInfer calls forwarded at once (each holds its layer's scratch); more wait.
+  int max_concurrent_infers = 64;
 
   absl::Status Validate() const;
 };
@@ -73,7 +73,7 @@ class RouterServer {
   std::condition_variable stop_cv_;
   bool stopping_ = false;  // guarded by mu_
   std::thread health_thread_;
-  std::unique_ptr<WorkQueue> requests_;  // runs ModelInfer calls off gRPC's threads
+  std::unique_ptr<ConcurrencyLimit> inferring_;  // max_concurrent_infers slots
 };
 
 }  // namespace moemesh

@@ -28,8 +28,14 @@ class FakeTransport : public ExpertTransport {
     for (auto& t : threads_) t.join();
   }
 
-  void Compute(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-               Clock::time_point, Done done) override {
+  std::unique_ptr<Exchange> NewExchange(Clock::time_point) override {
+    return std::make_unique<QueuedExchange>(
+        [this](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+               QueuedExchange::Complete done) { Send(endpoint, std::move(request), std::move(done)); });
+  }
+
+  void Send(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+            QueuedExchange::Complete done) {
     std::lock_guard<std::mutex> lock(mu_);
     ++calls_[endpoint];
     const bool down = down_.count(endpoint) > 0;
@@ -42,7 +48,7 @@ class FakeTransport : public ExpertTransport {
         done(absl::UnavailableError(absl::StrCat(endpoint, " is down")), nullptr);
         return;
       }
-      v1::ComputeResponse response;
+      auto response = std::make_unique<v1::ComputeResponse>();
       const auto out_dtype = FromProtoDType(request->output_dtype()).value();
       for (const auto& batch : request->batches()) {
         const Tensor rows = FromProto(batch.rows(), nullptr, "rows").value().ToF32().value();
@@ -52,11 +58,11 @@ class FakeTransport : public ExpertTransport {
         std::vector<float> scratch(ExpertFfnScratch(v, n));
         Tensor y = Tensor::Empty(DType::kF32, {corrupt ? n + 1 : n, H});
         ExpertFfn(v, rows.data<float>(), n, scratch.data(), y.mutable_data<float>());
-        auto* out = response.add_outputs();
+        auto* out = response->add_outputs();
         out->set_expert(batch.expert());
         EXPECT_TRUE(ToProto(y, out_dtype, out->mutable_rows()).ok());
       }
-      done(absl::OkStatus(), &response);
+      done(absl::OkStatus(), std::move(response));
     });
   }
   absl::Status Info(const std::string&, Clock::time_point, v1::InfoResponse*) override {

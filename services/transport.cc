@@ -2,17 +2,94 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <vector>
+
+#include "services/grpc_server.h"
 #include "services/wire.h"
 
 namespace moemesh {
+
+void QueuedExchange::Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+                           ExpertTransport::Done done) {
+  dones_.push_back(std::move(done));
+  ExpertTransport::Done* slot = &dones_.back();
+  ++pending_;
+  send_(endpoint, std::move(request),
+        [this, slot](absl::Status status, std::unique_ptr<v1::ComputeResponse> response) {
+          std::lock_guard<std::mutex> lock(mu_);
+          completed_.push_back({std::move(status), std::move(response), slot});
+          cv_.notify_all();
+        });
+}
+
+void QueuedExchange::Wait() {
+  while (pending_ > 0) {
+    Completion c;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return !completed_.empty(); });
+      c = std::move(completed_.front());
+      completed_.pop_front();
+    }
+    --pending_;
+    (*c.done)(c.status, c.response.get());
+  }
+}
+
 namespace {
 
-// State of one in-flight Compute; deleted by its completion callback.
-struct ComputeCall {
-  grpc::ClientContext context;
-  std::unique_ptr<v1::ComputeRequest> request;
-  v1::ComputeResponse response;
-  ExpertTransport::Done done;
+class GrpcExchange : public ExpertTransport::Exchange {
+ public:
+  GrpcExchange(GrpcExpertTransport* transport, ExpertTransport::Clock::time_point deadline)
+      : transport_(transport), deadline_(deadline) {}
+
+  ~GrpcExchange() override {
+    Wait();
+    cq_.Shutdown();
+    void* tag;
+    bool ok;
+    while (cq_.Next(&tag, &ok)) {
+    }
+  }
+
+  void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+             ExpertTransport::Done done) override {
+    auto call = std::make_unique<Call>();
+    call->context.set_deadline(deadline_);
+    call->request = std::move(request);
+    call->done = std::move(done);
+    call->reader = transport_->StubFor(endpoint)->AsyncCompute(&call->context, *call->request, &cq_);
+    call->reader->Finish(&call->response, &call->status, call.get());
+    calls_.push_back(std::move(call));
+    ++pending_;
+  }
+
+  void Wait() override {
+    while (pending_ > 0) {
+      void* tag = nullptr;
+      bool ok = false;
+      if (!cq_.Next(&tag, &ok)) break;  // only after Shutdown, which comes later
+      --pending_;
+      Call* call = static_cast<Call*>(tag);
+      call->done(FromGrpcStatus(call->status), &call->response);
+    }
+  }
+
+ private:
+  struct Call {
+    grpc::ClientContext context;
+    std::unique_ptr<v1::ComputeRequest> request;
+    v1::ComputeResponse response;
+    grpc::Status status;
+    ExpertTransport::Done done;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::ComputeResponse>> reader;
+  };
+
+  GrpcExpertTransport* const transport_;
+  const ExpertTransport::Clock::time_point deadline_;
+  grpc::CompletionQueue cq_;
+  std::vector<std::unique_ptr<Call>> calls_;
+  int pending_ = 0;
 };
 
 }  // namespace
@@ -24,6 +101,9 @@ v1::ExpertService::Stub* GrpcExpertTransport::StubFor(const std::string& endpoin
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(options_.max_message_bytes);
     args.SetMaxSendMessageSize(options_.max_message_bytes);
+    for (const auto& [name, value] : BulkTransferChannelArgs(options_.max_message_bytes)) {
+      args.SetInt(name, value);
+    }
     // Reconnect quickly when a restarted expert service comes back.
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
@@ -33,18 +113,9 @@ v1::ExpertService::Stub* GrpcExpertTransport::StubFor(const std::string& endpoin
   return stub.get();
 }
 
-void GrpcExpertTransport::Compute(const std::string& endpoint,
-                                  std::unique_ptr<v1::ComputeRequest> request,
-                                  Clock::time_point deadline, Done done) {
-  auto* call = new ComputeCall;
-  call->request = std::move(request);
-  call->done = std::move(done);
-  call->context.set_deadline(deadline);
-  StubFor(endpoint)->async()->Compute(&call->context, call->request.get(), &call->response,
-                                      [call](grpc::Status s) {
-                                        call->done(FromGrpcStatus(s), &call->response);
-                                        delete call;
-                                      });
+std::unique_ptr<ExpertTransport::Exchange> GrpcExpertTransport::NewExchange(
+    Clock::time_point deadline) {
+  return std::make_unique<GrpcExchange>(this, deadline);
 }
 
 absl::Status GrpcExpertTransport::Info(const std::string& endpoint, Clock::time_point deadline,

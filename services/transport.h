@@ -1,12 +1,16 @@
 // The token data path between the router and the expert services, behind one interface:
 // gRPC now (GrpcExpertTransport), UCX later, an in-process fake in unit tests.
 //
-// Compute sends one ComputeRequest (every token of one layer bound for one service) and
-// calls `done` exactly once, from any thread, without blocking a thread while the call
-// is in flight.
+// One MoE layer call opens an Exchange, Starts one ComputeRequest per destination service
+// (every token of the layer bound there), does other work while they fly (the shared
+// expert), then Waits. Every completion runs on the waiting thread, inside Wait: the
+// thread that needs the replies is the one woken, with no hand-off through another
+// thread, and the caller's completion code needs no lock. No thread is blocked per call.
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -21,15 +25,60 @@ namespace moemesh {
 class ExpertTransport {
  public:
   using Clock = std::chrono::system_clock;
-  // On OK, `response` holds the reply; it is valid only during the callback.
+  // On OK, `response` holds the reply; it is valid only during the call.
   using Done = std::function<void(const absl::Status& status, v1::ComputeResponse* response)>;
 
+  // The calls of one layer call. Used by one thread.
+  class Exchange {
+   public:
+    // Waits for the calls still in flight (their `done` runs) before it is destroyed.
+    virtual ~Exchange() = default;
+    // Sends `request` to `endpoint`; returns without waiting for the reply. `done` runs
+    // exactly once, inside Wait, with the reply or the call's error (UNAVAILABLE for an
+    // unreachable service, DEADLINE_EXCEEDED past the exchange's deadline, ...).
+    virtual void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+                       Done done) = 0;
+    // Returns when every started call has completed and its `done` has run.
+    virtual void Wait() = 0;
+  };
+
   virtual ~ExpertTransport() = default;
-  virtual void Compute(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-                       Clock::time_point deadline, Done done) = 0;
+  // Every call of the exchange ends by `deadline`.
+  virtual std::unique_ptr<Exchange> NewExchange(Clock::time_point deadline) = 0;
   // Blocking Info call, for readiness checks.
   virtual absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
                             v1::InfoResponse* response) = 0;
+};
+
+// An Exchange over a callback-style send, for transports whose replies arrive on their
+// own threads (the in-process fake): completions are queued from any thread and run
+// inside Wait.
+class QueuedExchange : public ExpertTransport::Exchange {
+ public:
+  using Complete = std::function<void(absl::Status, std::unique_ptr<v1::ComputeResponse>)>;
+  // Sends a request and calls `complete` exactly once, from any thread.
+  using Send = std::function<void(const std::string& endpoint,
+                                  std::unique_ptr<v1::ComputeRequest> request, Complete complete)>;
+
+  explicit QueuedExchange(Send send) : send_(std::move(send)) {}
+  ~QueuedExchange() override { Wait(); }
+
+  void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+             ExpertTransport::Done done) override;
+  void Wait() override;
+
+ private:
+  struct Completion {
+    absl::Status status;
+    std::unique_ptr<v1::ComputeResponse> response;
+    ExpertTransport::Done* done;
+  };
+  Send send_;
+  std::deque<ExpertTransport::Done> dones_;  // stable addresses; touched by this thread only
+  int pending_ = 0;                          // started and not yet run; this thread only
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Completion> completed_;  // guarded by mu_
 };
 
 struct GrpcTransportOptions {
@@ -38,19 +87,19 @@ struct GrpcTransportOptions {
 
 // One channel per endpoint, created on first use. Endpoints are gRPC targets:
 // "host:port", or a DNS name ("expert-0.experts.ns.svc:50051", Kubernetes headless
-// services) which gRPC's resolver looks up and re-resolves on reconnect.
+// services) which gRPC's resolver looks up and re-resolves on reconnect. An exchange
+// uses gRPC's async API on a completion queue of its own, which Wait polls.
 class GrpcExpertTransport : public ExpertTransport {
  public:
   explicit GrpcExpertTransport(GrpcTransportOptions options = {}) : options_(options) {}
 
-  void Compute(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-               Clock::time_point deadline, Done done) override;
+  std::unique_ptr<Exchange> NewExchange(Clock::time_point deadline) override;
   absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
                     v1::InfoResponse* response) override;
 
- private:
   v1::ExpertService::Stub* StubFor(const std::string& endpoint);
 
+ private:
   const GrpcTransportOptions options_;
   std::mutex mu_;
   std::unordered_map<std::string, std::unique_ptr<v1::ExpertService::Stub>> stubs_;  // guarded by mu_

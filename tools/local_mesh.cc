@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/checkpoint.h"
+#include "services/grpc_server.h"
 #include "services/status_macros.h"
 #include "services/wire.h"
 
@@ -95,6 +96,9 @@ KServeClient::KServeClient(const std::string& endpoint, int max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
+  for (const auto& [name, value] : BulkTransferChannelArgs(max_message_bytes)) {
+    args.SetInt(name, value);
+  }
   auto channel = grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args);
   stub_ = inference::GRPCInferenceService::NewStub(channel);
   control_ = v1::RouterControl::NewStub(channel);

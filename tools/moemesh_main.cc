@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "services/allocator.h"
 #include "services/checkpoint.h"
 #include "services/model_config.h"
 #include "services/model_generator.h"
@@ -365,6 +366,7 @@ absl::Status RunDemo(const std::vector<std::string>& argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
+  moemesh::ConfigureAllocatorForServing();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::fputs(moemesh::kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;

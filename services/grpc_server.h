@@ -1,0 +1,45 @@
+// The gRPC server setup both services share: listen address, message-size limits,
+// grpc.health.v1 (starting NOT_SERVING) and server reflection.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace moemesh {
+
+struct GrpcServerOptions {
+  // HOST:PORT; port 0 picks a free port.
+  std::string listen;
+  // Bounds one request or reply in both directions.
+  int max_message_bytes = 256 << 20;
+};
+
+// INVALID_ARGUMENT unless `listen` is HOST:PORT with a port in [0, 65535] (gRPC would
+// silently bind another port for a larger one) and the size limit is positive (gRPC
+// reads a negative one as "unlimited").
+absl::Status ValidateGrpcServerOptions(const GrpcServerOptions& options);
+
+// Channel arguments both ends of a token-carrying connection use, sized for messages of
+// megabytes: an HTTP/2 window that lets a whole layer call's rows through without
+// waiting for window updates, large frames and large socket reads. With gRPC's
+// defaults a 2 MB message crawls through 64 KB windows and 16 KB frames, each window
+// update a round trip between processes.
+std::vector<std::pair<std::string, int>> BulkTransferChannelArgs(int max_message_bytes);
+
+struct StartedServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;  // the bound port
+};
+
+// Builds and starts a server for `services` (not owned; they must outlive it). A busy
+// port is an error (UNAVAILABLE naming the address), not shared: gRPC's default
+// SO_REUSEPORT would let a second service silently share it. Health starts NOT_SERVING.
+absl::StatusOr<StartedServer> StartGrpcServer(const GrpcServerOptions& options,
+                                              const std::vector<grpc::Service*>& services);
+
+}  // namespace moemesh
