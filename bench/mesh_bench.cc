@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -21,6 +22,7 @@
 #include "services/model_generator.h"
 #include "services/moe_layer.h"
 #include "services/status_macros.h"
+#include "services/transport.h"
 #include "tools/cli_args.h"
 #include "tools/local_mesh.h"
 
@@ -77,6 +79,28 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(auto mesh, LocalMesh::Start(mo));
     RETURN_IF_ERROR(mesh->WaitReady(std::chrono::seconds(120)));
     KServeClient client(mesh->router_endpoint(), 1 << 30);
+    {
+      // The floor under the T=1 figure: the mesh's layer call is two round trips (client
+      // to router, router to expert service), each an empty gRPC call at least. Timed
+      // with 2 ms pauses, as between the layer calls below, so the peers are idle.
+      GrpcExpertTransport expert_client;
+      v1::InfoResponse info;
+      std::vector<double> router_us, expert_us;
+      for (int i = 0; i < 200; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        auto t0 = Clock::now();
+        RETURN_IF_ERROR(client.ServerReady().status());
+        router_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        t0 = Clock::now();
+        RETURN_IF_ERROR(expert_client.Info(mesh->expert_endpoints().front(),
+                                           std::chrono::system_clock::now() + std::chrono::seconds(5),
+                                           &info));
+        expert_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      }
+      std::printf("{\"wire\":\"%s\",\"empty_rtt_router_us\":%.0f,\"empty_rtt_expert_us\":%.0f}\n",
+                  wire.c_str(), Median(router_us), Median(expert_us));
+    }
     for (int64_t T : tokens) {
       Tensor x = Tensor::Empty(DType::kF32, {T, c.hidden_size});
       std::mt19937 rng(static_cast<uint32_t>(T));

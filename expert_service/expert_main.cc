@@ -48,6 +48,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   // Before any thread starts, so that every thread inherits the mask and the signal
   // reaches only WaitForStopSignal: no work happens inside a signal handler.
   BlockStopSignals();
+  StopWithParent();
   std::unique_ptr<ThreadPool> pool;
   if (threads > 0) {
     pool = std::make_unique<ThreadPool>(static_cast<int>(threads));

@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "services/model_generator.h"
+#include "services/grpc_server.h"
 #include "services/wire.h"
 #include "tools/process.h"
 
@@ -160,28 +161,8 @@ class ServerHarness {
     return FromGrpcStatus(stub_->Compute(&ctx, req, resp));
   }
 
-  // grpc.health.v1.Health/Check for the whole server, through a generic stub (no
-  // health stubs are installed): 1 SERVING, 2 NOT_SERVING.
-  absl::StatusOr<int> Health() {
-    grpc::GenericStub generic(channel_);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    grpc::Slice no_bytes;  // HealthCheckRequest{service: ""} serialises to nothing
-    grpc::ByteBuffer request(&no_bytes, 1), response;
-    std::promise<grpc::Status> done;
-    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                      &response, [&](grpc::Status s) { done.set_value(s); });
-    const grpc::Status s = done.get_future().get();
-    if (!s.ok()) return FromGrpcStatus(s);
-    std::vector<grpc::Slice> slices;
-    EXPECT_TRUE(response.Dump(&slices).ok());
-    std::string bytes;
-    for (const auto& slice : slices)
-      bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-    // HealthCheckResponse{status}: field 1, varint.
-    if (bytes.size() != 2 || bytes[0] != 0x08) return absl::InternalError("unexpected reply");
-    return static_cast<int>(bytes[1]);
-  }
+  // grpc.health.v1 status of the whole server: 1 SERVING, 2 NOT_SERVING.
+  absl::StatusOr<int> Health() { return CheckHealth(channel_, std::chrono::seconds(10)); }
 
  private:
   std::unique_ptr<ThreadPool> pool_;

@@ -54,6 +54,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   so.max_message_bytes = static_cast<int>(mb << 20);
 
   BlockStopSignals();
+  StopWithParent();
   ASSIGN_OR_RETURN(auto router, MoeRouter::Create(ro, std::make_shared<GrpcExpertTransport>(
                                                           GrpcTransportOptions{so.max_message_bytes})));
   ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));

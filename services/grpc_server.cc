@@ -1,12 +1,14 @@
 #include "services/grpc_server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include <algorithm>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "services/wire.h"
 
 namespace moemesh {
 
@@ -60,6 +62,36 @@ absl::StatusOr<StartedServer> StartGrpcServer(const GrpcServerOptions& options,
   }
   started.server->GetHealthCheckService()->SetServingStatus(false);
   return started;
+}
+
+absl::StatusOr<int> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
+                                std::chrono::milliseconds timeout) {
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  grpc::Slice no_bytes;  // HealthCheckRequest{service: ""} serialises to nothing
+  grpc::ByteBuffer request(&no_bytes, 1), response;
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", request, &cq);
+  call->StartCall();
+  grpc::Status status;
+  call->Finish(&response, &status, nullptr);
+  void* tag;
+  bool ok;
+  cq.Next(&tag, &ok);
+  if (!status.ok()) return FromGrpcStatus(status);
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return absl::InternalError("health reply: unreadable");
+  std::string bytes;
+  for (const auto& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  // HealthCheckResponse{status}: field 1, varint (absent when 0, UNKNOWN).
+  if (bytes.empty()) return 0;
+  if (bytes.size() != 2 || bytes[0] != 0x08) {
+    return absl::InternalError("health reply: not a HealthCheckResponse");
+  }
+  return static_cast<int>(bytes[1]);
 }
 
 }  // namespace moemesh

@@ -4,6 +4,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,5 +42,11 @@ struct StartedServer {
 // SO_REUSEPORT would let a second service silently share it. Health starts NOT_SERVING.
 absl::StatusOr<StartedServer> StartGrpcServer(const GrpcServerOptions& options,
                                               const std::vector<grpc::Service*>& services);
+
+// grpc.health.v1.Health/Check for the whole server behind `channel` (no health stubs
+// are installed here, so through a generic call): 1 SERVING, 2 NOT_SERVING; an error
+// when the server does not answer in `timeout`.
+absl::StatusOr<int> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
+                                std::chrono::milliseconds timeout);
 
 }  // namespace moemesh

@@ -2,6 +2,10 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 namespace moemesh {
 namespace {
@@ -27,6 +31,15 @@ int WaitForStopSignal() {
   while (sigwait(&set, &sig) != 0) {
   }
   return sig;
+}
+
+void StopWithParent() {
+  const char* env = std::getenv(kParentPidEnv);
+  if (env == nullptr) return;
+  const pid_t parent = static_cast<pid_t>(std::atol(env));
+  ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  // The parent may have died before prctl: then nobody will send the signal.
+  if (::getppid() != parent) ::kill(::getpid(), SIGTERM);
 }
 
 }  // namespace moemesh

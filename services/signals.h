@@ -9,4 +9,11 @@ void BlockStopSignals();
 // Returns the signal number received (SIGTERM or SIGINT).
 int WaitForStopSignal();
 
+// When the environment names a parent (kParentPidEnv, set by the launcher that started
+// this service, tools/process.h), this process gets SIGTERM when that parent dies, so
+// a killed launcher (demo, tests, benchmarks) leaves no orphaned services behind. Call
+// after BlockStopSignals: the signal then drains the service like any other SIGTERM.
+void StopWithParent();
+inline constexpr char kParentPidEnv[] = "MOEMESH_PARENT_PID";
+
 }  // namespace moemesh

@@ -6,16 +6,21 @@
 #include <signal.h>
 
 #include <atomic>
+#include <functional>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "services/checkpoint.h"
+#include "services/grpc_server.h"
 #include "services/model_generator.h"
 #include "services/moe_layer.h"
 #include "tools/local_mesh.h"
+#include "tools/process.h"
 
 #ifndef MOEMESH_BINARY
 #error "MOEMESH_BINARY must name the moemesh executable"
@@ -52,7 +57,8 @@ Model Generate(ModelFamily family) {
   return m;
 }
 
-std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas, const std::string& wire) {
+std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas, const std::string& wire,
+                                     const std::function<void(LocalMeshOptions*)>& edit = nullptr) {
   LocalMeshOptions o;
   o.moemesh_binary = MOEMESH_BINARY;
   o.model_dir = m.dir;
@@ -60,6 +66,7 @@ std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas,
   o.replicas = replicas;
   o.wire = wire;
   o.work_dir = ::testing::TempDir();
+  if (edit) edit(&o);
   auto mesh = LocalMesh::Start(o);
   EXPECT_TRUE(mesh.ok()) << mesh.status();
   if (!mesh.ok()) return nullptr;
@@ -224,6 +231,167 @@ TEST(MeshTest, KilledExpertGivesUnavailableOrReplicaAndRecovers) {
       EXPECT_TRUE(SameBits(got->output, ref->Forward(x).value().output));
     }
   }
+}
+
+TEST(MeshTest, HungExpertGivesDeadlineExceededWithinTheDeadlineAndRecovers) {
+  Model m = Generate(ModelFamily::kMixtral);
+  const int64_t H = m.config.hidden_size;
+  auto ref = MoeLayer::Create(*m.ckpt, m.config, 0).value();
+  const Tensor x = Input(64, H, 7);  // reaches every expert, so every service
+  // The router's own limit for callers that set no deadline.
+  auto mesh = StartMesh(m, 3, 1, "f32",
+                        [](LocalMeshOptions* o) { o->router_flags = {"--timeout-ms", "1500"}; });
+  ASSERT_NE(mesh, nullptr);
+  KServeClient client(mesh->router_endpoint());
+  ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
+  const std::string hung = mesh->placement().endpoints()[1];
+  mesh->expert_process(1).Signal(SIGSTOP, false);  // alive, accepts, never answers
+
+  // The caller's deadline bounds the whole call, the router's calls to the hung
+  // service included.
+  auto t0 = std::chrono::steady_clock::now();
+  auto timed_out = client.Infer(x, 0, std::chrono::milliseconds(800));
+  auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(timed_out.ok());
+  EXPECT_EQ(timed_out.status().code(), absl::StatusCode::kDeadlineExceeded) << timed_out.status();
+  EXPECT_LT(took, seconds(3));
+
+  // A caller without a deadline gets the router's limit, and the message names the
+  // service that did not answer: the router, not the client, gave up.
+  {
+    inference::ModelInferRequest req;
+    req.set_model_name("moe");
+    auto* in = req.add_inputs();
+    in->set_name("hidden_states");
+    in->set_datatype("FP32");
+    in->add_shape(x.dim(0));
+    in->add_shape(H);
+    req.add_raw_input_contents(std::string(static_cast<const char*>(x.raw()), x.nbytes()));
+    grpc::ClientContext ctx;  // no deadline
+    inference::ModelInferResponse resp;
+    t0 = std::chrono::steady_clock::now();
+    const grpc::Status s = client.stub().ModelInfer(&ctx, req, &resp);
+    took = std::chrono::steady_clock::now() - t0;
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+    EXPECT_NE(s.error_message().find(hung), std::string::npos) << s.error_message();
+    EXPECT_GE(took, std::chrono::milliseconds(1400));
+    EXPECT_LT(took, seconds(5));
+  }
+
+  // Back from the stop: the mesh answers correctly again.
+  mesh->expert_process(1).Signal(SIGCONT, false);
+  bool recovered = false;
+  for (int i = 0; i < 50 && !recovered; ++i) {
+    auto again = client.Infer(x, 0, seconds(30));
+    recovered = again.ok() && SameBits(again->output, ref->Forward(x).value().output);
+    if (!recovered) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_TRUE(recovered);
+}
+
+TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
+  Model m = Generate(ModelFamily::kQwen3Moe);
+  const int64_t H = m.config.hidden_size;
+  MoeLayerOptions bf16_wire;
+  bf16_wire.wire_dtype = DType::kBF16;
+  auto ref = MoeLayer::Create(*m.ckpt, m.config, 0, bf16_wire).value();
+  const Tensor x = Input(64, H, 11);
+  auto mesh = StartMesh(m, 2, 1, "bf16");
+  ASSERT_NE(mesh, nullptr);
+  KServeClient client(mesh->router_endpoint());
+  ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
+
+  // Hold a call in flight at the router: one of its expert services is stopped.
+  mesh->expert_process(0).Signal(SIGSTOP, false);
+  absl::StatusOr<KServeClient::Result> in_flight = absl::UnknownError("not run");
+  std::thread caller([&] { in_flight = client.Infer(x, 0, seconds(30)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  mesh->router_process().Signal(SIGTERM, false);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+
+  // Draining: health says NOT_SERVING, new calls are refused...
+  {
+    auto channel = grpc::CreateChannel(mesh->router_endpoint(), grpc::InsecureChannelCredentials());
+    const absl::StatusOr<int> health = CheckHealth(channel, seconds(2));
+    EXPECT_TRUE(!health.ok() || *health != 1) << "still SERVING";
+    KServeClient late(mesh->router_endpoint());
+    EXPECT_FALSE(late.Infer(x, 0, seconds(2)).ok());
+  }
+  // ...and the call in flight still completes, with the right answer, once the
+  // service answers. Then the router exits 0.
+  mesh->expert_process(0).Signal(SIGCONT, false);
+  caller.join();
+  ASSERT_TRUE(in_flight.ok()) << in_flight.status();
+  EXPECT_TRUE(SameBits(in_flight->output, ref->Forward(x).value().output));
+  EXPECT_EQ(mesh->router_process().Signal(0, /*wait=*/true), 0);
+}
+
+TEST(MeshTest, EndpointsAsNamesTheResolverLooksUp) {
+  // As Kubernetes headless-service names are: here "localhost", resolved by gRPC's
+  // resolver (it may give ::1 before 127.0.0.1; the channel tries each address).
+  Model m = Generate(ModelFamily::kDeepseekV3);
+  const int64_t H = m.config.hidden_size;
+  auto ref = MoeLayer::Create(*m.ckpt, m.config, 1).value();
+  auto mesh = StartMesh(m, 3, 1, "f32", [](LocalMeshOptions* o) { o->endpoint_host = "localhost"; });
+  ASSERT_NE(mesh, nullptr);
+  for (const std::string& ep : mesh->placement().endpoints()) {
+    EXPECT_EQ(ep.rfind("localhost:", 0), 0u) << ep;
+  }
+  KServeClient client(mesh->router_endpoint());
+  const Tensor x = Input(48, H, 13);
+  auto got = client.Infer(x, 1, seconds(30));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(SameBits(got->output, ref->Forward(x).value().output));
+}
+
+// The services of a launcher that dies (here SIGKILLed, so it cannot clean up) stop by
+// themselves: nothing is left holding ports and memory.
+TEST(MeshTest, ServicesStopWhenTheirLauncherIsKilled) {
+  auto demo = ChildProcess::Start({MOEMESH_BINARY, "demo", "--serve", "--expert-services", "2",
+                                   "--hidden", "64", "--intermediate", "48", "--experts", "8",
+                                   "--requests", "2"});
+  ASSERT_TRUE(demo.ok()) << demo.status();
+  ASSERT_TRUE((*demo)->WaitForLine("serving:", seconds(120)).ok());
+  // Its children: every process whose parent is the launcher.
+  auto children_of = [](pid_t parent) {
+    std::vector<pid_t> pids;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+      const std::string name = entry.path().filename().string();
+      if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+      std::ifstream stat(entry.path() / "stat");
+      std::string line;
+      std::getline(stat, line);
+      const size_t close = line.rfind(')');
+      if (close == std::string::npos) continue;
+      std::istringstream rest(line.substr(close + 2));
+      char state;
+      pid_t ppid;
+      if (rest >> state >> ppid && ppid == parent) pids.push_back(std::stoi(name));
+    }
+    return pids;
+  };
+  auto alive = [](pid_t pid) {  // exited or a zombie counts as stopped
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    if (!std::getline(stat, line)) return false;
+    const size_t close = line.rfind(')');
+    return close != std::string::npos && close + 2 < line.size() && line[close + 2] != 'Z';
+  };
+  const std::vector<pid_t> services = children_of((*demo)->pid());
+  ASSERT_EQ(services.size(), 3u) << "2 expert services and a router";
+  (*demo)->Signal(SIGKILL, /*wait=*/true);
+  const auto end = std::chrono::steady_clock::now() + seconds(20);
+  std::vector<pid_t> left = services;
+  while (!left.empty() && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::vector<pid_t> still;
+    for (pid_t p : left) {
+      if (alive(p)) still.push_back(p);
+    }
+    left = still;
+  }
+  EXPECT_TRUE(left.empty()) << left.size() << " services outlived their launcher";
+  for (pid_t p : left) ::kill(p, SIGKILL);
 }
 
 }  // namespace

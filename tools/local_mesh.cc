@@ -53,7 +53,8 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
   for (auto& entry : json["entries"]) {
     for (auto& r : entry["replicas"]) {
       const int i = std::stoi(r.get<std::string>().substr(3));
-      r = mesh->expert_endpoints_[i];
+      const std::string& ep = mesh->expert_endpoints_[i];
+      r = absl::StrCat(options.endpoint_host, ep.substr(ep.rfind(':')));
     }
   }
   ASSIGN_OR_RETURN(mesh->placement_, PlacementTable::FromJson(json, config));
@@ -66,11 +67,12 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
     std::ofstream f(placement_file);
     f << json.dump(2);
   }
-  ASSIGN_OR_RETURN(mesh->router_,
-                   ChildProcess::Start({options.moemesh_binary, "router", "--model", options.model_dir,
-                                        "--placement-file", placement_file, "--listen",
-                                        absl::StrCat("127.0.0.1:", options.router_port), "--wire",
-                                        options.wire}));
+  std::vector<std::string> router_args = {
+      options.moemesh_binary, "router", "--model", options.model_dir, "--placement-file",
+      placement_file, "--listen", absl::StrCat("127.0.0.1:", options.router_port), "--wire",
+      options.wire};
+  router_args.insert(router_args.end(), options.router_flags.begin(), options.router_flags.end());
+  ASSIGN_OR_RETURN(mesh->router_, ChildProcess::Start(router_args));
   ASSIGN_OR_RETURN(mesh->router_endpoint_, mesh->router_->WaitListening(std::chrono::seconds(120)));
   return mesh;
 }

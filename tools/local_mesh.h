@@ -28,6 +28,11 @@ struct LocalMeshOptions {
   int router_port = 0;  // 0: any free port
   int expert_threads = 1;
   std::string work_dir;  // where the placement file goes
+  // The host name the placement gives the router for each expert service: an address,
+  // or a name the resolver looks up ("localhost", as a Kubernetes service name would be).
+  std::string endpoint_host = "127.0.0.1";
+  // More `moemesh router` flags (e.g. {"--timeout-ms", "500"}).
+  std::vector<std::string> router_flags;
 };
 
 class LocalMesh {
@@ -38,6 +43,7 @@ class LocalMesh {
   const std::vector<std::string>& expert_endpoints() const { return expert_endpoints_; }
   const PlacementTable& placement() const { return placement_; }
   ChildProcess& expert_process(int i) { return *experts_[i]; }
+  ChildProcess& router_process() { return *router_; }
   // Starts expert service i again on its old port (after it was stopped).
   absl::Status RestartExpert(int i);
   // Waits until the router reports ready (every expert reachable).

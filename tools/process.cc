@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "services/signals.h"
 
 extern char** environ;
 
@@ -40,8 +41,19 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(const std::vec
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  // The child stops when this process dies (services/signals.h, StopWithParent).
+  const std::string parent = absl::StrCat(kParentPidEnv, "=", ::getpid());
+  std::vector<char*> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::strncmp(*e, kParentPidEnv, sizeof kParentPidEnv - 1) != 0 ||
+        (*e)[sizeof kParentPidEnv - 1] != '=') {
+      env.push_back(*e);
+    }
+  }
+  env.push_back(const_cast<char*>(parent.c_str()));
+  env.push_back(nullptr);
   pid_t pid = -1;
-  const int rc = ::posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  const int rc = ::posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), env.data());
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
   ::close(fds[1]);
@@ -56,23 +68,27 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(const std::vec
 }
 
 absl::StatusOr<std::string> ChildProcess::WaitListening(std::chrono::milliseconds timeout) {
+  return WaitForLine("listening on ", timeout);
+}
+
+absl::StatusOr<std::string> ChildProcess::WaitForLine(const std::string& prefix,
+                                                      std::chrono::milliseconds timeout) {
   const auto end = std::chrono::steady_clock::now() + timeout;
-  constexpr absl::string_view kPrefix = "listening on ";
   while (true) {
     const size_t nl = buffer_.find('\n');
     if (nl != std::string::npos) {
       std::string line = buffer_.substr(0, nl);
       buffer_.erase(0, nl + 1);
-      if (line.rfind(std::string(kPrefix), 0) == 0) return line.substr(kPrefix.size());
+      if (line.rfind(prefix, 0) == 0) return line.substr(prefix.size());
       continue;
     }
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return absl::DeadlineExceededError(absl::StrCat("pid ", pid_, " did not start listening in time"));
+    if (left.count() <= 0) return absl::DeadlineExceededError(absl::StrCat("pid ", pid_, " did not print '", prefix, "' in time"));
     pollfd pfd{stdout_fd_, POLLIN, 0};
     if (::poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
     char buf[4096];
     const ssize_t n = ::read(stdout_fd_, buf, sizeof buf);
-    if (n <= 0) return absl::UnavailableError(absl::StrCat("pid ", pid_, " exited before listening"));
+    if (n <= 0) return absl::UnavailableError(absl::StrCat("pid ", pid_, " exited before printing '", prefix, "'"));
     buffer_.append(buf, n);
   }
 }

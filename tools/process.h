@@ -1,6 +1,7 @@
 // A child process started from this binary or another one, with its stdout read for the
 // "listening on HOST:PORT" line every MoE Mesh service prints when it is ready. The
-// destructor stops it (SIGTERM, then SIGKILL after a grace period).
+// destructor stops it (SIGTERM, then SIGKILL after a grace period); a service also
+// stops by itself when this process dies (it gets MOEMESH_PARENT_PID).
 #pragma once
 
 #include <sys/types.h>
@@ -22,6 +23,8 @@ class ChildProcess {
 
   // Reads stdout until "listening on HOST:PORT"; returns "HOST:PORT".
   absl::StatusOr<std::string> WaitListening(std::chrono::milliseconds timeout);
+  // Reads stdout until a line starting with `prefix`; returns the rest of that line.
+  absl::StatusOr<std::string> WaitForLine(const std::string& prefix, std::chrono::milliseconds timeout);
   pid_t pid() const { return pid_; }
   // Sends `sig`; with wait, reaps the child and returns its exit code (128+sig if killed).
   int Signal(int sig, bool wait);
