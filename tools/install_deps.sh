@@ -7,6 +7,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libucx-dev ucx-utils libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   libcivetweb-dev libopenblas-dev nlohmann-json3-dev
+  prometheus  # promtool and a real Prometheus server for the metrics tests
 )
 missing=()
 for p in "${packages[@]}"; do

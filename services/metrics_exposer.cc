@@ -1,0 +1,95 @@
+#include "services/metrics_exposer.h"
+
+#include <civetweb.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace moemesh::metrics {
+namespace {
+
+constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
+
+// civetweb reports why mg_start failed only through the log callback, which runs on
+// the thread calling mg_start: collect it there.
+thread_local std::string start_errors;
+
+int LogMessage(const struct mg_connection*, const char* message) {
+  absl::StrAppend(&start_errors, start_errors.empty() ? "" : "; ", message);
+  return 1;  // handled: civetweb prints nothing to stderr
+}
+
+}  // namespace
+
+int MetricsExposer::HandleRequest(struct mg_connection* connection) {
+  const mg_request_info* request = mg_get_request_info(connection);
+  auto* self = static_cast<const MetricsExposer*>(request->user_data);
+  if (std::strcmp(request->local_uri, "/metrics") != 0) {
+    mg_send_http_error(connection, 404, "Not found: only /metrics is served\n");
+    return 404;  // non-zero: handled here, civetweb serves no files
+  }
+  const bool head = std::strcmp(request->request_method, "HEAD") == 0;
+  if (!head && std::strcmp(request->request_method, "GET") != 0) {
+    mg_send_http_error(connection, 405, "Method not allowed: use GET\n");
+    return 405;
+  }
+  std::string body;
+  for (const Registry* registry : self->registries_) body += registry->Serialize();
+  mg_send_http_ok(connection, kContentType, static_cast<long long>(body.size()));
+  if (!head) mg_write(connection, body.data(), body.size());
+  return 200;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Create(
+    const MetricsExposerOptions& options, std::vector<const Registry*> registries) {
+  const size_t colon = options.listen.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(absl::string_view(options.listen).substr(colon + 1), &port) || port < 0 ||
+      port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics listen '", options.listen, "' is not HOST:PORT, port in [0, 65535]"));
+  }
+  if (options.num_threads < 1) {
+    return absl::InvalidArgumentError("metrics num_threads must be positive");
+  }
+  if (registries.empty()) return absl::InvalidArgumentError("no registries to expose");
+  for (const Registry* registry : registries) {
+    if (registry == nullptr) return absl::InvalidArgumentError("a registry to expose is null");
+  }
+
+  static std::once_flag init;
+  std::call_once(init, [] { mg_init_library(0); });
+
+  // Not make_unique: the constructor is private.
+  std::unique_ptr<MetricsExposer> exposer(new MetricsExposer(std::move(registries)));
+  mg_callbacks callbacks{};
+  callbacks.begin_request = &MetricsExposer::HandleRequest;
+  callbacks.log_message = &LogMessage;
+  const std::string threads = std::to_string(options.num_threads);
+  const char* civetweb_options[] = {"listening_ports", options.listen.c_str(), "num_threads",
+                                    threads.c_str(), nullptr};
+  start_errors.clear();
+  exposer->context_ = mg_start(&callbacks, exposer.get(), civetweb_options);
+  if (exposer->context_ == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", options.listen, ": ",
+                     start_errors.empty() ? "mg_start failed" : start_errors));
+  }
+  mg_server_port ports[1] = {};
+  if (mg_get_server_ports(exposer->context_, 1, ports) < 1) {
+    return absl::InternalError(
+        absl::StrCat("metrics server on ", options.listen, " reports no listening port"));
+  }
+  exposer->port_ = ports[0].port;
+  return exposer;
+}
+
+MetricsExposer::~MetricsExposer() {
+  if (context_ != nullptr) mg_stop(context_);
+}
+
+}  // namespace moemesh::metrics
