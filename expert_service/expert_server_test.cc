@@ -33,20 +33,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
-constexpr int64_t kHidden = 64;
+constexpr int64_t kHidden = 64;  // SmallModel's
 
-GenModelOptions SmallModel(ModelFamily family) {
-  GenModelOptions o;
-  o.family = family;
-  o.hidden = kHidden;
-  o.intermediate = 48;
-  o.shared_intermediate = 48;
-  o.experts = 8;
-  o.layers = 2;
-  o.dtype = DType::kBF16;
-  o.seed = 5;
-  return o;
-}
+GenModelOptions SmallModel(ModelFamily family) { return SmallModelOptions(family, /*seed=*/5); }
 
 // Large enough for several canonical tasks of each kind (2 down tasks of 512 columns,
 // 2 gate/up tasks of 8 blocks) and for a call that takes a while.

@@ -20,19 +20,10 @@ using ::testing::HasSubstr;
 
 // A small checkpoint of `family` (2 layers; DeepSeek's layer 0 is dense), once per test.
 std::string Generate(ModelFamily family) {
-  GenModelOptions o;
-  o.family = family;
-  o.hidden = 64;
-  o.intermediate = 48;
-  o.shared_intermediate = 48;
-  o.experts = 8;
-  o.layers = 2;
-  o.dtype = DType::kBF16;
-  o.seed = 3;
   const std::string dir = (std::filesystem::path(::testing::TempDir()) /
                            absl::StrCat("expert_store_test_", FamilyName(family)))
                               .string();
-  EXPECT_TRUE(GenerateModel(dir, o).ok());
+  EXPECT_TRUE(GenerateModel(dir, SmallModelOptions(family)).ok());
   return dir;
 }
 

@@ -220,7 +220,6 @@ absl::Status MoeRouter::Dispatch(Call& c) {
         RETURN_IF_ERROR(ToProto(rows, options_.wire_dtype, batch->mutable_rows()));
         tokens += n;
       }
-      outcomes[dest] = absl::OkStatus();
       Outstanding(endpoints[dest]).fetch_add(tokens, std::memory_order_relaxed);
       exchange->Start(
           endpoints[dest], std::move(request),
@@ -262,20 +261,8 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not served"));
   }
   const int64_t H = config_.hidden_size, k = config_.top_k;
-  if (hidden.rank() != 2 || hidden.dim(1) != H) {
-    return absl::InvalidArgumentError(absl::StrCat("hidden_states has shape ",
-                                                   ShapeString(hidden.shape()), ", expected [T, ", H, "]"));
-  }
-  if (!IsFloatingActivation(hidden.dtype())) {
-    return absl::InvalidArgumentError(absl::StrCat("hidden_states has dtype ", DTypeName(hidden.dtype()),
-                                                   ", expected F32, BF16 or F16"));
-  }
-  const int64_t T = hidden.dim(0);
-  if (T == 0) return absl::InvalidArgumentError("hidden_states has no tokens (T = 0)");
-  Tensor x = hidden;
-  if (hidden.dtype() != DType::kF32) {
-    ASSIGN_OR_RETURN(x, hidden.ToF32());
-  }
+  ASSIGN_OR_RETURN(const Tensor x, HiddenStatesAsF32(hidden, H));
+  const int64_t T = x.dim(0);
 
   Call c;
   c.layer = layer;

@@ -83,30 +83,13 @@ class FakeTransport : public ExpertTransport {
   std::vector<std::thread> threads_;
 };
 
-struct Fixture {
-  std::string dir;
-  std::unique_ptr<Checkpoint> ckpt;
-  MoeModelConfig config;
-};
+using Fixture = GeneratedModel;
 
 Fixture Make(ModelFamily family) {
-  GenModelOptions o;
-  o.family = family;
-  o.hidden = 64;
-  o.intermediate = 40;
-  o.shared_intermediate = 40;
-  o.experts = 8;
-  o.top_k = 2;
-  o.layers = 2;
-  o.num_groups = 2;
-  o.topk_groups = 1;
-  o.seed = 5;
-  Fixture f;
-  f.dir = (std::filesystem::path(::testing::TempDir()) / absl::StrCat("router_test_", FamilyName(family))).string();
-  EXPECT_TRUE(GenerateModel(f.dir, o).ok());
-  f.ckpt = Checkpoint::Open(f.dir).value();
-  f.config = ParseMoeModelConfig(f.ckpt->config()).value();
-  return f;
+  const std::string dir = (std::filesystem::path(::testing::TempDir()) /
+                           absl::StrCat("router_test_", FamilyName(family)))
+                              .string();
+  return GenerateAndOpen(dir, SmallModelOptions(family, /*seed=*/5)).value();
 }
 
 Tensor Input(int64_t T, int64_t H) {

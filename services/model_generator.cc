@@ -211,3 +211,33 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
 }
 
 }  // namespace moemesh
+
+namespace moemesh {
+
+GenModelOptions SmallModelOptions(ModelFamily family, uint64_t seed) {
+  GenModelOptions o;
+  o.family = family;
+  o.hidden = 64;
+  o.intermediate = 48;
+  o.shared_intermediate = 48;
+  o.experts = 8;
+  o.top_k = 2;
+  o.layers = 2;
+  o.num_groups = 2;
+  o.topk_groups = 1;
+  o.dtype = DType::kBF16;
+  o.seed = seed;
+  return o;
+}
+
+absl::StatusOr<GeneratedModel> GenerateAndOpen(const std::string& dir,
+                                               const GenModelOptions& options) {
+  RETURN_IF_ERROR(GenerateModel(dir, options));
+  GeneratedModel m;
+  m.dir = dir;
+  ASSIGN_OR_RETURN(m.ckpt, Checkpoint::Open(dir));
+  ASSIGN_OR_RETURN(m.config, ParseMoeModelConfig(m.ckpt->config()));
+  return m;
+}
+
+}  // namespace moemesh

@@ -5,10 +5,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/dtype.h"
+#include "services/checkpoint.h"
 #include "services/model_config.h"
 
 namespace moemesh {
@@ -34,5 +37,20 @@ struct GenModelOptions {
 };
 
 absl::Status GenerateModel(const std::string& dir, const GenModelOptions& options);
+
+// The small model the tests use, for any family: hidden 64, intermediate 48 (shared
+// expert 48), 8 experts, top-2, 2 layers (DeepSeek's first one dense), DeepSeek groups
+// 2 of which 1 is kept, BF16 weights.
+GenModelOptions SmallModelOptions(ModelFamily family, uint64_t seed = 3);
+
+// A generated checkpoint, opened.
+struct GeneratedModel {
+  std::string dir;
+  std::unique_ptr<Checkpoint> ckpt;
+  MoeModelConfig config;
+};
+// GenerateModel into `dir`, then opens it and parses its config.
+absl::StatusOr<GeneratedModel> GenerateAndOpen(const std::string& dir,
+                                               const GenModelOptions& options);
 
 }  // namespace moemesh

@@ -40,24 +40,26 @@ int64_t MoeLayer::weight_bytes() const {
   return b;
 }
 
-absl::StatusOr<MoeLayerOutput> MoeLayer::Forward(const Tensor& hidden) {
-  const int64_t H = config_.hidden_size, k = config_.top_k;
-  if (hidden.rank() != 2 || hidden.dim(1) != H) {
+absl::StatusOr<Tensor> HiddenStatesAsF32(const Tensor& hidden, int64_t hidden_size) {
+  if (hidden.rank() != 2 || hidden.dim(1) != hidden_size) {
     return absl::InvalidArgumentError(absl::StrCat("hidden_states has shape ",
                                                    ShapeString(hidden.shape()), ", expected [T, ",
-                                                   H, "]"));
+                                                   hidden_size, "]"));
   }
   if (!IsFloatingActivation(hidden.dtype())) {
     return absl::InvalidArgumentError(absl::StrCat("hidden_states has dtype ",
                                                    DTypeName(hidden.dtype()),
                                                    ", expected F32, BF16 or F16"));
   }
-  const int64_t T = hidden.dim(0);
-  if (T == 0) return absl::InvalidArgumentError("hidden_states has no tokens (T = 0)");
-  Tensor x = hidden;
-  if (hidden.dtype() != DType::kF32) {
-    ASSIGN_OR_RETURN(x, hidden.ToF32());
-  }
+  if (hidden.dim(0) == 0) return absl::InvalidArgumentError("hidden_states has no tokens (T = 0)");
+  if (hidden.dtype() == DType::kF32) return hidden;
+  return hidden.ToF32();
+}
+
+absl::StatusOr<MoeLayerOutput> MoeLayer::Forward(const Tensor& hidden) {
+  const int64_t H = config_.hidden_size, k = config_.top_k;
+  ASSIGN_OR_RETURN(const Tensor x, HiddenStatesAsF32(hidden, H));
+  const int64_t T = x.dim(0);
   MoeLayerOutput out;
   Tensor y = Tensor::Empty(DType::kF32, {T, H});
   out.topk_ids = Tensor::Empty(DType::kI32, {T, k});

@@ -51,6 +51,11 @@ struct MoeLayerOutput {
   int64_t dropped = 0;  // (token, choice) slots dropped by the capacity limit
 };
 
+// Checks hidden_states for a layer of width `hidden_size` — [T, hidden_size], T > 0, F32,
+// BF16 or F16 — and returns it as F32 (the same tensor when it already is). The error
+// (INVALID_ARGUMENT) names what is wrong. MoeLayer and the router both start here.
+absl::StatusOr<Tensor> HiddenStatesAsF32(const Tensor& hidden, int64_t hidden_size);
+
 class MoeLayer {
  public:
   static absl::StatusOr<std::unique_ptr<MoeLayer>> Create(const Checkpoint& ckpt,

@@ -31,30 +31,13 @@ namespace {
 
 using std::chrono::seconds;
 
-struct Model {
-  std::string dir;
-  std::unique_ptr<Checkpoint> ckpt;
-  MoeModelConfig config;
-};
+using Model = GeneratedModel;
 
 Model Generate(ModelFamily family) {
-  GenModelOptions o;
-  o.family = family;
-  o.hidden = 64;
-  o.intermediate = 48;
-  o.shared_intermediate = 48;
-  o.experts = 8;
-  o.top_k = 2;
-  o.layers = 2;
-  o.num_groups = 2;
-  o.topk_groups = 1;
-  o.seed = 3;
-  Model m;
-  m.dir = (std::filesystem::path(::testing::TempDir()) / absl::StrCat("mesh_e2e_", FamilyName(family))).string();
-  EXPECT_TRUE(GenerateModel(m.dir, o).ok());
-  m.ckpt = Checkpoint::Open(m.dir).value();
-  m.config = ParseMoeModelConfig(m.ckpt->config()).value();
-  return m;
+  const std::string dir = (std::filesystem::path(::testing::TempDir()) /
+                           absl::StrCat("mesh_e2e_", FamilyName(family)))
+                              .string();
+  return GenerateAndOpen(dir, SmallModelOptions(family)).value();
 }
 
 std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas, const std::string& wire,
@@ -85,6 +68,18 @@ Tensor Input(int64_t T, int64_t H, uint32_t seed, DType dtype = DType::kF32) {
 bool SameBits(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() &&
          std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+// Calls until the mesh answers x exactly as `ref` does again (a returned or resumed
+// service); false if it has not after ~10 s.
+bool RecoversWithin10s(KServeClient& client, const Tensor& x, MoeLayer& ref) {
+  const Tensor want = ref.Forward(x).value().output;
+  for (int i = 0; i < 50; ++i) {
+    auto again = client.Infer(x, 0, seconds(30));
+    if (again.ok() && SameBits(again->output, want)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return false;
 }
 
 class MeshFamilyTest : public ::testing::TestWithParam<ModelFamily> {};
@@ -211,13 +206,7 @@ TEST(MeshTest, KilledExpertGivesUnavailableOrReplicaAndRecovers) {
     ASSERT_FALSE(down.ok());
     EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
     ASSERT_TRUE(mesh->RestartExpert(1).ok());
-    bool recovered = false;
-    for (int i = 0; i < 50 && !recovered; ++i) {
-      auto again = client.Infer(x, 0, seconds(30));
-      recovered = again.ok() && SameBits(again->output, ref->Forward(x).value().output);
-      if (!recovered) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    }
-    EXPECT_TRUE(recovered);
+    EXPECT_TRUE(RecoversWithin10s(client, x, *ref));
   }
   {
     // Two replicas: killing one service changes nothing the client sees.
@@ -280,13 +269,7 @@ TEST(MeshTest, HungExpertGivesDeadlineExceededWithinTheDeadlineAndRecovers) {
 
   // Back from the stop: the mesh answers correctly again.
   mesh->expert_process(1).Signal(SIGCONT, false);
-  bool recovered = false;
-  for (int i = 0; i < 50 && !recovered; ++i) {
-    auto again = client.Infer(x, 0, seconds(30));
-    recovered = again.ok() && SameBits(again->output, ref->Forward(x).value().output);
-    if (!recovered) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-  EXPECT_TRUE(recovered);
+  EXPECT_TRUE(RecoversWithin10s(client, x, *ref));
 }
 
 TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
