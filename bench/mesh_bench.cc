@@ -3,11 +3,18 @@
 //
 //   mesh_bench [--model DIR | generated Mixtral-like H=1024 I=3584 E=8 k=2]
 //              [--tokens 1,16,256,2048] [--repeats N] [--expert-services N]
+//   mesh_bench --metrics-cost [--tokens 256] [--repeats N]
 //
 // Prints one JSON line per (wire, T): medians of the in-process layer and of a mesh call
 // (one client, calls back to back), the throughput ratio in-process/mesh time and the
 // latency the mesh adds. Needs the moemesh binary next to it (MOEMESH_BINARY).
+//
+// --metrics-cost: the price of metrics. Two meshes of the same model run side by side,
+// one with every service serving metrics (scraped every second, as a pessimistic
+// Prometheus would) and one without; calls alternate between them, so both see the
+// same machine noise. Prints the median call time of each and their ratio.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -24,6 +31,7 @@
 #include "services/status_macros.h"
 #include "services/transport.h"
 #include "tools/cli_args.h"
+#include "tools/http_client.h"
 #include "tools/local_mesh.h"
 
 namespace moemesh {
@@ -36,10 +44,74 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+Tensor RandomInput(int64_t T, int64_t H) {
+  Tensor x = Tensor::Empty(DType::kF32, {T, H});
+  std::mt19937 rng(static_cast<uint32_t>(T));
+  std::normal_distribution<float> nd;
+  for (int64_t i = 0; i < x.numel(); ++i) x.mutable_data<float>()[i] = nd(rng);
+  return x;
+}
+
+absl::Status MetricsCost(const std::string& binary, const std::string& dir,
+                         const MoeModelConfig& c, const std::vector<int64_t>& tokens,
+                         int64_t repeats, int64_t services) {
+  const int64_t layer = c.MoeLayers().front();
+  std::unique_ptr<LocalMesh> meshes[2];  // [0] metrics off, [1] on
+  for (int on = 0; on < 2; ++on) {
+    LocalMeshOptions mo;
+    mo.moemesh_binary = binary;
+    mo.model_dir = dir;
+    mo.num_expert_services = static_cast<int>(services);
+    mo.expert_threads = 0;
+    mo.metrics = on == 1;
+    ASSIGN_OR_RETURN(meshes[on], LocalMesh::Start(mo));
+    RETURN_IF_ERROR(meshes[on]->WaitReady(std::chrono::seconds(120)));
+  }
+  std::vector<std::string> urls = meshes[1]->expert_metrics_urls();
+  urls.push_back(meshes[1]->router_metrics_url());
+  std::atomic<bool> done{false};
+  std::atomic<int64_t> scrapes{0};
+  std::thread scraper([&] {
+    while (!done) {
+      for (const std::string& url : urls) {
+        if (HttpGet(url).ok()) ++scrapes;
+      }
+      for (int i = 0; i < 20 && !done; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
+                             KServeClient(meshes[1]->router_endpoint(), 1 << 30)};
+  absl::Status status;
+  for (int64_t T : tokens) {
+    const Tensor x = RandomInput(T, c.hidden_size);
+    std::vector<double> ms[2];
+    for (int64_t r = -2; r < repeats && status.ok(); ++r) {  // r < 0: warm-up
+      for (int k = 0; k < 2 && status.ok(); ++k) {
+        const int on = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
+        const auto t0 = Clock::now();
+        auto got = clients[on].Infer(x, layer, std::chrono::seconds(120), false);
+        const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (!got.ok()) status = got.status();
+        if (r >= 0) ms[on].push_back(m);
+      }
+    }
+    if (!status.ok()) break;
+    const double off = Median(ms[0]), on = Median(ms[1]);
+    std::printf("{\"T\":%lld,\"metrics_off_ms\":%.3f,\"metrics_on_ms\":%.3f,"
+                "\"throughput_ratio_on_off\":%.4f,\"repeats\":%lld,\"scrapes\":%lld}\n",
+                (long long)T, off, on, off / on, (long long)repeats, (long long)scrapes.load());
+    std::fflush(stdout);
+  }
+  done = true;
+  scraper.join();
+  return status;
+}
+
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
                                                 {"model", "tokens", "repeats", "expert-services",
-                                                 "moemesh"}));
+                                                 "moemesh", "metrics-cost"},
+                                                {"metrics-cost"}));
   std::string dir = args.String("model", "");
   if (dir.empty()) {
     dir = (std::filesystem::temp_directory_path() / "mesh_bench_model").string();
@@ -55,7 +127,7 @@ absl::Status Run(int argc, char** argv) {
     }
   }
   std::vector<int64_t> tokens;
-  for (absl::string_view s : absl::StrSplit(args.String("tokens", "1,16,256,2048"), ',')) {
+  for (absl::string_view s : absl::StrSplit(args.String("tokens", args.Has("metrics-cost") ? "256" : "1,16,256,2048"), ',')) {
     int64_t t;
     if (!absl::SimpleAtoi(s, &t) || t <= 0) return absl::InvalidArgumentError("bad --tokens");
     tokens.push_back(t);
@@ -65,6 +137,9 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
   ASSIGN_OR_RETURN(MoeModelConfig c, ParseMoeModelConfig(ckpt->config()));
   const int64_t layer = c.MoeLayers().front();
+  if (args.Has("metrics-cost")) {
+    return MetricsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services);
+  }
 
   for (const std::string wire : {"f32", "bf16"}) {
     MoeLayerOptions lo;

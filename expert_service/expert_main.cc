@@ -6,6 +6,7 @@
 #include "expert_service/expert_server.h"
 #include "services/allocator.h"
 #include "services/checkpoint.h"
+#include "services/metrics_exposer.h"
 #include "services/signals.h"
 #include "services/status_macros.h"
 #include "tools/cli_args.h"
@@ -18,14 +19,18 @@ constexpr char kUsage[] =
     "  [--experts all|none|E0-E1,E|L:E0-E1;L:E,...] [--max-message-mb N] [--threads N]\n"
     "  --experts: what to load at start (default all): every expert of every MoE layer,\n"
     "  none, the listed experts of every MoE layer, or per layer\n"
-    "  --threads: compute threads (default MOEMESH_THREADS or every core)\n";
+    "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
+    "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
+    "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
+    "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n";
 
 // How long a stop signal leaves in-flight calls to finish.
 constexpr auto kDrainTime = std::chrono::seconds(10);
 
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
-                                                       "max-message-mb", "threads"}));
+                                                       "max-message-mb", "threads",
+                                                       "metrics-listen", "expert-metrics"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -54,7 +59,21 @@ absl::Status Run(const std::vector<std::string>& argv) {
     pool = std::make_unique<ThreadPool>(static_cast<int>(threads));
     o.pool = pool.get();
   }
+  // Declared before the server, whose gauges it reads; the exposer (after) goes first.
+  metrics::Registry registry;
+  const std::string metrics_listen = args.String("metrics-listen", "");
+  if (!metrics_listen.empty()) {
+    o.registry = &registry;
+    o.expert_metrics = args.String("expert-metrics", "auto");
+    RETURN_IF_ERROR(metrics::AddProcessMetrics(registry));
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<ExpertServer> server, ExpertServer::Create(o));
+  std::unique_ptr<metrics::MetricsExposer> exposer;
+  if (!metrics_listen.empty()) {
+    ASSIGN_OR_RETURN(exposer, metrics::MetricsExposer::Create({metrics_listen}, {&registry}));
+    std::printf("metrics on http://%s:%d/metrics\n",
+                metrics_listen.substr(0, metrics_listen.rfind(':')).c_str(), exposer->port());
+  }
   std::fprintf(stderr, "expert service %s: %lld experts, %.1f MiB of weights\n",
                o.service_id.c_str(), static_cast<long long>(server->store().size()),
                server->store().weight_bytes() / 1048576.0);

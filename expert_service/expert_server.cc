@@ -16,6 +16,81 @@
 
 namespace moemesh {
 
+// The service's metrics (docs/metrics.md); lock-free updates, except the first rows of
+// each expert.
+struct ExpertServer::Metrics {
+  std::unique_ptr<metrics::StatusCodeCounters> requests;
+  metrics::Histogram* latency = nullptr;
+  metrics::Histogram* batch_tokens = nullptr;
+  metrics::Family<metrics::Counter>* tokens_family = nullptr;
+  ExpertSeriesSelection selection;
+  // (layer, expert) → its counter, created on first use; null when not exported.
+  std::mutex mu;
+  std::map<ExpertKey, metrics::Counter*> tokens;  // guarded by mu
+
+  void CountRows(int64_t layer, int32_t expert, int64_t rows) {
+    const std::optional<std::string> label = selection.LayerLabel(layer);
+    if (!label || rows <= 0) return;
+    metrics::Counter* counter;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      metrics::Counter*& slot = tokens[{selection.summed() ? -1 : layer, expert}];
+      if (slot == nullptr) {
+        slot = &tokens_family->Add({{"layer", *label}, {"expert", absl::StrCat(expert)}});
+      }
+      counter = slot;
+    }
+    counter->Increment(static_cast<double>(rows));
+  }
+};
+
+ExpertServer::ExpertServer() = default;
+
+absl::Status ExpertServer::RegisterMetrics() {
+  metrics::Registry& registry = *options_.registry;
+  auto m = std::make_unique<Metrics>();
+  ASSIGN_OR_RETURN(m->selection,
+                   ExpertSeriesSelection::Parse(options_.expert_metrics, store_->config()));
+  ASSIGN_OR_RETURN(auto* requests,
+                   metrics::AddCounter(registry, "moemesh_expert_requests_total",
+                                       "Compute calls answered, by gRPC status code."));
+  m->requests = std::make_unique<metrics::StatusCodeCounters>(*requests);
+  ASSIGN_OR_RETURN(auto* latency,
+                   metrics::AddHistogram(registry, "moemesh_expert_compute_latency_seconds",
+                                         "One Compute call, received to answered.",
+                                         metrics::LatencyBuckets()));
+  m->latency = &latency->Add();
+  std::vector<double> rows;
+  for (double b = 1; b <= 65536; b *= 2) rows.push_back(b);
+  ASSIGN_OR_RETURN(auto* batch, metrics::AddHistogram(registry, "moemesh_expert_batch_tokens",
+                                                      "Token rows in one Compute call.", rows));
+  m->batch_tokens = &batch->Add();
+  ASSIGN_OR_RETURN(m->tokens_family,
+                   metrics::AddCounter(registry, "moemesh_expert_tokens_total",
+                                       "Token rows computed per expert (layer=\"all\": summed "
+                                       "over layers)."));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_expert_inflight_requests", "Compute calls accepted and not answered.",
+      [this](std::vector<metrics::Sample>* out) {
+        out->push_back({"", {}, static_cast<double>(in_flight_.load())});
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_expert_experts_loaded", "(layer, expert) pairs held.",
+      [this](std::vector<metrics::Sample>* out) {
+        out->push_back({"", {}, static_cast<double>(store_->size())});
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_expert_weight_bytes", "Bytes of expert weights held.",
+      [this](std::vector<metrics::Sample>* out) {
+        out->push_back({"", {}, static_cast<double>(store_->weight_bytes())});
+      }));
+  ASSIGN_OR_RETURN(auto* info, metrics::AddGauge(registry, "moemesh_expert_service_info",
+                                                 "The service's id; the value is 1."));
+  info->Add({{"service_id", options_.service_id}}).Set(1);
+  metrics_ = std::move(m);
+  return absl::OkStatus();
+}
+
 absl::Status ExpertServerOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
   RETURN_IF_ERROR(ValidateGrpcServerOptions({listen, max_message_bytes}));
@@ -208,6 +283,12 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
     written[i] = ToProto(out, *out_dtype, resp->mutable_outputs(i)->mutable_rows());
   });
   for (const absl::Status& s : written) RETURN_IF_ERROR(s);
+  if (metrics_ != nullptr) {
+    metrics_->batch_tokens->Observe(static_cast<double>(total_rows));
+    for (int64_t i = 0; i < num_batches; ++i) {
+      metrics_->CountRows(layer, req.batches(static_cast<int>(i)).expert(), batches[i].n);
+    }
+  }
   resp->set_compute_micros(std::chrono::duration_cast<std::chrono::microseconds>(
                                std::chrono::steady_clock::now() - start)
                                .count());
@@ -223,6 +304,7 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status Compute(grpc::ServerContext* ctx, const v1::ComputeRequest* req,
                        v1::ComputeResponse* resp) override {
+    const auto received = std::chrono::steady_clock::now();
     ++server_->in_flight_;
     absl::Status s;
     {
@@ -233,6 +315,11 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     }
     if (!s.ok()) resp->Clear();
     --server_->in_flight_;
+    if (Metrics* m = server_->metrics_.get()) {
+      m->requests->Increment(s.code());
+      m->latency->Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - received).count());
+    }
     return ToGrpcStatus(s);
   }
 
@@ -285,6 +372,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   s->options_ = std::move(options);
   ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
   RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
+  if (s->options_.registry != nullptr) RETURN_IF_ERROR(s->RegisterMetrics());
   s->computing_ = std::make_unique<ConcurrencyLimit>(s->options_.compute_threads);
   s->pool_ = s->options_.pool != nullptr ? s->options_.pool : &ThreadPool::Default();
   // Parallelism comes from the pool; a multi-threaded BLAS inside each task would

@@ -40,6 +40,8 @@
 #include "expert_service/expert_store.h"
 #include "kernels/cpu/thread_pool.h"
 #include "services/concurrency_limit.h"
+#include "services/load_stats.h"
+#include "services/metrics.h"
 
 namespace moemesh {
 
@@ -59,6 +61,11 @@ struct ExpertServerOptions {
   int compute_threads = 4;
   // Runs the FFN tasks; not owned. nullptr: ThreadPool::Default().
   ThreadPool* pool = nullptr;
+  // Where the service's metrics go (docs/metrics.md); not owned, must outlive the
+  // server and not be collected after it is gone. nullptr: no metrics.
+  metrics::Registry* registry = nullptr;
+  // Which per-expert series to export (ExpertSeriesSelection::Parse).
+  std::string expert_metrics = "auto";
 
   absl::Status Validate() const;
 };
@@ -97,7 +104,9 @@ class ExpertServer {
 
  private:
   class Service;
-  ExpertServer() = default;
+  struct Metrics;
+  ExpertServer();
+  absl::Status RegisterMetrics();
 
   // The body of the Compute RPC.
   absl::Status Compute(const v1::ComputeRequest& request, v1::ComputeResponse* response);
@@ -108,6 +117,7 @@ class ExpertServer {
   std::atomic<int64_t> in_flight_{0};
 
   std::unique_ptr<ConcurrencyLimit> computing_;  // compute_threads slots
+  std::unique_ptr<Metrics> metrics_;             // null without options_.registry
 
   std::once_flag shutdown_once_;
   std::unique_ptr<Service> service_;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
@@ -123,13 +124,16 @@ std::vector<float> RoundToBf16(std::vector<float> v) {
 
 class ServerHarness {
  public:
-  ServerHarness(const std::string& dir, std::vector<ExpertKey> experts, int pool_threads = 3) {
+  ServerHarness(const std::string& dir, std::vector<ExpertKey> experts, int pool_threads = 3,
+                metrics::Registry* registry = nullptr, const std::string& expert_metrics = "auto") {
     pool_ = std::make_unique<ThreadPool>(pool_threads);
     ExpertServerOptions o;
     o.model_dir = dir;
     o.service_id = "test-expert";
     o.experts = std::move(experts);
     o.pool = pool_.get();
+    o.registry = registry;
+    o.expert_metrics = expert_metrics;
     auto server = ExpertServer::Create(o);
     EXPECT_TRUE(server.ok()) << server.status();
     server_ = std::move(server).value();
@@ -661,6 +665,84 @@ TEST(ExpertServiceProcessTest, BadFlagsExitNonZero) {
   EXPECT_EQ(p->Signal(SIGTERM, /*wait=*/true), 1);
 }
 #endif
+
+}  // namespace
+}  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+// The value of the exposition line for `series` exactly; NaN when absent.
+double Sample(const std::string& text, const std::string& series) {
+  const std::string key = series + " ";
+  for (size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + 1)) {
+    if (at == 0 || text[at - 1] == '\n') {
+      return std::stod(text.substr(at + key.size(), text.find('\n', at) - at - key.size()));
+    }
+  }
+  return std::nan("");
+}
+
+TEST(ExpertServerMetricsTest, CountsCallsRowsAndHeldExperts) {
+  const std::string dir = Generate(SmallModel(ModelFamily::kQwen3Moe), "metrics");
+  const Reference ref(dir);
+  metrics::Registry registry;
+  ServerHarness h(dir, {{0, 1}, {0, 2}, {1, 2}}, 2, &registry);
+  std::string text = registry.Serialize();
+  EXPECT_EQ(Sample(text, "moemesh_expert_experts_loaded"), 3);
+  EXPECT_EQ(Sample(text, "moemesh_expert_weight_bytes"),
+            static_cast<double>(h.server().store().weight_bytes()));
+  EXPECT_EQ(Sample(text, "moemesh_expert_service_info{service_id=\"test-expert\"}"), 1);
+
+  v1::ComputeRequest req;
+  req.set_layer(0);
+  req.set_output_dtype(v1::DATA_TYPE_F32);
+  std::vector<float> seen;
+  SetRows(RandomRows(5, kHidden, 1), kHidden, DType::kF32, [&] {
+    auto* b = req.add_batches();
+    b->set_expert(1);
+    return b;
+  }(), &seen);
+  SetRows(RandomRows(7, kHidden, 2), kHidden, DType::kBF16, [&] {
+    auto* b = req.add_batches();
+    b->set_expert(2);
+    return b;
+  }(), &seen);
+  v1::ComputeResponse resp;
+  ASSERT_TRUE(h.Compute(req, &resp).ok());
+  ASSERT_TRUE(h.Compute(req, &resp).ok());
+  req.mutable_batches(0)->set_expert(5);  // not held: NOT_FOUND
+  EXPECT_EQ(h.Compute(req, &resp).code(), absl::StatusCode::kNotFound);
+
+  text = registry.Serialize();
+  EXPECT_EQ(Sample(text, "moemesh_expert_requests_total{code=\"OK\"}"), 2);
+  EXPECT_EQ(Sample(text, "moemesh_expert_requests_total{code=\"NOT_FOUND\"}"), 1);
+  EXPECT_EQ(Sample(text, "moemesh_expert_compute_latency_seconds_count"), 3);
+  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_count"), 2);  // computed calls only
+  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_sum"), 24);
+  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_bucket{le=\"16\"}"), 2);
+  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_bucket{le=\"8\"}"), 0);
+  EXPECT_EQ(Sample(text, "moemesh_expert_tokens_total{expert=\"1\",layer=\"0\"}"), 10);
+  EXPECT_EQ(Sample(text, "moemesh_expert_tokens_total{expert=\"2\",layer=\"0\"}"), 14);
+  EXPECT_EQ(Sample(text, "moemesh_expert_inflight_requests"), 0);
+
+  // Unloading shows in the gauges at the next scrape.
+  ASSERT_TRUE(h.server().store().Unload({{0, 1}}).ok());
+  EXPECT_EQ(Sample(registry.Serialize(), "moemesh_expert_experts_loaded"), 2);
+}
+
+TEST(ExpertServerMetricsTest, BadSelectionFailsCreate) {
+  const std::string dir = Generate(SmallModel(ModelFamily::kMixtral), "metrics_bad");
+  metrics::Registry registry;
+  ExpertServerOptions o;
+  o.model_dir = dir;
+  o.registry = &registry;
+  o.expert_metrics = "0,5";
+  auto server = ExpertServer::Create(o);
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(server.status().message(), HasSubstr("--expert-metrics"));
+}
 
 }  // namespace
 }  // namespace moemesh

@@ -21,11 +21,13 @@ absl::Status RouterOptions::Validate() const {
     return absl::InvalidArgumentError("wire_dtype must be F32 or BF16");
   }
   if (default_timeout.count() <= 0) return absl::InvalidArgumentError("default_timeout must be positive");
+  if (load_window.count() <= 0) return absl::InvalidArgumentError("load_window must be positive");
   return gate.Validate();
 }
 
 absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
-    RouterOptions options, std::shared_ptr<ExpertTransport> transport) {
+    RouterOptions options, std::shared_ptr<ExpertTransport> transport,
+    std::shared_ptr<RouterMetrics> metrics) {
   RETURN_IF_ERROR(options.Validate());
   ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(options.model_dir));
   ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
@@ -43,15 +45,82 @@ absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
     ASSIGN_OR_RETURN(table, PlacementTable::Build(config, options.policy, options.endpoints,
                                                   options.replicas));
   }
-  auto router = std::unique_ptr<MoeRouter>(new MoeRouter(std::move(options), config, std::move(transport)));
+  auto router = std::unique_ptr<MoeRouter>(
+      new MoeRouter(std::move(options), config, std::move(transport), std::move(metrics)));
   router->ckpt_ = std::move(ckpt);
   for (int64_t layer : config.MoeLayers()) {
     ASSIGN_OR_RETURN(router->gates_[layer],
                      MoeGate::Create(*router->ckpt_, config, layer, router->options_.gate));
     router->load_[layer] = std::vector<std::atomic<int64_t>>(config.num_experts);
+    router->windows_[layer] = std::make_unique<ExpertLoadWindow>(
+        static_cast<int>(config.num_experts), router->options_.load_window);
   }
   router->placement_ = std::make_shared<const PlacementTable>(std::move(table));
+  if (router->metrics_ != nullptr) RETURN_IF_ERROR(router->RegisterGauges());
   return router;
+}
+
+absl::Status MoeRouter::RegisterGauges() {
+  metrics::Registry& registry = metrics_->registry();
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_expert_imbalance",
+      "Max over mean routed load of the layer's experts in the load window (1 = balanced, "
+      "0 = no traffic).",
+      [this](std::vector<metrics::Sample>* out) {
+        for (const auto& [layer, window] : windows_) {
+          out->push_back({"", {{"layer", absl::StrCat(layer)}}, window->Snapshot().imbalance});
+        }
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_balance_statistic",
+      "E * sum_i f_i * P_i over the load window: f_i share of assignments to expert i, P_i "
+      "its mean router probability (1 = balanced).",
+      [this](std::vector<metrics::Sample>* out) {
+        for (const auto& [layer, window] : windows_) {
+          out->push_back(
+              {"", {{"layer", absl::StrCat(layer)}}, window->Snapshot().balance_statistic});
+        }
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_load_window_seconds", "Length of the load window.",
+      [this](std::vector<metrics::Sample>* out) {
+        out->push_back({"", {}, std::chrono::duration<double>(options_.load_window).count()});
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_placement_epoch", "Epoch of the placement table in force.",
+      [this](std::vector<metrics::Sample>* out) {
+        out->push_back({"", {}, static_cast<double>(placement()->epoch())});
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_placement_info",
+      "Replicas of each (layer, expert): comma-separated endpoints; the value is 1.",
+      [this](std::vector<metrics::Sample>* out) {
+        const auto table = placement();
+        const auto& endpoints = table->endpoints();
+        for (int64_t layer : config_.MoeLayers()) {
+          if (metrics_->selection().summed() || !metrics_->selection().LayerLabel(layer)) continue;
+          for (int32_t e = 0; e < config_.num_experts; ++e) {
+            std::vector<std::string> names;
+            for (int32_t r : table->Replicas(layer, e)) names.push_back(endpoints[r]);
+            out->push_back({"",
+                            {{"layer", absl::StrCat(layer)},
+                             {"expert", absl::StrCat(e)},
+                             {"replicas", absl::StrJoin(names, ",")}},
+                            1});
+          }
+        }
+      }));
+  return metrics::AddComputedGauge(
+      registry, "moemesh_router_destination_experts",
+      "(layer, expert) pairs the placement gives each expert-service endpoint.",
+      [this](std::vector<metrics::Sample>* out) {
+        const auto table = placement();
+        for (const std::string& endpoint : table->endpoints()) {
+          out->push_back({"",
+                          {{"destination", endpoint}},
+                          static_cast<double>(table->ExpertsOf(endpoint).size())});
+        }
+      });
 }
 
 std::shared_ptr<const PlacementTable> MoeRouter::placement() const {
@@ -78,15 +147,24 @@ std::vector<int64_t> MoeRouter::ExpertLoad(int64_t layer) const {
   return out;
 }
 
-std::atomic<int64_t>& MoeRouter::Outstanding(const std::string& endpoint) {
+ExpertLoadWindow::Stats MoeRouter::LoadStats(int64_t layer) const {
+  auto it = windows_.find(layer);
+  if (it == windows_.end()) return {};
+  return it->second->Snapshot();
+}
+
+MoeRouter::Destination& MoeRouter::DestinationOf(const std::string& endpoint) {
   {
-    std::shared_lock<std::shared_mutex> lock(outstanding_mu_);
-    auto it = outstanding_.find(endpoint);
-    if (it != outstanding_.end()) return *it->second;
+    std::shared_lock<std::shared_mutex> lock(destinations_mu_);
+    auto it = destinations_.find(endpoint);
+    if (it != destinations_.end()) return *it->second;
   }
-  std::unique_lock<std::shared_mutex> lock(outstanding_mu_);
-  auto& slot = outstanding_[endpoint];
-  if (!slot) slot = std::make_unique<std::atomic<int64_t>>(0);
+  std::unique_lock<std::shared_mutex> lock(destinations_mu_);
+  auto& slot = destinations_[endpoint];
+  if (!slot) {
+    slot = std::make_unique<Destination>();
+    if (metrics_ != nullptr) slot->latency = metrics_->DispatchLatency(endpoint);
+  }
   return *slot;
 }
 
@@ -184,7 +262,7 @@ absl::Status MoeRouter::Dispatch(Call& c) {
       int64_t best_load = 0;
       for (int32_t r : c.table->Replicas(c.layer, e)) {
         if (failed_replicas[e].count(r)) continue;
-        const int64_t load = Outstanding(endpoints[r]).load(std::memory_order_relaxed);
+        const int64_t load = DestinationOf(endpoints[r]).outstanding.load(std::memory_order_relaxed);
         if (best < 0 || load < best_load) {
           best = r;
           best_load = load;
@@ -220,12 +298,18 @@ absl::Status MoeRouter::Dispatch(Call& c) {
         RETURN_IF_ERROR(ToProto(rows, options_.wire_dtype, batch->mutable_rows()));
         tokens += n;
       }
-      Outstanding(endpoints[dest]).fetch_add(tokens, std::memory_order_relaxed);
+      Destination& d = DestinationOf(endpoints[dest]);
+      d.outstanding.fetch_add(tokens, std::memory_order_relaxed);
       exchange->Start(
           endpoints[dest], std::move(request),
-          [&, dest = dest, sent = &experts, tokens](const absl::Status& status,
-                                                     v1::ComputeResponse* response) {
-            Outstanding(endpoints[dest]).fetch_sub(tokens, std::memory_order_relaxed);
+          [&, dest = dest, sent = &experts, tokens, start = std::chrono::steady_clock::now()](
+              const absl::Status& status, v1::ComputeResponse* response) {
+            d.outstanding.fetch_sub(tokens, std::memory_order_relaxed);
+            if (d.latency != nullptr) {
+              d.latency->Observe(
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+              if (!status.ok()) metrics_->CountDispatchFailure(endpoints[dest], status.code());
+            }
             outcomes[dest] = status.ok() ? TakeReply(c, endpoints[dest], *sent, response) : status;
           });
     }
@@ -263,6 +347,7 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
   const int64_t H = config_.hidden_size, k = config_.top_k;
   ASSIGN_OR_RETURN(const Tensor x, HiddenStatesAsF32(hidden, H));
   const int64_t T = x.dim(0);
+  const auto started = std::chrono::steady_clock::now();
 
   Call c;
   c.layer = layer;
@@ -281,6 +366,7 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
   MoeLayerOutput out;
   out.topk_ids = Tensor::Empty(DType::kI32, {T, k});
   out.topk_weights = Tensor::Empty(DType::kF32, {T, k});
+  c.buf->ws.want_prob_sums = true;
   c.gate->Route(c.x, T, out.topk_ids.mutable_data<int32_t>(), out.topk_weights.mutable_data<float>(), &c.buf->ws);
   const DispatchPlan& plan = c.buf->ws.plan;
   const int64_t R = plan.num_rows();
@@ -288,9 +374,14 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
   Sized(c.buf->grouped_y, R * H);
   GatherRows(c.x, H, plan, 0, R, c.buf->grouped_x.data());
   auto& load = load_.at(layer);
+  std::vector<int64_t>& counts = c.buf->counts;
+  counts.resize(config_.num_experts);
   for (int64_t e = 0; e < config_.num_experts; ++e) {
-    load[e].fetch_add(plan.rows_of(static_cast<int>(e)), std::memory_order_relaxed);
+    counts[e] = plan.rows_of(static_cast<int>(e));
+    load[e].fetch_add(counts[e], std::memory_order_relaxed);
   }
+  windows_.at(layer)->Add(T, counts.data(), c.buf->ws.prob_sums.data());
+  if (metrics_ != nullptr) metrics_->CountRouted(layer, T, counts, plan.dropped);
   RETURN_IF_ERROR(Dispatch(c));
 
   Tensor y = Tensor::Empty(DType::kF32, {T, H});
@@ -300,6 +391,10 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
     out.output = std::move(y);
   } else {
     ASSIGN_OR_RETURN(out.output, y.FromF32(hidden.dtype()));
+  }
+  if (metrics_ != nullptr) {
+    metrics_->ObserveLayer(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
   return out;
 }

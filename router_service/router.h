@@ -24,7 +24,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "router_service/router_metrics.h"
 #include "services/checkpoint.h"
+#include "services/load_stats.h"
 #include "services/model_config.h"
 #include "services/moe_gate.h"
 #include "services/moe_layer.h"
@@ -45,6 +47,8 @@ struct RouterOptions {
   DType wire_dtype = DType::kF32;
   // Deadline of a call whose caller gave none.
   std::chrono::milliseconds default_timeout{30000};
+  // Span of the windowed load statistics (LoadStats, imbalance gauges).
+  std::chrono::milliseconds load_window{60000};
   GateOptions gate;
 
   absl::Status Validate() const;
@@ -54,8 +58,12 @@ class MoeRouter {
  public:
   using Clock = ExpertTransport::Clock;
 
+  // With `metrics`, the router updates them and registers its computed gauges
+  // (imbalance, balance statistic, placement) in metrics->registry(): that registry must
+  // not be collected after the router is gone.
   static absl::StatusOr<std::unique_ptr<MoeRouter>> Create(
-      RouterOptions options, std::shared_ptr<ExpertTransport> transport);
+      RouterOptions options, std::shared_ptr<ExpertTransport> transport,
+      std::shared_ptr<RouterMetrics> metrics = nullptr);
 
   // hidden_states [T, H] (F32, BF16, F16) through MoE layer `layer`.
   absl::StatusOr<MoeLayerOutput> Forward(int64_t layer, const Tensor& hidden_states,
@@ -68,6 +76,10 @@ class MoeRouter {
   absl::Status SetPlacement(PlacementTable table);
   // Tokens routed to each expert of `layer` since start (empty for a non-MoE layer).
   std::vector<int64_t> ExpertLoad(int64_t layer) const;
+  // The load of `layer` over the last options().load_window (zeros for a non-MoE layer).
+  ExpertLoadWindow::Stats LoadStats(int64_t layer) const;
+  // nullptr when the router was created without metrics.
+  RouterMetrics* metrics() const { return metrics_.get(); }
   // OK when every endpoint of the placement answers Info holding the experts the table
   // gives it; else UNAVAILABLE naming the first that does not.
   absl::Status CheckReady(Clock::time_point deadline) const;
@@ -79,13 +91,25 @@ class MoeRouter {
   struct CallBuffers {
     MoeGate::Workspace ws;
     std::vector<float> grouped_x, grouped_y;
+    std::vector<int64_t> counts;  // rows per expert
   };
   std::unique_ptr<CallBuffers> TakeBuffers();
   void ReturnBuffers(std::unique_ptr<CallBuffers> b);
-  MoeRouter(RouterOptions options, MoeModelConfig config, std::shared_ptr<ExpertTransport> t)
-      : options_(std::move(options)), config_(std::move(config)), transport_(std::move(t)) {}
+  MoeRouter(RouterOptions options, MoeModelConfig config, std::shared_ptr<ExpertTransport> t,
+            std::shared_ptr<RouterMetrics> metrics)
+      : options_(std::move(options)),
+        config_(std::move(config)),
+        transport_(std::move(t)),
+        metrics_(std::move(metrics)) {}
 
-  std::atomic<int64_t>& Outstanding(const std::string& endpoint);
+  // Per expert-service endpoint: tokens in flight there (replica choice) and its
+  // latency histogram (null without metrics).
+  struct Destination {
+    std::atomic<int64_t> outstanding{0};
+    metrics::Histogram* latency = nullptr;
+  };
+  Destination& DestinationOf(const std::string& endpoint);
+  absl::Status RegisterGauges();
   absl::Status Dispatch(Call& call);
   absl::Status TakeReply(Call& call, const std::string& endpoint,
                          const std::vector<int32_t>& sent, v1::ComputeResponse* response);
@@ -93,9 +117,11 @@ class MoeRouter {
   const RouterOptions options_;
   const MoeModelConfig config_;
   std::shared_ptr<ExpertTransport> transport_;
+  const std::shared_ptr<RouterMetrics> metrics_;
   std::unique_ptr<Checkpoint> ckpt_;
   std::map<int64_t, std::unique_ptr<MoeGate>> gates_;  // per MoE layer; immutable after Create
   std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;  // routed tokens per expert
+  std::map<int64_t, std::unique_ptr<ExpertLoadWindow>> windows_;  // per MoE layer
 
   mutable std::mutex placement_mu_;
   std::shared_ptr<const PlacementTable> placement_;  // guarded by placement_mu_
@@ -103,8 +129,8 @@ class MoeRouter {
   std::mutex buffers_mu_;
   std::vector<std::unique_ptr<CallBuffers>> free_buffers_;  // guarded by buffers_mu_
 
-  mutable std::shared_mutex outstanding_mu_;
-  std::map<std::string, std::unique_ptr<std::atomic<int64_t>>> outstanding_;  // guarded
+  mutable std::shared_mutex destinations_mu_;
+  std::map<std::string, std::unique_ptr<Destination>> destinations_;  // guarded
 };
 
 }  // namespace moemesh

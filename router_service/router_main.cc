@@ -5,6 +5,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "router_service/router_server.h"
+#include "services/metrics_exposer.h"
 #include "services/allocator.h"
 #include "services/signals.h"
 #include "services/status_macros.h"
@@ -16,7 +17,11 @@ const char kRouterUsage[] =
     "moemesh router --model DIR (--endpoints H:P,H:P,... | --placement-file F)\n"
     "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
-    "  [--capacity-factor F]\n";
+    "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
+    "  [--load-window-s S]\n"
+    "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
+    "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
+    "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n";
 
 namespace {
 
@@ -24,7 +29,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args,
                    CliArgs::Parse(argv, {"model", "endpoints", "placement-file", "listen",
                                          "placement", "replicas", "wire", "model-name",
-                                         "max-message-mb", "timeout-ms", "capacity-factor"}));
+                                         "max-message-mb", "timeout-ms", "capacity-factor",
+                                         "metrics-listen", "expert-metrics", "load-window-s"}));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
@@ -45,6 +51,12 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(int64_t timeout_ms, args.Int("timeout-ms", 30000));
   ro.default_timeout = std::chrono::milliseconds(timeout_ms);
   ASSIGN_OR_RETURN(ro.gate.capacity_factor, args.Double("capacity-factor", 0.0));
+  ASSIGN_OR_RETURN(double window_s, args.Double("load-window-s", 60.0));
+  if (!(window_s >= 1 && window_s <= 86400)) {
+    return absl::InvalidArgumentError("--load-window-s must be in [1, 86400]");
+  }
+  ro.load_window = std::chrono::milliseconds(static_cast<int64_t>(window_s * 1000));
+  const std::string metrics_listen = args.String("metrics-listen", "");
 
   RouterServerOptions so;
   so.listen = args.String("listen", "127.0.0.1:0");
@@ -55,9 +67,30 @@ absl::Status Run(const std::vector<std::string>& argv) {
 
   BlockStopSignals();
   StopWithParent();
-  ASSIGN_OR_RETURN(auto router, MoeRouter::Create(ro, std::make_shared<GrpcExpertTransport>(
-                                                          GrpcTransportOptions{so.max_message_bytes})));
+  // Declared before the router: its gauges read the router, so the exposer (declared
+  // after) goes first.
+  metrics::Registry registry;
+  std::shared_ptr<RouterMetrics> router_metrics;
+  if (!metrics_listen.empty()) {
+    ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(ro.model_dir));
+    ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
+    ASSIGN_OR_RETURN(auto selection,
+                     ExpertSeriesSelection::Parse(args.String("expert-metrics", "auto"), config));
+    ASSIGN_OR_RETURN(router_metrics, RouterMetrics::Create(registry, config, std::move(selection)));
+    RETURN_IF_ERROR(metrics::AddProcessMetrics(registry));
+  }
+  ASSIGN_OR_RETURN(auto router,
+                   MoeRouter::Create(ro,
+                                     std::make_shared<GrpcExpertTransport>(
+                                         GrpcTransportOptions{so.max_message_bytes}),
+                                     router_metrics));
   ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));
+  std::unique_ptr<metrics::MetricsExposer> exposer;
+  if (!metrics_listen.empty()) {
+    ASSIGN_OR_RETURN(exposer, metrics::MetricsExposer::Create({metrics_listen}, {&registry}));
+    std::printf("metrics on http://%s:%d/metrics\n",
+                metrics_listen.substr(0, metrics_listen.rfind(':')).c_str(), exposer->port());
+  }
   const std::string host = so.listen.substr(0, so.listen.rfind(':'));
   std::printf("listening on %s:%d\n", host.c_str(), server->port());
   std::fflush(stdout);

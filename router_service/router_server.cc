@@ -135,7 +135,13 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
     // Runs on the gRPC thread that received the call: Forward waits for its expert
     // calls on a completion queue of its own, so blocking here starves nothing.
     ConcurrencyLimit::Slot slot(*server_->inferring_);
-    return ToGrpcStatus(Infer(ctx, *req, resp));
+    RouterMetrics* metrics = server_->router_->metrics();
+    if (metrics == nullptr) return ToGrpcStatus(Infer(ctx, *req, resp));
+    metrics->inflight().Increment();
+    const absl::Status status = Infer(ctx, *req, resp);
+    metrics->inflight().Decrement();
+    metrics->CountRequest(status.code());
+    return ToGrpcStatus(status);
   }
 
  private:
@@ -228,6 +234,14 @@ class RouterServer::ControlService : public v1::RouterControl::Service {
       auto* l = resp->add_layers();
       l->set_layer(layer);
       for (int64_t v : server_->router_->ExpertLoad(layer)) l->add_tokens(v);
+      const ExpertLoadWindow::Stats st = server_->router_->LoadStats(layer);
+      for (int64_t v : st.counts) l->add_window_tokens(v);
+      for (double v : st.rate) l->add_window_rate(v);
+      for (double v : st.mean_probability) l->add_mean_probability(v);
+      l->set_window_seconds(st.seconds);
+      l->set_imbalance(st.imbalance);
+      l->set_balance_statistic(st.balance_statistic);
+      l->set_window_input_tokens(st.tokens);
     }
     if (req->layer() >= 0 && resp->layers_size() == 0) {
       return ToGrpcStatus(c.CheckMoeLayer(req->layer()));

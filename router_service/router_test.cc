@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -16,6 +17,8 @@
 #include "kernels/cpu/expert_ffn.h"
 #include "services/model_generator.h"
 #include "services/wire.h"
+#include "grpc_predict_v2.grpc.pb.h"
+#include "router_control.grpc.pb.h"
 
 namespace moemesh {
 namespace {
@@ -234,6 +237,171 @@ TEST(RouterServerTest, BusyPortIsAClearErrorNotACrash) {
   auto second = RouterServer::Create(same_port, MoeRouter::Create(ro, transport).value());
   ASSERT_FALSE(second.ok());
   EXPECT_NE(second.status().message().find("cannot listen"), std::string::npos) << second.status();
+}
+
+}  // namespace
+}  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+// The value of the exposition line that starts with `series` (name{labels} in the
+// registry's sorted label order); NaN when absent.
+double Sample(const std::string& text, const std::string& series) {
+  const std::string key = series + " ";
+  for (size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + 1)) {
+    if (at == 0 || text[at - 1] == '\n') {
+      return std::stod(text.substr(at + key.size(), text.find('\n', at) - at - key.size()));
+    }
+  }
+  return std::nan("");
+}
+
+TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  metrics::Registry registry;
+  auto selection = ExpertSeriesSelection::Parse("auto", f.config).value();
+  std::shared_ptr<RouterMetrics> m = RouterMetrics::Create(registry, f.config, selection).value();
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2"};
+  auto router = MoeRouter::Create(ro, transport, m).value();
+  const int64_t H = f.config.hidden_size, E = f.config.num_experts, k = f.config.top_k;
+  ASSERT_TRUE(router->Forward(0, Input(50, H), Deadline()).ok());
+  ASSERT_TRUE(router->Forward(0, Input(30, H), Deadline()).ok());
+  ASSERT_TRUE(router->Forward(1, Input(20, H), Deadline()).ok());
+
+  std::string text = registry.Serialize();
+  for (int64_t layer : {0, 1}) {
+    const std::vector<int64_t> load = router->ExpertLoad(layer);
+    double sum = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const double v = Sample(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
+                                                 "\",layer=\"", layer, "\"}"));
+      // Only experts that got rows have a non-zero counter, but every one has a series.
+      EXPECT_EQ(v, static_cast<double>(load[e])) << "layer " << layer << " expert " << e;
+      sum += v;
+    }
+    EXPECT_EQ(sum, (layer == 0 ? 80 : 20) * k);
+  }
+  EXPECT_EQ(Sample(text, "moemesh_router_tokens_total"), 100);
+  EXPECT_EQ(Sample(text, "moemesh_router_layer_latency_seconds_count"), 3);
+  EXPECT_EQ(Sample(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"a:1\"}"), 3);
+  EXPECT_EQ(Sample(text, "moemesh_router_placement_epoch"), 1);
+  EXPECT_EQ(Sample(text, "moemesh_router_destination_experts{destination=\"a:1\"}"), E);  // 2 layers × E/2
+  EXPECT_EQ(Sample(text, "moemesh_router_placement_info{expert=\"0\",layer=\"1\",replicas=\"a:1\"}"), 1);
+  EXPECT_EQ(Sample(text, "moemesh_router_dropped_tokens_total{layer=\"0\"}"), 0);
+  // The gauges are the router's windowed statistics.
+  const ExpertLoadWindow::Stats st = router->LoadStats(0);
+  EXPECT_EQ(Sample(text, "moemesh_router_expert_imbalance{layer=\"0\"}"), st.imbalance);
+  EXPECT_EQ(Sample(text, "moemesh_router_balance_statistic{layer=\"0\"}"), st.balance_statistic);
+  EXPECT_EQ(st.tokens, 80);
+  EXPECT_EQ(st.counts, router->ExpertLoad(0));
+  double p = 0;
+  for (double v : st.mean_probability) p += v;
+  EXPECT_NEAR(p, 1.0, 1e-6);
+  EXPECT_GE(st.imbalance, 1.0);
+  EXPECT_GT(st.balance_statistic, 0.5);
+
+  // A destination that fails is counted by code, and its latency still observed.
+  transport->SetDown("b:2");
+  EXPECT_EQ(router->Forward(0, Input(10, H), Deadline()).status().code(),
+            absl::StatusCode::kUnavailable);
+  text = registry.Serialize();
+  EXPECT_EQ(Sample(text, "moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"b:2\"}"), 1);
+  EXPECT_EQ(Sample(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"b:2\"}"), 4);
+}
+
+TEST(RouterMetricsTest, SummedSelectionAddsLayersTogether) {
+  Fixture f = Make(ModelFamily::kQwen3Moe);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  metrics::Registry registry;
+  auto m = RouterMetrics::Create(registry, f.config,
+                                 ExpertSeriesSelection::Parse("sum", f.config).value()).value();
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto router = MoeRouter::Create(ro, transport, std::move(m)).value();
+  for (int64_t layer : f.config.MoeLayers()) {
+    ASSERT_TRUE(router->Forward(layer, Input(17, f.config.hidden_size), Deadline()).ok());
+  }
+  const std::string text = registry.Serialize();
+  for (int64_t e = 0; e < f.config.num_experts; ++e) {
+    double want = 0;
+    for (int64_t layer : f.config.MoeLayers()) want += static_cast<double>(router->ExpertLoad(layer)[e]);
+    EXPECT_EQ(Sample(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
+                                        "\",layer=\"all\"}")),
+              want);
+  }
+  EXPECT_EQ(text.find("layer=\"0\",replicas"), std::string::npos);  // no per-layer info when summed
+  EXPECT_EQ(text.find("moemesh_router_expert_tokens_total{expert=\"0\",layer=\"0\"}"), std::string::npos);
+}
+
+TEST(RouterServerTest, ControlApiReportsWindowedLoadAndRequestCodes) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  metrics::Registry registry;
+  auto m = RouterMetrics::Create(registry, f.config,
+                                 ExpertSeriesSelection::Parse("auto", f.config).value()).value();
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto server = RouterServer::Create({}, MoeRouter::Create(ro, transport, std::move(m)).value()).value();
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto infer = inference::GRPCInferenceService::NewStub(channel);
+  auto control = v1::RouterControl::NewStub(channel);
+
+  const Tensor x = Input(24, f.config.hidden_size);
+  for (int64_t layer : {0, 7}) {  // layer 7 does not exist
+    inference::ModelInferRequest req;
+    req.set_model_name("moe");
+    auto* in = req.add_inputs();
+    in->set_name("hidden_states");
+    in->set_datatype("FP32");
+    in->add_shape(24);
+    in->add_shape(f.config.hidden_size);
+    req.add_raw_input_contents(std::string(static_cast<const char*>(x.raw()), x.nbytes()));
+    auto* l = req.add_inputs();
+    l->set_name("layer");
+    l->set_datatype("INT64");
+    l->add_shape(1);
+    req.add_raw_input_contents(std::string(reinterpret_cast<const char*>(&layer), 8));
+    grpc::ClientContext ctx;
+    inference::ModelInferResponse resp;
+    EXPECT_EQ(infer->ModelInfer(&ctx, req, &resp).error_code(),
+              layer == 0 ? grpc::StatusCode::OK : grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  const std::string text = registry.Serialize();
+  EXPECT_EQ(Sample(text, "moemesh_router_requests_total{code=\"OK\"}"), 1);
+  EXPECT_EQ(Sample(text, "moemesh_router_requests_total{code=\"INVALID_ARGUMENT\"}"), 1);
+  EXPECT_EQ(Sample(text, "moemesh_router_inflight_requests"), 0);
+
+  grpc::ClientContext ctx;
+  v1::GetExpertLoadRequest req;
+  req.set_layer(0);
+  v1::ExpertLoad load;
+  ASSERT_TRUE(control->GetExpertLoad(&ctx, req, &load).ok());
+  ASSERT_EQ(load.layers_size(), 1);
+  const v1::LayerLoad& l = load.layers(0);
+  const ExpertLoadWindow::Stats st = server->router().LoadStats(0);
+  ASSERT_EQ(l.window_tokens_size(), f.config.num_experts);
+  ASSERT_EQ(l.window_rate_size(), f.config.num_experts);
+  ASSERT_EQ(l.mean_probability_size(), f.config.num_experts);
+  int64_t total = 0;
+  for (int e = 0; e < f.config.num_experts; ++e) {
+    EXPECT_EQ(l.window_tokens(e), l.tokens(e));
+    EXPECT_EQ(l.window_tokens(e), st.counts[e]);
+    EXPECT_GE(l.window_rate(e), 0);
+    total += l.window_tokens(e);
+  }
+  EXPECT_EQ(total, 24 * f.config.top_k);
+  EXPECT_EQ(l.window_input_tokens(), 24);
+  EXPECT_DOUBLE_EQ(l.imbalance(), st.imbalance);
+  EXPECT_DOUBLE_EQ(l.balance_statistic(), st.balance_statistic);
+  EXPECT_GT(l.window_seconds(), 0);
+  EXPECT_LE(l.window_seconds(), 60.0);
 }
 
 }  // namespace

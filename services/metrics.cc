@@ -301,6 +301,59 @@ absl::StatusOr<Family<Histogram>*> AddHistogram(Registry& registry, absl::string
   return registry.AddFamily<Histogram>(name, help, std::move(bounds));
 }
 
+std::vector<double> LatencyBuckets() {
+  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+          0.05,    0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30};
+}
+
+StatusCodeCounters::StatusCodeCounters(Family<Counter>& family) {
+  for (int code = 0; code <= static_cast<int>(absl::StatusCode::kUnauthenticated); ++code) {
+    counters_.push_back(
+        &family.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}}));
+  }
+}
+
+void StatusCodeCounters::Increment(absl::StatusCode code) {
+  const size_t i = static_cast<size_t>(code);
+  if (i < counters_.size()) counters_[i]->Increment();
+}
+
+namespace {
+
+class ComputedGaugeFamily final : public FamilyBase {
+ public:
+  ComputedGaugeFamily(std::string name, std::string help,
+                      std::function<void(std::vector<Sample>*)> samples)
+      : FamilyBase(std::move(name), std::move(help), MetricType::kGauge),
+        samples_(std::move(samples)) {}
+  FamilySnapshot Collect() const override {
+    FamilySnapshot snapshot{name(), help(), type(), {}};
+    samples_(&snapshot.samples);
+    for (Sample& s : snapshot.samples) s.suffix.clear();
+    std::sort(snapshot.samples.begin(), snapshot.samples.end(),
+              [](const Sample& a, const Sample& b) { return a.labels < b.labels; });
+    return snapshot;
+  }
+
+ private:
+  const std::function<void(std::vector<Sample>*)> samples_;
+};
+
+}  // namespace
+
+absl::Status AddComputedGauge(Registry& registry, absl::string_view name, absl::string_view help,
+                              std::function<void(std::vector<Sample>*)> samples) {
+  if (absl::Status status = ValidateMetricName(name); !status.ok()) return status;
+  std::lock_guard<std::mutex> lock(registry.mu_);
+  std::unique_ptr<FamilyBase>& family = registry.families_[std::string(name)];
+  if (family != nullptr) {
+    return absl::AlreadyExistsError(absl::StrCat("metric '", name, "' is registered already"));
+  }
+  family = std::make_unique<ComputedGaugeFamily>(std::string(name), std::string(help),
+                                                 std::move(samples));
+  return absl::OkStatus();
+}
+
 namespace {
 
 // The fields of /proc/self/stat after the command name, which may hold spaces and ')':

@@ -156,6 +156,8 @@ class Registry {
   friend absl::StatusOr<Family<Counter>*> AddCounter(Registry&, absl::string_view,
                                                      absl::string_view);
   friend absl::StatusOr<Family<Gauge>*> AddGauge(Registry&, absl::string_view, absl::string_view);
+  friend absl::Status AddComputedGauge(Registry&, absl::string_view, absl::string_view,
+                                       std::function<void(std::vector<Sample>*)>);
   friend absl::StatusOr<Family<Histogram>*> AddHistogram(Registry&, absl::string_view,
                                                          absl::string_view, std::vector<double>);
   template <typename T>
@@ -173,6 +175,26 @@ absl::StatusOr<Family<Gauge>*> AddGauge(Registry& registry, absl::string_view na
                                         absl::string_view help);
 absl::StatusOr<Family<Histogram>*> AddHistogram(Registry& registry, absl::string_view name,
                                                 absl::string_view help, std::vector<double> bounds);
+
+// A gauge family whose samples are computed at every collection by `samples` (label sets
+// come and go with it: placement info, windowed statistics). The callback must fill
+// only labels and value, and may run on several scraping threads at once.
+absl::Status AddComputedGauge(Registry& registry, absl::string_view name, absl::string_view help,
+                              std::function<void(std::vector<Sample>*)> samples);
+
+// Latency buckets in seconds for the services' histograms: 50 µs to 30 s.
+std::vector<double> LatencyBuckets();
+
+// One counter of `family` per status code (label `code`: "OK", "INVALID_ARGUMENT", ...),
+// all created up front so that rate() sees the first call of each code.
+class StatusCodeCounters {
+ public:
+  explicit StatusCodeCounters(Family<Counter>& family);
+  void Increment(absl::StatusCode code);
+
+ private:
+  std::vector<Counter*> counters_;  // by absl::StatusCode value
+};
 
 // Serializes snapshots in the text exposition format 0.0.4.
 std::string SerializeText(const std::vector<FamilySnapshot>& families);

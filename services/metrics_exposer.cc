@@ -2,8 +2,16 @@
 
 #include <civetweb.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -85,11 +93,36 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Create(
         absl::StrCat("metrics server on ", options.listen, " reports no listening port"));
   }
   exposer->port_ = ports[0].port;
+  // An IPv4 listen address is woken on that address; any other (0.0.0.0, a name, IPv6)
+  // on loopback, which a wildcard listener also accepts.
+  const std::string host = options.listen.substr(0, colon);
+  in_addr probe{};
+  exposer->wake_host_ =
+      host != "0.0.0.0" && ::inet_pton(AF_INET, host.c_str(), &probe) == 1 ? host : "127.0.0.1";
   return exposer;
 }
 
 MetricsExposer::~MetricsExposer() {
-  if (context_ != nullptr) mg_stop(context_);
+  if (context_ == nullptr) return;
+  // civetweb's accept loop notices the stop only when its poll returns, after up to 2 s
+  // without connections; connecting to ourselves until mg_stop returns ends it at once.
+  std::atomic<bool> stopped{false};
+  std::thread waker([&] {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port_));
+    if (::inet_pton(AF_INET, wake_host_.c_str(), &addr.sin_addr) != 1) return;
+    while (!stopped.load()) {
+      const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (fd < 0) return;
+      ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+      ::close(fd);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  mg_stop(context_);
+  stopped = true;
+  waker.join();
 }
 
 }  // namespace moemesh::metrics

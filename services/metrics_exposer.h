@@ -1,8 +1,7 @@
 // MetricsExposer: serves GET /metrics in the Prometheus text format 0.0.4 from one or
 // more Registries over HTTP (civetweb), for Prometheus to scrape. Every other path is
 // 404, every other method 405. The server runs on its own threads; the destructor stops
-// it and waits for requests in flight, so the registries must outlive the exposer. That
-// takes up to about 2 s: civetweb's accept loop polls in steps of that length.
+// it and waits for requests in flight, so the registries must outlive the exposer.
 #pragma once
 
 #include <memory>
@@ -46,6 +45,7 @@ class MetricsExposer {
   const std::vector<const Registry*> registries_;
   mg_context* context_ = nullptr;
   int port_ = 0;
+  std::string wake_host_ = "127.0.0.1";  // where the destructor connects to stop at once
 };
 
 }  // namespace moemesh::metrics

@@ -23,6 +23,7 @@ namespace moemesh::metrics {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 template <typename T>
 T* Ok(absl::StatusOr<T*> result) {
@@ -135,6 +136,24 @@ TEST(MetricsTest, ExpositionGolden) {
             "# TYPE requests_total counter\n"
             "requests_total{method=\"get\"} 3\n"
             "requests_total{method=\"post\"} 1.5\n");
+}
+
+TEST(MetricsTest, ComputedGaugeFollowsItsSource) {
+  Registry registry;
+  std::vector<std::pair<std::string, double>> source = {{"b", 2}, {"a", 1}};
+  ASSERT_TRUE(AddComputedGauge(registry, "epoch_info", "Computed.", [&](std::vector<Sample>* out) {
+                for (const auto& [name, value] : source) out->push_back({"", {{"k", name}}, value});
+              }).ok());
+  // Sorted by labels, whatever order the callback gives.
+  EXPECT_THAT(registry.Serialize(), HasSubstr("epoch_info{k=\"a\"} 1\nepoch_info{k=\"b\"} 2\n"));
+  source = {{"c", 3}};  // series that disappear from the source disappear from the output
+  const std::string text = registry.Serialize();
+  EXPECT_THAT(text, HasSubstr("epoch_info{k=\"c\"} 3\n"));
+  EXPECT_THAT(text, Not(HasSubstr("k=\"a\"")));
+  EXPECT_EQ(AddComputedGauge(registry, "epoch_info", "Again.", [](std::vector<Sample>*) {}).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(AddComputedGauge(registry, "bad name", "X.", [](std::vector<Sample>*) {}).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(MetricsTest, LabelValueEscaping) {

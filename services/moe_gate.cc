@@ -52,7 +52,7 @@ void MoeGate::Route(const float* x, int64_t T, int32_t* topk_ids, float* topk_we
   const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
   float* logits = Sized(ws->logits, T * E);
   const bool expert_choice = options_.mode == RoutingMode::kExpertChoice;
-  float* scores = expert_choice ? Sized(ws->scores, T * E) : nullptr;
+  float* scores = expert_choice || ws->want_prob_sums ? Sized(ws->scores, T * E) : nullptr;
   const float* bias = gate_.bias.raw() ? gate_.bias.data<float>() : nullptr;
   const float* correction =
       gate_.correction_bias.raw() ? gate_.correction_bias.data<float>() : nullptr;
@@ -68,6 +68,21 @@ void MoeGate::Route(const float* x, int64_t T, int32_t* topk_ids, float* topk_we
     RouteTopK(config_.routing, lg, n, correction, topk_ids + t0 * k, topk_weights + t0 * k,
               scores ? scores + t0 * E : nullptr);
   });
+
+  if (ws->want_prob_sums) {
+    ws->prob_sums.assign(E, 0.0);
+    const bool normalise = config_.routing.scoring == Scoring::kSigmoid;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* p = scores + t * E;
+      double scale = 1.0;
+      if (normalise) {
+        double sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += p[e];
+        scale = sum > 0 ? 1.0 / sum : 0.0;
+      }
+      for (int64_t e = 0; e < E; ++e) ws->prob_sums[e] += p[e] * scale;
+    }
+  }
 
   DispatchPlan& plan = ws->plan;
   if (!expert_choice) {

@@ -45,6 +45,11 @@ class MoeGate {
   struct Workspace {
     DispatchPlan plan;
     std::vector<float> logits, scores, shared_gu, shared_h, shared_y;
+    // Set by the caller: Route also fills prob_sums [E] with each expert's router
+    // probability summed over the tokens (load statistics; sigmoid scores are
+    // normalised per token to sum to 1 first, as DeepSeek-V3's balance loss does).
+    bool want_prob_sums = false;
+    std::vector<double> prob_sums;
   };
 
   static absl::StatusOr<std::unique_ptr<MoeGate>> Create(const Checkpoint& ckpt,

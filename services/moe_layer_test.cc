@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "services/checkpoint.h"
+#include "services/moe_gate.h"
 #include "services/model_generator.h"
 
 namespace moemesh {
@@ -120,6 +121,53 @@ TEST_P(FamilyTest, ConcurrentCallersGetIdenticalBits) {
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(mismatches.load(), 0);
+}
+
+// The load statistics' input: each token's router probabilities (softmax, or sigmoid
+// normalised per token), summed per expert; asking for them changes no routing.
+TEST_P(FamilyTest, GateSumsRouterProbabilities) {
+  Model m = Generate(GetParam());
+  const int64_t layer = m.config.MoeLayers().front();
+  auto gate = MoeGate::Create(*m.ckpt, m.config, layer).value();
+  const int64_t T = 37, H = m.config.hidden_size, E = m.config.num_experts, k = m.config.top_k;
+  const Tensor x = RandomInput(T, H, 21);
+  std::vector<int32_t> ids(T * k), ids_with(T * k);
+  std::vector<float> w(T * k), w_with(T * k);
+  MoeGate::Workspace plain, with;
+  with.want_prob_sums = true;
+  gate->Route(x.data<float>(), T, ids.data(), w.data(), &plain);
+  gate->Route(x.data<float>(), T, ids_with.data(), w_with.data(), &with);
+  EXPECT_EQ(ids, ids_with);
+  EXPECT_EQ(w, w_with);
+  EXPECT_TRUE(plain.prob_sums.empty());
+  ASSERT_EQ(static_cast<int64_t>(with.prob_sums.size()), E);
+
+  const GateWeights& g = gate->weights();
+  std::vector<double> want(E, 0.0);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> p(E);
+    double sum = 0, max = -1e300;
+    for (int64_t e = 0; e < E; ++e) {
+      double z = g.bias.raw() ? g.bias.data<float>()[e] : 0.0;
+      for (int64_t h = 0; h < H; ++h) {
+        z += double(x.data<float>()[t * H + h]) * g.weight.data<float>()[e * H + h];
+      }
+      p[e] = z;
+      max = std::max(max, z);
+    }
+    const bool sigmoid = m.config.routing.scoring == Scoring::kSigmoid;
+    for (int64_t e = 0; e < E; ++e) {
+      p[e] = sigmoid ? 1.0 / (1.0 + std::exp(-p[e])) : std::exp(p[e] - max);
+      sum += p[e];
+    }
+    for (int64_t e = 0; e < E; ++e) want[e] += p[e] / sum;
+  }
+  double total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    EXPECT_NEAR(with.prob_sums[e], want[e], 1e-4) << "expert " << e;
+    total += with.prob_sums[e];
+  }
+  EXPECT_NEAR(total, static_cast<double>(T), 1e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Generated, FamilyTest,

@@ -126,6 +126,23 @@ TEST(CliTest, BadInputsFailWithAMessageNamingTheProblem) {
   EXPECT_EQ(Moemesh("frobnicate").exit_code, 2);
 }
 
+TEST(CliTest, BadMetricsFlagsFailWithAMessage) {
+  const std::string m = "--model tests/fixtures/mixtral";
+  const std::pair<std::string, std::string> cases[] = {
+      {"expert " + m + " --metrics-listen 127.0.0.1:0 --expert-metrics 9", "--expert-metrics"},
+      {"expert " + m + " --metrics-listen 127.0.0.1:0 --expert-metrics few", "'few'"},
+      {"expert " + m + " --metrics-listen nonsense", "metrics listen 'nonsense'"},
+      {"router " + m + " --endpoints a:1 --metrics-listen 127.0.0.1:0 --expert-metrics 5",
+       "--expert-metrics"},
+      {"router " + m + " --endpoints a:1 --load-window-s 0", "--load-window-s"},
+  };
+  for (const auto& [args, needle] : cases) {
+    CliRun r = Moemesh(args);
+    EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << args << "\n" << r.output;
+  }
+}
+
 TEST(CliTest, DemoRunsEveryMoeLayer) {
   CliRun r = Moemesh("demo --in-process --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
                   "--layers 3 --tokens 16 --iters 1");

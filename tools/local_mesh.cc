@@ -15,10 +15,28 @@
 
 namespace moemesh {
 
-std::vector<std::string> LocalMesh::ExpertArgs(int i, const std::string& listen) const {
-  return {options_.moemesh_binary, "expert", "--model", options_.model_dir, "--listen", listen,
-          "--service-id", absl::StrCat("expert-", i), "--experts", specs_[i], "--threads",
-          absl::StrCat(options_.expert_threads)};
+std::vector<std::string> LocalMesh::ExpertArgs(int i, const std::string& listen,
+                                               const std::string& metrics_listen) const {
+  std::vector<std::string> args = {
+      options_.moemesh_binary, "expert", "--model", options_.model_dir, "--listen", listen,
+      "--service-id", absl::StrCat("expert-", i), "--experts", specs_[i], "--threads",
+      absl::StrCat(options_.expert_threads)};
+  if (options_.metrics) {
+    args.push_back("--metrics-listen");
+    args.push_back(metrics_listen);
+  }
+  args.insert(args.end(), options_.expert_flags.begin(), options_.expert_flags.end());
+  return args;
+}
+
+absl::Status LocalMesh::WaitStarted(const LocalMeshOptions& options, ChildProcess& p,
+                                    std::string* endpoint, std::string* metrics_url) {
+  const auto timeout = std::chrono::seconds(120);
+  if (options.metrics) {
+    ASSIGN_OR_RETURN(*metrics_url, p.WaitForLine("metrics on ", timeout));
+  }
+  ASSIGN_OR_RETURN(*endpoint, p.WaitListening(timeout));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptions& options) {
@@ -41,12 +59,14 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
     mesh->specs_.push_back(parts.empty() ? "none" : absl::StrJoin(parts, ";"));
   }
   for (int i = 0; i < options.num_expert_services; ++i) {
-    ASSIGN_OR_RETURN(auto p, ChildProcess::Start(mesh->ExpertArgs(i, "127.0.0.1:0")));
+    ASSIGN_OR_RETURN(auto p, ChildProcess::Start(mesh->ExpertArgs(i, "127.0.0.1:0", "127.0.0.1:0")));
     mesh->experts_.push_back(std::move(p));
   }
   for (auto& p : mesh->experts_) {
-    ASSIGN_OR_RETURN(std::string endpoint, p->WaitListening(std::chrono::seconds(120)));
+    std::string endpoint, metrics_url;
+    RETURN_IF_ERROR(WaitStarted(options, *p, &endpoint, &metrics_url));
     mesh->expert_endpoints_.push_back(endpoint);
+    mesh->expert_metrics_urls_.push_back(metrics_url);
   }
   // The same table with the real endpoints.
   nlohmann::json json = draft.ToJson();
@@ -62,7 +82,9 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
                                ? std::filesystem::temp_directory_path().string()
                                : options.work_dir;
   const std::string placement_file =
-      (std::filesystem::path(work) / absl::StrCat("placement-", ::getpid(), ".json")).string();
+      (std::filesystem::path(work) / absl::StrCat("placement-", ::getpid(), "-", reinterpret_cast<uintptr_t>(mesh.get()), ".json"))
+          .string();
+  mesh->placement_file_ = placement_file;
   {
     std::ofstream f(placement_file);
     f << json.dump(2);
@@ -71,16 +93,36 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
       options.moemesh_binary, "router", "--model", options.model_dir, "--placement-file",
       placement_file, "--listen", absl::StrCat("127.0.0.1:", options.router_port), "--wire",
       options.wire};
+  if (options.metrics) {
+    router_args.push_back("--metrics-listen");
+    router_args.push_back("127.0.0.1:0");
+  }
   router_args.insert(router_args.end(), options.router_flags.begin(), options.router_flags.end());
   ASSIGN_OR_RETURN(mesh->router_, ChildProcess::Start(router_args));
-  ASSIGN_OR_RETURN(mesh->router_endpoint_, mesh->router_->WaitListening(std::chrono::seconds(120)));
+  RETURN_IF_ERROR(WaitStarted(options, *mesh->router_, &mesh->router_endpoint_,
+                              &mesh->router_metrics_url_));
   return mesh;
+}
+
+LocalMesh::~LocalMesh() {
+  router_.reset();
+  experts_.clear();
+  std::error_code ignored;
+  if (!placement_file_.empty()) std::filesystem::remove(placement_file_, ignored);
 }
 
 absl::Status LocalMesh::RestartExpert(int i) {
   experts_[i].reset();
-  ASSIGN_OR_RETURN(experts_[i], ChildProcess::Start(ExpertArgs(i, expert_endpoints_[i])));
-  return experts_[i]->WaitListening(std::chrono::seconds(120)).status();
+  // The same metrics port: "http://HOST:PORT/metrics" → "HOST:PORT".
+  std::string metrics_listen;
+  if (options_.metrics) {
+    const std::string& url = expert_metrics_urls_[i];
+    metrics_listen = url.substr(7, url.rfind("/metrics") - 7);
+  }
+  ASSIGN_OR_RETURN(experts_[i],
+                   ChildProcess::Start(ExpertArgs(i, expert_endpoints_[i], metrics_listen)));
+  std::string endpoint, metrics_url;
+  return WaitStarted(options_, *experts_[i], &endpoint, &metrics_url);
 }
 
 absl::Status LocalMesh::WaitReady(std::chrono::milliseconds timeout) {

@@ -33,15 +33,25 @@ struct LocalMeshOptions {
   std::string endpoint_host = "127.0.0.1";
   // More `moemesh router` flags (e.g. {"--timeout-ms", "500"}).
   std::vector<std::string> router_flags;
+  // More `moemesh expert` flags, for every expert service.
+  std::vector<std::string> expert_flags;
+  // Every service serves Prometheus metrics on a free loopback port (metrics_urls()).
+  bool metrics = false;
 };
 
 class LocalMesh {
  public:
   static absl::StatusOr<std::unique_ptr<LocalMesh>> Start(const LocalMeshOptions& options);
+  // Stops the services (SIGTERM) and removes the placement file.
+  ~LocalMesh();
 
   const std::string& router_endpoint() const { return router_endpoint_; }
   const std::vector<std::string>& expert_endpoints() const { return expert_endpoints_; }
   const PlacementTable& placement() const { return placement_; }
+  // With options.metrics: "http://127.0.0.1:PORT/metrics" of the router, and of each
+  // expert service (a restarted one keeps its port).
+  const std::string& router_metrics_url() const { return router_metrics_url_; }
+  const std::vector<std::string>& expert_metrics_urls() const { return expert_metrics_urls_; }
   ChildProcess& expert_process(int i) { return *experts_[i]; }
   ChildProcess& router_process() { return *router_; }
   // Starts expert service i again on its old port (after it was stopped).
@@ -51,7 +61,11 @@ class LocalMesh {
 
  private:
   LocalMesh() = default;
-  std::vector<std::string> ExpertArgs(int i, const std::string& listen) const;
+  std::vector<std::string> ExpertArgs(int i, const std::string& listen,
+                                      const std::string& metrics_listen) const;
+  // Reads the "metrics on URL" line (with options_.metrics), then "listening on".
+  static absl::Status WaitStarted(const LocalMeshOptions& options, ChildProcess& p,
+                                  std::string* endpoint, std::string* metrics_url);
 
   LocalMeshOptions options_;
   PlacementTable placement_;
@@ -60,6 +74,9 @@ class LocalMesh {
   std::vector<std::string> expert_endpoints_;
   std::unique_ptr<ChildProcess> router_;
   std::string router_endpoint_;
+  std::string placement_file_;
+  std::string router_metrics_url_;
+  std::vector<std::string> expert_metrics_urls_;
 };
 
 // A KServe v2 client for the router's ModelInfer.

@@ -161,6 +161,14 @@ absl::Status RunInProcessDemo(const std::vector<std::string>& argv) {
   if (tokens <= 0 || iters <= 0) return absl::InvalidArgumentError("--tokens and --iters must be positive");
   ASSIGN_OR_RETURN(MoeLayerOptions options, LayerOptions(args));
   std::string dir = args.String("model", "");
+  // A model generated here is removed however the demo ends.
+  struct RemoveGenerated {
+    std::string dir;
+    ~RemoveGenerated() {
+      std::error_code ignored;
+      if (!dir.empty()) std::filesystem::remove_all(dir, ignored);
+    }
+  } generated;
   if (dir.empty()) {
     if (!args.Has("family")) with_family.push_back("--family=mixtral");
     ASSIGN_OR_RETURN(CliArgs gen_args, CliArgs::Parse(with_family, flags, {"expert-choice", "in-process"}));
@@ -169,6 +177,7 @@ absl::Status RunInProcessDemo(const std::vector<std::string>& argv) {
            absl::StrCat("moemesh-demo-", FamilyName(o.family), "-", ::getpid()))
               .string();
     RETURN_IF_ERROR(GenerateModel(dir, o));
+    generated.dir = dir;
     std::printf("generated %s model in %s (H=%lld I=%lld E=%lld k=%lld, %lld layers)\n",
                 std::string(FamilyName(o.family)).c_str(), dir.c_str(), (long long)o.hidden,
                 (long long)o.intermediate, (long long)o.experts, (long long)o.top_k,
@@ -237,6 +246,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
         "positive --tokens/--requests and 1 <= --concurrency <= 256");
   }
   mo.num_expert_services = static_cast<int>(services);
+  mo.metrics = true;
   mo.replicas = static_cast<int>(replicas);
   mo.router_port = static_cast<int>(port);
   ASSIGN_OR_RETURN(mo.policy, ParsePlacementPolicy(args.String("placement", "contiguous")));
@@ -244,6 +254,14 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   if (mo.wire != "f32" && mo.wire != "bf16") return absl::InvalidArgumentError("--wire must be f32 or bf16");
 
   std::string dir = args.String("model", "");
+  // A model generated here is removed however the demo ends.
+  struct RemoveGenerated {
+    std::string dir;
+    ~RemoveGenerated() {
+      std::error_code ignored;
+      if (!dir.empty()) std::filesystem::remove_all(dir, ignored);
+    }
+  } generated;
   if (dir.empty()) {
     std::vector<std::string> gen = argv;
     if (!args.Has("family")) gen.push_back("--family=mixtral");
@@ -252,6 +270,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
     dir = (std::filesystem::temp_directory_path() /
            absl::StrCat("moemesh-demo-", FamilyName(o.family), "-", ::getpid())).string();
     RETURN_IF_ERROR(GenerateModel(dir, o));
+    generated.dir = dir;
     std::printf("generated a %s model in %s (H=%lld I=%lld E=%lld k=%lld, %lld layers)\n",
                 FamilyName(o.family), dir.c_str(), (long long)o.hidden, (long long)o.intermediate,
                 (long long)o.experts, (long long)o.top_k, (long long)o.layers);
@@ -275,6 +294,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   RETURN_IF_ERROR(mesh->WaitReady(std::chrono::seconds(60)));
   std::printf("router (KServe v2 gRPC) at %s; expert services at %s\n", mesh->router_endpoint().c_str(),
               absl::StrJoin(mesh->expert_endpoints(), ", ").c_str());
+  std::printf("metrics: router %s; expert services %s\n", mesh->router_metrics_url().c_str(),
+              absl::StrJoin(mesh->expert_metrics_urls(), ", ").c_str());
 
   // Workload: `requests` calls of `tokens` tokens, layers in turn, `concurrency` clients.
   std::vector<Tensor> inputs;
@@ -330,7 +351,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   for (const auto& l : load.layers()) {
     std::printf("  layer %3lld:", (long long)l.layer());
     for (int64_t v : l.tokens()) std::printf(" %6lld", (long long)v);
-    std::printf("\n");
+    std::printf("   imbalance %.2f, balance statistic %.2f (last %.1f s)\n", l.imbalance(),
+                l.balance_statistic(), l.window_seconds());
   }
   std::printf("\nplacement (epoch %llu):\n", (unsigned long long)mesh->placement().epoch());
   for (const std::string& ep : mesh->placement().endpoints()) {
@@ -344,6 +366,21 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   if (args.Has("serve")) {
     std::printf("\nserving: KServe v2 ModelInfer at %s (model 'moe'); Ctrl-C to stop\n",
                 mesh->router_endpoint().c_str());
+    // "http://HOST:PORT/metrics" → "HOST:PORT", for a Prometheus static_configs entry.
+    auto target = [](const std::string& url) {
+      return absl::StrCat("'", url.substr(7, url.rfind("/metrics") - 7), "'");
+    };
+    std::vector<std::string> experts;
+    for (const std::string& url : mesh->expert_metrics_urls()) experts.push_back(target(url));
+    std::printf("metrics (Prometheus text format):\n  router  %s\n", mesh->router_metrics_url().c_str());
+    for (const std::string& url : mesh->expert_metrics_urls()) std::printf("  expert  %s\n", url.c_str());
+    std::printf("scrape them with this prometheus.yml (see deploy/README.md for Grafana):\n"
+                "  scrape_configs:\n"
+                "    - job_name: moemesh-router\n"
+                "      static_configs: [{targets: [%s]}]\n"
+                "    - job_name: moemesh-expert\n"
+                "      static_configs: [{targets: [%s]}]\n",
+                target(mesh->router_metrics_url()).c_str(), absl::StrJoin(experts, ", ").c_str());
     std::fflush(stdout);
     BlockStopSignals();
     WaitForStopSignal();
