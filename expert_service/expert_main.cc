@@ -19,10 +19,11 @@ constexpr char kUsage[] =
     "  [--experts all|none|E0-E1,E|L:E0-E1;L:E,...] [--max-message-mb N] [--threads N]\n"
     "  --experts: what to load at start (default all): every expert of every MoE layer,\n"
     "  none, the listed experts of every MoE layer, or per layer\n"
-    "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
+    "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L] [--transport grpc|ucx]\n"
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
-    "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n";
+    "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
+    "  --transport ucx: also serve Compute over UCX (experimental, in progress)\n";
 
 // How long a stop signal leaves in-flight calls to finish.
 constexpr auto kDrainTime = std::chrono::seconds(10);
@@ -30,7 +31,8 @@ constexpr auto kDrainTime = std::chrono::seconds(10);
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
                                                        "max-message-mb", "threads",
-                                                       "metrics-listen", "expert-metrics"}));
+                                                       "metrics-listen", "expert-metrics",
+                                                       "transport"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -39,6 +41,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
   if (mb <= 0 || mb > 2047)
     return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
   o.max_message_bytes = static_cast<int>(mb << 20);
+  const std::string transport = args.String("transport", "grpc");
+  if (transport != "grpc" && transport != "ucx") {
+    return absl::InvalidArgumentError("--transport must be grpc or ucx");
+  }
+  o.ucx = transport == "ucx";
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

@@ -295,6 +295,27 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
   return absl::OkStatus();
 }
 
+absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, v1::ComputeResponse* resp,
+                                       const std::function<bool()>& cancelled) {
+  const auto received = std::chrono::steady_clock::now();
+  ++in_flight_;
+  absl::Status s;
+  {
+    // At most compute_threads calls compute at once; the rest wait their turn here.
+    ConcurrencyLimit::Slot slot(*computing_);
+    s = cancelled() ? absl::CancelledError("the caller cancelled before the call ran")
+                    : Compute(req, resp);
+  }
+  if (!s.ok()) resp->Clear();
+  --in_flight_;
+  if (Metrics* m = metrics_.get()) {
+    m->requests->Increment(s.code());
+    m->latency->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - received).count());
+  }
+  return s;
+}
+
 // A synchronous service: each call runs on the gRPC thread that received it, so a
 // Compute starts without waking another thread (on an idle machine every wake-up costs
 // tens of microseconds). gRPC adds threads while all are busy.
@@ -304,23 +325,7 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status Compute(grpc::ServerContext* ctx, const v1::ComputeRequest* req,
                        v1::ComputeResponse* resp) override {
-    const auto received = std::chrono::steady_clock::now();
-    ++server_->in_flight_;
-    absl::Status s;
-    {
-      // At most compute_threads calls compute at once; the rest wait their turn here.
-      ConcurrencyLimit::Slot slot(*server_->computing_);
-      s = ctx->IsCancelled() ? absl::CancelledError("the caller cancelled before the call ran")
-                             : server_->Compute(*req, resp);
-    }
-    if (!s.ok()) resp->Clear();
-    --server_->in_flight_;
-    if (Metrics* m = server_->metrics_.get()) {
-      m->requests->Increment(s.code());
-      m->latency->Observe(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - received).count());
-    }
-    return ToGrpcStatus(s);
+    return ToGrpcStatus(server_->ServeCompute(*req, resp, [ctx] { return ctx->IsCancelled(); }));
   }
 
   grpc::Status LoadExperts(grpc::ServerContext*, const v1::LoadExpertsRequest* req,
@@ -352,6 +357,7 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     }
     resp->set_weight_bytes(server_->store_->weight_bytes());
     resp->set_service_id(server_->options_.service_id);
+    if (server_->ucx_ != nullptr) resp->set_ucx_worker_address(server_->ucx_->worker_address());
     return grpc::Status::OK;
   }
 
@@ -378,6 +384,14 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   // Parallelism comes from the pool; a multi-threaded BLAS inside each task would
   // oversubscribe the cores.
   SetBlasThreads(1);
+  if (s->options_.ucx) {
+    ASSIGN_OR_RETURN(s->ucx_, UcxComputeServer::Create(
+                                  [raw = s.get()](const v1::ComputeRequest& req,
+                                                  v1::ComputeResponse* resp) {
+                                    return raw->ServeCompute(req, resp, [] { return false; });
+                                  },
+                                  s->options_.compute_threads, s->options_.max_message_bytes));
+  }
   s->service_ = std::make_unique<Service>(s.get());
   ASSIGN_OR_RETURN(StartedServer started,
                    StartGrpcServer({s->options_.listen, s->options_.max_message_bytes},

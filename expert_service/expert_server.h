@@ -42,6 +42,7 @@
 #include "services/concurrency_limit.h"
 #include "services/load_stats.h"
 #include "services/metrics.h"
+#include "services/ucx_transport.h"
 
 namespace moemesh {
 
@@ -66,6 +67,9 @@ struct ExpertServerOptions {
   metrics::Registry* registry = nullptr;
   // Which per-expert series to export (ExpertSeriesSelection::Parse).
   std::string expert_metrics = "auto";
+  // Also serve Compute over UCX (services/ucx_transport.h); Info then carries the
+  // worker address. gRPC serves every call either way.
+  bool ucx = false;
 
   absl::Status Validate() const;
 };
@@ -110,6 +114,10 @@ class ExpertServer {
 
   // The body of the Compute RPC.
   absl::Status Compute(const v1::ComputeRequest& request, v1::ComputeResponse* response);
+  // Compute with the accounting every transport shares: in-flight count, the
+  // compute_threads limit, metrics.
+  absl::Status ServeCompute(const v1::ComputeRequest& request, v1::ComputeResponse* response,
+                            const std::function<bool()>& cancelled);
 
   ExpertServerOptions options_;
   std::unique_ptr<ExpertStore> store_;
@@ -131,6 +139,9 @@ class ExpertServer {
   };
   std::mutex scratch_mu_;
   std::vector<std::unique_ptr<Scratch>> free_scratch_;  // guarded by scratch_mu_
+
+  // Last: destroyed first, while everything its computing threads use is still there.
+  std::unique_ptr<UcxComputeServer> ucx_;
 };
 
 }  // namespace moemesh

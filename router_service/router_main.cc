@@ -6,6 +6,7 @@
 #include "absl/strings/str_split.h"
 #include "router_service/router_server.h"
 #include "services/metrics_exposer.h"
+#include "services/ucx_transport.h"
 #include "services/allocator.h"
 #include "services/signals.h"
 #include "services/status_macros.h"
@@ -18,10 +19,12 @@ const char kRouterUsage[] =
     "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
     "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
-    "  [--load-window-s S]\n"
+    "  [--load-window-s S] [--transport grpc|ucx]\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
-    "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n";
+    "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n"
+    "  --transport ucx: token data over UCX (experimental, in progress; the services must run with\n"
+    "    --transport ucx; UCX_TLS etc. from the environment); gRPC stays the control plane\n";
 
 namespace {
 
@@ -30,7 +33,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
                    CliArgs::Parse(argv, {"model", "endpoints", "placement-file", "listen",
                                          "placement", "replicas", "wire", "model-name",
                                          "max-message-mb", "timeout-ms", "capacity-factor",
-                                         "metrics-listen", "expert-metrics", "load-window-s"}));
+                                         "metrics-listen", "expert-metrics", "load-window-s",
+                                         "transport"}));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
@@ -79,11 +83,15 @@ absl::Status Run(const std::vector<std::string>& argv) {
     ASSIGN_OR_RETURN(router_metrics, RouterMetrics::Create(registry, config, std::move(selection)));
     RETURN_IF_ERROR(metrics::AddProcessMetrics(registry));
   }
-  ASSIGN_OR_RETURN(auto router,
-                   MoeRouter::Create(ro,
-                                     std::make_shared<GrpcExpertTransport>(
-                                         GrpcTransportOptions{so.max_message_bytes}),
-                                     router_metrics));
+  std::shared_ptr<ExpertTransport> transport =
+      std::make_shared<GrpcExpertTransport>(GrpcTransportOptions{so.max_message_bytes});
+  const std::string transport_name = args.String("transport", "grpc");
+  if (transport_name == "ucx") {
+    ASSIGN_OR_RETURN(transport, UcxExpertTransport::Create(transport, so.max_message_bytes));
+  } else if (transport_name != "grpc") {
+    return absl::InvalidArgumentError("--transport must be grpc or ucx");
+  }
+  ASSIGN_OR_RETURN(auto router, MoeRouter::Create(ro, transport, router_metrics));
   ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {

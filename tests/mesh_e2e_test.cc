@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <functional>
 #include <cstring>
 #include <filesystem>
@@ -49,6 +50,9 @@ std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas,
   o.replicas = replicas;
   o.wire = wire;
   o.work_dir = ::testing::TempDir();
+  // The same suite runs once per data plane (ctest: mesh_e2e_test, mesh_e2e_ucx_*_test);
+  // UCX_TLS and the rest of UCX's environment pass through to the services.
+  if (const char* t = std::getenv("MOEMESH_TEST_TRANSPORT")) o.transport = t;
   if (edit) edit(&o);
   auto mesh = LocalMesh::Start(o);
   EXPECT_TRUE(mesh.ok()) << mesh.status();

@@ -25,6 +25,8 @@ std::vector<std::string> LocalMesh::ExpertArgs(int i, const std::string& listen,
     args.push_back("--metrics-listen");
     args.push_back(metrics_listen);
   }
+  args.push_back("--transport");
+  args.push_back(options_.transport);
   args.insert(args.end(), options_.expert_flags.begin(), options_.expert_flags.end());
   return args;
 }
@@ -97,6 +99,8 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
     router_args.push_back("--metrics-listen");
     router_args.push_back("127.0.0.1:0");
   }
+  router_args.push_back("--transport");
+  router_args.push_back(options.transport);
   router_args.insert(router_args.end(), options.router_flags.begin(), options.router_flags.end());
   ASSIGN_OR_RETURN(mesh->router_, ChildProcess::Start(router_args));
   RETURN_IF_ERROR(WaitStarted(options, *mesh->router_, &mesh->router_endpoint_,

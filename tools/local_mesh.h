@@ -37,6 +37,8 @@ struct LocalMeshOptions {
   std::vector<std::string> expert_flags;
   // Every service serves Prometheus metrics on a free loopback port (metrics_urls()).
   bool metrics = false;
+  // The data plane between router and expert services: "grpc" or "ucx".
+  std::string transport = "grpc";
 };
 
 class LocalMesh {

@@ -51,6 +51,7 @@ constexpr char kUsage[] =
     "  demo       [--model DIR | --family F and gen-model sizes] [--expert-services N]\n"
     "             [--replicas R] [--placement contiguous|round-robin] [--wire f32|bf16]\n"
     "             [--tokens T] [--requests N] [--concurrency C] [--serve] [--port P]\n"
+    "             [--transport grpc|ucx]\n"
     "             starts N expert services and a router on loopback, drives ModelInfer,\n"
     "             checks every answer against the in-process MoeLayer and reports;\n"
     "             --in-process [--iters N] runs the layers in this process instead\n"
@@ -229,9 +230,13 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   std::set<std::string> flags = kGenFlags;
   flags.erase("out");
   flags.insert({"model", "expert-services", "replicas", "placement", "wire", "tokens",
-                "requests", "concurrency", "serve", "port", "in-process"});
+                "requests", "concurrency", "serve", "port", "in-process", "transport"});
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, flags, {"serve", "in-process"}));
   LocalMeshOptions mo;
+  mo.transport = args.String("transport", "grpc");
+  if (mo.transport != "grpc" && mo.transport != "ucx") {
+    return absl::InvalidArgumentError("--transport must be grpc or ucx");
+  }
   mo.moemesh_binary = SelfExecutable();
   ASSIGN_OR_RETURN(int64_t services, args.Int("expert-services", 3));
   ASSIGN_OR_RETURN(int64_t replicas, args.Int("replicas", 1));

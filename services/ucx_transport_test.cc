@@ -1,0 +1,162 @@
+// UcxExpertTransport against UcxComputeServer in one process (two UCP workers talking
+// over whatever UCX_TLS selects): replies, errors, deadlines, a dead peer.
+#include "services/ucx_transport.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace moemesh {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+// Info answers with the servers' worker addresses, by endpoint name.
+class FakeControl : public ExpertTransport {
+ public:
+  std::unique_ptr<Exchange> NewExchange(Clock::time_point) override { return nullptr; }
+  absl::Status Info(const std::string& endpoint, Clock::time_point, v1::InfoResponse* r) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++info_calls_[endpoint];
+    auto it = addresses_.find(endpoint);
+    if (it == addresses_.end()) return absl::UnavailableError("no such service");
+    r->set_ucx_worker_address(it->second);
+    return absl::OkStatus();
+  }
+  void Set(const std::string& endpoint, const std::string& address) {
+    std::lock_guard<std::mutex> lock(mu_);
+    addresses_[endpoint] = address;
+  }
+  int info_calls(const std::string& endpoint) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return info_calls_[endpoint];
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<std::string, std::string> addresses_;
+  std::map<std::string, int> info_calls_;
+};
+
+// Echoes each batch's expert and rows back, or fails with the layer as the code.
+absl::Status Echo(const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+  if (req.layer() >= 100) return absl::Status(static_cast<absl::StatusCode>(req.layer() - 100), "asked to fail");
+  for (const auto& b : req.batches()) {
+    auto* o = resp->add_outputs();
+    o->set_expert(b.expert());
+    *o->mutable_rows() = b.rows();
+  }
+  return absl::OkStatus();
+}
+
+v1::ComputeRequest Request(int64_t layer, size_t bytes) {
+  v1::ComputeRequest r;
+  r.set_layer(layer);
+  auto* b = r.add_batches();
+  b->set_expert(3);
+  std::string data(bytes, '\0');
+  for (size_t i = 0; i < bytes; ++i) data[i] = static_cast<char>(i * 131 + layer);
+  b->mutable_rows()->set_data(data);
+  return r;
+}
+
+struct Result {
+  absl::Status status;
+  v1::ComputeResponse response;
+};
+
+std::vector<Result> Call(ExpertTransport& t, const std::vector<std::pair<std::string, v1::ComputeRequest>>& calls,
+                         milliseconds timeout = milliseconds(10000)) {
+  std::vector<Result> results(calls.size());
+  auto exchange = t.NewExchange(ExpertTransport::Clock::now() + timeout);
+  for (size_t i = 0; i < calls.size(); ++i) {
+    exchange->Start(calls[i].first, std::make_unique<v1::ComputeRequest>(calls[i].second),
+                    [&, i](const absl::Status& s, v1::ComputeResponse* r) {
+                      results[i].status = s;
+                      if (s.ok()) results[i].response = *r;
+                    });
+  }
+  exchange->Wait();
+  return results;
+}
+
+TEST(UcxTransportTest, RepliesEagerAndRendezvousAndErrors) {
+  auto control = std::make_shared<FakeControl>();
+  auto server = UcxComputeServer::Create(&Echo, 2, 64 << 20);
+  ASSERT_TRUE(server.ok()) << server.status();
+  control->Set("a", (*server)->worker_address());
+  auto t = UcxExpertTransport::Create(control);
+  ASSERT_TRUE(t.ok()) << t.status();
+  for (size_t bytes : {size_t{0}, size_t{100}, size_t{64 << 10}, size_t{4 << 20}}) {
+    SCOPED_TRACE(absl::StrCat(bytes, " bytes"));
+    const v1::ComputeRequest req = Request(1, bytes);
+    auto r = Call(**t, {{"a", req}, {"a", Request(2, bytes)}});
+    ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+    ASSERT_TRUE(r[1].status.ok()) << r[1].status;
+    ASSERT_EQ(r[0].response.outputs_size(), 1);
+    EXPECT_EQ(r[0].response.outputs(0).rows().data(), req.batches(0).rows().data());
+    EXPECT_EQ(r[1].response.outputs(0).rows().data(), Request(2, bytes).batches(0).rows().data());
+  }
+  auto failed = Call(**t, {{"a", Request(100 + 3, 10)}});  // INVALID_ARGUMENT from the service
+  EXPECT_EQ(failed[0].status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(failed[0].status.message(), "asked to fail");
+  auto unknown = Call(**t, {{"nowhere", Request(1, 10)}});
+  EXPECT_EQ(unknown[0].status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*t)->in_flight(), 0);
+}
+
+TEST(UcxTransportTest, HungServiceGivesDeadlineExceededAndLateRepliesAreDropped) {
+  auto control = std::make_shared<FakeControl>();
+  std::atomic<bool> hang{true};
+  std::atomic<int> computed{0};
+  auto server = UcxComputeServer::Create(
+      [&](const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+        while (hang) std::this_thread::sleep_for(milliseconds(5));
+        ++computed;
+        return Echo(req, resp);
+      },
+      1, 64 << 20);
+  ASSERT_TRUE(server.ok());
+  control->Set("a", (*server)->worker_address());
+  auto t = UcxExpertTransport::Create(control).value();
+  const auto start = std::chrono::steady_clock::now();
+  auto r = Call(*t, {{"a", Request(1, 1000)}}, milliseconds(300));
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(r[0].status.code(), absl::StatusCode::kDeadlineExceeded) << r[0].status;
+  EXPECT_LT(took, milliseconds(1500));
+  hang = false;  // the late reply arrives and must not be delivered anywhere
+  auto next = Call(*t, {{"a", Request(5, 1000)}});
+  ASSERT_TRUE(next[0].status.ok()) << next[0].status;
+  EXPECT_EQ(next[0].response.outputs(0).rows().data(), Request(5, 1000).batches(0).rows().data());
+  EXPECT_EQ(t->in_flight(), 0);
+}
+
+TEST(UcxTransportTest, DeadServiceIsUnavailableAndARestartedOneIsReconnected) {
+  auto control = std::make_shared<FakeControl>();
+  auto server = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
+  control->Set("a", server->worker_address());
+  auto t = UcxExpertTransport::Create(control).value();
+  ASSERT_TRUE(Call(*t, {{"a", Request(1, 10)}})[0].status.ok());
+  server.reset();  // the service goes away
+  auto r = Call(*t, {{"a", Request(1, 10)}}, milliseconds(5000));
+  EXPECT_TRUE(r[0].status.code() == absl::StatusCode::kUnavailable ||
+              r[0].status.code() == absl::StatusCode::kDeadlineExceeded)
+      << r[0].status;
+  // It comes back with a new worker address; the transport asks Info again.
+  auto again = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
+  control->Set("a", again->worker_address());
+  bool ok = false;
+  for (int i = 0; i < 50 && !ok; ++i) {
+    ok = Call(*t, {{"a", Request(1, 10)}}, milliseconds(2000))[0].status.ok();
+    if (!ok) std::this_thread::sleep_for(milliseconds(100));
+  }
+  EXPECT_TRUE(ok);
+  EXPECT_GE(control->info_calls("a"), 2);
+}
+
+}  // namespace
+}  // namespace moemesh
