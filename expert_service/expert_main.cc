@@ -77,9 +77,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(std::unique_ptr<ExpertServer> server, ExpertServer::Create(o));
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {
-    ASSIGN_OR_RETURN(exposer, metrics::MetricsExposer::Create({metrics_listen}, {&registry}));
-    std::printf("metrics on http://%s:%d/metrics\n",
-                metrics_listen.substr(0, metrics_listen.rfind(':')).c_str(), exposer->port());
+    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
   }
   std::fprintf(stderr, "expert service %s: %lld experts, %.1f MiB of weights\n",
                o.service_id.c_str(), static_cast<long long>(server->store().size()),

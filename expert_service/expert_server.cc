@@ -3,6 +3,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include <algorithm>
+#include <map>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -24,21 +25,35 @@ struct ExpertServer::Metrics {
   metrics::Histogram* batch_tokens = nullptr;
   metrics::Family<metrics::Counter>* tokens_family = nullptr;
   ExpertSeriesSelection selection;
-  // (layer, expert) → its counter, created on first use; null when not exported.
-  std::mutex mu;
-  std::map<ExpertKey, metrics::Counter*> tokens;  // guarded by mu
+  // Per exported layer (one shared array when summed): each expert's counter, created
+  // on its first rows, so only held experts have series. Immutable map after setup; the
+  // slots are atomics, so counting takes no lock.
+  using Slots = std::unique_ptr<std::atomic<metrics::Counter*>[]>;
+  std::map<int64_t, Slots> owned;
+  std::map<int64_t, std::atomic<metrics::Counter*>*> tokens;
+
+  void Setup(const MoeModelConfig& config) {
+    for (int64_t layer : config.MoeLayers()) {
+      if (!selection.LayerLabel(layer)) continue;
+      const int64_t key = selection.summed() ? -1 : layer;
+      Slots& slots = owned[key];
+      if (!slots) {
+        slots = std::make_unique<std::atomic<metrics::Counter*>[]>(config.num_experts);
+        for (int64_t e = 0; e < config.num_experts; ++e) slots[e] = nullptr;
+      }
+      tokens[layer] = slots.get();
+    }
+  }
 
   void CountRows(int64_t layer, int32_t expert, int64_t rows) {
-    const std::optional<std::string> label = selection.LayerLabel(layer);
-    if (!label || rows <= 0) return;
-    metrics::Counter* counter;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      metrics::Counter*& slot = tokens[{selection.summed() ? -1 : layer, expert}];
-      if (slot == nullptr) {
-        slot = &tokens_family->Add({{"layer", *label}, {"expert", absl::StrCat(expert)}});
-      }
-      counter = slot;
+    const auto it = tokens.find(layer);
+    if (it == tokens.end() || rows <= 0) return;
+    std::atomic<metrics::Counter*>& slot = it->second[expert];
+    metrics::Counter* counter = slot.load(std::memory_order_acquire);
+    if (counter == nullptr) {  // Family::Add returns the same counter to racing callers
+      counter = &tokens_family->Add(
+          {{"layer", *selection.LayerLabel(layer)}, {"expert", absl::StrCat(expert)}});
+      slot.store(counter, std::memory_order_release);
     }
     counter->Increment(static_cast<double>(rows));
   }
@@ -51,6 +66,7 @@ absl::Status ExpertServer::RegisterMetrics() {
   auto m = std::make_unique<Metrics>();
   ASSIGN_OR_RETURN(m->selection,
                    ExpertSeriesSelection::Parse(options_.expert_metrics, store_->config()));
+  m->Setup(store_->config());
   ASSIGN_OR_RETURN(auto* requests,
                    metrics::AddCounter(registry, "moemesh_expert_requests_total",
                                        "Compute calls answered, by gRPC status code."));

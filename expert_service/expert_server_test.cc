@@ -24,6 +24,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
+#include "services/metrics_testing.h"
 #include "services/model_generator.h"
 #include "services/grpc_server.h"
 #include "services/wire.h"
@@ -672,16 +673,7 @@ TEST(ExpertServiceProcessTest, BadFlagsExitNonZero) {
 namespace moemesh {
 namespace {
 
-// The value of the exposition line for `series` exactly; NaN when absent.
-double Sample(const std::string& text, const std::string& series) {
-  const std::string key = series + " ";
-  for (size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + 1)) {
-    if (at == 0 || text[at - 1] == '\n') {
-      return std::stod(text.substr(at + key.size(), text.find('\n', at) - at - key.size()));
-    }
-  }
-  return std::nan("");
-}
+using metrics::SampleValue;
 
 TEST(ExpertServerMetricsTest, CountsCallsRowsAndHeldExperts) {
   const std::string dir = Generate(SmallModel(ModelFamily::kQwen3Moe), "metrics");
@@ -689,10 +681,10 @@ TEST(ExpertServerMetricsTest, CountsCallsRowsAndHeldExperts) {
   metrics::Registry registry;
   ServerHarness h(dir, {{0, 1}, {0, 2}, {1, 2}}, 2, &registry);
   std::string text = registry.Serialize();
-  EXPECT_EQ(Sample(text, "moemesh_expert_experts_loaded"), 3);
-  EXPECT_EQ(Sample(text, "moemesh_expert_weight_bytes"),
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_experts_loaded"), 3);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_weight_bytes"),
             static_cast<double>(h.server().store().weight_bytes()));
-  EXPECT_EQ(Sample(text, "moemesh_expert_service_info{service_id=\"test-expert\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_service_info{service_id=\"test-expert\"}"), 1);
 
   v1::ComputeRequest req;
   req.set_layer(0);
@@ -715,20 +707,20 @@ TEST(ExpertServerMetricsTest, CountsCallsRowsAndHeldExperts) {
   EXPECT_EQ(h.Compute(req, &resp).code(), absl::StatusCode::kNotFound);
 
   text = registry.Serialize();
-  EXPECT_EQ(Sample(text, "moemesh_expert_requests_total{code=\"OK\"}"), 2);
-  EXPECT_EQ(Sample(text, "moemesh_expert_requests_total{code=\"NOT_FOUND\"}"), 1);
-  EXPECT_EQ(Sample(text, "moemesh_expert_compute_latency_seconds_count"), 3);
-  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_count"), 2);  // computed calls only
-  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_sum"), 24);
-  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_bucket{le=\"16\"}"), 2);
-  EXPECT_EQ(Sample(text, "moemesh_expert_batch_tokens_bucket{le=\"8\"}"), 0);
-  EXPECT_EQ(Sample(text, "moemesh_expert_tokens_total{expert=\"1\",layer=\"0\"}"), 10);
-  EXPECT_EQ(Sample(text, "moemesh_expert_tokens_total{expert=\"2\",layer=\"0\"}"), 14);
-  EXPECT_EQ(Sample(text, "moemesh_expert_inflight_requests"), 0);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_requests_total{code=\"OK\"}"), 2);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_requests_total{code=\"NOT_FOUND\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_compute_latency_seconds_count"), 3);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_batch_tokens_count"), 2);  // computed calls only
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_batch_tokens_sum"), 24);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_batch_tokens_bucket{le=\"16\"}"), 2);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_batch_tokens_bucket{le=\"8\"}"), 0);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_tokens_total{expert=\"1\",layer=\"0\"}"), 10);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_tokens_total{expert=\"2\",layer=\"0\"}"), 14);
+  EXPECT_EQ(SampleValue(text, "moemesh_expert_inflight_requests"), 0);
 
   // Unloading shows in the gauges at the next scrape.
   ASSERT_TRUE(h.server().store().Unload({{0, 1}}).ok());
-  EXPECT_EQ(Sample(registry.Serialize(), "moemesh_expert_experts_loaded"), 2);
+  EXPECT_EQ(SampleValue(registry.Serialize(), "moemesh_expert_experts_loaded"), 2);
 }
 
 TEST(ExpertServerMetricsTest, BadSelectionFailsCreate) {

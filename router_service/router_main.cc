@@ -95,9 +95,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {
-    ASSIGN_OR_RETURN(exposer, metrics::MetricsExposer::Create({metrics_listen}, {&registry}));
-    std::printf("metrics on http://%s:%d/metrics\n",
-                metrics_listen.substr(0, metrics_listen.rfind(':')).c_str(), exposer->port());
+    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
   }
   const std::string host = so.listen.substr(0, so.listen.rfind(':'));
   std::printf("listening on %s:%d\n", host.c_str(), server->port());

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
+#include "services/metrics_testing.h"
 #include "services/model_generator.h"
 #include "services/wire.h"
 #include "grpc_predict_v2.grpc.pb.h"
@@ -245,17 +246,7 @@ TEST(RouterServerTest, BusyPortIsAClearErrorNotACrash) {
 namespace moemesh {
 namespace {
 
-// The value of the exposition line that starts with `series` (name{labels} in the
-// registry's sorted label order); NaN when absent.
-double Sample(const std::string& text, const std::string& series) {
-  const std::string key = series + " ";
-  for (size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + 1)) {
-    if (at == 0 || text[at - 1] == '\n') {
-      return std::stod(text.substr(at + key.size(), text.find('\n', at) - at - key.size()));
-    }
-  }
-  return std::nan("");
-}
+using metrics::SampleValue;
 
 TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
   Fixture f = Make(ModelFamily::kMixtral);
@@ -277,7 +268,7 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
     const std::vector<int64_t> load = router->ExpertLoad(layer);
     double sum = 0;
     for (int64_t e = 0; e < E; ++e) {
-      const double v = Sample(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
+      const double v = SampleValue(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
                                                  "\",layer=\"", layer, "\"}"));
       // Only experts that got rows have a non-zero counter, but every one has a series.
       EXPECT_EQ(v, static_cast<double>(load[e])) << "layer " << layer << " expert " << e;
@@ -285,17 +276,17 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
     }
     EXPECT_EQ(sum, (layer == 0 ? 80 : 20) * k);
   }
-  EXPECT_EQ(Sample(text, "moemesh_router_tokens_total"), 100);
-  EXPECT_EQ(Sample(text, "moemesh_router_layer_latency_seconds_count"), 3);
-  EXPECT_EQ(Sample(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"a:1\"}"), 3);
-  EXPECT_EQ(Sample(text, "moemesh_router_placement_epoch"), 1);
-  EXPECT_EQ(Sample(text, "moemesh_router_destination_experts{destination=\"a:1\"}"), E);  // 2 layers × E/2
-  EXPECT_EQ(Sample(text, "moemesh_router_placement_info{expert=\"0\",layer=\"1\",replicas=\"a:1\"}"), 1);
-  EXPECT_EQ(Sample(text, "moemesh_router_dropped_tokens_total{layer=\"0\"}"), 0);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_tokens_total"), 100);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_layer_latency_seconds_count"), 3);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"a:1\"}"), 3);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_placement_epoch"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_destination_experts{destination=\"a:1\"}"), E);  // 2 layers × E/2
+  EXPECT_EQ(SampleValue(text, "moemesh_router_placement_info{expert=\"0\",layer=\"1\",replicas=\"a:1\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_dropped_tokens_total{layer=\"0\"}"), 0);
   // The gauges are the router's windowed statistics.
   const ExpertLoadWindow::Stats st = router->LoadStats(0);
-  EXPECT_EQ(Sample(text, "moemesh_router_expert_imbalance{layer=\"0\"}"), st.imbalance);
-  EXPECT_EQ(Sample(text, "moemesh_router_balance_statistic{layer=\"0\"}"), st.balance_statistic);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_expert_imbalance{layer=\"0\"}"), st.imbalance);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_balance_statistic{layer=\"0\"}"), st.balance_statistic);
   EXPECT_EQ(st.tokens, 80);
   EXPECT_EQ(st.counts, router->ExpertLoad(0));
   double p = 0;
@@ -309,8 +300,8 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
   EXPECT_EQ(router->Forward(0, Input(10, H), Deadline()).status().code(),
             absl::StatusCode::kUnavailable);
   text = registry.Serialize();
-  EXPECT_EQ(Sample(text, "moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"b:2\"}"), 1);
-  EXPECT_EQ(Sample(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"b:2\"}"), 4);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"b:2\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"b:2\"}"), 4);
 }
 
 TEST(RouterMetricsTest, SummedSelectionAddsLayersTogether) {
@@ -330,7 +321,7 @@ TEST(RouterMetricsTest, SummedSelectionAddsLayersTogether) {
   for (int64_t e = 0; e < f.config.num_experts; ++e) {
     double want = 0;
     for (int64_t layer : f.config.MoeLayers()) want += static_cast<double>(router->ExpertLoad(layer)[e]);
-    EXPECT_EQ(Sample(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
+    EXPECT_EQ(SampleValue(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
                                         "\",layer=\"all\"}")),
               want);
   }
@@ -374,9 +365,9 @@ TEST(RouterServerTest, ControlApiReportsWindowedLoadAndRequestCodes) {
               layer == 0 ? grpc::StatusCode::OK : grpc::StatusCode::INVALID_ARGUMENT);
   }
   const std::string text = registry.Serialize();
-  EXPECT_EQ(Sample(text, "moemesh_router_requests_total{code=\"OK\"}"), 1);
-  EXPECT_EQ(Sample(text, "moemesh_router_requests_total{code=\"INVALID_ARGUMENT\"}"), 1);
-  EXPECT_EQ(Sample(text, "moemesh_router_inflight_requests"), 0);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_requests_total{code=\"OK\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_requests_total{code=\"INVALID_ARGUMENT\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_inflight_requests"), 0);
 
   grpc::ClientContext ctx;
   v1::GetExpertLoadRequest req;

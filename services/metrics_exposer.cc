@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -99,6 +100,18 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Create(
   in_addr probe{};
   exposer->wake_host_ =
       host != "0.0.0.0" && ::inet_pton(AF_INET, host.c_str(), &probe) == 1 ? host : "127.0.0.1";
+  return exposer;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsExposer>> ServeMetrics(const std::string& listen,
+                                                             const Registry& registry) {
+  MetricsExposerOptions options;
+  options.listen = listen;
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> exposer = MetricsExposer::Create(options, {&registry});
+  if (!exposer.ok()) return exposer.status();
+  std::printf("metrics on http://%s:%d/metrics\n", listen.substr(0, listen.rfind(':')).c_str(),
+              (*exposer)->port());
+  std::fflush(stdout);
   return exposer;
 }
 

@@ -48,4 +48,9 @@ class MetricsExposer {
   std::string wake_host_ = "127.0.0.1";  // where the destructor connects to stop at once
 };
 
+// A service's metrics endpoint: an exposer of `registry` on `listen`, announced on
+// stdout as "metrics on http://HOST:PORT/metrics" (the line launchers wait for).
+absl::StatusOr<std::unique_ptr<MetricsExposer>> ServeMetrics(const std::string& listen,
+                                                             const Registry& registry);
+
 }  // namespace moemesh::metrics

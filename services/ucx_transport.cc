@@ -173,6 +173,26 @@ struct UcxExpertTransport::Peer {
 };
 
 struct UcxCallbacks {
+  // A rendezvous message (`desc` from an AM callback, which then returns UCS_INPROGRESS)
+  // fetched into `buffer` once that callback has returned; `done` runs with the outcome.
+  static void ReceiveRendezvous(UcxWorkerThread& worker, void* desc, void* buffer, size_t length,
+                                ucp_am_recv_data_nbx_callback_t done, void* user_data) {
+    worker.Post([w = worker.worker(), desc, buffer, length, done, user_data] {
+      ucp_request_param_t prm{};
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      prm.cb.recv_am = done;
+      prm.user_data = user_data;
+      const ucs_status_ptr_t req = ucp_am_recv_data_nbx(w, desc, buffer, length, &prm);
+      if (req == nullptr) {
+        done(nullptr, UCS_OK, length, user_data);
+      } else if (UCS_PTR_IS_ERR(req)) {
+        done(nullptr, UCS_PTR_STATUS(req), 0, user_data);
+      } else {
+        Release(req);
+      }
+    });
+  }
+
   // Client: a request's send finished (the payload may go).
   static void RequestSent(void*, ucs_status_t status, void* user_data) {
     auto* holder = static_cast<std::shared_ptr<UcxExpertTransport::Pending>*>(user_data);
@@ -232,22 +252,8 @@ struct UcxCallbacks {
       t->OnReply(h.id, h.code, static_cast<const char*>(data), length);
       return UCS_OK;
     }
-    // Rendezvous: the data is fetched once this callback has returned.
     auto* r = new ReplyRecv{t, h, Bytes::Uninitialized(length)};
-    t->worker_->Post([worker = t->worker_->worker(), data, length, r] {
-      ucp_request_param_t prm{};
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-      prm.cb.recv_am = &ReplyReceived;
-      prm.user_data = r;
-      const ucs_status_ptr_t req = ucp_am_recv_data_nbx(worker, data, r->bytes.data.get(), length, &prm);
-      if (req == nullptr) {
-        ReplyReceived(nullptr, UCS_OK, length, r);
-      } else if (UCS_PTR_IS_ERR(req)) {
-        ReplyReceived(nullptr, UCS_PTR_STATUS(req), 0, r);
-      } else {
-        Release(req);
-      }
-    });
+    ReceiveRendezvous(*t->worker_, data, r->bytes.data.get(), length, &ReplyReceived, r);
     return UCS_INPROGRESS;
   }
 
@@ -295,22 +301,8 @@ struct UcxCallbacks {
       server->Enqueue({param->reply_ep, h.id, {std::move(b.data), b.size}});
       return UCS_OK;
     }
-    // Rendezvous: the data is fetched once this callback has returned.
     auto* r = new RequestRecv{server, param->reply_ep, h.id, Bytes::Uninitialized(length)};
-    server->worker_->Post([worker = server->worker_->worker(), data, length, r] {
-      ucp_request_param_t prm{};
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-      prm.cb.recv_am = &RequestReceived;
-      prm.user_data = r;
-      const ucs_status_ptr_t req = ucp_am_recv_data_nbx(worker, data, r->bytes.data.get(), length, &prm);
-      if (req == nullptr) {
-        RequestReceived(nullptr, UCS_OK, length, r);
-      } else if (UCS_PTR_IS_ERR(req)) {
-        RequestReceived(nullptr, UCS_PTR_STATUS(req), 0, r);
-      } else {
-        Release(req);
-      }
-    });
+    ReceiveRendezvous(*server->worker_, data, r->bytes.data.get(), length, &RequestReceived, r);
     return UCS_INPROGRESS;
   }
 

@@ -7,8 +7,9 @@
 // Each side runs one UCP worker on a thread of its own (UcxWorkerThread): every UCX call
 // happens there; other threads hand it work, and it sleeps in epoll on the worker's
 // event fd when there is nothing to do (no busy polling). Messages:
-//   request  AM 1, header {magic, id}, data = serialized v1::ComputeRequest (UCX picks
-//            eager or rendezvous by size), sent with UCP_AM_SEND_FLAG_REPLY;
+//   request  AM 1, header {magic, id}, data = serialized v1::ComputeRequest, sent with
+//            UCP_AM_SEND_FLAG_REPLY. Sends are eager (fragmented) at every size for now:
+//            rendezvous stalled with UCX 1.13 here; receiving it is written and kept;
 //   reply    AM 2 on the request's reply endpoint, header {magic, id, status code},
 //            data = serialized v1::ComputeResponse, or the error message.
 //
@@ -18,8 +19,8 @@
 // deadline gives DEADLINE_EXCEEDED (a hung peer). A reply is delivered at most once: a
 // late one, for a call already ended, is dropped.
 //
-// Memory: payloads are host memory. Debian's UCX has no CUDA transports; device buffers
-// are staged through pinned host memory by the GPU expert service before they get here.
+// Memory: payloads are host memory only; the CUDA-memory path is not written yet.
+// Status: in progress (issue 6); not yet in ctest.
 #pragma once
 
 #include <atomic>

@@ -64,11 +64,6 @@ int FreePort() {
   return ntohs(a.sin_port);
 }
 
-// "http://HOST:PORT/metrics" → "HOST:PORT".
-std::string Target(const std::string& url) {
-  return url.substr(7, url.rfind("/metrics") - 7);
-}
-
 struct Series {
   std::map<std::string, std::string> labels;
   double value = 0;
@@ -168,7 +163,7 @@ class PrometheusE2eTest : public ::testing::Test {
 
     std::vector<std::string> experts;
     for (const auto& url : mesh_->expert_metrics_urls()) {
-      experts.push_back(absl::StrCat("'", Target(url), "'"));
+      experts.push_back(absl::StrCat("'", MetricsTarget(url), "'"));
     }
     std::vector<std::string> rules;
     for (const auto& f : fs::directory_iterator("deploy/prometheus/rules")) {
@@ -180,7 +175,7 @@ class PrometheusE2eTest : public ::testing::Test {
                           << "rule_files: [" << absl::StrJoin(rules, ", ") << "]\n"
                           << "scrape_configs:\n"
                           << "  - job_name: moemesh-router\n    static_configs: [{targets: ['"
-                          << Target(mesh_->router_metrics_url()) << "']}]\n"
+                          << MetricsTarget(mesh_->router_metrics_url()) << "']}]\n"
                           << "  - job_name: moemesh-expert\n    static_configs: [{targets: ["
                           << absl::StrJoin(experts, ", ") << "]}]\n";
     const int port = FreePort();
@@ -368,7 +363,7 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
     EXPECT_EQ(unavailable, 10) << "64 random tokens reach every expert, half of them on " << dead;
   }
   EXPECT_TRUE(prom.WaitFor(absl::StrCat("up{job=\"moemesh-expert\",instance=\"",
-                                        Target(mesh_->expert_metrics_urls()[1]), "\"}"),
+                                        MetricsTarget(mesh_->expert_metrics_urls()[1]), "\"}"),
                            [](const Series& s) { return s.value == 0; }, seconds(15)));
   EXPECT_TRUE(prom.WaitFor(absl::StrCat("moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"",
                                         dead, "\"}"),

@@ -108,6 +108,11 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
   return mesh;
 }
 
+std::string MetricsTarget(const std::string& url) {
+  const size_t begin = url.find("://") == std::string::npos ? 0 : url.find("://") + 3;
+  return url.substr(begin, url.find('/', begin) - begin);
+}
+
 LocalMesh::~LocalMesh() {
   router_.reset();
   experts_.clear();
@@ -117,12 +122,8 @@ LocalMesh::~LocalMesh() {
 
 absl::Status LocalMesh::RestartExpert(int i) {
   experts_[i].reset();
-  // The same metrics port: "http://HOST:PORT/metrics" → "HOST:PORT".
-  std::string metrics_listen;
-  if (options_.metrics) {
-    const std::string& url = expert_metrics_urls_[i];
-    metrics_listen = url.substr(7, url.rfind("/metrics") - 7);
-  }
+  // The same metrics port.
+  const std::string metrics_listen = options_.metrics ? MetricsTarget(expert_metrics_urls_[i]) : "";
   ASSIGN_OR_RETURN(experts_[i],
                    ChildProcess::Start(ExpertArgs(i, expert_endpoints_[i], metrics_listen)));
   std::string endpoint, metrics_url;

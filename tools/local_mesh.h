@@ -81,6 +81,10 @@ class LocalMesh {
   std::vector<std::string> expert_metrics_urls_;
 };
 
+// "http://HOST:PORT/metrics" (a service's printed metrics URL) → "HOST:PORT", as a
+// Prometheus target or a --metrics-listen value.
+std::string MetricsTarget(const std::string& url);
+
 // A KServe v2 client for the router's ModelInfer.
 class KServeClient {
  public:

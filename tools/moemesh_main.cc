@@ -58,6 +58,15 @@ constexpr char kUsage[] =
     "  router     the router service (moemesh router --help)\n"
     "  expert     an expert service (moemesh expert --help)\n";
 
+// Removes `dir` (when set) on destruction.
+struct RemovedAtExit {
+  std::string dir;
+  ~RemovedAtExit() {
+    std::error_code ignored;
+    if (!dir.empty()) std::filesystem::remove_all(dir, ignored);
+  }
+};
+
 absl::StatusOr<DType> ParseDType(const std::string& s) {
   const std::string l = absl::AsciiStrToLower(s);
   if (l == "f32" || l == "float32") return DType::kF32;
@@ -162,14 +171,7 @@ absl::Status RunInProcessDemo(const std::vector<std::string>& argv) {
   if (tokens <= 0 || iters <= 0) return absl::InvalidArgumentError("--tokens and --iters must be positive");
   ASSIGN_OR_RETURN(MoeLayerOptions options, LayerOptions(args));
   std::string dir = args.String("model", "");
-  // A model generated here is removed however the demo ends.
-  struct RemoveGenerated {
-    std::string dir;
-    ~RemoveGenerated() {
-      std::error_code ignored;
-      if (!dir.empty()) std::filesystem::remove_all(dir, ignored);
-    }
-  } generated;
+  RemovedAtExit generated;  // a model generated here goes however the demo ends
   if (dir.empty()) {
     if (!args.Has("family")) with_family.push_back("--family=mixtral");
     ASSIGN_OR_RETURN(CliArgs gen_args, CliArgs::Parse(with_family, flags, {"expert-choice", "in-process"}));
@@ -259,14 +261,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   if (mo.wire != "f32" && mo.wire != "bf16") return absl::InvalidArgumentError("--wire must be f32 or bf16");
 
   std::string dir = args.String("model", "");
-  // A model generated here is removed however the demo ends.
-  struct RemoveGenerated {
-    std::string dir;
-    ~RemoveGenerated() {
-      std::error_code ignored;
-      if (!dir.empty()) std::filesystem::remove_all(dir, ignored);
-    }
-  } generated;
+  RemovedAtExit generated;  // a model generated here goes however the demo ends
   if (dir.empty()) {
     std::vector<std::string> gen = argv;
     if (!args.Has("family")) gen.push_back("--family=mixtral");
@@ -371,10 +366,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   if (args.Has("serve")) {
     std::printf("\nserving: KServe v2 ModelInfer at %s (model 'moe'); Ctrl-C to stop\n",
                 mesh->router_endpoint().c_str());
-    // "http://HOST:PORT/metrics" → "HOST:PORT", for a Prometheus static_configs entry.
-    auto target = [](const std::string& url) {
-      return absl::StrCat("'", url.substr(7, url.rfind("/metrics") - 7), "'");
-    };
+    auto target = [](const std::string& url) { return absl::StrCat("'", MetricsTarget(url), "'"); };
     std::vector<std::string> experts;
     for (const std::string& url : mesh->expert_metrics_urls()) experts.push_back(target(url));
     std::printf("metrics (Prometheus text format):\n  router  %s\n", mesh->router_metrics_url().c_str());
