@@ -2,11 +2,14 @@
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <ucp/api/ucp.h>
+#include <ucs/config/global_opts.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
-#include <set>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 
@@ -15,11 +18,23 @@ namespace {
 
 constexpr uint16_t kRequestAm = 1;
 constexpr uint16_t kReplyAm = 2;
+constexpr uint16_t kHelloAm = 3;
 constexpr uint64_t kMagic = 0x314873654d656f4dULL;  // "MoeMesh1"
+
+// How long a call may wait on a service whose transport cannot report failure before
+// the control plane is asked whether it is still there, and how often after that.
+constexpr auto kProbeAfter = std::chrono::milliseconds(100);
+constexpr auto kProbeTimeout = std::chrono::milliseconds(500);
+
+struct HelloHeader {
+  uint64_t magic;
+  uint64_t client;
+};
 
 struct RequestHeader {
   uint64_t magic;
   uint64_t id;
+  uint64_t client;
 };
 
 struct ReplyHeader {
@@ -33,27 +48,204 @@ absl::Status UcsError(const std::string& what, ucs_status_t status) {
   return absl::InternalError(absl::StrCat(what, ": ", ucs_status_string(status)));
 }
 
-// A received payload: eager data copied out of UCX's buffer, or a rendezvous target
-// (not zero-filled: megabytes of page faults for nothing).
-struct Bytes {
-  std::unique_ptr<char[]> data;
-  size_t size = 0;
-  static Bytes Copy(const void* from, size_t n) {
-    Bytes b = Uninitialized(n);
-    if (n > 0) std::memcpy(b.data.get(), from, n);
-    return b;
-  }
-  static Bytes Uninitialized(size_t n) {
-    return {std::unique_ptr<char[]>(new char[n == 0 ? 1 : n]), n};
-  }
-};
+// Buffer size classes: powers of two from 4 KiB. A few buffers of each class are kept,
+// at most ~256 MiB of each.
+constexpr int kMinClass = 12;
+constexpr int kMaxClass = 40;
 
-// Frees a UCX request handle; the operation's callback still runs at completion.
-void Release(ucs_status_ptr_t request) {
-  if (UCS_PTR_IS_PTR(request)) ucp_request_free(request);
+int SizeClass(size_t n) {
+  int c = kMinClass;
+  while (c < kMaxClass && (size_t{1} << c) < n) ++c;
+  return c;
+}
+
+size_t KeepPerClass(int c) {
+  return std::clamp<size_t>((size_t{256} << 20) >> c, 1, 16);
+}
+
+// Send parameters: completion callback, user data, flags and the buffer's memory handle.
+ucp_request_param_t SendParams(ucp_send_nbx_callback_t cb, void* user_data, uint32_t flags,
+                               ucp_mem_h memh) {
+  ucp_request_param_t prm{};
+  prm.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  prm.cb.send = cb;
+  prm.user_data = user_data;
+  prm.flags = flags;
+  if (memh != nullptr) {
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+    prm.memh = memh;
+  }
+  return prm;
+}
+
+// Closes an endpoint without waiting (pending operations are cancelled).
+void CloseEndpoint(ucp_ep_h ep) {
+  ucp_request_param_t prm{};
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  const ucs_status_ptr_t req = ucp_ep_close_nbx(ep, &prm);
+  if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // completes inside the worker
+}
+
+// Connects to a peer's worker address, with peer-failure detection where the transports
+// allow it (`*detects_failure`); UCX 1.13's shared memory does not, and is connected
+// without it.
+ucs_status_t CreateEndpoint(ucp_worker_h worker, const std::string& address,
+                            ucp_err_handler_cb_t on_failure, void* arg, ucp_ep_h* ep,
+                            bool* detects_failure) {
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.address = reinterpret_cast<const ucp_address_t*>(address.data());
+  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.err_handler.cb = on_failure;
+  params.err_handler.arg = arg;
+  *detects_failure = true;
+  // UCX logs an ERROR when no transport to the peer detects failures; that case is
+  // expected here (shared memory) and handled below, so the message is held back.
+  const ucs_log_level_t log_level = ucs_global_opts.log_component.log_level;
+  ucs_global_opts.log_component.log_level = std::min(log_level, UCS_LOG_LEVEL_FATAL);
+  ucs_status_t s = ucp_ep_create(worker, &params, ep);
+  ucs_global_opts.log_component.log_level = log_level;
+  if (s == UCS_ERR_UNREACHABLE) {
+    params.field_mask &= ~(UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER);
+    *detects_failure = false;
+    s = ucp_ep_create(worker, &params, ep);
+  }
+  if (s != UCS_OK) *ep = nullptr;
+  return s;
+}
+
+absl::Status SetHandler(ucp_worker_h worker, uint16_t id, ucp_am_recv_callback_t cb, void* arg) {
+  ucp_am_handler_param_t p{};
+  p.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                 UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  p.id = id;
+  p.cb = cb;
+  p.arg = arg;
+  const ucs_status_t s = ucp_worker_set_am_recv_handler(worker, &p);
+  return s == UCS_OK ? absl::OkStatus() : UcsError("ucp_worker_set_am_recv_handler", s);
+}
+
+absl::StatusCode CodeFromWire(int32_t code) {
+  return code > 0 && code <= 16 ? static_cast<absl::StatusCode>(code) : absl::StatusCode::kUnknown;
 }
 
 }  // namespace
+
+// --- UcxBufferPool ------------------------------------------------------------------
+
+void UcxBufferReturn::operator()(UcxBuffer* b) const {
+  std::shared_ptr<UcxBufferPool> pool = std::move(b->pool);
+  pool->Return(b);
+}
+
+UcxBufferPtr UcxBufferPool::Take(size_t size) {
+  const int c = SizeClass(size);
+  UcxBuffer* b = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (static_cast<size_t>(c) < free_.size() && !free_[c].empty()) {
+      b = free_[c].back();
+      free_[c].pop_back();
+    }
+  }
+  if (b == nullptr) {
+    const size_t capacity = size_t{1} << c;
+    // Pre-faulted: a page fault per 4 KiB on the first use would cost more than the copy.
+    void* p = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    b = new UcxBuffer;
+    b->data = static_cast<char*>(p);
+    b->capacity = capacity;
+    b->size_class = c;
+  }
+  b->size = size;
+  b->pool = shared_from_this();
+  return UcxBufferPtr(b);
+}
+
+ucp_mem_h UcxBufferPool::Register(UcxBuffer& b) {
+  if (b.memh != nullptr) return b.memh;
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  mp.address = b.data;
+  mp.length = b.capacity;
+  if (ucp_mem_map(context_, &mp, &b.memh) != UCS_OK) {
+    b.memh = nullptr;
+    return nullptr;
+  }
+  ++registrations_;
+  std::lock_guard<std::mutex> lock(mu_);
+  registered_.insert(&b);
+  return b.memh;
+}
+
+void UcxBufferPool::Return(UcxBuffer* b) {
+  std::function<void(std::function<void()>)> post;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!closed_) {
+      if (free_.size() <= static_cast<size_t>(b->size_class)) free_.resize(b->size_class + 1);
+      auto& list = free_[b->size_class];
+      if (list.size() < KeepPerClass(b->size_class)) {
+        list.push_back(b);
+        return;
+      }
+    }
+    if (b->memh != nullptr && !closed_) post = poster_;
+  }
+  if (post) {
+    // Surplus and registered: unregistered on the worker thread.
+    post([self = shared_from_this(), b] { self->Free(b); });
+  } else {
+    Free(b);
+  }
+}
+
+void UcxBufferPool::Free(UcxBuffer* b) {
+  if (b->memh != nullptr) {
+    bool registered;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      registered = registered_.erase(b) > 0;
+    }
+    if (registered) ucp_mem_unmap(context_, b->memh);
+  }
+  ::munmap(b->data, b->capacity);
+  delete b;
+}
+
+void UcxBufferPool::Close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  closed_ = true;
+  poster_ = nullptr;
+  // Every registration goes now, before the context, those of buffers still held
+  // elsewhere (sends that never completed) included: UCX is done with them.
+  for (UcxBuffer* b : registered_) {
+    ucp_mem_unmap(context_, b->memh);
+    b->memh = nullptr;
+  }
+  registered_.clear();
+  for (auto& list : free_) {
+    for (UcxBuffer* b : list) {
+      ::munmap(b->data, b->capacity);
+      delete b;
+    }
+    list.clear();
+  }
+}
+
+int64_t UcxBufferPool::kept() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t n = 0;
+  for (const auto& list : free_) n += static_cast<int64_t>(list.size());
+  return n;
+}
+
+UcxBufferPool::~UcxBufferPool() { Close(); }
 
 // --- UcxWorkerThread ---------------------------------------------------------------
 
@@ -68,6 +260,10 @@ absl::StatusOr<std::unique_ptr<UcxWorkerThread>> UcxWorkerThread::Create(const s
   s = ucp_init(&params, config, &w->context_);
   ucp_config_release(config);
   if (s != UCS_OK) return UcsError(absl::StrCat(name, ": ucp_init"), s);
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  if (ucp_context_query(w->context_, &attr) == UCS_OK) w->memory_types_ = attr.memory_types;
+  w->buffers_ = std::make_shared<UcxBufferPool>(w->context_);
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // only the worker thread touches it
@@ -98,19 +294,26 @@ absl::StatusOr<std::unique_ptr<UcxWorkerThread>> UcxWorkerThread::Create(const s
 }
 
 void UcxWorkerThread::Start() {
+  buffers_->SetPoster([this](std::function<void()> fn) { Post(std::move(fn)); });
   thread_ = std::thread([this] { Loop(); });
 }
 
-UcxWorkerThread::~UcxWorkerThread() {
-  if (thread_.joinable()) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    const uint64_t one = 1;
-    (void)!::write(event_fd_, &one, sizeof one);
-    thread_.join();
+void UcxWorkerThread::Stop() {
+  if (!thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
   }
+  const uint64_t one = 1;
+  (void)!::write(event_fd_, &one, sizeof one);
+  thread_.join();
+}
+
+UcxWorkerThread::~UcxWorkerThread() {
+  Stop();
+  // Registrations go before the context; buffers still held elsewhere are unmapped
+  // when they come back.
+  if (buffers_ != nullptr) buffers_->Close();
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
   if (epoll_fd_ >= 0) ::close(epoll_fd_);
@@ -132,7 +335,13 @@ void UcxWorkerThread::Loop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       work.swap(posted_);
-      if (stop_ && work.empty()) break;
+      if (stop_ && work.empty()) {
+        // Last rounds: endpoints closed by the posted work finish closing, and the
+        // operations they cancel complete.
+        for (int i = 0; i < 100 && ucp_worker_progress(worker_) != 0; ++i) {
+        }
+        break;
+      }
     }
     for (auto& fn : work) fn();
     while (ucp_worker_progress(worker_) != 0) {
@@ -151,56 +360,150 @@ void UcxWorkerThread::Loop() {
   }
 }
 
+// --- The exchange -------------------------------------------------------------------
+
+namespace {
+
+// Replies are parsed on the thread that waits for them, not on the worker thread.
+class UcxExchange : public ExpertTransport::Exchange {
+ public:
+  UcxExchange(UcxExpertTransport* transport, ExpertTransport::Clock::time_point deadline)
+      : transport_(transport), deadline_(deadline) {}
+  ~UcxExchange() override { Wait(); }
+
+  void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+             ExpertTransport::Done done) override {
+    dones_.push_back(std::move(done));
+    ExpertTransport::Done* slot = &dones_.back();
+    ++pending_;
+    auto complete = [this, slot](absl::Status status, UcxBufferPtr reply) {
+      std::lock_guard<std::mutex> lock(mu_);
+      completed_.push_back({std::move(status), std::move(reply), slot});
+      cv_.notify_all();
+    };
+    const size_t size = request->ByteSizeLong();
+    UcxBufferPtr buffer = transport_->buffers().Take(size);
+    if (buffer == nullptr) {
+      complete(absl::ResourceExhaustedError(
+                   absl::StrCat(endpoint, ": no memory for a request of ", size, " bytes")),
+               nullptr);
+      return;
+    }
+    request->SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(buffer->data));
+    transport_->Send(endpoint, std::move(buffer), deadline_, std::move(complete));
+  }
+
+  void Wait() override {
+    v1::ComputeResponse response;
+    while (pending_ > 0) {
+      Completion c;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return !completed_.empty(); });
+        c = std::move(completed_.front());
+        completed_.pop_front();
+      }
+      --pending_;
+      if (c.status.ok() &&
+          !response.ParseFromArray(c.reply->data, static_cast<int>(c.reply->size))) {
+        c.status = absl::InternalError("a UCX reply does not parse as a ComputeResponse");
+      }
+      c.reply.reset();
+      (*c.done)(c.status, c.status.ok() ? &response : nullptr);
+      response.Clear();
+    }
+  }
+
+ private:
+  struct Completion {
+    absl::Status status;
+    UcxBufferPtr reply;
+    ExpertTransport::Done* done = nullptr;
+  };
+  UcxExpertTransport* const transport_;
+  const ExpertTransport::Clock::time_point deadline_;
+  std::deque<ExpertTransport::Done> dones_;  // stable addresses; this thread only
+  int pending_ = 0;                          // this thread only
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Completion> completed_;  // guarded by mu_
+};
+
+}  // namespace
+
 // --- UCX callbacks -----------------------------------------------------------------
 
 struct UcxExpertTransport::Pending {
   UcxExpertTransport* owner = nullptr;
   uint64_t id = 0;
-  std::string endpoint, address;
-  Clock::time_point deadline;
+  std::string endpoint;
+  Clock::time_point started, deadline;
   Complete complete;
   // UCX reads both until the send completes (UCX 1.13 does not copy the header).
   RequestHeader header{};
-  std::string payload;  // the serialized request
+  UcxBufferPtr payload;
 };
 
 struct UcxExpertTransport::Peer {
   UcxExpertTransport* owner = nullptr;
   std::string endpoint;
+  std::string address;  // the worker address `ep` is connected to
   ucp_ep_h ep = nullptr;
   bool detects_failure = true;  // connected with UCP_ERR_HANDLING_MODE_PEER
+  HelloHeader hello{};          // read by UCX until the hello is sent
   std::set<uint64_t> pending;   // calls in flight to it
+  Clock::time_point last_probe{};
+};
+
+struct UcxComputeServer::Client {
+  UcxComputeServer* owner = nullptr;
+  uint64_t id = 0;
+  std::string address;
+  ucp_ep_h ep = nullptr;
 };
 
 struct UcxCallbacks {
-  // A rendezvous message (`desc` from an AM callback, which then returns UCS_INPROGRESS)
-  // fetched into `buffer` once that callback has returned; `done` runs with the outcome.
-  static void ReceiveRendezvous(UcxWorkerThread& worker, void* desc, void* buffer, size_t length,
+  // Fetches a rendezvous message (`desc` from an AM callback that returned
+  // UCS_INPROGRESS) into `buffer` once that callback has returned; `done` runs with
+  // the outcome (and frees the request).
+  static void ReceiveRendezvous(UcxWorkerThread& worker, void* desc, UcxBuffer* buffer,
                                 ucp_am_recv_data_nbx_callback_t done, void* user_data) {
-    worker.Post([w = worker.worker(), desc, buffer, length, done, user_data] {
+    worker.Post([&worker, desc, buffer, done, user_data] {
       ucp_request_param_t prm{};
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       prm.cb.recv_am = done;
       prm.user_data = user_data;
-      const ucs_status_ptr_t req = ucp_am_recv_data_nbx(w, desc, buffer, length, &prm);
+      if (ucp_mem_h memh = worker.buffers().Register(*buffer); memh != nullptr) {
+        prm.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+        prm.memh = memh;
+      }
+      const ucs_status_ptr_t req =
+          ucp_am_recv_data_nbx(worker.worker(), desc, buffer->data, buffer->size, &prm);
       if (req == nullptr) {
-        done(nullptr, UCS_OK, length, user_data);
+        done(nullptr, UCS_OK, buffer->size, user_data);
       } else if (UCS_PTR_IS_ERR(req)) {
         done(nullptr, UCS_PTR_STATUS(req), 0, user_data);
-      } else {
-        Release(req);
       }
     });
   }
 
+  // Frees a completed request (a null one completed in place).
+  static void Free(void* request) {
+    if (request != nullptr) ucp_request_free(request);
+  }
+
+  static void HelloSent(void* request, ucs_status_t, void*) { Free(request); }
+
   // Client: a request's send finished (the payload may go).
-  static void RequestSent(void*, ucs_status_t status, void* user_data) {
-    auto* holder = static_cast<std::shared_ptr<UcxExpertTransport::Pending>*>(user_data);
-    const auto p = *holder;
-    delete holder;
+  static void RequestSent(void* request, ucs_status_t status, void* user_data) {
+    Free(request);
+    std::unique_ptr<std::shared_ptr<UcxExpertTransport::Pending>> holder(
+        static_cast<std::shared_ptr<UcxExpertTransport::Pending>*>(user_data));
+    const auto p = std::move(*holder);
+    p->payload.reset();
     if (status == UCS_OK || status == UCS_ERR_CANCELED || p->owner->closing_.load()) return;
-    // A failing endpoint completes its sends from UCX's async thread: the call ends on
-    // the worker thread.
+    // A failing endpoint may complete its sends from UCX's async thread: the call ends
+    // on the worker thread.
     p->owner->worker_->Post([p, status] {
       p->owner->Finish(p->id,
                        absl::UnavailableError(absl::StrCat(p->endpoint, ": send failed (",
@@ -215,127 +518,168 @@ struct UcxCallbacks {
     auto* peer = static_cast<UcxExpertTransport::Peer*>(arg);
     if (peer->owner->closing_.load()) return;  // endpoints going away with the worker
     peer->owner->worker_->Post([peer, ep, status] {
-      if (peer->ep != ep) return;  // an endpoint already replaced
-      peer->owner->FailPeer(peer->endpoint,
-                            absl::UnavailableError(absl::StrCat(
-                                peer->endpoint, ": connection failed (", ucs_status_string(status), ")")));
+      peer->owner->FailPeer(peer, ep,
+                            absl::UnavailableError(absl::StrCat(peer->endpoint, ": connection failed (",
+                                                                ucs_status_string(status), ")")));
     });
   }
 
   struct ReplyRecv {
     UcxExpertTransport* owner;
     ReplyHeader header;
-    Bytes bytes;
+    UcxBufferPtr buffer;
   };
 
-  static void ReplyReceived(void*, ucs_status_t status, size_t length, void* user_data) {
-    std::unique_ptr<ReplyRecv> r(static_cast<ReplyRecv*>(user_data));
-    if (status != UCS_OK) {
-      r->owner->Finish(r->header.id,
-                       absl::UnavailableError(absl::StrCat("reply transfer failed (",
-                                                           ucs_status_string(status), ")")),
-                       nullptr);
+  static void ReplyReceived(void* request, ucs_status_t status, size_t, void* user_data) {
+    Free(request);
+    std::shared_ptr<ReplyRecv> r(static_cast<ReplyRecv*>(user_data));
+    if (status == UCS_OK) {
+      r->owner->OnReply(r->header.id, r->header.code, std::move(r->buffer));
       return;
     }
-    r->owner->OnReply(r->header.id, r->header.code, r->bytes.data.get(), length);
+    if (r->owner->closing_.load()) return;
+    r->owner->worker_->Post([r, status] {
+      r->owner->Finish(r->header.id,
+                       absl::UnavailableError(absl::StrCat("the reply's transfer failed (",
+                                                           ucs_status_string(status), ")")),
+                       nullptr);
+    });
   }
 
   // Client: AM 2, a reply.
   static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data,
                               size_t length, const ucp_am_recv_param_t* param) {
     auto* t = static_cast<UcxExpertTransport*>(arg);
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     ReplyHeader h;
-    if (header_length != sizeof h) return UCS_OK;  // not ours: dropped
+    if (header_length != sizeof h) return Drop();
     std::memcpy(&h, header, sizeof h);
-    if (h.magic != kMagic) return UCS_OK;
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
-      t->OnReply(h.id, h.code, static_cast<const char*>(data), length);
+    if (h.magic != kMagic || t->pending_.count(h.id) == 0) {
+      return Drop();  // not ours, or late: dropped
+    }
+    UcxBufferPtr buffer = t->buffers().Take(length);
+    if (buffer == nullptr) {
+      t->Finish(h.id, absl::ResourceExhaustedError(absl::StrCat("no memory for a reply of ", length, " bytes")),
+                nullptr);
+      return Drop();
+    }
+    if (!rndv) {
+      std::memcpy(buffer->data, data, length);
+      t->OnReply(h.id, h.code, std::move(buffer));
       return UCS_OK;
     }
-    auto* r = new ReplyRecv{t, h, Bytes::Uninitialized(length)};
-    ReceiveRendezvous(*t->worker_, data, r->bytes.data.get(), length, &ReplyReceived, r);
+    UcxBuffer* raw = buffer.get();
+    auto* r = new ReplyRecv{t, h, std::move(buffer)};
+    ReceiveRendezvous(*t->worker_, data, raw, &ReplyReceived, r);
     return UCS_INPROGRESS;
   }
 
+  // A message not taken: returning UCS_OK from the callback lets UCX discard it (a
+  // rendezvous one is cancelled towards its sender; releasing it here as well would
+  // cancel it twice).
+  static ucs_status_t Drop() { return UCS_OK; }
+
   struct RequestRecv {
     UcxComputeServer* owner;
-    ucp_ep_h reply_ep;
-    uint64_t id;
-    Bytes bytes;
+    uint64_t client, id;
+    UcxBufferPtr buffer;
   };
 
-  static void RequestReceived(void*, ucs_status_t status, size_t, void* user_data) {
+  static void RequestReceived(void* request, ucs_status_t status, size_t, void* user_data) {
+    Free(request);
     std::unique_ptr<RequestRecv> r(static_cast<RequestRecv*>(user_data));
     if (status != UCS_OK) {
       --r->owner->in_flight_;
       return;  // the client is gone; nothing to answer
     }
-    r->owner->Enqueue({r->reply_ep, r->id, {std::move(r->bytes.data), r->bytes.size}});
+    r->owner->Enqueue({r->client, r->id, std::move(r->buffer)});
   }
 
-  // Server: AM 1, a request.
+  // Service: AM 3, a client introduces itself.
+  static ucs_status_t OnHello(void* arg, const void* header, size_t header_length, void* data,
+                              size_t length, const ucp_am_recv_param_t* param) {
+    auto* server = static_cast<UcxComputeServer*>(arg);
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    HelloHeader h;
+    if (rndv || header_length != sizeof h) return Drop();
+    std::memcpy(&h, header, sizeof h);
+    if (h.magic != kMagic) return UCS_OK;
+    // Connected after this callback, before any reply: replies are posted later.
+    server->worker_->Post([server, client = h.client,
+                           address = std::string(static_cast<const char*>(data), length)]() mutable {
+      server->Hello(client, std::move(address));
+    });
+    return UCS_OK;
+  }
+
+  // Service: AM 1, a request.
   static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
     auto* server = static_cast<UcxComputeServer*>(arg);
-    RequestHeader h;
     const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
-    if (header_length != sizeof h || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) {
-      if (rndv) ucp_am_data_release(server->worker_->worker(), data);
-      return UCS_OK;  // no way to answer: dropped
-    }
+    RequestHeader h;
+    if (header_length != sizeof h) return Drop();
     std::memcpy(&h, header, sizeof h);
-    if (h.magic != kMagic) {
-      if (rndv) ucp_am_data_release(server->worker_->worker(), data);
-      return UCS_OK;
-    }
+    if (h.magic != kMagic) return Drop();
     ++server->in_flight_;
-    if (length > static_cast<size_t>(server->max_message_bytes_)) {
-      if (rndv) ucp_am_data_release(server->worker_->worker(), data);
-      server->Reply(param->reply_ep, h.id, static_cast<int32_t>(absl::StatusCode::kResourceExhausted),
-                    absl::StrCat("request of ", length, " bytes is over the limit of ",
-                                 server->max_message_bytes_));
+    auto fail = [&](absl::Status status) {
+      UcxBufferPtr message = server->worker_->buffers().Take(status.message().size());
+      if (message != nullptr) std::memcpy(message->data, status.message().data(), message->size);
+      server->worker_->Post([server, client = h.client, id = h.id, code = static_cast<int32_t>(status.code()),
+                             message = std::make_shared<UcxBufferPtr>(std::move(message))] {
+        server->Reply(client, id, code, std::move(*message));
+      });
       return UCS_OK;
+    };
+    if (length > static_cast<size_t>(server->max_message_bytes_)) {
+      return fail(absl::ResourceExhaustedError(absl::StrCat(
+          "request of ", length, " bytes is over the limit of ", server->max_message_bytes_)));
+    }
+    UcxBufferPtr buffer = server->worker_->buffers().Take(length);
+    if (buffer == nullptr) {
+      return fail(absl::ResourceExhaustedError(absl::StrCat("no memory for a request of ", length, " bytes")));
     }
     if (!rndv) {
-      Bytes b = Bytes::Copy(data, length);
-      server->Enqueue({param->reply_ep, h.id, {std::move(b.data), b.size}});
+      std::memcpy(buffer->data, data, length);
+      server->Enqueue({h.client, h.id, std::move(buffer)});
       return UCS_OK;
     }
-    auto* r = new RequestRecv{server, param->reply_ep, h.id, Bytes::Uninitialized(length)};
-    ReceiveRendezvous(*server->worker_, data, r->bytes.data.get(), length, &RequestReceived, r);
+    UcxBuffer* raw = buffer.get();
+    auto* r = new RequestRecv{server, h.client, h.id, std::move(buffer)};
+    ReceiveRendezvous(*server->worker_, data, raw, &RequestReceived, r);
     return UCS_INPROGRESS;
+  }
+
+  // Service: the endpoint back to a client failed (the client is gone).
+  static void ClientFailed(void* arg, ucp_ep_h ep, ucs_status_t) {
+    auto* client = static_cast<UcxComputeServer::Client*>(arg);
+    if (client->owner->closing_.load()) return;  // endpoints going away with the worker
+    client->owner->worker_->Post([client, ep] {
+      if (client->ep != ep) return;
+      CloseEndpoint(ep);
+      client->ep = nullptr;
+      --client->owner->clients_count_;
+    });
   }
 
   // A reply's header and payload, alive until its send completes.
   struct OutgoingReply {
     ReplyHeader header;
-    std::string payload;
+    UcxBufferPtr payload;
   };
-  static void ReplySent(void*, ucs_status_t, void* user_data) {
+  static void ReplySent(void* request, ucs_status_t, void* user_data) {
+    Free(request);
     delete static_cast<OutgoingReply*>(user_data);
   }
 };
-
-namespace {
-
-absl::Status SetHandler(ucp_worker_h worker, uint16_t id, ucp_am_recv_callback_t cb, void* arg) {
-  ucp_am_handler_param_t p{};
-  p.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                 UCP_AM_HANDLER_PARAM_FIELD_ARG;
-  p.id = id;
-  p.cb = cb;
-  p.arg = arg;
-  const ucs_status_t s = ucp_worker_set_am_recv_handler(worker, &p);
-  return s == UCS_OK ? absl::OkStatus() : UcsError("ucp_worker_set_am_recv_handler", s);
-}
-
-}  // namespace
 
 // --- UcxExpertTransport ------------------------------------------------------------
 
 UcxExpertTransport::UcxExpertTransport(std::shared_ptr<ExpertTransport> control,
                                        int max_message_bytes)
-    : control_(std::move(control)), max_message_bytes_(max_message_bytes) {}
+    : control_(std::move(control)),
+      max_message_bytes_(max_message_bytes),
+      client_id_(std::random_device{}() * 0x100000000ULL ^ std::random_device{}()) {}
 
 absl::StatusOr<std::shared_ptr<UcxExpertTransport>> UcxExpertTransport::Create(
     std::shared_ptr<ExpertTransport> control, int max_message_bytes) {
@@ -348,12 +692,21 @@ absl::StatusOr<std::shared_ptr<UcxExpertTransport>> UcxExpertTransport::Create(
       !s.ok()) {
     return s;
   }
-  t->worker_->SetIdleHook([raw = t.get()] { return raw->ExpireDeadlines(); });
+  t->worker_->SetIdleHook([raw = t.get()] { return raw->OnIdle(); });
   t->worker_->Start();
+  t->prober_ = std::thread([raw = t.get()] { raw->ProbeLoop(); });
   return t;
 }
 
 UcxExpertTransport::~UcxExpertTransport() {
+  if (prober_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(probe_mu_);
+      probe_stop_ = true;
+    }
+    probe_cv_.notify_all();
+    prober_.join();
+  }
   if (worker_ == nullptr) return;
   closing_ = true;
   worker_->Post([this] {
@@ -361,23 +714,16 @@ UcxExpertTransport::~UcxExpertTransport() {
     for (const auto& [id, p] : pending_) ids.push_back(id);
     for (uint64_t id : ids) Finish(id, absl::CancelledError("the UCX transport is shutting down"), nullptr);
     for (auto& [endpoint, peer] : peers_) {
-      if (peer->ep == nullptr) continue;
-      ucp_request_param_t prm{};
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      Release(ucp_ep_close_nbx(peer->ep, &prm));
+      if (peer->ep != nullptr) CloseEndpoint(peer->ep);
       peer->ep = nullptr;
     }
   });
+  worker_->Stop();  // runs the above; callbacks during the last rounds see closing_
   worker_.reset();
 }
 
 std::unique_ptr<ExpertTransport::Exchange> UcxExpertTransport::NewExchange(Clock::time_point deadline) {
-  return std::make_unique<QueuedExchange>(
-      [this, deadline](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-                       QueuedExchange::Complete complete) {
-        Send(endpoint, std::move(request), deadline, std::move(complete));
-      });
+  return std::make_unique<UcxExchange>(this, deadline);
 }
 
 absl::Status UcxExpertTransport::Info(const std::string& endpoint, Clock::time_point deadline,
@@ -385,17 +731,22 @@ absl::Status UcxExpertTransport::Info(const std::string& endpoint, Clock::time_p
   return control_->Info(endpoint, deadline, response);
 }
 
-void UcxExpertTransport::Send(const std::string& endpoint,
-                              std::unique_ptr<v1::ComputeRequest> request,
+void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
                               Clock::time_point deadline, Complete complete) {
+  if (request->size > static_cast<size_t>(max_message_bytes_)) {
+    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", request->size,
+                                                       " bytes is over the limit of ",
+                                                       max_message_bytes_)),
+             nullptr);
+    return;
+  }
   // The service's worker address, from Info on first use (and after a failure).
-  std::string address;
+  bool known;
   {
     std::lock_guard<std::mutex> lock(addresses_mu_);
-    auto it = addresses_.find(endpoint);
-    if (it != addresses_.end()) address = it->second;
+    known = addresses_.count(endpoint) > 0;
   }
-  if (address.empty()) {
+  if (!known) {
     v1::InfoResponse info;
     const absl::Status s = control_->Info(endpoint, deadline, &info);
     if (!s.ok()) {
@@ -408,132 +759,106 @@ void UcxExpertTransport::Send(const std::string& endpoint,
                nullptr);
       return;
     }
-    address = info.ucx_worker_address();
     std::lock_guard<std::mutex> lock(addresses_mu_);
-    addresses_[endpoint] = address;
+    addresses_[endpoint] = info.ucx_worker_address();
   }
   auto p = std::make_shared<Pending>();
   p->owner = this;
   p->id = next_id_++;
   p->endpoint = endpoint;
-  p->address = std::move(address);
+  p->started = Clock::now();
   p->deadline = deadline;
   p->complete = std::move(complete);
-  const size_t size = request->ByteSizeLong();
-  if (size > static_cast<size_t>(max_message_bytes_)) {
-    p->complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", size,
-                                                          " bytes is over the limit of ",
-                                                          max_message_bytes_)),
-                nullptr);
-    return;
-  }
-  p->payload.resize(size);
-  request->SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(p->payload.data()));
+  p->payload = std::move(request);
   ++in_flight_;
-  worker_->Post([this, p] { StartOnWorker(p->id, p); });
+  worker_->Post([this, p] { StartOnWorker(p); });
 }
 
-ucp_ep_h UcxExpertTransport::Connect(const std::string& endpoint, std::string* error) {
+UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoint, std::string* error) {
   std::unique_ptr<Peer>& peer = peers_[endpoint];
   if (peer == nullptr) {
     peer = std::make_unique<Peer>();
     peer->owner = this;
     peer->endpoint = endpoint;
   }
-  if (peer->ep != nullptr) return peer->ep;
+  if (peer->ep != nullptr) return peer.get();
   std::string address;
   {
     std::lock_guard<std::mutex> lock(addresses_mu_);
-    address = addresses_[endpoint];
+    auto it = addresses_.find(endpoint);
+    if (it != addresses_.end()) address = it->second;
   }
   if (address.empty()) {
     *error = "its UCX address is unknown (it failed; retry)";
     return nullptr;
   }
-  ucp_ep_params_t params{};
-  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  params.address = reinterpret_cast<const ucp_address_t*>(address.data());
-  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  params.err_handler.cb = &UcxCallbacks::PeerFailed;
-  params.err_handler.arg = peer.get();
-  ucs_status_t s = ucp_ep_create(worker_->worker(), &params, &peer->ep);
-  if (s == UCS_ERR_UNREACHABLE) {
-    // Transports without peer-failure detection (UCX 1.13's shared memory) are left out
-    // in PEER mode. Connect without it: a dead peer then shows as a missed deadline,
-    // which the caller turns into UNAVAILABLE when the service's gRPC side is gone too.
-    params.field_mask &= ~(UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER);
-    s = ucp_ep_create(worker_->worker(), &params, &peer->ep);
-    peer->detects_failure = false;
-  }
+  const ucs_status_t s = CreateEndpoint(worker_->worker(), address, &UcxCallbacks::PeerFailed,
+                                        peer.get(), &peer->ep, &peer->detects_failure);
   if (s != UCS_OK) {
-    peer->ep = nullptr;
     *error = absl::StrCat("cannot connect over UCX: ", ucs_status_string(s));
     std::lock_guard<std::mutex> lock(addresses_mu_);
     addresses_.erase(endpoint);
     return nullptr;
   }
-  return peer->ep;
+  peer->address = std::move(address);
+  // Introduce ourselves: the service replies on an endpoint of its own, to this worker.
+  peer->hello = {kMagic, client_id_};
+  ucp_request_param_t prm = SendParams(&UcxCallbacks::HelloSent, nullptr, 0, nullptr);
+  const ucs_status_ptr_t req =
+      ucp_am_send_nbx(peer->ep, kHelloAm, &peer->hello, sizeof peer->hello,
+                      worker_->address().data(), worker_->address().size(), &prm);
+  if (UCS_PTR_IS_ERR(req)) {
+    *error = absl::StrCat("cannot greet it over UCX: ", ucs_status_string(UCS_PTR_STATUS(req)));
+    CloseEndpoint(peer->ep);
+    peer->ep = nullptr;
+    return nullptr;
+  }
+  return peer.get();
 }
 
-void UcxExpertTransport::StartOnWorker(uint64_t id, std::shared_ptr<Pending> p) {
-  pending_[id] = p;
+void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
+  pending_[p->id] = p;
   std::string error;
-  ucp_ep_h ep = Connect(p->endpoint, &error);
-  if (ep == nullptr) {
-    Finish(id, absl::UnavailableError(absl::StrCat(p->endpoint, ": ", error)), nullptr);
+  Peer* peer = Connect(p->endpoint, &error);
+  if (peer == nullptr) {
+    Finish(p->id, absl::UnavailableError(absl::StrCat(p->endpoint, ": ", error)), nullptr);
     return;
   }
-  peers_[p->endpoint]->pending.insert(id);
-  p->header = {kMagic, id};
+  peer->pending.insert(p->id);
+  p->header = {kMagic, p->id, client_id_};
   auto* holder = new std::shared_ptr<Pending>(p);  // keeps header and payload until sent
-  ucp_request_param_t prm{};
-  prm.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  prm.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
-  prm.cb.send = &UcxCallbacks::RequestSent;
-  prm.user_data = holder;
-  const ucs_status_ptr_t req = ucp_am_send_nbx(ep, kRequestAm, &p->header, sizeof p->header,
-                                               p->payload.data(), p->payload.size(), &prm);
+  ucp_request_param_t prm =
+      SendParams(&UcxCallbacks::RequestSent, holder, 0, buffers().Register(*p->payload));
+  const ucs_status_ptr_t req = ucp_am_send_nbx(peer->ep, kRequestAm, &p->header, sizeof p->header,
+                                               p->payload->data, p->payload->size, &prm);
   if (req == nullptr) {
     delete holder;  // sent in place
+    p->payload.reset();
   } else if (UCS_PTR_IS_ERR(req)) {
     delete holder;
-    Finish(id,
+    Finish(p->id,
            absl::UnavailableError(absl::StrCat(p->endpoint, ": send failed (",
                                                ucs_status_string(UCS_PTR_STATUS(req)), ")")),
            nullptr);
-  } else {
-    Release(req);
   }
 }
 
-void UcxExpertTransport::FailPeer(const std::string& endpoint, const absl::Status& status) {
-  auto it = peers_.find(endpoint);
-  if (it == peers_.end()) return;
-  Peer& peer = *it->second;
-  if (peer.ep != nullptr) {
-    // Closed after this callback returns; the next call connects afresh.
-    worker_->Post([ep = peer.ep] {
-      ucp_request_param_t prm{};
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      Release(ucp_ep_close_nbx(ep, &prm));
-    });
-    peer.ep = nullptr;
-  }
+void UcxExpertTransport::FailPeer(Peer* peer, ucp_ep_h ep, const absl::Status& status) {
+  if (ep == nullptr || peer->ep != ep) return;  // that endpoint is gone already
+  CloseEndpoint(peer->ep);
+  peer->ep = nullptr;
   {
     // A restarted service has a new worker address: ask Info again.
     std::lock_guard<std::mutex> lock(addresses_mu_);
-    addresses_.erase(endpoint);
+    auto it = addresses_.find(peer->endpoint);
+    if (it != addresses_.end() && it->second == peer->address) addresses_.erase(it);
   }
-  const std::set<uint64_t> ids = std::move(peer.pending);
-  peer.pending.clear();
+  const std::set<uint64_t> ids = std::move(peer->pending);
+  peer->pending.clear();
   for (uint64_t id : ids) Finish(id, status, nullptr);
 }
 
-void UcxExpertTransport::Finish(uint64_t id, absl::Status status,
-                                std::unique_ptr<v1::ComputeResponse> response) {
+void UcxExpertTransport::Finish(uint64_t id, absl::Status status, UcxBufferPtr reply) {
   auto it = pending_.find(id);
   if (it == pending_.end()) return;  // ended already (deadline, failure): at most once
   const std::shared_ptr<Pending> p = std::move(it->second);
@@ -541,28 +866,18 @@ void UcxExpertTransport::Finish(uint64_t id, absl::Status status,
   auto peer = peers_.find(p->endpoint);
   if (peer != peers_.end()) peer->second->pending.erase(id);
   --in_flight_;
-  p->complete(std::move(status), std::move(response));
+  p->complete(std::move(status), std::move(reply));
 }
 
-void UcxExpertTransport::OnReply(uint64_t id, int32_t code, const char* data, size_t length) {
-  auto it = pending_.find(id);
-  if (it == pending_.end()) return;  // a late reply to a call that has ended: dropped
+void UcxExpertTransport::OnReply(uint64_t id, int32_t code, UcxBufferPtr data) {
   if (code != 0) {
-    const auto status_code =
-        code > 0 && code <= 16 ? static_cast<absl::StatusCode>(code) : absl::StatusCode::kUnknown;
-    Finish(id, absl::Status(status_code, std::string(data, length)), nullptr);
+    Finish(id, absl::Status(CodeFromWire(code), std::string(data->data, data->size)), nullptr);
     return;
   }
-  auto response = std::make_unique<v1::ComputeResponse>();
-  if (!response->ParseFromArray(data, static_cast<int>(length))) {
-    Finish(id, absl::InternalError(absl::StrCat(it->second->endpoint, ": the UCX reply does not parse")),
-           nullptr);
-    return;
-  }
-  Finish(id, absl::OkStatus(), std::move(response));
+  Finish(id, absl::OkStatus(), std::move(data));
 }
 
-int UcxExpertTransport::ExpireDeadlines() {
+int UcxExpertTransport::OnIdle() {
   if (pending_.empty()) return -1;
   const auto now = Clock::now();
   std::vector<uint64_t> expired;
@@ -577,20 +892,64 @@ int UcxExpertTransport::ExpireDeadlines() {
   for (uint64_t id : expired) {
     auto it = pending_.find(id);
     if (it == pending_.end()) continue;
-    const std::string endpoint = it->second->endpoint;
-    Finish(id, absl::DeadlineExceededError(absl::StrCat(endpoint, ": no reply by the deadline")),
+    Finish(id,
+           absl::DeadlineExceededError(absl::StrCat(it->second->endpoint, ": no reply by the deadline")),
            nullptr);
-    // Without failure detection a missed deadline is all a dead peer shows: connect
-    // afresh (Info again) next time, so a restarted service is found.
-    auto peer = peers_.find(endpoint);
-    if (peer != peers_.end() && !peer->second->detects_failure && peer->second->ep != nullptr) {
-      FailPeer(endpoint, absl::DeadlineExceededError(
-                             absl::StrCat(endpoint, ": no reply by the deadline")));
+  }
+  // Services that cannot report their own failure: ask the control plane about those
+  // that calls have waited on for a while.
+  for (auto& [endpoint, peer] : peers_) {
+    if (peer->detects_failure || peer->ep == nullptr || peer->pending.empty()) continue;
+    auto oldest = Clock::time_point::max();
+    for (uint64_t id : peer->pending) oldest = std::min(oldest, pending_[id]->started);
+    const auto due = std::max(oldest, peer->last_probe) + kProbeAfter;
+    if (due <= now) {
+      peer->last_probe = now;
+      {
+        std::lock_guard<std::mutex> lock(probe_mu_);
+        probe_queue_.emplace_back(endpoint, peer->address);
+      }
+      probe_cv_.notify_one();
+      next = std::min(next, now + kProbeAfter);
+    } else {
+      next = std::min(next, due);
     }
   }
   if (next == Clock::time_point::max()) return -1;
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count() + 1;
   return static_cast<int>(std::min<int64_t>(ms, 1000));
+}
+
+void UcxExpertTransport::ProbeLoop() {
+  while (true) {
+    std::pair<std::string, std::string> probe;
+    {
+      std::unique_lock<std::mutex> lock(probe_mu_);
+      probe_cv_.wait(lock, [&] { return probe_stop_ || !probe_queue_.empty(); });
+      if (probe_stop_) return;
+      probe = std::move(probe_queue_.front());
+      probe_queue_.pop_front();
+    }
+    ++probes_;
+    const auto& [endpoint, address] = probe;
+    v1::InfoResponse info;
+    const absl::Status s = control_->Info(endpoint, Clock::now() + kProbeTimeout, &info);
+    absl::Status failed;
+    if (s.ok() && info.ucx_worker_address() != address) {
+      failed = absl::UnavailableError(absl::StrCat(
+          endpoint, ": the service restarted; calls to its previous instance are lost"));
+    } else if (!s.ok() && s.code() != absl::StatusCode::kDeadlineExceeded) {
+      failed = absl::UnavailableError(
+          absl::StrCat(endpoint, ": the service is gone (its control plane: ", s.message(), ")"));
+    }
+    // A hung service (the probe timed out too) is left to the calls' deadlines.
+    if (failed.ok()) continue;
+    worker_->Post([this, endpoint = endpoint, address = address, failed] {
+      auto it = peers_.find(endpoint);
+      if (it == peers_.end() || it->second->address != address) return;
+      FailPeer(it->second.get(), it->second->ep, failed);
+    });
+  }
 }
 
 // --- UcxComputeServer --------------------------------------------------------------
@@ -604,9 +963,9 @@ absl::StatusOr<std::unique_ptr<UcxComputeServer>> UcxComputeServer::Create(Compu
   auto worker = UcxWorkerThread::Create("expert service");
   if (!worker.ok()) return worker.status();
   s->worker_ = *std::move(worker);
-  if (absl::Status st = SetHandler(s->worker_->worker(), kRequestAm, &UcxCallbacks::OnRequest, s.get());
-      !st.ok()) {
-    return st;
+  for (auto [id, cb] : {std::pair{kRequestAm, &UcxCallbacks::OnRequest},
+                        std::pair{kHelloAm, &UcxCallbacks::OnHello}}) {
+    if (absl::Status st = SetHandler(s->worker_->worker(), id, cb, s.get()); !st.ok()) return st;
   }
   s->worker_->Start();
   for (int i = 0; i < std::max(threads, 1); ++i) {
@@ -622,6 +981,14 @@ UcxComputeServer::~UcxComputeServer() {
   }
   cv_.notify_all();
   for (auto& t : threads_) t.join();  // the queued requests are answered first
+  closing_ = true;
+  worker_->Post([this] {
+    for (auto& [id, client] : clients_) {
+      if (client->ep != nullptr) CloseEndpoint(client->ep);
+      client->ep = nullptr;
+    }
+  });
+  worker_->Stop();
   worker_.reset();
 }
 
@@ -634,6 +1001,8 @@ void UcxComputeServer::Enqueue(Job job) {
 }
 
 void UcxComputeServer::ComputeLoop() {
+  v1::ComputeRequest request;
+  v1::ComputeResponse response;
   while (true) {
     Job job;
     {
@@ -643,36 +1012,73 @@ void UcxComputeServer::ComputeLoop() {
       job = std::move(jobs_.front());
       jobs_.pop_front();
     }
-    v1::ComputeRequest request;
-    v1::ComputeResponse response;
+    request.Clear();
+    response.Clear();
     absl::Status status;
-    if (!request.ParseFromArray(job.payload.data.get(), static_cast<int>(job.payload.size))) {
+    if (!request.ParseFromArray(job.payload->data, static_cast<int>(job.payload->size))) {
       status = absl::InvalidArgumentError("the UCX request does not parse as a ComputeRequest");
     } else {
       status = compute_(request, &response);
     }
-    std::string payload = status.ok() ? response.SerializeAsString() : std::string(status.message());
-    worker_->Post([this, ep = job.reply_ep, id = job.id, code = static_cast<int32_t>(status.code()),
-                   payload = std::move(payload)]() mutable { Reply(ep, id, code, std::move(payload)); });
+    job.payload.reset();
+    const size_t size = status.ok() ? response.ByteSizeLong() : status.message().size();
+    UcxBufferPtr out = worker_->buffers().Take(size);
+    int32_t code = static_cast<int32_t>(status.code());
+    if (out == nullptr) {
+      const std::string message = absl::StrCat("no memory for a reply of ", size, " bytes");
+      out = worker_->buffers().Take(message.size());
+      if (out != nullptr) std::memcpy(out->data, message.data(), message.size());
+      code = static_cast<int32_t>(absl::StatusCode::kResourceExhausted);
+    } else if (status.ok()) {
+      response.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out->data));
+    } else {
+      std::memcpy(out->data, status.message().data(), size);
+    }
+    worker_->Post([this, client = job.client, id = job.id, code,
+                   out = std::make_shared<UcxBufferPtr>(std::move(out))] {
+      Reply(client, id, code, std::move(*out));
+    });
   }
 }
 
-void UcxComputeServer::Reply(ucp_ep_h ep, uint64_t id, int32_t code, std::string payload) {
-  --in_flight_;
-  auto* out = new UcxCallbacks::OutgoingReply{{kMagic, id, code, 0}, std::move(payload)};
-  ucp_request_param_t prm{};
-  prm.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  prm.flags = UCP_AM_SEND_FLAG_EAGER;
-  prm.cb.send = &UcxCallbacks::ReplySent;
-  prm.user_data = out;
-  const ucs_status_ptr_t req = ucp_am_send_nbx(ep, kReplyAm, &out->header, sizeof out->header,
-                                               out->payload.data(), out->payload.size(), &prm);
-  if (req == nullptr || UCS_PTR_IS_ERR(req)) {
-    delete out;  // sent in place, or the client is gone
-  } else {
-    Release(req);
+void UcxComputeServer::Hello(uint64_t id, std::string address) {
+  std::unique_ptr<Client>& client = clients_[id];
+  if (client == nullptr) {
+    client = std::make_unique<Client>();
+    client->owner = this;
+    client->id = id;
   }
+  if (client->ep != nullptr && client->address == address) return;  // a reconnect: same client
+  if (client->ep != nullptr) {
+    CloseEndpoint(client->ep);
+    client->ep = nullptr;
+    --clients_count_;
+  }
+  bool detects_failure;
+  if (CreateEndpoint(worker_->worker(), address, &UcxCallbacks::ClientFailed, client.get(),
+                     &client->ep, &detects_failure) != UCS_OK) {
+    return;  // its requests are dropped; it sees deadlines pass
+  }
+  client->address = std::move(address);
+  ++clients_count_;
+}
+
+void UcxComputeServer::Reply(uint64_t client_id, uint64_t id, int32_t code, UcxBufferPtr payload) {
+  --in_flight_;
+  auto it = clients_.find(client_id);
+  if (it == clients_.end() || it->second->ep == nullptr) {
+    ++dropped_;  // no way back to it
+    return;
+  }
+  auto* out = new UcxCallbacks::OutgoingReply{{kMagic, id, code, 0}, std::move(payload)};
+  const void* data = out->payload != nullptr ? out->payload->data : nullptr;
+  const size_t size = out->payload != nullptr ? out->payload->size : 0;
+  ucp_request_param_t prm =
+      SendParams(&UcxCallbacks::ReplySent, out, 0,
+                 out->payload != nullptr ? worker_->buffers().Register(*out->payload) : nullptr);
+  const ucs_status_ptr_t req =
+      ucp_am_send_nbx(it->second->ep, kReplyAm, &out->header, sizeof out->header, data, size, &prm);
+  if (req == nullptr || UCS_PTR_IS_ERR(req)) delete out;  // sent in place, or the client is gone
 }
 
 }  // namespace moemesh

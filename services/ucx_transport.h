@@ -6,32 +6,42 @@
 //
 // Each side runs one UCP worker on a thread of its own (UcxWorkerThread): every UCX call
 // happens there; other threads hand it work, and it sleeps in epoll on the worker's
-// event fd when there is nothing to do (no busy polling). Messages:
-//   request  AM 1, header {magic, id}, data = serialized v1::ComputeRequest, sent with
-//            UCP_AM_SEND_FLAG_REPLY. Sends are eager (fragmented) at every size for now:
-//            rendezvous stalled with UCX 1.13 here; receiving it is written and kept;
-//   reply    AM 2 on the request's reply endpoint, header {magic, id, status code},
-//            data = serialized v1::ComputeResponse, or the error message.
+// event fd when there is nothing to do (no busy polling). Messages (UCP active messages):
+//   hello    AM 3, client -> service, once per connection: header {magic, client id},
+//            data = the client's worker address. The service connects back with an
+//            endpoint of its own (with a failure handler), on which it replies.
+//   request  AM 1, header {magic, call id, client id}, data = serialized
+//            v1::ComputeRequest. UCX picks eager or rendezvous by size (UCX_RNDV_THRESH):
+//            large payloads move by rendezvous (zero-copy GET/PUT where the transport
+//            has it) straight into a registered buffer.
+//   reply    AM 2, header {magic, call id, status code}, data = serialized
+//            v1::ComputeResponse, or the error message.
+// Payloads live in registered buffers taken from a pool (UcxBufferPool) and reused: each
+// is registered with UCX once (ucp_mem_map) and its handle passed with every send and
+// receive, so no call pays for registration or page faults.
 //
 // Failures, as over gRPC: a service whose endpoint fails (dead peer, reset connection)
 // gives UNAVAILABLE for every call in flight to it and is reconnected (its worker
 // address fetched again through Info) on the next call; a call with no reply by its
-// deadline gives DEADLINE_EXCEEDED (a hung peer). A reply is delivered at most once: a
-// late one, for a call already ended, is dropped.
+// deadline gives DEADLINE_EXCEEDED (a hung peer). Transports that cannot detect a dead
+// peer (UCX 1.13's shared memory) are watched through the control plane instead: while
+// calls wait on such a service, Info is asked every 100 ms; a refused connection or a
+// new worker address (a restart) fails those calls with UNAVAILABLE at once. A reply
+// is delivered at most once: a late one, for a call already ended, is dropped.
 //
-// Memory: payloads are host memory only; the CUDA-memory path is not written yet.
-// Status: in progress (issue 6); not yet in ctest.
+// Device memory: see services/ucx_memory.h (CUDA buffers sent directly where UCX
+// supports them, staged through pinned host memory otherwise).
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -45,8 +55,62 @@
 typedef struct ucp_context* ucp_context_h;
 typedef struct ucp_worker* ucp_worker_h;
 typedef struct ucp_ep* ucp_ep_h;
+typedef struct ucp_mem* ucp_mem_h;
 
 namespace moemesh {
+
+class UcxBufferPool;
+
+// A payload buffer from a UcxBufferPool: `size` bytes used of `capacity`. Returned to
+// its pool when the handle goes.
+struct UcxBuffer {
+  char* data = nullptr;
+  size_t size = 0;
+  size_t capacity = 0;
+  ucp_mem_h memh = nullptr;  // set on the worker thread, the first time UCX needs it
+  int size_class = 0;
+  std::shared_ptr<UcxBufferPool> pool;
+};
+struct UcxBufferReturn {
+  void operator()(UcxBuffer* b) const;
+};
+using UcxBufferPtr = std::unique_ptr<UcxBuffer, UcxBufferReturn>;
+
+// Page-aligned, pre-faulted buffers in power-of-two size classes, kept for reuse (a few
+// per class) and registered with the context once each. Take and return from any
+// thread; Register on the worker thread.
+class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
+ public:
+  explicit UcxBufferPool(ucp_context_h context) : context_(context) {}
+  ~UcxBufferPool();
+  UcxBufferPtr Take(size_t size);
+  // The buffer's UCX memory handle, registering it the first time (nullptr if
+  // registration failed: UCX then registers per call).
+  ucp_mem_h Register(UcxBuffer& buffer);
+  // Unregisters every kept buffer (before the context goes); later returns just free.
+  void Close();
+  // How surplus registered buffers reach the worker thread to be unregistered.
+  void SetPoster(std::function<void(std::function<void()>)> post) {
+    std::lock_guard<std::mutex> lock(mu_);
+    poster_ = std::move(post);
+  }
+  // Buffers registered so far (each once), and kept for reuse now; for tests.
+  int64_t registrations() const { return registrations_.load(); }
+  int64_t kept() const;
+
+ private:
+  friend struct UcxBufferReturn;
+  void Return(UcxBuffer* b);
+  void Free(UcxBuffer* b);
+
+  const ucp_context_h context_;
+  std::atomic<int64_t> registrations_{0};
+  mutable std::mutex mu_;
+  std::vector<std::vector<UcxBuffer*>> free_;  // by size class; guarded by mu_
+  std::set<UcxBuffer*> registered_;            // guarded by mu_
+  bool closed_ = false;                        // guarded by mu_
+  std::function<void(std::function<void()>)> poster_;  // guarded by mu_
+};
 
 // One UCP context and worker, driven by a thread of their own.
 class UcxWorkerThread {
@@ -60,16 +124,22 @@ class UcxWorkerThread {
 
   // Starts the thread; register AM handlers (on worker()) before.
   void Start();
+  // Runs the posted work, a last few rounds of progress, and stops the thread. UCX
+  // callbacks may still run inside; the owner tells them it is closing.
+  void Stop();
   // Runs `fn` on the worker thread, soon. Thread-safe.
   void Post(std::function<void()> fn);
   // Called on the worker thread after each round of progress: milliseconds until it must
-  // run again (-1: only when woken). Set before the first Post.
+  // run again (-1: only when woken). Set before Start.
   void SetIdleHook(std::function<int()> hook) { idle_hook_ = std::move(hook); }
 
   ucp_worker_h worker() const { return worker_; }
   ucp_context_h context() const { return context_; }
+  UcxBufferPool& buffers() { return *buffers_; }
   // The worker's address, for a peer's ucp_ep_create.
   const std::string& address() const { return address_; }
+  // The memory types UCX can send from directly (bits of ucs_memory_type_t).
+  uint64_t memory_types() const { return memory_types_; }
   bool on_worker_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
  private:
@@ -78,7 +148,9 @@ class UcxWorkerThread {
 
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
+  std::shared_ptr<UcxBufferPool> buffers_;
   std::string address_;
+  uint64_t memory_types_ = 0;
   int epoll_fd_ = -1, event_fd_ = -1, worker_fd_ = -1;
   std::function<int()> idle_hook_;
   std::mutex mu_;
@@ -99,36 +171,55 @@ class UcxExpertTransport : public ExpertTransport {
   absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
                     v1::InfoResponse* response) override;
 
+  // The bytes of a call's serialized reply (on OK) or the call's error. Runs once, on
+  // the worker thread.
+  using Complete = std::function<void(absl::Status, UcxBufferPtr reply)>;
+  // Sends one serialized request (from any thread); the raw API under the exchanges,
+  // also used by the transport benchmark.
+  void Send(const std::string& endpoint, UcxBufferPtr request, Clock::time_point deadline,
+            Complete complete);
+  UcxBufferPool& buffers() { return worker_->buffers(); }
+
   // Calls in flight (sent, no reply or error yet); for tests.
   int64_t in_flight() const { return in_flight_.load(); }
+  // Control-plane probes of services whose transport cannot report failure; for tests.
+  int64_t probes() const { return probes_.load(); }
 
  private:
   struct Pending;
   struct Peer;
   UcxExpertTransport(std::shared_ptr<ExpertTransport> control, int max_message_bytes);
 
-  using Complete = std::function<void(absl::Status, std::unique_ptr<v1::ComputeResponse>)>;
-  void Send(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-            Clock::time_point deadline, Complete complete);
   // Worker-thread side.
-  void StartOnWorker(uint64_t id, std::shared_ptr<Pending> pending);
-  ucp_ep_h Connect(const std::string& endpoint, std::string* error);
-  void FailPeer(const std::string& endpoint, const absl::Status& status);
-  void Finish(uint64_t id, absl::Status status, std::unique_ptr<v1::ComputeResponse> response);
-  int ExpireDeadlines();
-  void OnReply(uint64_t id, int32_t code, const char* data, size_t length);
+  void StartOnWorker(std::shared_ptr<Pending> pending);
+  Peer* Connect(const std::string& endpoint, std::string* error);
+  void FailPeer(Peer* peer, ucp_ep_h ep, const absl::Status& status);
+  void Finish(uint64_t id, absl::Status status, UcxBufferPtr reply);
+  int OnIdle();
+  void OnReply(uint64_t id, int32_t code, UcxBufferPtr data);
+  // The prober thread.
+  void ProbeLoop();
   friend struct UcxCallbacks;
 
   const std::shared_ptr<ExpertTransport> control_;
   const int max_message_bytes_;
+  const uint64_t client_id_;
   std::unique_ptr<UcxWorkerThread> worker_;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> probes_{0};
   std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
 
   // Worker addresses by endpoint, from Info; dropped when the peer fails.
   std::mutex addresses_mu_;
   std::unordered_map<std::string, std::string> addresses_;  // guarded by addresses_mu_
+
+  // Probes asked for by the worker thread: (endpoint, the address it is connected to).
+  std::mutex probe_mu_;
+  std::condition_variable probe_cv_;
+  std::deque<std::pair<std::string, std::string>> probe_queue_;  // guarded by probe_mu_
+  bool probe_stop_ = false;                                      // guarded by probe_mu_
+  std::thread prober_;
 
   // Worker-thread state only.
   std::unordered_map<std::string, std::unique_ptr<Peer>> peers_;
@@ -139,7 +230,7 @@ class UcxExpertTransport : public ExpertTransport {
 // `compute`, run on `threads` threads of its own (the worker thread never computes).
 class UcxComputeServer {
  public:
-  // Parses the request, computes, and returns the status and the response.
+  // Computes a parsed request; returns the status and fills the response.
   using Compute = std::function<absl::Status(const v1::ComputeRequest&, v1::ComputeResponse*)>;
 
   static absl::StatusOr<std::unique_ptr<UcxComputeServer>> Create(Compute compute, int threads,
@@ -150,32 +241,39 @@ class UcxComputeServer {
   const std::string& worker_address() const { return worker_->address(); }
   // Requests received and not yet answered.
   int64_t in_flight() const { return in_flight_.load(); }
+  // Clients connected now (each said hello and its endpoint has not failed).
+  int64_t clients() const { return clients_count_.load(); }
+  // Requests dropped because their client could not be answered (unknown or gone).
+  int64_t dropped() const { return dropped_.load(); }
 
  private:
-  struct Payload {
-    std::unique_ptr<char[]> data;
-    size_t size = 0;
-  };
+  struct Client;
   struct Job {
-    ucp_ep_h reply_ep = nullptr;
+    uint64_t client = 0;
     uint64_t id = 0;
-    Payload payload;
+    UcxBufferPtr payload;
   };
   UcxComputeServer() = default;
   friend struct UcxCallbacks;
   void Enqueue(Job job);
   void ComputeLoop();
-  void Reply(ucp_ep_h ep, uint64_t id, int32_t code, std::string payload);
+  void Hello(uint64_t client, std::string address);
+  void Reply(uint64_t client, uint64_t id, int32_t code, UcxBufferPtr payload);
 
   Compute compute_;
   int max_message_bytes_ = 0;
   std::unique_ptr<UcxWorkerThread> worker_;
   std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> clients_count_{0};
+  std::atomic<int64_t> dropped_{0};
+  std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Job> jobs_;  // guarded by mu_
   bool stop_ = false;     // guarded by mu_
   std::vector<std::thread> threads_;
+  // Worker-thread state only.
+  std::unordered_map<uint64_t, std::unique_ptr<Client>> clients_;
 };
 
 }  // namespace moemesh
