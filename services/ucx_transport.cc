@@ -266,7 +266,7 @@ absl::StatusOr<std::unique_ptr<UcxWorkerThread>> UcxWorkerThread::Create(const s
   w->buffers_ = std::make_shared<UcxBufferPool>(w->context_);
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // only the worker thread touches it
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // one thread at a time: under ucx_mu_
   s = ucp_worker_create(w->context_, &wp, &w->worker_);
   if (s != UCS_OK) return UcsError(absl::StrCat(name, ": ucp_worker_create"), s);
   ucp_address_t* address = nullptr;
@@ -325,6 +325,16 @@ void UcxWorkerThread::Post(std::function<void()> fn) {
     std::lock_guard<std::mutex> lock(mu_);
     posted_.push_back(std::move(fn));
   }
+  Wake();
+}
+
+void UcxWorkerThread::WakeBy(std::chrono::steady_clock::time_point t) {
+  if (t >= wake_at_) return;
+  wake_at_ = t;
+  Wake();
+}
+
+void UcxWorkerThread::Wake() {
   const uint64_t one = 1;
   (void)!::write(event_fd_, &one, sizeof one);
 }
@@ -338,21 +348,31 @@ void UcxWorkerThread::Loop() {
       if (stop_ && work.empty()) {
         // Last rounds: endpoints closed by the posted work finish closing, and the
         // operations they cancel complete.
+        std::lock_guard<std::mutex> lock(ucx_mu_);
         for (int i = 0; i < 100 && ucp_worker_progress(worker_) != 0; ++i) {
         }
         break;
       }
     }
-    for (auto& fn : work) fn();
-    while (ucp_worker_progress(worker_) != 0) {
+    int timeout_ms;
+    {
+      std::lock_guard<std::mutex> lock(ucx_mu_);
+      for (auto& fn : work) fn();
+      while (ucp_worker_progress(worker_) != 0) {
+      }
+      timeout_ms = idle_hook_ ? idle_hook_() : -1;
+      wake_at_ = timeout_ms < 0 ? std::chrono::steady_clock::time_point::max()
+                                : std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     }
-    const int timeout_ms = idle_hook_ ? idle_hook_() : -1;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!posted_.empty() || stop_) continue;
     }
     // Sleep until the network or another thread has something for us.
-    if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
+    {
+      std::lock_guard<std::mutex> lock(ucx_mu_);
+      if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
+    }
     epoll_event events[2];
     ::epoll_wait(epoll_fd_, events, 2, timeout_ms);
     uint64_t count;
@@ -771,7 +791,9 @@ void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
   p->complete = std::move(complete);
   p->payload = std::move(request);
   ++in_flight_;
-  worker_->Post([this, p] { StartOnWorker(p); });
+  // Sent from this thread, holding the worker: no hand-off to the worker thread on the
+  // way out.
+  worker_->RunLocked([&] { StartOnWorker(p); });
 }
 
 UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoint, std::string* error) {
@@ -818,6 +840,14 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
 
 void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
   pending_[p->id] = p;
+  if (!worker_->on_worker_thread()) {
+    // The worker thread may be asleep until later than this call's deadline (or its
+    // first probe): it must look again by then.
+    const auto by = std::min(p->deadline, p->started + kProbeAfter);
+    worker_->WakeBy(std::chrono::steady_clock::now() +
+                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                        by - Clock::now()));
+  }
   std::string error;
   Peer* peer = Connect(p->endpoint, &error);
   if (peer == nullptr) {
@@ -834,7 +864,9 @@ void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
   if (req == nullptr) {
     delete holder;  // sent in place
     p->payload.reset();
-  } else if (UCS_PTR_IS_ERR(req)) {
+  } else if (!UCS_PTR_IS_ERR(req)) {
+    if (!worker_->on_worker_thread()) worker_->Wake();  // the rest goes on in its progress
+  } else {
     delete holder;
     Finish(p->id,
            absl::UnavailableError(absl::StrCat(p->endpoint, ": send failed (",
@@ -1034,10 +1066,8 @@ void UcxComputeServer::ComputeLoop() {
     } else {
       std::memcpy(out->data, status.message().data(), size);
     }
-    worker_->Post([this, client = job.client, id = job.id, code,
-                   out = std::make_shared<UcxBufferPtr>(std::move(out))] {
-      Reply(client, id, code, std::move(*out));
-    });
+    // Sent from this thread, holding the worker: no hand-off on the way back.
+    worker_->RunLocked([&] { Reply(job.client, job.id, code, std::move(out)); });
   }
 }
 
@@ -1064,8 +1094,16 @@ void UcxComputeServer::Hello(uint64_t id, std::string address) {
 }
 
 void UcxComputeServer::Reply(uint64_t client_id, uint64_t id, int32_t code, UcxBufferPtr payload) {
-  --in_flight_;
   auto it = clients_.find(client_id);
+  if (it == clients_.end() && !worker_->on_worker_thread()) {
+    // A new client's hello is handled by posted work (its endpoint back is made
+    // outside the AM callback): the reply queues up behind it.
+    worker_->Post([this, client_id, id, code, out = std::make_shared<UcxBufferPtr>(std::move(payload))] {
+      Reply(client_id, id, code, std::move(*out));
+    });
+    return;
+  }
+  --in_flight_;
   if (it == clients_.end() || it->second->ep == nullptr) {
     ++dropped_;  // no way back to it
     return;
@@ -1078,7 +1116,11 @@ void UcxComputeServer::Reply(uint64_t client_id, uint64_t id, int32_t code, UcxB
                  out->payload != nullptr ? worker_->buffers().Register(*out->payload) : nullptr);
   const ucs_status_ptr_t req =
       ucp_am_send_nbx(it->second->ep, kReplyAm, &out->header, sizeof out->header, data, size, &prm);
-  if (req == nullptr || UCS_PTR_IS_ERR(req)) delete out;  // sent in place, or the client is gone
+  if (req == nullptr || UCS_PTR_IS_ERR(req)) {
+    delete out;  // sent in place, or the client is gone
+  } else if (!worker_->on_worker_thread()) {
+    worker_->Wake();  // the rest goes on in its progress
+  }
 }
 
 }  // namespace moemesh

@@ -129,6 +129,18 @@ class UcxWorkerThread {
   void Stop();
   // Runs `fn` on the worker thread, soon. Thread-safe.
   void Post(std::function<void()> fn);
+  // Runs `fn` now, on the calling thread, holding the worker: UCX calls made inside are
+  // serialized with the worker thread's (sends go out without a hand-off).
+  template <typename F>
+  void RunLocked(F&& fn) {
+    std::lock_guard<std::mutex> lock(ucx_mu_);
+    fn();
+  }
+  // Makes the worker thread run a round of progress (after a send left in progress).
+  void Wake();
+  // Inside RunLocked: makes sure the worker thread runs its idle hook by `t` (it may be
+  // asleep until later).
+  void WakeBy(std::chrono::steady_clock::time_point t);
   // Called on the worker thread after each round of progress: milliseconds until it must
   // run again (-1: only when woken). Set before Start.
   void SetIdleHook(std::function<int()> hook) { idle_hook_ = std::move(hook); }
@@ -153,6 +165,11 @@ class UcxWorkerThread {
   uint64_t memory_types_ = 0;
   int epoll_fd_ = -1, event_fd_ = -1, worker_fd_ = -1;
   std::function<int()> idle_hook_;
+  // Held around every UCX call on the worker: its thread's progress, callbacks and
+  // posted work, and RunLocked (the worker is UCS_THREAD_MODE_SERIALIZED).
+  std::mutex ucx_mu_;
+  // When the worker thread will next run its idle hook unless woken; guarded by ucx_mu_.
+  std::chrono::steady_clock::time_point wake_at_ = std::chrono::steady_clock::time_point::max();
   std::mutex mu_;
   std::deque<std::function<void()>> posted_;  // guarded by mu_
   bool stop_ = false;                         // guarded by mu_
