@@ -4,6 +4,7 @@
 //   mesh_bench [--model DIR | generated Mixtral-like H=1024 I=3584 E=8 k=2]
 //              [--tokens 1,16,256,2048] [--repeats N] [--expert-services N]
 //   mesh_bench --metrics-cost [--tokens 256] [--repeats N]
+//   mesh_bench --compare-transports [--tokens 1,16,256,2048] [--repeats N]
 //
 // Prints one JSON line per (wire, T): medians of the in-process layer and of a mesh call
 // (one client, calls back to back), the throughput ratio in-process/mesh time and the
@@ -13,6 +14,10 @@
 // one with every service serving metrics (scraped every second, as a pessimistic
 // Prometheus would) and one without; calls alternate between them, so both see the
 // same machine noise. Prints the median call time of each and their ratio.
+//
+// --compare-transports: the same model in a mesh with token data over gRPC and in one
+// over UCX (bf16 wire), calls alternating with the in-process layer; prints medians and
+// the latency each data plane adds.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -107,11 +112,64 @@ absl::Status MetricsCost(const std::string& binary, const std::string& dir,
   return status;
 }
 
+// Two meshes of the same model, token data over gRPC in one and over UCX in the other
+// (UCX_TLS from the environment), calls alternating between them and the in-process
+// layer, so all three see the same machine noise. Prints per T the medians and the
+// latency each data plane adds to the in-process layer.
+absl::Status CompareTransports(const std::string& binary, const std::string& dir,
+                               const MoeModelConfig& c, MoeLayer& moe,
+                               const std::vector<int64_t>& tokens, int64_t repeats,
+                               int64_t services) {
+  const int64_t layer = c.MoeLayers().front();
+  const char* names[2] = {"grpc", "ucx"};
+  std::unique_ptr<LocalMesh> meshes[2];
+  for (int k = 0; k < 2; ++k) {
+    LocalMeshOptions mo;
+    mo.moemesh_binary = binary;
+    mo.model_dir = dir;
+    mo.num_expert_services = static_cast<int>(services);
+    mo.expert_threads = 0;
+    mo.transport = names[k];
+    mo.wire = "bf16";
+    ASSIGN_OR_RETURN(meshes[k], LocalMesh::Start(mo));
+    RETURN_IF_ERROR(meshes[k]->WaitReady(std::chrono::seconds(120)));
+  }
+  KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
+                             KServeClient(meshes[1]->router_endpoint(), 1 << 30)};
+  for (int64_t T : tokens) {
+    const Tensor x = RandomInput(T, c.hidden_size);
+    const int64_t reps = std::max<int64_t>(5, T >= 1024 ? repeats / 4 : repeats);
+    std::vector<double> ms[2], local_ms;
+    for (int64_t r = -2; r < reps; ++r) {  // r < 0: warm-up
+      auto t0 = Clock::now();
+      ASSIGN_OR_RETURN(MoeLayerOutput want, moe.Forward(x));
+      if (r >= 0) local_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      for (int k = 0; k < 2; ++k) {
+        const int which = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
+        t0 = Clock::now();
+        ASSIGN_OR_RETURN(auto got, clients[which].Infer(x, layer, std::chrono::seconds(120), false));
+        const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (std::memcmp(got.output.raw(), want.output.raw(), want.output.nbytes()) != 0) {
+          return absl::InternalError(absl::StrCat("the ", names[which], " mesh differs from MoeLayer at T=", T));
+        }
+        if (r >= 0) ms[which].push_back(m);
+      }
+    }
+    const double lm = Median(local_ms), g = Median(ms[0]), u = Median(ms[1]);
+    std::printf("{\"T\":%lld,\"inprocess_ms\":%.3f,\"grpc_mesh_ms\":%.3f,\"ucx_mesh_ms\":%.3f,"
+                "\"grpc_added_us\":%.0f,\"ucx_added_us\":%.0f,\"throughput_ratio_ucx_grpc\":%.3f,"
+                "\"repeats\":%lld}\n",
+                (long long)T, lm, g, u, (g - lm) * 1e3, (u - lm) * 1e3, g / u, (long long)reps);
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
                                                 {"model", "tokens", "repeats", "expert-services",
-                                                 "moemesh", "metrics-cost"},
-                                                {"metrics-cost"}));
+                                                 "moemesh", "metrics-cost", "compare-transports"},
+                                                {"metrics-cost", "compare-transports"}));
   std::string dir = args.String("model", "");
   if (dir.empty()) {
     dir = (std::filesystem::temp_directory_path() / "mesh_bench_model").string();
@@ -139,6 +197,13 @@ absl::Status Run(int argc, char** argv) {
   const int64_t layer = c.MoeLayers().front();
   if (args.Has("metrics-cost")) {
     return MetricsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services);
+  }
+  if (args.Has("compare-transports")) {
+    MoeLayerOptions lo;
+    lo.wire_dtype = DType::kBF16;
+    ASSIGN_OR_RETURN(auto moe, MoeLayer::Create(*ckpt, c, layer, lo));
+    return CompareTransports(args.String("moemesh", MOEMESH_BINARY), dir, c, *moe, tokens, repeats,
+                             services);
   }
 
   for (const std::string wire : {"f32", "bf16"}) {

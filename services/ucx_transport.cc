@@ -206,6 +206,14 @@ void UcxBufferPool::Return(UcxBuffer* b) {
 }
 
 void UcxBufferPool::Free(UcxBuffer* b) {
+  if (b->pinned) {
+    std::function<void(UcxBuffer*)> unpin;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      unpin = unpin_;
+    }
+    if (unpin) unpin(b);
+  }
   if (b->memh != nullptr) {
     bool registered;
     {
@@ -231,6 +239,7 @@ void UcxBufferPool::Close() {
   registered_.clear();
   for (auto& list : free_) {
     for (UcxBuffer* b : list) {
+      if (b->pinned && unpin_) unpin_(b);
       ::munmap(b->data, b->capacity);
       delete b;
     }
@@ -462,6 +471,11 @@ struct UcxExpertTransport::Pending {
   // UCX reads both until the send completes (UCX 1.13 does not copy the header).
   RequestHeader header{};
   UcxBufferPtr payload;
+  // Or the caller's bytes (SendInPlace), and their memory type.
+  std::shared_ptr<const void> keep;
+  const void* data = nullptr;
+  size_t size = 0;
+  ucs_memory_type_t memory_type = UCS_MEMORY_TYPE_HOST;
 };
 
 struct UcxExpertTransport::Peer {
@@ -521,6 +535,7 @@ struct UcxCallbacks {
         static_cast<std::shared_ptr<UcxExpertTransport::Pending>*>(user_data));
     const auto p = std::move(*holder);
     p->payload.reset();
+    p->keep.reset();
     if (status == UCS_OK || status == UCS_ERR_CANCELED || p->owner->closing_.load()) return;
     // A failing endpoint may complete its sends from UCX's async thread: the call ends
     // on the worker thread.
@@ -751,6 +766,33 @@ absl::Status UcxExpertTransport::Info(const std::string& endpoint, Clock::time_p
   return control_->Info(endpoint, deadline, response);
 }
 
+bool UcxExpertTransport::cuda_direct() const {
+  return (worker_->memory_types() & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+}
+
+bool UcxExpertTransport::Resolve(const std::string& endpoint, Clock::time_point deadline,
+                                 const Complete& complete) {
+  {
+    std::lock_guard<std::mutex> lock(addresses_mu_);
+    if (addresses_.count(endpoint) > 0) return true;
+  }
+  v1::InfoResponse info;
+  const absl::Status s = control_->Info(endpoint, deadline, &info);
+  if (!s.ok()) {
+    complete(absl::Status(s.code(), absl::StrCat(endpoint, ": ", s.message())), nullptr);
+    return false;
+  }
+  if (info.ucx_worker_address().empty()) {
+    complete(absl::UnavailableError(absl::StrCat(
+                 endpoint, " serves no UCX data plane (start it with --transport ucx)")),
+             nullptr);
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(addresses_mu_);
+  addresses_[endpoint] = info.ucx_worker_address();
+  return true;
+}
+
 void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
                               Clock::time_point deadline, Complete complete) {
   if (request->size > static_cast<size_t>(max_message_bytes_)) {
@@ -761,35 +803,43 @@ void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
     return;
   }
   // The service's worker address, from Info on first use (and after a failure).
-  bool known;
-  {
-    std::lock_guard<std::mutex> lock(addresses_mu_);
-    known = addresses_.count(endpoint) > 0;
-  }
-  if (!known) {
-    v1::InfoResponse info;
-    const absl::Status s = control_->Info(endpoint, deadline, &info);
-    if (!s.ok()) {
-      complete(absl::Status(s.code(), absl::StrCat(endpoint, ": ", s.message())), nullptr);
-      return;
-    }
-    if (info.ucx_worker_address().empty()) {
-      complete(absl::UnavailableError(absl::StrCat(
-                   endpoint, " serves no UCX data plane (start it with --transport ucx)")),
-               nullptr);
-      return;
-    }
-    std::lock_guard<std::mutex> lock(addresses_mu_);
-    addresses_[endpoint] = info.ucx_worker_address();
-  }
+  if (!Resolve(endpoint, deadline, complete)) return;
   auto p = std::make_shared<Pending>();
-  p->owner = this;
-  p->id = next_id_++;
   p->endpoint = endpoint;
-  p->started = Clock::now();
   p->deadline = deadline;
   p->complete = std::move(complete);
+  p->data = request->data;
+  p->size = request->size;
   p->payload = std::move(request);
+  Start(std::move(p));
+}
+
+void UcxExpertTransport::SendInPlace(const std::string& endpoint, std::shared_ptr<const void> keep,
+                                     const void* data, size_t size, int memory_type,
+                                     Clock::time_point deadline, Complete complete) {
+  if (size > static_cast<size_t>(max_message_bytes_)) {
+    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", size,
+                                                       " bytes is over the limit of ",
+                                                       max_message_bytes_)),
+             nullptr);
+    return;
+  }
+  if (!Resolve(endpoint, deadline, complete)) return;
+  auto p = std::make_shared<Pending>();
+  p->endpoint = endpoint;
+  p->deadline = deadline;
+  p->complete = std::move(complete);
+  p->keep = std::move(keep);
+  p->data = data;
+  p->size = size;
+  p->memory_type = static_cast<ucs_memory_type_t>(memory_type);
+  Start(std::move(p));
+}
+
+void UcxExpertTransport::Start(std::shared_ptr<Pending> p) {
+  p->owner = this;
+  p->id = next_id_++;
+  p->started = Clock::now();
   ++in_flight_;
   // Sent from this thread, holding the worker: no hand-off to the worker thread on the
   // way out.
@@ -857,13 +907,18 @@ void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
   peer->pending.insert(p->id);
   p->header = {kMagic, p->id, client_id_};
   auto* holder = new std::shared_ptr<Pending>(p);  // keeps header and payload until sent
-  ucp_request_param_t prm =
-      SendParams(&UcxCallbacks::RequestSent, holder, 0, buffers().Register(*p->payload));
+  ucp_request_param_t prm = SendParams(&UcxCallbacks::RequestSent, holder, 0,
+                                      p->payload != nullptr ? buffers().Register(*p->payload) : nullptr);
+  if (p->memory_type != UCS_MEMORY_TYPE_HOST) {
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    prm.memory_type = p->memory_type;
+  }
   const ucs_status_ptr_t req = ucp_am_send_nbx(peer->ep, kRequestAm, &p->header, sizeof p->header,
-                                               p->payload->data, p->payload->size, &prm);
+                                               p->data, p->size, &prm);
   if (req == nullptr) {
     delete holder;  // sent in place
     p->payload.reset();
+    p->keep.reset();
   } else if (!UCS_PTR_IS_ERR(req)) {
     if (!worker_->on_worker_thread()) worker_->Wake();  // the rest goes on in its progress
   } else {

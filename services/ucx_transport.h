@@ -29,7 +29,7 @@
 // new worker address (a restart) fails those calls with UNAVAILABLE at once. A reply
 // is delivered at most once: a late one, for a call already ended, is dropped.
 //
-// Device memory: see services/ucx_memory.h (CUDA buffers sent directly where UCX
+// Device memory: see services/ucx_device.h (CUDA buffers sent directly where UCX
 // supports them, staged through pinned host memory otherwise).
 #pragma once
 
@@ -68,6 +68,7 @@ struct UcxBuffer {
   size_t size = 0;
   size_t capacity = 0;
   ucp_mem_h memh = nullptr;  // set on the worker thread, the first time UCX needs it
+  bool pinned = false;       // page-locked for CUDA copies (services/ucx_device.h)
   int size_class = 0;
   std::shared_ptr<UcxBufferPool> pool;
 };
@@ -89,6 +90,11 @@ class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
   ucp_mem_h Register(UcxBuffer& buffer);
   // Unregisters every kept buffer (before the context goes); later returns just free.
   void Close();
+  // Undoes `pinned` before a buffer's memory goes (set by services/ucx_device.h).
+  void SetUnpin(std::function<void(UcxBuffer*)> unpin) {
+    std::lock_guard<std::mutex> lock(mu_);
+    unpin_ = std::move(unpin);
+  }
   // How surplus registered buffers reach the worker thread to be unregistered.
   void SetPoster(std::function<void(std::function<void()>)> post) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -110,6 +116,7 @@ class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
   std::set<UcxBuffer*> registered_;            // guarded by mu_
   bool closed_ = false;                        // guarded by mu_
   std::function<void(std::function<void()>)> poster_;  // guarded by mu_
+  std::function<void(UcxBuffer*)> unpin_;               // guarded by mu_
 };
 
 // One UCP context and worker, driven by a thread of their own.
@@ -195,6 +202,15 @@ class UcxExpertTransport : public ExpertTransport {
   // also used by the transport benchmark.
   void Send(const std::string& endpoint, UcxBufferPtr request, Clock::time_point deadline,
             Complete complete);
+  // Sends `size` bytes of a serialized request where they are, in memory of type
+  // `memory_type` (a ucs_memory_type_t: host, or CUDA where cuda_direct()), holding
+  // `keep` until UCX is done reading them (which may be after `complete`, when the call
+  // ends early). See services/ucx_device.h.
+  void SendInPlace(const std::string& endpoint, std::shared_ptr<const void> keep, const void* data,
+                   size_t size, int memory_type, Clock::time_point deadline, Complete complete);
+  // Whether UCX here reads CUDA device memory itself (a CUDA-enabled UCX: GPUDirect RDMA
+  // on InfiniBand, cuda_ipc/cuda_copy inside a node). Debian's UCX does not.
+  bool cuda_direct() const;
   UcxBufferPool& buffers() { return worker_->buffers(); }
 
   // Calls in flight (sent, no reply or error yet); for tests.
@@ -206,6 +222,10 @@ class UcxExpertTransport : public ExpertTransport {
   struct Pending;
   struct Peer;
   UcxExpertTransport(std::shared_ptr<ExpertTransport> control, int max_message_bytes);
+  // Looks up the endpoint's worker address (Info on first use); false after `complete`
+  // has run with the error.
+  bool Resolve(const std::string& endpoint, Clock::time_point deadline, const Complete& complete);
+  void Start(std::shared_ptr<Pending> p);
 
   // Worker-thread side.
   void StartOnWorker(std::shared_ptr<Pending> pending);
