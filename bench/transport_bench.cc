@@ -5,6 +5,7 @@
 // router's own code, calls alternating between the two so both see the same noise.
 //
 //   transport_bench [--tokens 1,16,256,2048] [--hidden 4096] [--repeats N] [--window 8]
+//                   [--only grpc|ucx]
 //
 // Per T (a request of T rows of H bf16 values: T*H*2 bytes to one destination):
 //   rtt       an echo call (the reply is as large as the request), back to back:
@@ -130,7 +131,7 @@ double Percentile(std::vector<double> v, double p) {
 
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
-                                                {"tokens", "hidden", "repeats", "window", "serve"},
+                                                {"tokens", "hidden", "repeats", "window", "serve", "only"},
                                                 {"serve"}));
   if (args.Has("serve")) return Serve();
   std::vector<int64_t> tokens;
@@ -142,6 +143,10 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(int64_t H, args.Int("hidden", 4096));
   ASSIGN_OR_RETURN(int64_t repeats, args.Int("repeats", 400));
   ASSIGN_OR_RETURN(int64_t window, args.Int("window", 8));
+  // --only grpc|ucx: one transport (for profiling); the other's figures read 0.
+  const std::string only_name = args.String("only", "");
+  const int only = only_name == "grpc" ? 0 : only_name == "ucx" ? 1 : -1;
+  if (!only_name.empty() && only < 0) return absl::InvalidArgumentError("--only must be grpc or ucx");
 
   ASSIGN_OR_RETURN(auto child, ChildProcess::Start({SelfExecutable(), "--serve"}));
   ASSIGN_OR_RETURN(std::string endpoint, child->WaitListening(std::chrono::seconds(30)));
@@ -161,6 +166,10 @@ absl::Status Run(int argc, char** argv) {
     for (int64_t r = -5; r < reps; ++r) {  // r < 0: warm-up
       for (int k = 0; k < 2; ++k) {
         const int which = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
+        if (only >= 0 && which != only) {
+          rtt_us[which].push_back(0);
+          continue;
+        }
         ASSIGN_OR_RETURN(double s, Exchange(*transports[which], endpoint, echo, 1, bytes));
         if (r >= 0) rtt_us[which].push_back(s * 1e6);
       }
@@ -172,6 +181,10 @@ absl::Status Run(int argc, char** argv) {
     for (int64_t r = -2; r < rounds; ++r) {
       for (int k = 0; k < 2; ++k) {
         const int which = (r + k) % 2 == 0 ? 0 : 1;
+        if (only >= 0 && which != only) {
+          gbps[which].push_back(0);
+          continue;
+        }
         ASSIGN_OR_RETURN(double s, Exchange(*transports[which], endpoint, sink,
                                             static_cast<int>(window), 0));
         if (r >= 0) gbps[which].push_back(static_cast<double>(bytes) * static_cast<double>(window) / s / 1e9);

@@ -23,7 +23,8 @@ constexpr char kUsage[] =
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
-    "  --transport ucx: also serve Compute over UCX (experimental, in progress)\n";
+    "  --transport ucx: also serve Compute over UCX (its worker address goes out in Info;\n"
+    "    UCX_TLS etc. from the environment)\n";
 
 // How long a stop signal leaves in-flight calls to finish.
 constexpr auto kDrainTime = std::chrono::seconds(10);

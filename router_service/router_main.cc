@@ -23,8 +23,9 @@ const char kRouterUsage[] =
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n"
-    "  --transport ucx: token data over UCX (experimental, in progress; the services must run with\n"
-    "    --transport ucx; UCX_TLS etc. from the environment); gRPC stays the control plane\n";
+    "  --transport ucx: token data over UCX active messages (the services must run with\n"
+    "    --transport ucx; UCX_TLS, UCX_NET_DEVICES etc. from the environment); gRPC stays the\n"
+    "    control plane\n";
 
 namespace {
 
