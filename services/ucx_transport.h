@@ -4,9 +4,11 @@
 // and the portable fallback. UCX's own environment (UCX_TLS, UCX_NET_DEVICES, ...) is
 // passed through untouched.
 //
-// Each side runs one UCP worker on a thread of its own (UcxWorkerThread): every UCX call
-// happens there; other threads hand it work, and it sleeps in epoll on the worker's
-// event fd when there is nothing to do (no busy polling). Messages (UCP active messages):
+// Each side runs one UCP worker (UcxWorkerThread), UCS_THREAD_MODE_SERIALIZED under one
+// lock. Its own thread runs progress, deadlines and posted work, and sleeps in epoll on
+// the worker's event fd when there is nothing to do (no busy polling); requests and
+// replies are sent straight from the thread that has them (the router's caller, the
+// service's compute thread), holding the lock. Messages (UCP active messages):
 //   hello    AM 3, client -> service, once per connection: header {magic, client id},
 //            data = the client's worker address. The service connects back with an
 //            endpoint of its own (with a failure handler), on which it replies.
@@ -67,7 +69,7 @@ struct UcxBuffer {
   char* data = nullptr;
   size_t size = 0;
   size_t capacity = 0;
-  ucp_mem_h memh = nullptr;  // set on the worker thread, the first time UCX needs it
+  ucp_mem_h memh = nullptr;  // set under the worker's lock, the first time UCX needs it
   bool pinned = false;       // page-locked for CUDA copies (services/ucx_device.h)
   int size_class = 0;
   std::shared_ptr<UcxBufferPool> pool;
@@ -79,7 +81,7 @@ using UcxBufferPtr = std::unique_ptr<UcxBuffer, UcxBufferReturn>;
 
 // Page-aligned, pre-faulted buffers in power-of-two size classes, kept for reuse (a few
 // per class) and registered with the context once each. Take and return from any
-// thread; Register on the worker thread.
+// thread; Register holding the worker's lock (UcxWorkerThread::RunLocked or its thread).
 class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
  public:
   explicit UcxBufferPool(ucp_context_h context) : context_(context) {}
@@ -195,8 +197,9 @@ class UcxExpertTransport : public ExpertTransport {
   absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
                     v1::InfoResponse* response) override;
 
-  // The bytes of a call's serialized reply (on OK) or the call's error. Runs once, on
-  // the worker thread.
+  // The bytes of a call's serialized reply (on OK) or the call's error. Runs once:
+  // holding the worker's lock, or on the calling thread for an error found before
+  // sending. It must only hand the result on (no UCX calls, no blocking).
   using Complete = std::function<void(absl::Status, UcxBufferPtr reply)>;
   // Sends one serialized request (from any thread); the raw API under the exchanges,
   // also used by the transport benchmark.
@@ -227,7 +230,7 @@ class UcxExpertTransport : public ExpertTransport {
   bool Resolve(const std::string& endpoint, Clock::time_point deadline, const Complete& complete);
   void Start(std::shared_ptr<Pending> p);
 
-  // Worker-thread side.
+  // Under the worker's lock.
   void StartOnWorker(std::shared_ptr<Pending> pending);
   Peer* Connect(const std::string& endpoint, std::string* error);
   void FailPeer(Peer* peer, ucp_ep_h ep, const absl::Status& status);
@@ -258,7 +261,7 @@ class UcxExpertTransport : public ExpertTransport {
   bool probe_stop_ = false;                                      // guarded by probe_mu_
   std::thread prober_;
 
-  // Worker-thread state only.
+  // Guarded by the worker's lock (UcxWorkerThread::RunLocked or its thread).
   std::unordered_map<std::string, std::unique_ptr<Peer>> peers_;
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> pending_;
 };
@@ -309,7 +312,7 @@ class UcxComputeServer {
   std::deque<Job> jobs_;  // guarded by mu_
   bool stop_ = false;     // guarded by mu_
   std::vector<std::thread> threads_;
-  // Worker-thread state only.
+  // Guarded by the worker's lock (UcxWorkerThread::RunLocked or its thread).
   std::unordered_map<uint64_t, std::unique_ptr<Client>> clients_;
 };
 
