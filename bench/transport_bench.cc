@@ -42,12 +42,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kSinkLayer = 1;  // answered with an empty reply
 
-absl::Status Echo(const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
   if (req.layer() == kSinkLayer) return absl::OkStatus();
-  for (const auto& b : req.batches()) {
+  for (int i = 0; i < req.batches_size(); ++i) {
+    const auto& b = req.batches(i);
     auto* o = resp->add_outputs();
     o->set_expert(b.expert());
     *o->mutable_rows() = b.rows();
+    if (!rows.empty()) o->mutable_rows()->set_data(std::string(rows[i]));  // rows outside the message
   }
   return absl::OkStatus();
 }
@@ -57,7 +59,7 @@ class EchoService final : public v1::ExpertService::Service {
   explicit EchoService(std::string ucx_address) : ucx_address_(std::move(ucx_address)) {}
   grpc::Status Compute(grpc::ServerContext*, const v1::ComputeRequest* req,
                        v1::ComputeResponse* resp) override {
-    return ToGrpcStatus(Echo(*req, resp));
+    return ToGrpcStatus(Echo(*req, {}, resp));
   }
   grpc::Status Info(grpc::ServerContext*, const v1::InfoRequest*, v1::InfoResponse* resp) override {
     resp->set_ucx_worker_address(ucx_address_);

@@ -177,7 +177,8 @@ absl::StatusOr<std::vector<ExpertKey>> ParseExpertSpec(absl::string_view spec,
   return keys;
 }
 
-absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows& row_bytes,
+                                   v1::ComputeResponse* resp) {
   const auto start = std::chrono::steady_clock::now();
   const MoeModelConfig& config = store_->config();
   const int64_t layer = req.layer(), H = config.hidden_size;
@@ -202,6 +203,10 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
   batches.reserve(req.batches_size());
   std::vector<bool> seen(config.num_experts, false);
   int64_t total_rows = 0, gu_floats = 0, h_floats = 0;
+  if (!row_bytes.empty() && static_cast<int>(row_bytes.size()) != req.batches_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": ", row_bytes.size(),
+                                                   " row segments for ", req.batches_size(), " batches"));
+  }
   for (const v1::ExpertRows& b : req.batches()) {
     const int32_t e = b.expert();
     const std::string what = absl::StrCat("layer ", layer, " expert ", e);
@@ -215,7 +220,10 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
     }
     seen[e] = true;
     ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> weights, store_->Get(layer, e));
-    ASSIGN_OR_RETURN(Tensor rows, FromProto(b.rows(), nullptr, what));
+    ASSIGN_OR_RETURN(Tensor rows,
+                     row_bytes.empty()
+                         ? FromProto(b.rows(), nullptr, what)
+                         : FromProto(b.rows(), row_bytes[batches.size()], nullptr, what));
     if (rows.rank() != 2 || rows.dim(1) != H) {
       return absl::InvalidArgumentError(absl::StrCat(
           what, ": rows have shape ", ShapeString(rows.shape()), ", expected [n, ", H, "]"));
@@ -311,7 +319,8 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, v1::ComputeRes
   return absl::OkStatus();
 }
 
-absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, v1::ComputeResponse* resp,
+absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, const UcxRows& rows,
+                                       v1::ComputeResponse* resp,
                                        const std::function<bool()>& cancelled) {
   const auto received = std::chrono::steady_clock::now();
   ++in_flight_;
@@ -320,7 +329,7 @@ absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, v1::Compu
     // At most compute_threads calls compute at once; the rest wait their turn here.
     ConcurrencyLimit::Slot slot(*computing_);
     s = cancelled() ? absl::CancelledError("the caller cancelled before the call ran")
-                    : Compute(req, resp);
+                    : Compute(req, rows, resp);
   }
   if (!s.ok()) resp->Clear();
   --in_flight_;
@@ -341,7 +350,7 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status Compute(grpc::ServerContext* ctx, const v1::ComputeRequest* req,
                        v1::ComputeResponse* resp) override {
-    return ToGrpcStatus(server_->ServeCompute(*req, resp, [ctx] { return ctx->IsCancelled(); }));
+    return ToGrpcStatus(server_->ServeCompute(*req, {}, resp, [ctx] { return ctx->IsCancelled(); }));
   }
 
   grpc::Status LoadExperts(grpc::ServerContext*, const v1::LoadExpertsRequest* req,
@@ -402,9 +411,9 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   SetBlasThreads(1);
   if (s->options_.ucx) {
     ASSIGN_OR_RETURN(s->ucx_, UcxComputeServer::Create(
-                                  [raw = s.get()](const v1::ComputeRequest& req,
+                                  [raw = s.get()](const v1::ComputeRequest& req, const UcxRows& rows,
                                                   v1::ComputeResponse* resp) {
-                                    return raw->ServeCompute(req, resp, [] { return false; });
+                                    return raw->ServeCompute(req, rows, resp, [] { return false; });
                                   },
                                   s->options_.compute_threads, s->options_.max_message_bytes));
   }

@@ -112,12 +112,14 @@ class ExpertServer {
   ExpertServer();
   absl::Status RegisterMetrics();
 
-  // The body of the Compute RPC.
-  absl::Status Compute(const v1::ComputeRequest& request, v1::ComputeResponse* response);
+  // The body of the Compute RPC. `rows`, when not empty, holds each batch's row bytes
+  // (which then travelled outside the message: the UCX data plane).
+  absl::Status Compute(const v1::ComputeRequest& request, const UcxRows& rows,
+                       v1::ComputeResponse* response);
   // Compute with the accounting every transport shares: in-flight count, the
   // compute_threads limit, metrics.
-  absl::Status ServeCompute(const v1::ComputeRequest& request, v1::ComputeResponse* response,
-                            const std::function<bool()>& cancelled);
+  absl::Status ServeCompute(const v1::ComputeRequest& request, const UcxRows& rows,
+                            v1::ComputeResponse* response, const std::function<bool()>& cancelled);
 
   ExpertServerOptions options_;
   std::unique_ptr<ExpertStore> store_;

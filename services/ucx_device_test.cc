@@ -29,11 +29,13 @@ class Control : public ExpertTransport {
   std::string address_;
 };
 
-absl::Status Echo(const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
-  for (const auto& b : req.batches()) {
+absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+  for (int i = 0; i < req.batches_size(); ++i) {
+    const auto& b = req.batches(i);
     auto* o = resp->add_outputs();
     o->set_expert(b.expert());
     *o->mutable_rows() = b.rows();
+    if (!rows.empty()) o->mutable_rows()->set_data(std::string(rows[i]));  // rows outside the message
   }
   return absl::OkStatus();
 }

@@ -12,7 +12,10 @@
 //   hello    AM 3, client -> service, once per connection: header {magic, client id},
 //            data = the client's worker address. The service connects back with an
 //            endpoint of its own (with a failure handler), on which it replies.
-//   request  AM 1, header {magic, call id, client id}, data = serialized
+//   request  AM 1, header {magic, call id, client id, format}, data = the request with
+//            its row bytes as segments of their own after the rest (moved out of the
+//            protobuf, gathered by UCX from an iov: never serialized, never parsed; the
+//            service computes on them where they land), or a plain serialized
 //            v1::ComputeRequest. UCX picks eager or rendezvous by size (UCX_RNDV_THRESH):
 //            large payloads move by rendezvous (zero-copy GET/PUT where the transport
 //            has it) straight into a registered buffer.
@@ -51,6 +54,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "services/transport.h"
 
 // UCX types, kept out of this header.
@@ -62,6 +66,10 @@ typedef struct ucp_mem* ucp_mem_h;
 namespace moemesh {
 
 class UcxBufferPool;
+
+// Each batch's row bytes of a request whose rows travelled outside the message (the
+// request's own rows data is then empty); empty: the rows are in the message.
+using UcxRows = std::vector<absl::string_view>;
 
 // A payload buffer from a UcxBufferPool: `size` bytes used of `capacity`. Returned to
 // its pool when the handle goes.
@@ -201,10 +209,14 @@ class UcxExpertTransport : public ExpertTransport {
   // holding the worker's lock, or on the calling thread for an error found before
   // sending. It must only hand the result on (no UCX calls, no blocking).
   using Complete = std::function<void(absl::Status, UcxBufferPtr reply)>;
-  // Sends one serialized request (from any thread); the raw API under the exchanges,
-  // also used by the transport benchmark.
+  // Sends one serialized request (from any thread).
   void Send(const std::string& endpoint, UcxBufferPtr request, Clock::time_point deadline,
             Complete complete);
+  // Sends a request as the exchanges do: its row bytes are moved out (no copy) and go as
+  // segments of their own after the serialized rest, gathered by UCX (iov), so the bulk
+  // is never serialized here nor parsed on the service.
+  void SendRequest(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+                   Clock::time_point deadline, Complete complete);
   // Sends `size` bytes of a serialized request where they are, in memory of type
   // `memory_type` (a ucs_memory_type_t: host, or CUDA where cuda_direct()), holding
   // `keep` until UCX is done reading them (which may be after `complete`, when the call
@@ -270,8 +282,10 @@ class UcxExpertTransport : public ExpertTransport {
 // `compute`, run on `threads` threads of its own (the worker thread never computes).
 class UcxComputeServer {
  public:
-  // Computes a parsed request; returns the status and fills the response.
-  using Compute = std::function<absl::Status(const v1::ComputeRequest&, v1::ComputeResponse*)>;
+  // Computes a parsed request whose row bytes are in `rows` (or, when it is empty, in the
+  // request); returns the status and fills the response.
+  using Compute = std::function<absl::Status(const v1::ComputeRequest&, const UcxRows& rows,
+                                             v1::ComputeResponse*)>;
 
   static absl::StatusOr<std::unique_ptr<UcxComputeServer>> Create(Compute compute, int threads,
                                                                   int max_message_bytes);
@@ -286,13 +300,20 @@ class UcxComputeServer {
   // Requests dropped because their client could not be answered (unknown or gone).
   int64_t dropped() const { return dropped_.load(); }
 
+  // A request in the segmented format: the envelope parsed into `request`, views of the
+  // row bytes (into `in`) into `rows`. INVALID_ARGUMENT naming what is wrong with a bad
+  // or hostile one.
+  static absl::Status ParseSegmented(const UcxBuffer& in, v1::ComputeRequest* request, UcxRows* rows);
+
  private:
   struct Client;
   struct Job {
     uint64_t client = 0;
     uint64_t id = 0;
+    uint32_t format = 0;
     UcxBufferPtr payload;
   };
+
   UcxComputeServer() = default;
   friend struct UcxCallbacks;
   void Enqueue(Job job);

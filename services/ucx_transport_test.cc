@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -48,12 +49,14 @@ class FakeControl : public ExpertTransport {
 };
 
 // Echoes each batch's expert and rows back, or fails with the layer as the code.
-absl::Status Echo(const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
   if (req.layer() >= 100) return absl::Status(static_cast<absl::StatusCode>(req.layer() - 100), "asked to fail");
-  for (const auto& b : req.batches()) {
+  for (int i = 0; i < req.batches_size(); ++i) {
+    const auto& b = req.batches(i);
     auto* o = resp->add_outputs();
     o->set_expert(b.expert());
     *o->mutable_rows() = b.rows();
+    if (!rows.empty()) o->mutable_rows()->set_data(std::string(rows[i]));  // rows outside the message
   }
   return absl::OkStatus();
 }
@@ -119,10 +122,10 @@ TEST(UcxTransportTest, HungServiceGivesDeadlineExceededAndLateRepliesAreDropped)
   std::atomic<bool> hang{true};
   std::atomic<int> computed{0};
   auto server = UcxComputeServer::Create(
-      [&](const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+      [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
         while (hang) std::this_thread::sleep_for(milliseconds(5));
         ++computed;
-        return Echo(req, resp);
+        return Echo(req, rows, resp);
       },
       1, 64 << 20);
   ASSERT_TRUE(server.ok());
@@ -174,9 +177,9 @@ TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
   auto control = std::make_shared<FakeControl>();
   std::atomic<bool> hang{true};
   auto old_server = UcxComputeServer::Create(
-                        [&](const v1::ComputeRequest& req, v1::ComputeResponse* resp) {
+                        [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
                           while (hang) std::this_thread::sleep_for(milliseconds(5));
-                          return Echo(req, resp);
+                          return Echo(req, rows, resp);
                         },
                         1, 64 << 20)
                         .value();
@@ -248,6 +251,47 @@ TEST(UcxTransportTest, ConcurrentExchangesGetTheirOwnRepliesOnceAndBuffersAreReu
   EXPECT_LE(t->buffers().registrations() - registered, 16);
   EXPECT_GT(t->buffers().kept(), 0);
   EXPECT_EQ(a->dropped() + b->dropped(), 0);
+}
+
+TEST(UcxTransportTest, HostileSegmentedRequestsAreRefusedWithWhatIsWrong) {
+  // prefix {count, envelope}, count u64 lengths, envelope, segments.
+  v1::ComputeRequest envelope;
+  envelope.add_batches()->set_expert(1);
+  const std::string env = envelope.SerializeAsString();
+  auto make = [&](uint32_t count, uint32_t env_size, std::vector<uint64_t> lengths, size_t tail) {
+    std::string m(8, '\0');
+    std::memcpy(m.data(), &count, 4);
+    std::memcpy(m.data() + 4, &env_size, 4);
+    for (uint64_t n : lengths) m.append(reinterpret_cast<const char*>(&n), 8);
+    m += env;
+    m.append(tail, 'x');
+    return m;
+  };
+  auto parse = [](std::string bytes) {
+    UcxBuffer b;
+    b.data = bytes.data();
+    b.size = bytes.size();
+    v1::ComputeRequest req;
+    UcxRows rows;
+    absl::Status s = UcxComputeServer::ParseSegmented(b, &req, &rows);
+    return std::make_pair(s, rows.size());
+  };
+  const uint32_t E = static_cast<uint32_t>(env.size());
+  auto good = parse(make(1, E, {5}, 5));
+  ASSERT_TRUE(good.first.ok()) << good.first;
+  EXPECT_EQ(good.second, 1u);
+  for (auto [bytes, want] : std::vector<std::pair<std::string, std::string>>{
+           {std::string(3, '\0'), "shorter than its prefix"},
+           {make(1, E, {5}, 4), "segment 0 runs past the end"},
+           {make(1, E, {5}, 6), "1 bytes after the last segment"},
+           {make(2, E, {5, 0}, 5), "2 segments for 1 batches"},
+           {make(1, E + 1000, {5}, 5), "prefix beyond the data"},
+           {make(0xffffffff, E, {5}, 5), "prefix beyond the data"},
+           {make(1, E, {~uint64_t{0}}, 5), "segment 0 runs past the end"}}) {
+    auto got = parse(bytes);
+    EXPECT_EQ(got.first.code(), absl::StatusCode::kInvalidArgument) << want;
+    EXPECT_NE(got.first.message().find(want), std::string::npos) << got.first << " wanted: " << want;
+  }
 }
 
 }  // namespace

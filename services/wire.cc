@@ -61,6 +61,14 @@ absl::Status ToProto(const Tensor& t, DType wire, v1::Tensor* out) {
 
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const void> owner,
                                  absl::string_view what) {
+  return FromProto(in, in.data(), std::move(owner), what);
+}
+
+absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, absl::string_view data,
+                                 std::shared_ptr<const void> owner, absl::string_view what) {
+  if (data.data() != in.data().data() && !in.data().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": bytes both inside and outside the message"));
+  }
   auto dtype = FromProtoDType(in.dtype());
   if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
   std::vector<int64_t> shape(in.shape().begin(), in.shape().end());
@@ -73,11 +81,11 @@ absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const voi
     numel *= static_cast<uint64_t>(d);
   }
   const uint64_t want = numel * DTypeSize(*dtype);
-  if (want != in.data().size()) {
+  if (want != data.size()) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": ", DTypeName(*dtype), ShapeString(shape),
-                                                   " needs ", want, " bytes, got ", in.data().size()));
+                                                   " needs ", want, " bytes, got ", data.size()));
   }
-  return Tensor::View(*dtype, std::move(shape), in.data().data(), std::move(owner));
+  return Tensor::View(*dtype, std::move(shape), data.data(), std::move(owner));
 }
 
 const char* KServeDatatype(DType dtype) {

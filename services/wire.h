@@ -27,6 +27,10 @@ absl::Status ToProto(const Tensor& t, DType wire, v1::Tensor* out);
 // errors ("batch 3 of layer 1").
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const void> owner,
                                  absl::string_view what);
+// The same with the bytes given apart from `in` (whose own data must then be empty): rows
+// that travelled outside the protobuf (the UCX data plane's segments).
+absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, absl::string_view data,
+                                 std::shared_ptr<const void> owner, absl::string_view what);
 
 // KServe v2 datatype names ("FP32", "BF16", "FP16", "INT32", "INT64") and back.
 const char* KServeDatatype(DType dtype);
