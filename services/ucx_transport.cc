@@ -41,9 +41,14 @@ struct RequestHeader {
 
 // Request data formats. kPlain: a serialized v1::ComputeRequest. kSegmented: a
 // SegmentsPrefix, `count` u64 segment lengths, the serialized request with every batch's
-// rows data empty (`envelope` bytes), then batch i's row bytes as segment i.
+// rows data empty (`envelope` bytes), then batch i's row bytes as segment i; the head
+// and every segment padded with zeros to kAlign bytes, so the rows the service computes
+// on where they land start aligned (the buffers are page-aligned).
 constexpr uint32_t kPlain = 0;
 constexpr uint32_t kSegmented = 1;
+constexpr size_t kAlign = 64;
+size_t Aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+char kZeros[kAlign] = {};  // padding, read by UCX
 struct SegmentsPrefix {
   uint32_t count;
   uint32_t envelope;
@@ -850,10 +855,11 @@ void UcxExpertTransport::SendRequest(const std::string& endpoint,
   for (v1::ExpertRows& b : *request->mutable_batches()) {
     segments.push_back(std::move(*b.mutable_rows()->mutable_data()));  // moved, not copied
     b.mutable_rows()->clear_data();
-    total += segments.back().size();
+    total += Aligned(segments.back().size());
   }
   const size_t envelope = request->ByteSizeLong();
-  const size_t head = sizeof(SegmentsPrefix) + sizeof(uint64_t) * segments.size() + envelope;
+  const size_t unpadded = sizeof(SegmentsPrefix) + sizeof(uint64_t) * segments.size() + envelope;
+  const size_t head = Aligned(unpadded);
   total += head;
   if (total > static_cast<size_t>(max_message_bytes_)) {
     complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", total,
@@ -877,6 +883,7 @@ void UcxExpertTransport::SendRequest(const std::string& endpoint,
     at += sizeof n;
   }
   request->SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(at));
+  std::memset(buffer->data + unpadded, 0, head - unpadded);
   if (!Resolve(endpoint, deadline, complete)) return;
   auto p = std::make_shared<Pending>();
   p->endpoint = endpoint;
@@ -991,13 +998,14 @@ void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
   if (!p->segments.empty() && !peer->gathers) {
     // Packed into one registered buffer: a copy, cheaper over TCP than losing zero-copy.
     size_t total = p->payload->size;
-    for (const std::string& seg : p->segments) total += seg.size();
+    for (const std::string& seg : p->segments) total += Aligned(seg.size());
     if (UcxBufferPtr all = buffers().Take(total); all != nullptr) {
       std::memcpy(all->data, p->payload->data, p->payload->size);
       size_t at = p->payload->size;
       for (const std::string& seg : p->segments) {
         std::memcpy(all->data + at, seg.data(), seg.size());
-        at += seg.size();
+        std::memset(all->data + at + seg.size(), 0, Aligned(seg.size()) - seg.size());
+        at += Aligned(seg.size());
       }
       p->payload = std::move(all);
       p->segments.clear();
@@ -1017,6 +1025,7 @@ void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
     p->iov.push_back({p->payload->data, p->payload->size});
     for (const std::string& seg : p->segments) {
       if (!seg.empty()) p->iov.push_back({const_cast<char*>(seg.data()), seg.size()});
+      if (const size_t pad = Aligned(seg.size()) - seg.size(); pad > 0) p->iov.push_back({kZeros, pad});
     }
     prm.op_attr_mask &= ~UCP_OP_ATTR_FIELD_MEMH;  // one handle cannot cover several buffers
     prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
@@ -1211,7 +1220,7 @@ absl::Status UcxComputeServer::ParseSegmented(const UcxBuffer& in, v1::ComputeRe
   SegmentsPrefix prefix;
   if (in.size < sizeof prefix) return malformed("shorter than its prefix");
   std::memcpy(&prefix, in.data, sizeof prefix);
-  const uint64_t head = sizeof prefix + uint64_t{8} * prefix.count + prefix.envelope;
+  const uint64_t head = Aligned(sizeof prefix + uint64_t{8} * prefix.count + prefix.envelope);
   if (prefix.count > in.size / 8 || head > in.size) return malformed("prefix beyond the data");
   const char* lengths = in.data + sizeof prefix;
   const char* envelope = lengths + uint64_t{8} * prefix.count;
@@ -1227,7 +1236,7 @@ absl::Status UcxComputeServer::ParseSegmented(const UcxBuffer& in, v1::ComputeRe
     std::memcpy(&n, lengths + 8 * i, sizeof n);
     if (n > in.size - at) return malformed(absl::StrCat("segment ", i, " runs past the end"));
     rows->emplace_back(in.data + at, n);
-    at += n;
+    at = std::min<uint64_t>(at + Aligned(n), in.size);
   }
   if (at != in.size) return malformed(absl::StrCat(in.size - at, " bytes after the last segment"));
   return absl::OkStatus();

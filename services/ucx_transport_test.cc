@@ -264,6 +264,7 @@ TEST(UcxTransportTest, HostileSegmentedRequestsAreRefusedWithWhatIsWrong) {
     std::memcpy(m.data() + 4, &env_size, 4);
     for (uint64_t n : lengths) m.append(reinterpret_cast<const char*>(&n), 8);
     m += env;
+    m.resize((m.size() + 63) / 64 * 64, '\0');  // the head is padded to 64 bytes
     m.append(tail, 'x');
     return m;
   };
@@ -277,14 +278,14 @@ TEST(UcxTransportTest, HostileSegmentedRequestsAreRefusedWithWhatIsWrong) {
     return std::make_pair(s, rows.size());
   };
   const uint32_t E = static_cast<uint32_t>(env.size());
-  auto good = parse(make(1, E, {5}, 5));
+  auto good = parse(make(1, E, {5}, 64));  // 5 bytes padded to 64
   ASSERT_TRUE(good.first.ok()) << good.first;
   EXPECT_EQ(good.second, 1u);
   for (auto [bytes, want] : std::vector<std::pair<std::string, std::string>>{
            {std::string(3, '\0'), "shorter than its prefix"},
            {make(1, E, {5}, 4), "segment 0 runs past the end"},
-           {make(1, E, {5}, 6), "1 bytes after the last segment"},
-           {make(2, E, {5, 0}, 5), "2 segments for 1 batches"},
+           {make(1, E, {5}, 128), "64 bytes after the last segment"},
+           {make(2, E, {5, 0}, 64), "2 segments for 1 batches"},
            {make(1, E + 1000, {5}, 5), "prefix beyond the data"},
            {make(0xffffffff, E, {5}, 5), "prefix beyond the data"},
            {make(1, E, {~uint64_t{0}}, 5), "segment 0 runs past the end"}}) {
