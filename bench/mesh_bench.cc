@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -57,20 +58,30 @@ Tensor RandomInput(int64_t T, int64_t H) {
   return x;
 }
 
+// A mesh of the model on loopback, ready: `services` expert services, each on all cores
+// as deployed; `edit` sets the rest.
+absl::StatusOr<std::unique_ptr<LocalMesh>> StartMesh(const std::string& binary, const std::string& dir,
+                                                     int64_t services,
+                                                     const std::function<void(LocalMeshOptions&)>& edit) {
+  LocalMeshOptions mo;
+  mo.moemesh_binary = binary;
+  mo.model_dir = dir;
+  mo.num_expert_services = static_cast<int>(services);
+  mo.expert_threads = 0;
+  edit(mo);
+  ASSIGN_OR_RETURN(auto mesh, LocalMesh::Start(mo));
+  RETURN_IF_ERROR(mesh->WaitReady(std::chrono::seconds(120)));
+  return mesh;
+}
+
 absl::Status MetricsCost(const std::string& binary, const std::string& dir,
                          const MoeModelConfig& c, const std::vector<int64_t>& tokens,
                          int64_t repeats, int64_t services) {
   const int64_t layer = c.MoeLayers().front();
   std::unique_ptr<LocalMesh> meshes[2];  // [0] metrics off, [1] on
   for (int on = 0; on < 2; ++on) {
-    LocalMeshOptions mo;
-    mo.moemesh_binary = binary;
-    mo.model_dir = dir;
-    mo.num_expert_services = static_cast<int>(services);
-    mo.expert_threads = 0;
-    mo.metrics = on == 1;
-    ASSIGN_OR_RETURN(meshes[on], LocalMesh::Start(mo));
-    RETURN_IF_ERROR(meshes[on]->WaitReady(std::chrono::seconds(120)));
+    ASSIGN_OR_RETURN(meshes[on],
+                     StartMesh(binary, dir, services, [&](LocalMeshOptions& mo) { mo.metrics = on == 1; }));
   }
   std::vector<std::string> urls = meshes[1]->expert_metrics_urls();
   urls.push_back(meshes[1]->router_metrics_url());
@@ -124,15 +135,10 @@ absl::Status CompareTransports(const std::string& binary, const std::string& dir
   const char* names[2] = {"grpc", "ucx"};
   std::unique_ptr<LocalMesh> meshes[2];
   for (int k = 0; k < 2; ++k) {
-    LocalMeshOptions mo;
-    mo.moemesh_binary = binary;
-    mo.model_dir = dir;
-    mo.num_expert_services = static_cast<int>(services);
-    mo.expert_threads = 0;
-    mo.transport = names[k];
-    mo.wire = "bf16";
-    ASSIGN_OR_RETURN(meshes[k], LocalMesh::Start(mo));
-    RETURN_IF_ERROR(meshes[k]->WaitReady(std::chrono::seconds(120)));
+    ASSIGN_OR_RETURN(meshes[k], StartMesh(binary, dir, services, [&](LocalMeshOptions& mo) {
+                       mo.transport = names[k];
+                       mo.wire = "bf16";
+                     }));
   }
   KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
                              KServeClient(meshes[1]->router_endpoint(), 1 << 30)};
@@ -210,14 +216,8 @@ absl::Status Run(int argc, char** argv) {
     MoeLayerOptions lo;
     lo.wire_dtype = wire == "f32" ? DType::kF32 : DType::kBF16;
     ASSIGN_OR_RETURN(auto moe, MoeLayer::Create(*ckpt, c, layer, lo));
-    LocalMeshOptions mo;
-    mo.moemesh_binary = args.String("moemesh", MOEMESH_BINARY);
-    mo.model_dir = dir;
-    mo.num_expert_services = static_cast<int>(services);
-    mo.wire = wire;
-    mo.expert_threads = 0;  // each service: all cores, as deployed
-    ASSIGN_OR_RETURN(auto mesh, LocalMesh::Start(mo));
-    RETURN_IF_ERROR(mesh->WaitReady(std::chrono::seconds(120)));
+    ASSIGN_OR_RETURN(auto mesh, StartMesh(args.String("moemesh", MOEMESH_BINARY), dir, services,
+                                          [&](LocalMeshOptions& mo) { mo.wire = wire; }));
     KServeClient client(mesh->router_endpoint(), 1 << 30);
     {
       // The floor under the T=1 figure: the mesh's layer call is two round trips (client

@@ -32,6 +32,7 @@
 #include "services/status_macros.h"
 #include "services/transport.h"
 #include "services/wire.h"
+#include "services/ucx_testing.h"
 #include "services/ucx_transport.h"
 #include "tools/cli_args.h"
 #include "tools/process.h"
@@ -44,14 +45,7 @@ constexpr int64_t kSinkLayer = 1;  // answered with an empty reply
 
 absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
   if (req.layer() == kSinkLayer) return absl::OkStatus();
-  for (int i = 0; i < req.batches_size(); ++i) {
-    const auto& b = req.batches(i);
-    auto* o = resp->add_outputs();
-    o->set_expert(b.expert());
-    *o->mutable_rows() = b.rows();
-    if (!rows.empty()) o->mutable_rows()->set_data(std::string(rows[i]));  // rows outside the message
-  }
-  return absl::OkStatus();
+  return EchoRows(req, rows, resp);
 }
 
 class EchoService final : public v1::ExpertService::Service {

@@ -33,13 +33,14 @@ class FakeTransport : public ExpertTransport {
   }
 
   std::unique_ptr<Exchange> NewExchange(Clock::time_point) override {
-    return std::make_unique<QueuedExchange>(
+    return std::make_unique<ResponseExchange>(
         [this](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-               QueuedExchange::Complete done) { Send(endpoint, std::move(request), std::move(done)); });
+               ResponseExchange::Complete done) { Send(endpoint, std::move(request), std::move(done)); },
+        &TakeResponse);
   }
 
   void Send(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-            QueuedExchange::Complete done) {
+            ResponseExchange::Complete done) {
     std::lock_guard<std::mutex> lock(mu_);
     ++calls_[endpoint];
     const bool down = down_.count(endpoint) > 0;

@@ -9,31 +9,10 @@
 
 namespace moemesh {
 
-void QueuedExchange::Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-                           ExpertTransport::Done done) {
-  dones_.push_back(std::move(done));
-  ExpertTransport::Done* slot = &dones_.back();
-  ++pending_;
-  send_(endpoint, std::move(request),
-        [this, slot](absl::Status status, std::unique_ptr<v1::ComputeResponse> response) {
-          std::lock_guard<std::mutex> lock(mu_);
-          completed_.push_back({std::move(status), std::move(response), slot});
-          cv_.notify_all();
-        });
-}
-
-void QueuedExchange::Wait() {
-  while (pending_ > 0) {
-    Completion c;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return !completed_.empty(); });
-      c = std::move(completed_.front());
-      completed_.pop_front();
-    }
-    --pending_;
-    (*c.done)(c.status, c.response.get());
-  }
+absl::Status TakeResponse(std::unique_ptr<v1::ComputeResponse>& reply, v1::ComputeResponse* response) {
+  if (reply == nullptr) return absl::InternalError("an OK reply without a response");
+  response->Swap(reply.get());
+  return absl::OkStatus();
 }
 
 namespace {

@@ -1,5 +1,6 @@
 // The token data path between the router and the expert services, behind one interface:
-// gRPC now (GrpcExpertTransport), UCX later, an in-process fake in unit tests.
+// gRPC (GrpcExpertTransport), UCX (services/ucx_transport.h), an in-process fake in unit
+// tests.
 //
 // One MoE layer call opens an Exchange, Starts one ComputeRequest per destination service
 // (every token of the layer bound there), does other work while they fly (the shared
@@ -50,36 +51,71 @@ class ExpertTransport {
                             v1::InfoResponse* response) = 0;
 };
 
-// An Exchange over a callback-style send, for transports whose replies arrive on their
-// own threads (the in-process fake): completions are queued from any thread and run
-// inside Wait.
+// An Exchange over a callback-style send, for transports whose replies arrive on other
+// threads (the UCX worker, the in-process fake): completions are queued from any thread
+// and run inside Wait, where `read` turns each reply into the response handed to `done`
+// (so a UCX reply is parsed by the thread that waits for it, not by the worker).
+template <typename Reply>
 class QueuedExchange : public ExpertTransport::Exchange {
  public:
-  using Complete = std::function<void(absl::Status, std::unique_ptr<v1::ComputeResponse>)>;
+  using Complete = std::function<void(absl::Status, Reply)>;
   // Sends a request and calls `complete` exactly once, from any thread.
   using Send = std::function<void(const std::string& endpoint,
                                   std::unique_ptr<v1::ComputeRequest> request, Complete complete)>;
+  // Fills the response from an OK reply, on the waiting thread.
+  using Read = std::function<absl::Status(Reply& reply, v1::ComputeResponse* response)>;
 
-  explicit QueuedExchange(Send send) : send_(std::move(send)) {}
+  QueuedExchange(Send send, Read read) : send_(std::move(send)), read_(std::move(read)) {}
   ~QueuedExchange() override { Wait(); }
 
   void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-             ExpertTransport::Done done) override;
-  void Wait() override;
+             ExpertTransport::Done done) override {
+    dones_.push_back(std::move(done));
+    ExpertTransport::Done* slot = &dones_.back();
+    ++pending_;
+    send_(endpoint, std::move(request), [this, slot](absl::Status status, Reply reply) {
+      std::lock_guard<std::mutex> lock(mu_);
+      completed_.push_back({std::move(status), std::move(reply), slot});
+      cv_.notify_all();
+    });
+  }
+
+  void Wait() override {
+    v1::ComputeResponse response;
+    while (pending_ > 0) {
+      Completion c;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return !completed_.empty(); });
+        c = std::move(completed_.front());
+        completed_.pop_front();
+      }
+      --pending_;
+      if (c.status.ok()) c.status = read_(c.reply, &response);
+      c.reply = Reply();  // released (a UCX buffer back to its pool) before `done` runs
+      (*c.done)(c.status, c.status.ok() ? &response : nullptr);
+      response.Clear();
+    }
+  }
 
  private:
   struct Completion {
     absl::Status status;
-    std::unique_ptr<v1::ComputeResponse> response;
-    ExpertTransport::Done* done;
+    Reply reply;
+    ExpertTransport::Done* done = nullptr;
   };
   Send send_;
+  Read read_;
   std::deque<ExpertTransport::Done> dones_;  // stable addresses; touched by this thread only
   int pending_ = 0;                          // started and not yet run; this thread only
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Completion> completed_;  // guarded by mu_
 };
+
+// Replies that arrive as responses already (the in-process fake).
+using ResponseExchange = QueuedExchange<std::unique_ptr<v1::ComputeResponse>>;
+absl::Status TakeResponse(std::unique_ptr<v1::ComputeResponse>& reply, v1::ComputeResponse* response);
 
 struct GrpcTransportOptions {
   int max_message_bytes = 256 << 20;

@@ -2,6 +2,7 @@
 // reaches the service and comes back intact, staged through pinned host memory (the
 // path Debian's UCX takes) and, where UCX reads CUDA memory, directly. Needs a GPU.
 #include "services/ucx_device.h"
+#include "services/ucx_testing.h"
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -29,20 +30,9 @@ class Control : public ExpertTransport {
   std::string address_;
 };
 
-absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
-  for (int i = 0; i < req.batches_size(); ++i) {
-    const auto& b = req.batches(i);
-    auto* o = resp->add_outputs();
-    o->set_expert(b.expert());
-    *o->mutable_rows() = b.rows();
-    if (!rows.empty()) o->mutable_rows()->set_data(std::string(rows[i]));  // rows outside the message
-  }
-  return absl::OkStatus();
-}
-
 TEST(UcxDeviceTest, DevicePayloadArrivesIntactStagedAndDirect) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  auto server = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
+  auto server = UcxComputeServer::Create(&EchoRows, 1, 64 << 20).value();
   auto t = UcxExpertTransport::Create(std::make_shared<Control>(server->worker_address())).value();
   for (size_t bytes : {size_t{100}, size_t{3} << 20}) {
     v1::ComputeRequest req;

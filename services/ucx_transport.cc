@@ -422,68 +422,6 @@ void UcxWorkerThread::Loop() {
   }
 }
 
-// --- The exchange -------------------------------------------------------------------
-
-namespace {
-
-// Replies are parsed on the thread that waits for them, not on the worker thread.
-class UcxExchange : public ExpertTransport::Exchange {
- public:
-  UcxExchange(UcxExpertTransport* transport, ExpertTransport::Clock::time_point deadline)
-      : transport_(transport), deadline_(deadline) {}
-  ~UcxExchange() override { Wait(); }
-
-  void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-             ExpertTransport::Done done) override {
-    dones_.push_back(std::move(done));
-    ExpertTransport::Done* slot = &dones_.back();
-    ++pending_;
-    auto complete = [this, slot](absl::Status status, UcxBufferPtr reply) {
-      std::lock_guard<std::mutex> lock(mu_);
-      completed_.push_back({std::move(status), std::move(reply), slot});
-      cv_.notify_all();
-    };
-    transport_->SendRequest(endpoint, std::move(request), deadline_, std::move(complete));
-  }
-
-  void Wait() override {
-    v1::ComputeResponse response;
-    while (pending_ > 0) {
-      Completion c;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return !completed_.empty(); });
-        c = std::move(completed_.front());
-        completed_.pop_front();
-      }
-      --pending_;
-      if (c.status.ok() &&
-          !response.ParseFromArray(c.reply->data, static_cast<int>(c.reply->size))) {
-        c.status = absl::InternalError("a UCX reply does not parse as a ComputeResponse");
-      }
-      c.reply.reset();
-      (*c.done)(c.status, c.status.ok() ? &response : nullptr);
-      response.Clear();
-    }
-  }
-
- private:
-  struct Completion {
-    absl::Status status;
-    UcxBufferPtr reply;
-    ExpertTransport::Done* done = nullptr;
-  };
-  UcxExpertTransport* const transport_;
-  const ExpertTransport::Clock::time_point deadline_;
-  std::deque<ExpertTransport::Done> dones_;  // stable addresses; this thread only
-  int pending_ = 0;                          // this thread only
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Completion> completed_;  // guarded by mu_
-};
-
-}  // namespace
-
 // --- UCX callbacks -----------------------------------------------------------------
 
 struct UcxExpertTransport::Pending {
@@ -790,7 +728,17 @@ UcxExpertTransport::~UcxExpertTransport() {
 }
 
 std::unique_ptr<ExpertTransport::Exchange> UcxExpertTransport::NewExchange(Clock::time_point deadline) {
-  return std::make_unique<UcxExchange>(this, deadline);
+  return std::make_unique<QueuedExchange<UcxBufferPtr>>(
+      [this, deadline](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+                       Complete complete) {
+        SendRequest(endpoint, std::move(request), deadline, std::move(complete));
+      },
+      [](UcxBufferPtr& reply, v1::ComputeResponse* response) {
+        // Parsed on the waiting thread, not the worker's.
+        return response->ParseFromArray(reply->data, static_cast<int>(reply->size))
+                   ? absl::OkStatus()
+                   : absl::InternalError("a UCX reply does not parse as a ComputeResponse");
+      });
 }
 
 absl::Status UcxExpertTransport::Info(const std::string& endpoint, Clock::time_point deadline,
@@ -825,21 +773,28 @@ bool UcxExpertTransport::Resolve(const std::string& endpoint, Clock::time_point 
   return true;
 }
 
-void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
-                              Clock::time_point deadline, Complete complete) {
-  if (request->size > static_cast<size_t>(max_message_bytes_)) {
-    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", request->size,
+std::shared_ptr<UcxExpertTransport::Pending> UcxExpertTransport::Prepare(
+    const std::string& endpoint, size_t size, Clock::time_point deadline, Complete& complete) {
+  if (size > static_cast<size_t>(max_message_bytes_)) {
+    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", size,
                                                        " bytes is over the limit of ",
                                                        max_message_bytes_)),
              nullptr);
-    return;
+    return nullptr;
   }
   // The service's worker address, from Info on first use (and after a failure).
-  if (!Resolve(endpoint, deadline, complete)) return;
+  if (!Resolve(endpoint, deadline, complete)) return nullptr;
   auto p = std::make_shared<Pending>();
   p->endpoint = endpoint;
   p->deadline = deadline;
   p->complete = std::move(complete);
+  return p;
+}
+
+void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
+                              Clock::time_point deadline, Complete complete) {
+  std::shared_ptr<Pending> p = Prepare(endpoint, request->size, deadline, complete);
+  if (p == nullptr) return;
   p->data = request->data;
   p->size = request->size;
   p->payload = std::move(request);
@@ -860,17 +815,12 @@ void UcxExpertTransport::SendRequest(const std::string& endpoint,
   const size_t envelope = request->ByteSizeLong();
   const size_t unpadded = sizeof(SegmentsPrefix) + sizeof(uint64_t) * segments.size() + envelope;
   const size_t head = Aligned(unpadded);
-  total += head;
-  if (total > static_cast<size_t>(max_message_bytes_)) {
-    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", total,
-                                                       " bytes is over the limit of ",
-                                                       max_message_bytes_)),
-             nullptr);
-    return;
-  }
+  std::shared_ptr<Pending> p = Prepare(endpoint, total + head, deadline, complete);
+  if (p == nullptr) return;
   UcxBufferPtr buffer = buffers().Take(head);
   if (buffer == nullptr) {
-    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": no memory for a request")), nullptr);
+    p->complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": no memory for a request")),
+                nullptr);
     return;
   }
   const SegmentsPrefix prefix{static_cast<uint32_t>(segments.size()), static_cast<uint32_t>(envelope)};
@@ -884,11 +834,6 @@ void UcxExpertTransport::SendRequest(const std::string& endpoint,
   }
   request->SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(at));
   std::memset(buffer->data + unpadded, 0, head - unpadded);
-  if (!Resolve(endpoint, deadline, complete)) return;
-  auto p = std::make_shared<Pending>();
-  p->endpoint = endpoint;
-  p->deadline = deadline;
-  p->complete = std::move(complete);
   p->format = kSegmented;
   p->data = buffer->data;
   p->size = buffer->size;
@@ -900,18 +845,8 @@ void UcxExpertTransport::SendRequest(const std::string& endpoint,
 void UcxExpertTransport::SendInPlace(const std::string& endpoint, std::shared_ptr<const void> keep,
                                      const void* data, size_t size, int memory_type,
                                      Clock::time_point deadline, Complete complete) {
-  if (size > static_cast<size_t>(max_message_bytes_)) {
-    complete(absl::ResourceExhaustedError(absl::StrCat(endpoint, ": request of ", size,
-                                                       " bytes is over the limit of ",
-                                                       max_message_bytes_)),
-             nullptr);
-    return;
-  }
-  if (!Resolve(endpoint, deadline, complete)) return;
-  auto p = std::make_shared<Pending>();
-  p->endpoint = endpoint;
-  p->deadline = deadline;
-  p->complete = std::move(complete);
+  std::shared_ptr<Pending> p = Prepare(endpoint, size, deadline, complete);
+  if (p == nullptr) return;
   p->keep = std::move(keep);
   p->data = data;
   p->size = size;
@@ -1113,7 +1048,9 @@ int UcxExpertTransport::OnIdle() {
   for (auto& [endpoint, peer] : peers_) {
     if (peer->detects_failure || peer->ep == nullptr || peer->pending.empty()) continue;
     auto oldest = Clock::time_point::max();
-    for (uint64_t id : peer->pending) oldest = std::min(oldest, pending_[id]->started);
+    for (uint64_t id : peer->pending) {
+      if (auto it = pending_.find(id); it != pending_.end()) oldest = std::min(oldest, it->second->started);
+    }
     const auto due = std::max(oldest, peer->last_probe) + kProbeAfter;
     if (due <= now) {
       peer->last_probe = now;

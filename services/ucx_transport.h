@@ -240,6 +240,10 @@ class UcxExpertTransport : public ExpertTransport {
   // Looks up the endpoint's worker address (Info on first use); false after `complete`
   // has run with the error.
   bool Resolve(const std::string& endpoint, Clock::time_point deadline, const Complete& complete);
+  // A call of `size` bytes to `endpoint`, checked against the size limit and resolved
+  // (`complete` moved into it); nullptr after `complete` has run with the error.
+  std::shared_ptr<Pending> Prepare(const std::string& endpoint, size_t size,
+                                   Clock::time_point deadline, Complete& complete);
   void Start(std::shared_ptr<Pending> p);
 
   // Under the worker's lock.

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "services/ucx_testing.h"
 
 namespace moemesh {
 namespace {
@@ -51,14 +52,7 @@ class FakeControl : public ExpertTransport {
 // Echoes each batch's expert and rows back, or fails with the layer as the code.
 absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
   if (req.layer() >= 100) return absl::Status(static_cast<absl::StatusCode>(req.layer() - 100), "asked to fail");
-  for (int i = 0; i < req.batches_size(); ++i) {
-    const auto& b = req.batches(i);
-    auto* o = resp->add_outputs();
-    o->set_expert(b.expert());
-    *o->mutable_rows() = b.rows();
-    if (!rows.empty()) o->mutable_rows()->set_data(std::string(rows[i]));  // rows outside the message
-  }
-  return absl::OkStatus();
+  return EchoRows(req, rows, resp);
 }
 
 v1::ComputeRequest Request(int64_t layer, size_t bytes) {

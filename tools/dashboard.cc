@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cstdint>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <utility>
@@ -277,22 +278,31 @@ std::vector<Finding> UnknownVariableFindings(absl::string_view text, const char*
   return findings;
 }
 
+// The tokens of `text` when it tokenizes and its brackets balance; otherwise what is
+// wrong goes to `findings` (as `rule`).
+std::optional<std::vector<Token>> WellFormedTokens(const std::string& text, const char* rule,
+                                                   std::vector<Finding>& findings) {
+  absl::StatusOr<std::vector<Token>> tokens = Tokenize(text);
+  if (!tokens.ok()) {
+    findings.push_back({rule, std::string(tokens.status().message())});
+    return std::nullopt;
+  }
+  const std::string brackets = BracketProblem(*tokens);
+  if (!brackets.empty()) {
+    findings.push_back({rule, brackets});
+    return std::nullopt;
+  }
+  return *std::move(tokens);
+}
+
 // The problems of a target's PromQL expression.
 std::vector<Finding> ExprFindings(const std::string& expr, const std::set<std::string>& known) {
   constexpr const char* kRule = kPromqlRule;
   if (expr.find_first_not_of(" \t\r\n") == std::string::npos) return {{kRule, "empty expr"}};
   std::vector<Finding> findings = UnknownVariableFindings(expr, kRule, known);
   const std::string canonical = CanonicalVariables(expr);
-  absl::StatusOr<std::vector<Token>> tokens = Tokenize(canonical);
-  if (!tokens.ok()) {
-    findings.push_back({kRule, std::string(tokens.status().message())});
-    return findings;
-  }
-  const std::string brackets = BracketProblem(*tokens);
-  if (!brackets.empty()) {
-    findings.push_back({kRule, brackets});
-    return findings;
-  }
+  const std::optional<std::vector<Token>> tokens = WellFormedTokens(canonical, kRule, findings);
+  if (!tokens) return findings;
   for (Finding& f : RateIntervalFindings(canonical, *tokens)) findings.push_back(std::move(f));
   return findings;
 }
@@ -305,16 +315,9 @@ std::vector<Finding> TemplateQueryFindings(const std::string& query,
   constexpr const char* kRule = kTemplateQueryRule;
   if (query.find_first_not_of(" \t\r\n") == std::string::npos) return {{kRule, "empty query"}};
   std::vector<Finding> findings = UnknownVariableFindings(query, kRule, known);
-  absl::StatusOr<std::vector<Token>> tokens = Tokenize(CanonicalVariables(query));
-  if (!tokens.ok()) {
-    findings.push_back({kRule, std::string(tokens.status().message())});
-    return findings;
-  }
-  const std::string brackets = BracketProblem(*tokens);
-  if (!brackets.empty()) {
-    findings.push_back({kRule, brackets});
-    return findings;
-  }
+  const std::optional<std::vector<Token>> tokens =
+      WellFormedTokens(CanonicalVariables(query), kRule, findings);
+  if (!tokens) return findings;
   const std::vector<Token>& t = *tokens;
   const bool is_call = t.size() >= 3 && t[0].kind == TokenKind::kIdent && IsPunct(t[1], "(") &&
                        MatchingBracket(t, 1) == t.size() - 1;
