@@ -20,11 +20,14 @@ constexpr char kUsage[] =
     "  --experts: what to load at start (default all): every expert of every MoE layer,\n"
     "  none, the listed experts of every MoE layer, or per layer\n"
     "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L] [--transport grpc|ucx]\n"
+    "  [--ucx-spin-us US]\n"
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --transport ucx: also serve Compute over UCX (its worker address goes out in Info;\n"
-    "    UCX_TLS etc. from the environment)\n";
+    "    UCX_TLS etc. from the environment)\n"
+    "  --ucx-spin-us: how long the UCX worker polls after its last message before it sleeps\n"
+    "    (default 1000; 0: never)\n";
 
 // How long a stop signal leaves in-flight calls to finish.
 constexpr auto kDrainTime = std::chrono::seconds(10);
@@ -33,7 +36,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
                                                        "max-message-mb", "threads",
                                                        "metrics-listen", "expert-metrics",
-                                                       "transport"}));
+                                                       "transport", "ucx-spin-us"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -47,6 +50,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--transport must be grpc or ucx");
   }
   o.ucx = transport == "ucx";
+  ASSIGN_OR_RETURN(int64_t spin_us, args.Int("ucx-spin-us", o.ucx_spin.count()));
+  if (spin_us < 0 || spin_us > 1000000) {
+    return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
+  }
+  o.ucx_spin = std::chrono::microseconds(spin_us);
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

@@ -415,7 +415,8 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
                                                   v1::ComputeResponse* resp) {
                                     return raw->ServeCompute(req, rows, resp, [] { return false; });
                                   },
-                                  s->options_.compute_threads, s->options_.max_message_bytes));
+                                  s->options_.compute_threads, s->options_.max_message_bytes,
+                                  s->options_.ucx_spin));
   }
   s->service_ = std::make_unique<Service>(s.get());
   ASSIGN_OR_RETURN(StartedServer started,

@@ -70,6 +70,8 @@ struct ExpertServerOptions {
   // Also serve Compute over UCX (services/ucx_transport.h); Info then carries the
   // worker address. gRPC serves every call either way.
   bool ucx = false;
+  // How long the UCX worker polls after its last message before it sleeps.
+  std::chrono::microseconds ucx_spin = kUcxDefaultSpin;
 
   absl::Status Validate() const;
 };

@@ -19,13 +19,15 @@ const char kRouterUsage[] =
     "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
     "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
-    "  [--load-window-s S] [--transport grpc|ucx]\n"
+    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US]\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n"
     "  --transport ucx: token data over UCX active messages (the services must run with\n"
     "    --transport ucx; UCX_TLS, UCX_NET_DEVICES etc. from the environment); gRPC stays the\n"
-    "    control plane\n";
+    "    control plane\n"
+    "  --ucx-spin-us: how long a call waiting for its UCX replies polls before it sleeps\n"
+    "    (default 1000; 0: never, every reply then wakes the waiting thread)\n";
 
 namespace {
 
@@ -35,7 +37,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
                                          "placement", "replicas", "wire", "model-name",
                                          "max-message-mb", "timeout-ms", "capacity-factor",
                                          "metrics-listen", "expert-metrics", "load-window-s",
-                                         "transport"}));
+                                         "transport", "ucx-spin-us"}));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
@@ -87,8 +89,13 @@ absl::Status Run(const std::vector<std::string>& argv) {
   std::shared_ptr<ExpertTransport> transport =
       std::make_shared<GrpcExpertTransport>(GrpcTransportOptions{so.max_message_bytes});
   const std::string transport_name = args.String("transport", "grpc");
+  ASSIGN_OR_RETURN(int64_t spin_us, args.Int("ucx-spin-us", kUcxDefaultSpin.count()));
+  if (spin_us < 0 || spin_us > 1000000) {
+    return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
+  }
   if (transport_name == "ucx") {
-    ASSIGN_OR_RETURN(transport, UcxExpertTransport::Create(transport, so.max_message_bytes));
+    ASSIGN_OR_RETURN(transport, UcxExpertTransport::Create(transport, so.max_message_bytes,
+                                                           std::chrono::microseconds(spin_us)));
   } else if (transport_name != "grpc") {
     return absl::InvalidArgumentError("--transport must be grpc or ucx");
   }

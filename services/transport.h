@@ -9,6 +9,7 @@
 // thread, and the caller's completion code needs no lock. No thread is blocked per call.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -54,7 +55,9 @@ class ExpertTransport {
 // An Exchange over a callback-style send, for transports whose replies arrive on other
 // threads (the UCX worker, the in-process fake): completions are queued from any thread
 // and run inside Wait, where `read` turns each reply into the response handed to `done`
-// (so a UCX reply is parsed by the thread that waits for it, not by the worker).
+// (so a UCX reply is parsed by the thread that waits for it, not by the worker). Before
+// it sleeps, Wait lets `poll` (if set) drive the transport itself until a completion is
+// queued or the transport gives up (UCX polls for a short while: no wakeup per reply).
 template <typename Reply>
 class QueuedExchange : public ExpertTransport::Exchange {
  public:
@@ -64,8 +67,11 @@ class QueuedExchange : public ExpertTransport::Exchange {
                                   std::unique_ptr<v1::ComputeRequest> request, Complete complete)>;
   // Fills the response from an OK reply, on the waiting thread.
   using Read = std::function<absl::Status(Reply& reply, v1::ComputeResponse* response)>;
+  // Runs the transport's progress on this thread until `ready()` or it gives up.
+  using Poll = std::function<void(const std::function<bool()>& ready)>;
 
-  QueuedExchange(Send send, Read read) : send_(std::move(send)), read_(std::move(read)) {}
+  QueuedExchange(Send send, Read read, Poll poll = nullptr)
+      : send_(std::move(send)), read_(std::move(read)), poll_(std::move(poll)) {}
   ~QueuedExchange() override { Wait(); }
 
   void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
@@ -76,6 +82,7 @@ class QueuedExchange : public ExpertTransport::Exchange {
     send_(endpoint, std::move(request), [this, slot](absl::Status status, Reply reply) {
       std::lock_guard<std::mutex> lock(mu_);
       completed_.push_back({std::move(status), std::move(reply), slot});
+      queued_.fetch_add(1, std::memory_order_release);
       cv_.notify_all();
     });
   }
@@ -84,11 +91,15 @@ class QueuedExchange : public ExpertTransport::Exchange {
     v1::ComputeResponse response;
     while (pending_ > 0) {
       Completion c;
+      if (poll_ && queued_.load(std::memory_order_acquire) == 0) {
+        poll_([this] { return queued_.load(std::memory_order_acquire) > 0; });
+      }
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return !completed_.empty(); });
         c = std::move(completed_.front());
         completed_.pop_front();
+        queued_.fetch_sub(1, std::memory_order_relaxed);
       }
       --pending_;
       if (c.status.ok()) c.status = read_(c.reply, &response);
@@ -106,11 +117,13 @@ class QueuedExchange : public ExpertTransport::Exchange {
   };
   Send send_;
   Read read_;
+  Poll poll_;
   std::deque<ExpertTransport::Done> dones_;  // stable addresses; touched by this thread only
   int pending_ = 0;                          // started and not yet run; this thread only
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Completion> completed_;  // guarded by mu_
+  std::atomic<int> queued_{0};        // completed_.size(), read without the lock
 };
 
 // Replies that arrive as responses already (the in-process fake).

@@ -2,6 +2,7 @@
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <ucp/api/ucp.h>
 #include <ucs/config/global_opts.h>
@@ -337,7 +338,10 @@ absl::StatusOr<std::unique_ptr<UcxWorkerThread>> UcxWorkerThread::Create(const s
 
 void UcxWorkerThread::Start() {
   buffers_->SetPoster([this](std::function<void()> fn) { Post(std::move(fn)); });
-  thread_ = std::thread([this] { Loop(); });
+  thread_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "ucx-worker");
+    Loop();
+  });
 }
 
 void UcxWorkerThread::Stop() {
@@ -366,8 +370,26 @@ void UcxWorkerThread::Post(std::function<void()> fn) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     posted_.push_back(std::move(fn));
+    has_posted_ = true;
+    // A poller runs it (and wakes the worker thread for what it leaves when it stops).
+    if (pollers_.load() > 0) return;
   }
   Wake();
+}
+
+bool UcxWorkerThread::RunPostedAndProgress() {
+  bool ran = false;
+  if (has_posted_.load(std::memory_order_acquire)) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_.swap(posted_);  // both keep their capacity: no allocation per round
+      has_posted_ = false;
+    }
+    for (auto& fn : running_) fn();
+    ran = !running_.empty();
+    running_.clear();
+  }
+  return ucp_worker_progress(worker_) != 0 || ran;
 }
 
 void UcxWorkerThread::WakeBy(std::chrono::steady_clock::time_point t) {
@@ -378,38 +400,104 @@ void UcxWorkerThread::WakeBy(std::chrono::steady_clock::time_point t) {
 
 void UcxWorkerThread::Wake() {
   const uint64_t one = 1;
-  (void)!::write(event_fd_, &one, sizeof one);
+  (void)!::write(event_fd_, &one, sizeof one);  // asleep in epoll
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // or parked while a poller polls
+    woken_ = true;
+  }
+  park_cv_.notify_one();
+}
+
+void UcxWorkerThread::WakeIfParked() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!parked_) return;
+    woken_ = true;
+  }
+  park_cv_.notify_one();
+}
+
+bool UcxWorkerThread::Poll(const std::function<bool()>& ready, std::chrono::nanoseconds spin) {
+  if (spin.count() <= 0 || on_worker_thread()) return ready();
+  int none = 0;
+  if (!pollers_.compare_exchange_strong(none, 1)) return ready();  // another thread polls
+  polls_.fetch_add(1, std::memory_order_relaxed);
+  const auto end = std::chrono::steady_clock::now() + spin;
+  bool done;
+  while (!(done = ready()) && std::chrono::steady_clock::now() < end) {
+    if (ucx_mu_.try_lock()) {
+      RunPostedAndProgress();
+      ucx_mu_.unlock();
+    }
+  }
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pollers_ = 0;
+    wake = !done || !posted_.empty();
+  }
+  // Given up: the worker thread takes over (parked, or asleep without a timeout for
+  // calls whose caller was to poll: deadlines and probes are its). Done: it looks again
+  // at its next timeout, no wakeup.
+  if (wake) Wake();
+  return done || ready();
 }
 
 void UcxWorkerThread::Loop() {
+  // While callers poll, the worker thread looks at least this often (posted work and
+  // Wake come sooner); it sleeps armed once nobody has polled for this long.
+  constexpr auto kParked = std::chrono::milliseconds(2);
+  auto last_active = std::chrono::steady_clock::now();
+  uint64_t polls_seen = 0;
   while (true) {
-    std::deque<std::function<void()>> work;
+    bool stop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      work.swap(posted_);
-      if (stop_ && work.empty()) {
-        // Last rounds: endpoints closed by the posted work finish closing, and the
-        // operations they cancel complete.
-        std::lock_guard<std::mutex> lock(ucx_mu_);
-        for (int i = 0; i < 100 && ucp_worker_progress(worker_) != 0; ++i) {
-        }
-        break;
+      stop = stop_ && posted_.empty();
+      woken_ = false;
+    }
+    if (stop) {
+      // Last rounds: endpoints closed by the posted work finish closing, and the
+      // operations they cancel complete.
+      std::lock_guard<std::mutex> lock(ucx_mu_);
+      for (int i = 0; i < 100 && ucp_worker_progress(worker_) != 0; ++i) {
       }
+      break;
     }
     int timeout_ms;
+    bool active = false;
     {
       std::lock_guard<std::mutex> lock(ucx_mu_);
-      for (auto& fn : work) fn();
-      while (ucp_worker_progress(worker_) != 0) {
-      }
+      while (RunPostedAndProgress()) active = true;
       timeout_ms = idle_hook_ ? idle_hook_() : -1;
       wake_at_ = timeout_ms < 0 ? std::chrono::steady_clock::time_point::max()
                                 : std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     }
+    if (after_progress_) after_progress_();
+    const auto now = std::chrono::steady_clock::now();
+    if (active) last_active = now;
+    const uint64_t polls = polls_.load(std::memory_order_relaxed);
+    if ((pollers_.load() > 0 || polls != polls_seen) && (!park_while_ || park_while_())) {
+      // Callers poll the worker (now, or lately: a burst of calls): leave it unarmed, so
+      // that no peer signals and nobody is woken per message.
+      polls_seen = polls;
+      std::unique_lock<std::mutex> lock(mu_);
+      const auto wait = timeout_ms < 0 ? kParked
+                                       : std::min<std::chrono::steady_clock::duration>(
+                                             kParked, std::chrono::milliseconds(timeout_ms));
+      parked_ = true;
+      park_cv_.wait_for(lock, wait, [&] { return !posted_.empty() || stop_ || woken_; });
+      parked_ = false;
+      continue;
+    }
+    polls_seen = polls;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!posted_.empty() || stop_) continue;
     }
+    // Lately busy: poll a while longer before sleeping (the next message of a burst is
+    // then taken without a wakeup).
+    if (now - last_active < linger_ && (!linger_while_ || linger_while_())) continue;
     // Sleep until the network or another thread has something for us.
     {
       std::lock_guard<std::mutex> lock(ucx_mu_);
@@ -429,6 +517,8 @@ struct UcxExpertTransport::Pending {
   uint64_t id = 0;
   std::string endpoint;
   Clock::time_point started, deadline;
+  bool polled = false;  // its caller polls for the reply (and wakes the worker thread if it gives up)
+  std::chrono::steady_clock::time_point sent_at;
   Complete complete;
   // UCX reads both until the send completes (UCX 1.13 does not copy the header).
   RequestHeader header{};
@@ -597,7 +687,8 @@ struct UcxCallbacks {
       --r->owner->in_flight_;
       return;  // the client is gone; nothing to answer
     }
-    r->owner->Enqueue({r->client, r->id, r->format, std::move(r->buffer)});
+    const bool small = r->buffer->size <= kUcxInlineBytes;  // rendezvous over shared memory
+    r->owner->Enqueue({r->client, r->id, r->format, std::move(r->buffer)}, small);
   }
 
   // Service: AM 3, a client introduces itself.
@@ -627,12 +718,13 @@ struct UcxCallbacks {
     std::memcpy(&h, header, sizeof h);
     if (h.magic != kMagic) return Drop();
     ++server->in_flight_;
+    server->Arrived();
     auto fail = [&](absl::Status status) {
       UcxBufferPtr message = server->worker_->buffers().Take(status.message().size());
       if (message != nullptr) std::memcpy(message->data, status.message().data(), message->size);
       server->worker_->Post([server, client = h.client, id = h.id, code = static_cast<int32_t>(status.code()),
                              message = std::make_shared<UcxBufferPtr>(std::move(message))] {
-        server->Reply(client, id, code, std::move(*message));
+        server->Reply(client, id, code, std::move(*message), true);
       });
       return UCS_OK;
     };
@@ -646,7 +738,7 @@ struct UcxCallbacks {
     }
     if (!rndv) {
       std::memcpy(buffer->data, data, length);
-      server->Enqueue({h.client, h.id, h.format, std::move(buffer)});
+      server->Enqueue({h.client, h.id, h.format, std::move(buffer)}, length <= kUcxInlineBytes);
       return UCS_OK;
     }
     UcxBuffer* raw = buffer.get();
@@ -681,15 +773,17 @@ struct UcxCallbacks {
 // --- UcxExpertTransport ------------------------------------------------------------
 
 UcxExpertTransport::UcxExpertTransport(std::shared_ptr<ExpertTransport> control,
-                                       int max_message_bytes)
+                                       int max_message_bytes, std::chrono::microseconds spin)
     : control_(std::move(control)),
       max_message_bytes_(max_message_bytes),
+      spin_(spin),
       client_id_(std::random_device{}() * 0x100000000ULL ^ std::random_device{}()) {}
 
 absl::StatusOr<std::shared_ptr<UcxExpertTransport>> UcxExpertTransport::Create(
-    std::shared_ptr<ExpertTransport> control, int max_message_bytes) {
+    std::shared_ptr<ExpertTransport> control, int max_message_bytes,
+    std::chrono::microseconds spin) {
   auto t = std::shared_ptr<UcxExpertTransport>(
-      new UcxExpertTransport(std::move(control), max_message_bytes));
+      new UcxExpertTransport(std::move(control), max_message_bytes, spin));
   auto worker = UcxWorkerThread::Create("router");
   if (!worker.ok()) return worker.status();
   t->worker_ = *std::move(worker);
@@ -698,8 +792,12 @@ absl::StatusOr<std::shared_ptr<UcxExpertTransport>> UcxExpertTransport::Create(
     return s;
   }
   t->worker_->SetIdleHook([raw = t.get()] { return raw->OnIdle(); });
+  t->worker_->SetParkWhile([raw = t.get()] { return raw->unpolled_.load() == 0; });
   t->worker_->Start();
-  t->prober_ = std::thread([raw = t.get()] { raw->ProbeLoop(); });
+  t->prober_ = std::thread([raw = t.get()] {
+    pthread_setname_np(pthread_self(), "ucx-prober");
+    raw->ProbeLoop();
+  });
   return t;
 }
 
@@ -731,13 +829,23 @@ std::unique_ptr<ExpertTransport::Exchange> UcxExpertTransport::NewExchange(Clock
   return std::make_unique<QueuedExchange<UcxBufferPtr>>(
       [this, deadline](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
                        Complete complete) {
-        SendRequest(endpoint, std::move(request), deadline, std::move(complete));
+        SendRequest(endpoint, std::move(request), deadline, spin_.count() > 0, std::move(complete));
       },
       [](UcxBufferPtr& reply, v1::ComputeResponse* response) {
         // Parsed on the waiting thread, not the worker's.
         return response->ParseFromArray(reply->data, static_cast<int>(reply->size))
                    ? absl::OkStatus()
                    : absl::InternalError("a UCX reply does not parse as a ComputeResponse");
+      },
+      [this](const std::function<bool()>& ready) {
+        // Only where it pays: not while large calls are in flight (the worker thread drives
+        // their rendezvous, and they take long enough that a wakeup does not matter), and
+        // not when the last two small calls both took longer than the spin (a service
+        // that computes for milliseconds: spinning would only take a core from it).
+        const int64_t spin_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(spin_).count();
+        if (unpolled_.load() == 0 && std::min(latency_ns_[0].load(), latency_ns_[1].load()) < spin_ns) {
+          worker_->Poll(ready, spin_);
+        }
       });
 }
 
@@ -804,6 +912,12 @@ void UcxExpertTransport::Send(const std::string& endpoint, UcxBufferPtr request,
 void UcxExpertTransport::SendRequest(const std::string& endpoint,
                                      std::unique_ptr<v1::ComputeRequest> request,
                                      Clock::time_point deadline, Complete complete) {
+  SendRequest(endpoint, std::move(request), deadline, false, std::move(complete));
+}
+
+void UcxExpertTransport::SendRequest(const std::string& endpoint,
+                                     std::unique_ptr<v1::ComputeRequest> request,
+                                     Clock::time_point deadline, bool polled, Complete complete) {
   std::vector<std::string> segments;
   segments.reserve(request->batches_size());
   size_t total = 0;
@@ -835,6 +949,10 @@ void UcxExpertTransport::SendRequest(const std::string& endpoint,
   request->SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(at));
   std::memset(buffer->data + unpadded, 0, head - unpadded);
   p->format = kSegmented;
+  // Small calls only: their replies are eager, taken whenever the caller polls; a large
+  // one's rendezvous moves on while the caller does other work only if the worker thread
+  // watches the worker.
+  p->polled = polled && total + head <= kUcxInlineBytes;
   p->data = buffer->data;
   p->size = buffer->size;
   p->payload = std::move(buffer);
@@ -858,6 +976,7 @@ void UcxExpertTransport::Start(std::shared_ptr<Pending> p) {
   p->owner = this;
   p->id = next_id_++;
   p->started = Clock::now();
+  p->sent_at = std::chrono::steady_clock::now();
   ++in_flight_;
   // Sent from this thread, holding the worker: no hand-off to the worker thread on the
   // way out.
@@ -909,13 +1028,17 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
 
 void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
   pending_[p->id] = p;
-  if (!worker_->on_worker_thread()) {
-    // The worker thread may be asleep until later than this call's deadline (or its
-    // first probe): it must look again by then.
-    const auto by = std::min(p->deadline, p->started + kProbeAfter);
-    worker_->WakeBy(std::chrono::steady_clock::now() +
-                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                        by - Clock::now()));
+  if (!p->polled) {
+    ++unpolled_;  // the worker thread must watch the worker for it
+    if (!worker_->on_worker_thread()) {
+      worker_->WakeIfParked();
+      // It may be asleep until later than this call's deadline (or its first probe): it
+      // must look again by then. (A polled call's caller wakes it if it gives up.)
+      const auto by = std::min(p->deadline, p->started + kProbeAfter);
+      worker_->WakeBy(std::chrono::steady_clock::now() +
+                      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                          by - Clock::now()));
+    }
   }
   std::string error;
   Peer* peer = Connect(p->endpoint, &error);
@@ -980,7 +1103,9 @@ void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
     p->keep.reset();
     p->segments.clear();
   } else if (!UCS_PTR_IS_ERR(req)) {
-    if (!worker_->on_worker_thread()) worker_->Wake();  // the rest goes on in its progress
+    // The rest goes on in progress: the caller's own when it polls (it wakes the worker
+    // thread if it gives up), the worker thread's otherwise.
+    if (!worker_->on_worker_thread() && !p->polled) worker_->Wake();
   } else {
     delete holder;
     Finish(p->id,
@@ -1010,6 +1135,14 @@ void UcxExpertTransport::Finish(uint64_t id, absl::Status status, UcxBufferPtr r
   if (it == pending_.end()) return;  // ended already (deadline, failure): at most once
   const std::shared_ptr<Pending> p = std::move(it->second);
   pending_.erase(it);
+  if (!p->polled) {
+    --unpolled_;
+  } else if (status.ok()) {
+    latency_ns_[1] = latency_ns_[0].load();
+    latency_ns_[0] = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         std::chrono::steady_clock::now() - p->sent_at)
+                         .count();
+  }
   auto peer = peers_.find(p->endpoint);
   if (peer != peers_.end()) peer->second->pending.erase(id);
   --in_flight_;
@@ -1103,9 +1236,8 @@ void UcxExpertTransport::ProbeLoop() {
 
 // --- UcxComputeServer --------------------------------------------------------------
 
-absl::StatusOr<std::unique_ptr<UcxComputeServer>> UcxComputeServer::Create(Compute compute,
-                                                                           int threads,
-                                                                           int max_message_bytes) {
+absl::StatusOr<std::unique_ptr<UcxComputeServer>> UcxComputeServer::Create(
+    Compute compute, int threads, int max_message_bytes, std::chrono::microseconds spin) {
   auto s = std::unique_ptr<UcxComputeServer>(new UcxComputeServer());
   s->compute_ = std::move(compute);
   s->max_message_bytes_ = max_message_bytes;
@@ -1116,9 +1248,18 @@ absl::StatusOr<std::unique_ptr<UcxComputeServer>> UcxComputeServer::Create(Compu
                         std::pair{kHelloAm, &UcxCallbacks::OnHello}}) {
     if (absl::Status st = SetHandler(s->worker_->worker(), id, cb, s.get()); !st.ok()) return st;
   }
+  // Polls on after a message only while no compute thread works (those need the cores)
+  // and requests come closer together than the spin (one of the last two gaps).
+  s->worker_->SetLinger(spin, [raw = s.get(), spin] {
+    return raw->working_.load() == 0 && std::min(raw->gaps_[0], raw->gaps_[1]) < spin;
+  });
+  s->worker_->SetAfterProgress([raw = s.get()] { raw->ServeInline(); });
   s->worker_->Start();
   for (int i = 0; i < std::max(threads, 1); ++i) {
-    s->threads_.emplace_back([raw = s.get()] { raw->ComputeLoop(); });
+    s->threads_.emplace_back([raw = s.get()] {
+      pthread_setname_np(pthread_self(), "ucx-compute");
+      raw->ComputeLoop();
+    });
   }
   return s;
 }
@@ -1141,12 +1282,42 @@ UcxComputeServer::~UcxComputeServer() {
   worker_.reset();
 }
 
-void UcxComputeServer::Enqueue(Job job) {
+void UcxComputeServer::Enqueue(Job job, bool may_inline) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (may_inline && !stop_ && busy_ == 0 && jobs_.empty() && inline_jobs_.empty() &&
+        worker_->on_worker_thread()) {
+      // Small, and nothing else to compute: the worker thread computes it after this
+      // round of progress (no hand-off, no wakeup).
+      inline_jobs_.push_back(std::move(job));
+      has_inline_ = true;
+      return;
+    }
     jobs_.push_back(std::move(job));
+    ++working_;
   }
   cv_.notify_one();
+}
+
+void UcxComputeServer::Arrived() {
+  const auto now = std::chrono::steady_clock::now();
+  gaps_[1] = gaps_[0];
+  gaps_[0] = now - last_arrival_;
+  last_arrival_ = now;
+}
+
+void UcxComputeServer::ServeInline() {
+  if (!has_inline_.load()) return;
+  std::deque<Job> jobs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    jobs.swap(inline_jobs_);
+    has_inline_ = false;
+  }
+  for (Job& job : jobs) {
+    ++computed_inline_;
+    Send(Serve(std::move(job), inline_request_, inline_response_, inline_rows_));
+  }
 }
 
 absl::Status UcxComputeServer::ParseSegmented(const UcxBuffer& in, v1::ComputeRequest* request,
@@ -1191,36 +1362,54 @@ void UcxComputeServer::ComputeLoop() {
       if (jobs_.empty()) return;
       job = std::move(jobs_.front());
       jobs_.pop_front();
+      ++busy_;
     }
-    request.Clear();
-    response.Clear();
-    rows.clear();
-    absl::Status status = job.format == kSegmented ? ParseSegmented(*job.payload, &request, &rows)
-                          : job.format == kPlain
-                              ? (request.ParseFromArray(job.payload->data, static_cast<int>(job.payload->size))
-                                     ? absl::OkStatus()
-                                     : absl::InvalidArgumentError(
-                                           "the UCX request does not parse as a ComputeRequest"))
-                              : absl::InvalidArgumentError(
-                                    absl::StrCat("unknown UCX request format ", job.format));
-    if (status.ok()) status = compute_(request, rows, &response);
-    job.payload.reset();
-    const size_t size = status.ok() ? response.ByteSizeLong() : status.message().size();
-    UcxBufferPtr out = worker_->buffers().Take(size);
-    int32_t code = static_cast<int32_t>(status.code());
-    if (out == nullptr) {
-      const std::string message = absl::StrCat("no memory for a reply of ", size, " bytes");
-      out = worker_->buffers().Take(message.size());
-      if (out != nullptr) std::memcpy(out->data, message.data(), message.size());
-      code = static_cast<int32_t>(absl::StatusCode::kResourceExhausted);
-    } else if (status.ok()) {
-      response.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out->data));
-    } else {
-      std::memcpy(out->data, status.message().data(), size);
+    Answer answer = Serve(std::move(job), request, response, rows);
+    {
+      // Idle before the reply goes: the next request, which may follow it at once,
+      // finds this thread free.
+      std::lock_guard<std::mutex> lock(mu_);
+      --busy_;
+      --working_;
     }
-    // Sent from this thread, holding the worker: no hand-off on the way back.
-    worker_->RunLocked([&] { Reply(job.client, job.id, code, std::move(out)); });
+    Send(std::move(answer));
   }
+}
+
+UcxComputeServer::Answer UcxComputeServer::Serve(Job job, v1::ComputeRequest& request,
+                                                 v1::ComputeResponse& response, UcxRows& rows) {
+  request.Clear();
+  response.Clear();
+  rows.clear();
+  absl::Status status = job.format == kSegmented ? ParseSegmented(*job.payload, &request, &rows)
+                        : job.format == kPlain
+                            ? (request.ParseFromArray(job.payload->data, static_cast<int>(job.payload->size))
+                                   ? absl::OkStatus()
+                                   : absl::InvalidArgumentError(
+                                         "the UCX request does not parse as a ComputeRequest"))
+                            : absl::InvalidArgumentError(
+                                  absl::StrCat("unknown UCX request format ", job.format));
+  if (status.ok()) status = compute_(request, rows, &response);
+  job.payload.reset();
+  const size_t size = status.ok() ? response.ByteSizeLong() : status.message().size();
+  UcxBufferPtr out = worker_->buffers().Take(size);
+  int32_t code = static_cast<int32_t>(status.code());
+  if (out == nullptr) {
+    const std::string message = absl::StrCat("no memory for a reply of ", size, " bytes");
+    out = worker_->buffers().Take(message.size());
+    if (out != nullptr) std::memcpy(out->data, message.data(), message.size());
+    code = static_cast<int32_t>(absl::StatusCode::kResourceExhausted);
+  } else if (status.ok()) {
+    response.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out->data));
+  } else {
+    std::memcpy(out->data, status.message().data(), size);
+  }
+  return {job.client, job.id, code, std::move(out)};
+}
+
+void UcxComputeServer::Send(Answer answer) {
+  // Sent from this thread, holding the worker: no hand-off on the way back.
+  worker_->RunLocked([&] { Reply(answer.client, answer.id, answer.code, std::move(answer.payload)); });
 }
 
 void UcxComputeServer::Hello(uint64_t id, std::string address) {
@@ -1245,13 +1434,14 @@ void UcxComputeServer::Hello(uint64_t id, std::string address) {
   ++clients_count_;
 }
 
-void UcxComputeServer::Reply(uint64_t client_id, uint64_t id, int32_t code, UcxBufferPtr payload) {
+void UcxComputeServer::Reply(uint64_t client_id, uint64_t id, int32_t code, UcxBufferPtr payload,
+                             bool deferred) {
   auto it = clients_.find(client_id);
-  if (it == clients_.end() && !worker_->on_worker_thread()) {
+  if (it == clients_.end() && !deferred) {
     // A new client's hello is handled by posted work (its endpoint back is made
     // outside the AM callback): the reply queues up behind it.
     worker_->Post([this, client_id, id, code, out = std::make_shared<UcxBufferPtr>(std::move(payload))] {
-      Reply(client_id, id, code, std::move(*out));
+      Reply(client_id, id, code, std::move(*out), true);
     });
     return;
   }

@@ -6,7 +6,7 @@
 //
 // Each side runs one UCP worker (UcxWorkerThread), UCS_THREAD_MODE_SERIALIZED under one
 // lock. Its own thread runs progress, deadlines and posted work, and sleeps in epoll on
-// the worker's event fd when there is nothing to do (no busy polling); requests and
+// the worker's event fd when there is nothing to do (after a bounded spin, below); requests and
 // replies are sent straight from the thread that has them (the router's caller, the
 // service's compute thread), holding the lock. Messages (UCP active messages):
 //   hello    AM 3, client -> service, once per connection: header {magic, client id},
@@ -24,6 +24,17 @@
 // Payloads live in registered buffers taken from a pool (UcxBufferPool) and reused: each
 // is registered with UCX once (ucp_mem_map) and its handle passed with every send and
 // receive, so no call pays for registration or page faults.
+//
+// Polling, bounded: a sleeping thread costs a wakeup per message (tens of µs on a VM,
+// far more than UCX's own latency over shared memory or RDMA). So a thread that waits for
+// a reply runs the worker's progress itself for up to `spin` before it sleeps (the worker
+// thread then leaves the worker unarmed: the peer need not signal, nobody is woken), and
+// a service's worker thread keeps polling for `spin` after its last message before it
+// arms and sleeps, and computes a small request itself when its compute threads are idle
+// (no hand-off). A burst of small calls wakes no thread; an idle process does not spin.
+// Only where it pays: the router polls for small calls (up to kUcxInlineBytes) while one
+// of the last two took less than `spin`; the service polls on while its compute threads
+// are idle and one of the last two gaps between requests was shorter than `spin`.
 //
 // Failures, as over gRPC: a service whose endpoint fails (dead peer, reset connection)
 // gives UNAVAILABLE for every call in flight to it and is reconnected (its worker
@@ -66,6 +77,12 @@ typedef struct ucp_mem* ucp_mem_h;
 namespace moemesh {
 
 class UcxBufferPool;
+
+// How long a waiting thread (or an idle service worker) polls before it sleeps; 0: never.
+constexpr std::chrono::microseconds kUcxDefaultSpin{1000};
+// Requests up to this size are computed on the service's worker thread when its compute
+// threads are idle.
+constexpr size_t kUcxInlineBytes = 64 << 10;
 
 // Each batch's row bytes of a request whose rows travelled outside the message (the
 // request's own rows data is then empty); empty: the rows are in the message.
@@ -155,6 +172,29 @@ class UcxWorkerThread {
   }
   // Makes the worker thread run a round of progress (after a send left in progress).
   void Wake();
+  // Wakes the worker thread if it is parked (leaving the worker to pollers), so that it
+  // looks at its SetParkWhile gate again.
+  void WakeIfParked();
+  // Runs the worker's progress on the calling thread until `ready()` or for `spin`,
+  // whichever comes first; returns ready(). One thread polls at a time (another returns
+  // at once); while one does (and for a while after, see SetParkWhile), the worker thread
+  // leaves the worker unarmed, and takes over at once when a poller gives up.
+  bool Poll(const std::function<bool()>& ready, std::chrono::nanoseconds spin);
+  // After a round of progress that found work, the worker thread keeps polling for
+  // `linger` before it sleeps. Set before Start.
+  // `while_`: and only while it says so (the service: while its compute threads are idle,
+  // which need the cores more).
+  void SetLinger(std::chrono::nanoseconds linger, std::function<bool()> while_ = nullptr) {
+    linger_ = linger;
+    linger_while_ = std::move(while_);
+  }
+  // While callers poll (or did within the last 2 ms) the worker thread leaves the worker
+  // to them, unarmed, as long as `gate` allows (the router: while no call that is not
+  // polled for is in flight). Set before Start.
+  void SetParkWhile(std::function<bool()> gate) { park_while_ = std::move(gate); }
+  // Called on the worker thread after each round of progress, not holding the worker.
+  // Set before Start.
+  void SetAfterProgress(std::function<void()> fn) { after_progress_ = std::move(fn); }
   // Inside RunLocked: makes sure the worker thread runs its idle hook by `t` (it may be
   // asleep until later).
   void WakeBy(std::chrono::steady_clock::time_point t);
@@ -170,10 +210,15 @@ class UcxWorkerThread {
   // The memory types UCX can send from directly (bits of ucs_memory_type_t).
   uint64_t memory_types() const { return memory_types_; }
   bool on_worker_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
+  // Poll calls that polled so far.
+  int64_t polls() const { return static_cast<int64_t>(polls_.load()); }
 
  private:
   UcxWorkerThread() = default;
   void Loop();
+  // Holding ucx_mu_: the posted work, then a round of progress; whether either did
+  // anything.
+  bool RunPostedAndProgress();
 
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
@@ -182,14 +227,26 @@ class UcxWorkerThread {
   uint64_t memory_types_ = 0;
   int epoll_fd_ = -1, event_fd_ = -1, worker_fd_ = -1;
   std::function<int()> idle_hook_;
+  std::function<void()> after_progress_;
+  std::chrono::nanoseconds linger_{0};
+  std::function<bool()> linger_while_;
+  // Threads in Poll now (0 or 1).
+  std::atomic<int> pollers_{0};
+  std::atomic<uint64_t> polls_{0};  // Poll calls so far
+  std::function<bool()> park_while_;
   // Held around every UCX call on the worker: its thread's progress, callbacks and
   // posted work, and RunLocked (the worker is UCS_THREAD_MODE_SERIALIZED).
   std::mutex ucx_mu_;
   // When the worker thread will next run its idle hook unless woken; guarded by ucx_mu_.
   std::chrono::steady_clock::time_point wake_at_ = std::chrono::steady_clock::time_point::max();
   std::mutex mu_;
-  std::deque<std::function<void()>> posted_;  // guarded by mu_
+  std::vector<std::function<void()>> posted_;  // guarded by mu_
+  std::atomic<bool> has_posted_{false};         // !posted_.empty(), read without the lock
+  std::vector<std::function<void()>> running_;  // posted work being run; guarded by ucx_mu_
   bool stop_ = false;                         // guarded by mu_
+  bool woken_ = false;                        // guarded by mu_
+  bool parked_ = false;                       // guarded by mu_
+  std::condition_variable park_cv_;           // the worker thread, while a poller polls
   std::thread thread_;
 };
 
@@ -197,8 +254,10 @@ class UcxWorkerThread {
 // worker address inside it) goes over `control`.
 class UcxExpertTransport : public ExpertTransport {
  public:
+  // `spin`: how long a thread waiting in an exchange polls for its replies.
   static absl::StatusOr<std::shared_ptr<UcxExpertTransport>> Create(
-      std::shared_ptr<ExpertTransport> control, int max_message_bytes = 256 << 20);
+      std::shared_ptr<ExpertTransport> control, int max_message_bytes = 256 << 20,
+      std::chrono::microseconds spin = kUcxDefaultSpin);
   ~UcxExpertTransport() override;
 
   std::unique_ptr<Exchange> NewExchange(Clock::time_point deadline) override;
@@ -232,11 +291,16 @@ class UcxExpertTransport : public ExpertTransport {
   int64_t in_flight() const { return in_flight_.load(); }
   // Control-plane probes of services whose transport cannot report failure; for tests.
   int64_t probes() const { return probes_.load(); }
+  // Waits that polled the worker (UcxWorkerThread::Poll); for tests.
+  int64_t polls() const { return worker_->polls(); }
 
  private:
   struct Pending;
   struct Peer;
-  UcxExpertTransport(std::shared_ptr<ExpertTransport> control, int max_message_bytes);
+  UcxExpertTransport(std::shared_ptr<ExpertTransport> control, int max_message_bytes,
+                     std::chrono::microseconds spin);
+  void SendRequest(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
+                   Clock::time_point deadline, bool polled, Complete complete);
   // Looks up the endpoint's worker address (Info on first use); false after `complete`
   // has run with the error.
   bool Resolve(const std::string& endpoint, Clock::time_point deadline, const Complete& complete);
@@ -259,11 +323,16 @@ class UcxExpertTransport : public ExpertTransport {
 
   const std::shared_ptr<ExpertTransport> control_;
   const int max_message_bytes_;
+  const std::chrono::microseconds spin_;
   const uint64_t client_id_;
   std::unique_ptr<UcxWorkerThread> worker_;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<int64_t> in_flight_{0};
   std::atomic<int64_t> probes_{0};
+  std::atomic<int64_t> unpolled_{0};  // calls in flight whose caller does not poll
+  // How long the last two polled calls took, sent to reply (written under the worker's
+  // lock); waiting threads poll only if one of them was shorter than the spin.
+  std::atomic<int64_t> latency_ns_[2] = {0, 0};
   std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
 
   // Worker addresses by endpoint, from Info; dropped when the peer fails.
@@ -283,7 +352,8 @@ class UcxExpertTransport : public ExpertTransport {
 };
 
 // The expert service's side: receives Compute requests over UCX and answers them with
-// `compute`, run on `threads` threads of its own (the worker thread never computes).
+// `compute`, run on `threads` threads of its own, or on the worker thread for a request
+// of up to kUcxInlineBytes when those are idle.
 class UcxComputeServer {
  public:
   // Computes a parsed request whose row bytes are in `rows` (or, when it is empty, in the
@@ -291,8 +361,10 @@ class UcxComputeServer {
   using Compute = std::function<absl::Status(const v1::ComputeRequest&, const UcxRows& rows,
                                              v1::ComputeResponse*)>;
 
-  static absl::StatusOr<std::unique_ptr<UcxComputeServer>> Create(Compute compute, int threads,
-                                                                  int max_message_bytes);
+  // `spin`: how long the worker thread polls after its last message before it sleeps.
+  static absl::StatusOr<std::unique_ptr<UcxComputeServer>> Create(
+      Compute compute, int threads, int max_message_bytes,
+      std::chrono::microseconds spin = kUcxDefaultSpin);
   // Stops taking requests, waits for the ones being computed, then stops UCX.
   ~UcxComputeServer();
 
@@ -303,6 +375,8 @@ class UcxComputeServer {
   int64_t clients() const { return clients_count_.load(); }
   // Requests dropped because their client could not be answered (unknown or gone).
   int64_t dropped() const { return dropped_.load(); }
+  // Requests computed on the worker thread (small, compute threads idle); for tests.
+  int64_t computed_inline() const { return computed_inline_.load(); }
 
   // A request in the segmented format: the envelope parsed into `request`, views of the
   // row bytes (into `in`) into `rows`. INVALID_ARGUMENT naming what is wrong with a bad
@@ -320,10 +394,26 @@ class UcxComputeServer {
 
   UcxComputeServer() = default;
   friend struct UcxCallbacks;
-  void Enqueue(Job job);
+  // Queues a received request for the compute threads, or (small, `may_inline`, those
+  // idle) for the worker thread.
+  void Enqueue(Job job, bool may_inline = false);
   void ComputeLoop();
+  struct Answer {
+    uint64_t client = 0;
+    uint64_t id = 0;
+    int32_t code = 0;
+    UcxBufferPtr payload;  // the serialized response, or the error message
+  };
+  // Computes one request (any thread); Send sends the answer.
+  Answer Serve(Job job, v1::ComputeRequest& request, v1::ComputeResponse& response, UcxRows& rows);
+  void Send(Answer answer);
+  // The worker thread, after a round of progress: computes the request queued for it.
+  void ServeInline();
+  // The worker thread, at each request: the gaps between the last three.
+  void Arrived();
   void Hello(uint64_t client, std::string address);
-  void Reply(uint64_t client, uint64_t id, int32_t code, UcxBufferPtr payload);
+  // `deferred`: queued behind posted work once already (a new client's hello).
+  void Reply(uint64_t client, uint64_t id, int32_t code, UcxBufferPtr payload, bool deferred = false);
 
   Compute compute_;
   int max_message_bytes_ = 0;
@@ -331,10 +421,21 @@ class UcxComputeServer {
   std::atomic<int64_t> in_flight_{0};
   std::atomic<int64_t> clients_count_{0};
   std::atomic<int64_t> dropped_{0};
+  std::atomic<int64_t> computed_inline_{0};
   std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Job> jobs_;  // guarded by mu_
+  int busy_ = 0;          // compute threads computing; guarded by mu_
+  std::atomic<int> working_{0};  // jobs_.size() + busy_, read without the lock
+  std::deque<Job> inline_jobs_;  // for the worker thread; guarded by mu_
+  std::atomic<bool> has_inline_{false};
+  // The worker thread's.
+  std::chrono::steady_clock::time_point last_arrival_{};
+  std::chrono::steady_clock::duration gaps_[2] = {};
+  v1::ComputeRequest inline_request_;
+  v1::ComputeResponse inline_response_;
+  UcxRows inline_rows_;
   bool stop_ = false;     // guarded by mu_
   std::vector<std::thread> threads_;
   // Guarded by the worker's lock (UcxWorkerThread::RunLocked or its thread).

@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -245,6 +247,98 @@ TEST(UcxTransportTest, ConcurrentExchangesGetTheirOwnRepliesOnceAndBuffersAreReu
   EXPECT_LE(t->buffers().registrations() - registered, 16);
   EXPECT_GT(t->buffers().kept(), 0);
   EXPECT_EQ(a->dropped() + b->dropped(), 0);
+}
+
+TEST(UcxTransportTest, SmallRequestsAreComputedOnTheWorkerThreadWhenTheComputeThreadsAreIdle) {
+  auto control = std::make_shared<FakeControl>();
+  std::mutex mu;
+  std::set<std::thread::id> computed_on;
+  auto server = UcxComputeServer::Create(
+      [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+        std::lock_guard<std::mutex> lock(mu);
+        computed_on.insert(std::this_thread::get_id());
+        return Echo(req, rows, resp);
+      },
+      2, 64 << 20).value();
+  control->Set("a", server->worker_address());
+  auto t = UcxExpertTransport::Create(control).value();
+  for (int i = 0; i < 20; ++i) {  // one at a time: the compute threads are idle each time
+    const v1::ComputeRequest req = Request(i, 1000);
+    auto r = Call(*t, {{"a", req}});
+    ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+    EXPECT_EQ(r[0].response.outputs(0).rows().data(), req.batches(0).rows().data());
+  }
+  EXPECT_EQ(server->computed_inline(), 20);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(computed_on.size(), 1u);  // the worker thread's
+    computed_on.clear();
+  }
+  // Over kUcxInlineBytes: the compute threads'.
+  const v1::ComputeRequest big = Request(7, kUcxInlineBytes + 1);
+  auto r = Call(*t, {{"a", big}});
+  ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+  EXPECT_EQ(r[0].response.outputs(0).rows().data(), big.batches(0).rows().data());
+  EXPECT_EQ(server->computed_inline(), 20);
+  EXPECT_EQ(server->in_flight(), 0);
+}
+
+TEST(UcxTransportTest, AWaitLongerThanTheSpinAndNoSpinAtAllBothGetTheirReplies) {
+  for (auto spin : {std::chrono::microseconds(0), std::chrono::microseconds(200)}) {
+    SCOPED_TRACE(absl::StrCat("spin ", spin.count(), " us"));
+    auto control = std::make_shared<FakeControl>();
+    auto server = UcxComputeServer::Create(
+        [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+          // Longer than the spin: the waiting thread gives up and the worker thread
+          // (asleep until then) must take the reply.
+          if (req.layer() % 2 == 1) std::this_thread::sleep_for(milliseconds(20));
+          return Echo(req, rows, resp);
+        },
+        1, 64 << 20, spin).value();
+    control->Set("a", server->worker_address());
+    auto t = UcxExpertTransport::Create(control, 64 << 20, spin).value();
+    for (int i = 0; i < 6; ++i) {
+      const v1::ComputeRequest req = Request(i, i % 3 == 0 ? (1 << 20) : 1000);
+      const auto start = std::chrono::steady_clock::now();
+      auto r = Call(*t, {{"a", req}});
+      ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+      EXPECT_EQ(r[0].response.outputs(0).rows().data(), req.batches(0).rows().data());
+      EXPECT_LT(std::chrono::steady_clock::now() - start, seconds(5));
+    }
+    EXPECT_EQ(server->computed_inline(), 4);  // the 1000-byte ones
+    EXPECT_EQ(t->in_flight(), 0);
+  }
+}
+
+TEST(UcxTransportTest, CallersPollOnlyWhileRepliesComeWithinTheSpin) {
+  auto control = std::make_shared<FakeControl>();
+  std::atomic<int> slow_ms{0};
+  auto server = UcxComputeServer::Create(
+      [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+        std::this_thread::sleep_for(milliseconds(slow_ms.load()));
+        return Echo(req, rows, resp);
+      },
+      1, 64 << 20).value();
+  control->Set("a", server->worker_address());
+  auto t = UcxExpertTransport::Create(control, 64 << 20, std::chrono::microseconds(2000)).value();
+  auto calls = [&](int n) {
+    for (int i = 0; i < n; ++i) ASSERT_TRUE(Call(*t, {{"a", Request(i, 1000)}})[0].status.ok());
+  };
+  calls(5);  // fast: waits poll (those whose reply is not in already)
+  EXPECT_GE(t->polls(), 1);
+  slow_ms = 20;  // ten times the spin: the first two waits poll in vain, later ones sleep at once
+  calls(2);
+  const int64_t after_two_slow = t->polls();
+  calls(4);
+  EXPECT_EQ(t->polls(), after_two_slow);
+  slow_ms = 0;  // fast again: calls that end within the spin bring polling back
+  calls(20);
+  EXPECT_GT(t->polls(), after_two_slow);
+  // Large calls are not polled for: the worker thread drives their rendezvous.
+  const int64_t before = t->polls();
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(Call(*t, {{"a", Request(i, 1 << 20)}})[0].status.ok());
+  EXPECT_EQ(t->polls(), before);
+  EXPECT_EQ(t->in_flight(), 0);
 }
 
 TEST(UcxTransportTest, HostileSegmentedRequestsAreRefusedWithWhatIsWrong) {

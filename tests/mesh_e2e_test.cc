@@ -238,7 +238,7 @@ TEST(MeshTest, HungExpertGivesDeadlineExceededWithinTheDeadlineAndRecovers) {
   KServeClient client(mesh->router_endpoint());
   ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
   const std::string hung = mesh->placement().endpoints()[1];
-  mesh->expert_process(1).Signal(SIGSTOP, false);  // alive, accepts, never answers
+  ASSERT_TRUE(mesh->expert_process(1).Stop());  // alive, accepts, never answers
 
   // The caller's deadline bounds the whole call, the router's calls to the hung
   // service included.
@@ -289,7 +289,7 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
   ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
 
   // Hold a call in flight at the router: one of its expert services is stopped.
-  mesh->expert_process(0).Signal(SIGSTOP, false);
+  ASSERT_TRUE(mesh->expert_process(0).Stop());
   absl::StatusOr<KServeClient::Result> in_flight = absl::UnknownError("not run");
   std::thread caller([&] { in_flight = client.Infer(x, 0, seconds(30)); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));

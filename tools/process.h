@@ -28,6 +28,9 @@ class ChildProcess {
   pid_t pid() const { return pid_; }
   // Sends `sig`; with wait, reaps the child and returns its exit code (128+sig if killed).
   int Signal(int sig, bool wait);
+  // Sends SIGSTOP and returns once every thread of the child has stopped (a running
+  // thread stops only when it next enters the kernel); false if it did not within 5 s.
+  bool Stop();
   bool running() const { return pid_ > 0; }
 
  private:
