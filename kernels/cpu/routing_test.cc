@@ -8,6 +8,8 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cpu/routing_testing.h"
+
 namespace moemesh {
 namespace {
 
@@ -63,11 +65,7 @@ void ReferenceRoute(const RoutingParams& p, const std::vector<float>& logits, in
   }
 }
 
-struct Case {
-  const char* name;
-  RoutingParams params;
-  bool bias;
-};
+using Case = RoutingCase;
 
 class RoutingTest : public ::testing::TestWithParam<Case> {};
 
@@ -96,52 +94,30 @@ TEST_P(RoutingTest, MatchesReference) {
         ASSERT_TRUE(std::isfinite(scores[t * E + e]));
         sum += scores[t * E + e];
       }
-      if (c.params.scoring != Scoring::kSigmoid) EXPECT_NEAR(sum, 1.0f, 1e-5);
+      if (c.params.scoring != Scoring::kSigmoid) {
+        EXPECT_NEAR(sum, 1.0f, 1e-5);
+      }
     }
   }
 }
 
-RoutingParams Make(int E, int k, Scoring s, bool norm, float scale = 1.0f, int groups = 1,
-                   int topk_groups = 1, GroupScore gs = GroupScore::kMax, float eps = 0.0f) {
-  RoutingParams p;
-  p.num_experts = E;
-  p.top_k = k;
-  p.scoring = s;
-  p.normalize = norm;
-  p.scaling = scale;
-  p.num_groups = groups;
-  p.topk_groups = topk_groups;
-  p.group_score = gs;
-  p.normalize_eps = eps;
-  return p;
-}
-
 INSTANTIATE_TEST_SUITE_P(
     Families, RoutingTest,
-    ::testing::Values(
-        Case{"mixtral", Make(8, 2, Scoring::kSoftmax, true), false},
-        Case{"qwen2", Make(60, 4, Scoring::kSoftmax, false), false},
-        Case{"qwen3", Make(128, 8, Scoring::kSoftmax, true), false},
-        Case{"deepseek_v3",
-             Make(256, 8, Scoring::kSigmoid, true, 2.5f, 8, 4, GroupScore::kTop2Sum, 1e-20f),
-             true},
-        Case{"deepseek_v2", Make(160, 6, Scoring::kSoftmax, false, 16.0f, 8, 3), false},
-        Case{"gpt_oss", Make(32, 4, Scoring::kSoftmaxOverTopK, false), false},
-        Case{"switch", Make(8, 1, Scoring::kSoftmax, false), false}),
+    ::testing::ValuesIn(FamilyRoutingCases()),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(RoutingParamsTest, ValidateNamesTheField) {
-  EXPECT_NE(Make(8, 9, Scoring::kSoftmax, true).Validate().find("top_k"), std::string::npos);
-  EXPECT_NE(Make(8, 2, Scoring::kSoftmax, true, 1, 3).Validate().find("num_groups"),
+  EXPECT_NE(MakeRouting(8, 9, Scoring::kSoftmax, true).Validate().find("top_k"), std::string::npos);
+  EXPECT_NE(MakeRouting(8, 2, Scoring::kSoftmax, true, 1, 3).Validate().find("num_groups"),
             std::string::npos);
-  EXPECT_NE(Make(16, 8, Scoring::kSoftmax, true, 1, 4, 1).Validate().find("topk_groups"),
+  EXPECT_NE(MakeRouting(16, 8, Scoring::kSoftmax, true, 1, 4, 1).Validate().find("topk_groups"),
             std::string::npos);
 }
 
 TEST(RoutingTest, GroupLimitExcludesExperts) {
   // 4 groups of 2; group 3 holds the single largest logit but group scores (top-2 sum)
   // favour groups 0 and 1, so expert 7 must not be chosen.
-  RoutingParams p = Make(8, 2, Scoring::kSigmoid, false, 1.0f, 4, 2, GroupScore::kTop2Sum);
+  RoutingParams p = MakeRouting(8, 2, Scoring::kSigmoid, false, 1.0f, 4, 2, GroupScore::kTop2Sum);
   std::vector<float> logits = {2, 2, 1.5, 1.5, -5, -5, -5, 3};
   int32_t ids[2];
   float w[2];
@@ -151,7 +127,7 @@ TEST(RoutingTest, GroupLimitExcludesExperts) {
 }
 
 TEST(RoutingTest, NanLogitsStillGiveValidIds) {
-  RoutingParams p = Make(8, 2, Scoring::kSoftmax, true);
+  RoutingParams p = MakeRouting(8, 2, Scoring::kSoftmax, true);
   std::vector<float> logits(8, NAN);
   int32_t ids[2] = {-1, -1};
   float w[2];

@@ -6,15 +6,13 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cuda/testing.h"
 #include "kernels/dtype.h"
 
 namespace moemesh {
 namespace {
 
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using cuda_testing::HaveGpu;
 
 TEST(CudaConvertTest, MatchesCpuConversion) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";

@@ -12,40 +12,16 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cuda/testing.h"
 #include "kernels/dtype.h"
 
 namespace moemesh {
 namespace {
 
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-template <typename T>
-T* Upload(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T)), cudaSuccess);
-  if (!h.empty()) {
-    EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  return d;
-}
-template <typename T>
-T* Poisoned(size_t n) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemset(d, 0xff, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
-  return d;
-}
-template <typename T>
-std::vector<T> Download(const T* d, size_t n) {
-  std::vector<T> h(n);
-  if (n > 0) {
-    EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  }
-  return h;
-}
+using cuda_testing::Download;
+using cuda_testing::HaveGpu;
+using cuda_testing::Poisoned;
+using cuda_testing::Upload;
 
 // Random BF16 values: the bits, and the floats they are.
 void RandomBf16(std::mt19937& rng, float scale, std::vector<uint16_t>* bits, std::vector<float>* values) {

@@ -16,13 +16,18 @@ __device__ __forceinline__ bool Better(float v, int i, float bv, int bi) {
   return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
 }
 
-__device__ __forceinline__ float WarpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  static __device__ float Identity() { return -CUDART_INF_F; }
+};
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+  static __device__ float Identity() { return 0.0f; }
+};
 
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+template <typename Op>
+__device__ __forceinline__ float WarpReduce(float v, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -39,22 +44,14 @@ __device__ __forceinline__ void WarpArgMax(float& v, int& i) {
 
 // Block-wide reductions; every thread gets the result. blockDim.x is a multiple of 32.
 // `red` holds 32 slots and is reused: the leading barrier protects its last use.
-__device__ float BlockMax(float v, float* red) {
+template <typename Op>
+__device__ float BlockReduce(float v, float* red, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = WarpMax(v);
+  v = WarpReduce(v, op);
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  return WarpMax(lane < warps ? red[lane] : -CUDART_INF_F);
-}
-
-__device__ float BlockSum(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = WarpSum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  return WarpSum(lane < warps ? red[lane] : 0.0f);
+  return WarpReduce(lane < warps ? red[lane] : Op::Identity(), op);
 }
 
 __device__ void BlockArgMax(float& v, int& i, float* redv, int* redi) {
@@ -98,14 +95,14 @@ __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
     float* dst = softmax_all ? scores : sout;
     float mx = -CUDART_INF_F;
     for (int e = tid; e < E; e += step) mx = fmaxf(mx, lg[e]);
-    mx = BlockMax(mx, redv);
+    mx = BlockReduce(mx, redv, MaxOp());
     float sum = 0.0f;
     for (int e = tid; e < E; e += step) {
       const float x = expf(lg[e] - mx);
       dst[e] = x;
       sum += x;
     }
-    const float inv = 1.0f / BlockSum(sum, redv);
+    const float inv = 1.0f / BlockReduce(sum, redv, SumOp());
     for (int e = tid; e < E; e += step) dst[e] *= inv;
   }
   if (p.scoring == Scoring::kSigmoid) {

@@ -11,44 +11,17 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cpu/routing_testing.h"
+#include "kernels/cuda/testing.h"
 #include "kernels/dtype.h"
 
 namespace moemesh {
 namespace {
 
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using cuda_testing::DeviceVector;
+using cuda_testing::HaveGpu;
 
-// A device copy of a host vector, freed with it.
-template <typename T>
-struct DeviceVector {
-  explicit DeviceVector(const std::vector<T>& host) : n(host.size()) {
-    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
-    if (n > 0) {
-      EXPECT_EQ(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-    }
-  }
-  explicit DeviceVector(size_t count) : n(count) {
-    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
-    EXPECT_EQ(cudaMemset(ptr, 0xff, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);  // poison
-  }
-  ~DeviceVector() { cudaFree(ptr); }
-  std::vector<T> Host() const {
-    std::vector<T> h(n);
-    EXPECT_EQ(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return h;
-  }
-  T* ptr = nullptr;
-  size_t n;
-};
-
-struct Case {
-  const char* name;
-  RoutingParams params;
-  bool bias;
-};
+using Case = RoutingCase;
 
 class CudaRoutingTest : public ::testing::TestWithParam<Case> {};
 
@@ -112,33 +85,17 @@ TEST_P(CudaRoutingTest, NoScoresWantedAndNoTokens) {
             cudaErrorInvalidValue);
 }
 
-RoutingParams Make(int E, int k, Scoring s, bool norm, float scale = 1.0f, int groups = 1,
-                   int topk_groups = 1, GroupScore gs = GroupScore::kMax, float eps = 0.0f) {
-  RoutingParams p;
-  p.num_experts = E;
-  p.top_k = k;
-  p.scoring = s;
-  p.normalize = norm;
-  p.scaling = scale;
-  p.num_groups = groups;
-  p.topk_groups = topk_groups;
-  p.group_score = gs;
-  p.normalize_eps = eps;
-  return p;
+// Every family's parameters, and a wide one: 1024 experts in 16 groups.
+std::vector<Case> Cases() {
+  std::vector<Case> cases = FamilyRoutingCases();
+  cases.push_back(
+      {"wide", MakeRouting(1024, 16, Scoring::kSigmoid, true, 1.0f, 16, 5, GroupScore::kTop2Sum), true});
+  return cases;
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Families, CudaRoutingTest,
-    ::testing::Values(
-        Case{"mixtral", Make(8, 2, Scoring::kSoftmax, true), false},
-        Case{"qwen2", Make(60, 4, Scoring::kSoftmax, false), false},
-        Case{"qwen3", Make(128, 8, Scoring::kSoftmax, true), false},
-        Case{"deepseek_v3",
-             Make(256, 8, Scoring::kSigmoid, true, 2.5f, 8, 4, GroupScore::kTop2Sum, 1e-20f), true},
-        Case{"deepseek_v2", Make(160, 6, Scoring::kSoftmax, false, 16.0f, 8, 3), false},
-        Case{"gpt_oss", Make(32, 4, Scoring::kSoftmaxOverTopK, false), false},
-        Case{"switch", Make(8, 1, Scoring::kSoftmax, false), false},
-        Case{"wide", Make(1024, 16, Scoring::kSigmoid, true, 1.0f, 16, 5, GroupScore::kTop2Sum), true}),
+    ::testing::ValuesIn(Cases()),
     [](const auto& info) { return std::string(info.param.name); });
 
 class CudaRouterLogitsTest : public ::testing::TestWithParam<cuda::RouterDType> {};
