@@ -5,7 +5,7 @@
 // router's own code, calls alternating between the two so both see the same noise.
 //
 //   transport_bench [--tokens 1,16,256,2048] [--hidden 4096] [--repeats N] [--window 8]
-//                   [--only grpc|ucx] [--ucx-spin-us US]
+//                   [--only grpc|ucx] [--ucx-spin-us US] [--phases rtt,bw]
 //
 // Per T (a request of T rows of H bf16 values: T*H*2 bytes to one destination):
 //   rtt       an echo call (the reply is as large as the request), back to back, in
@@ -19,6 +19,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -26,6 +27,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "services/allocator.h"
 #include "services/grpc_server.h"
@@ -90,30 +92,59 @@ v1::ComputeRequest Request(int64_t layer, int64_t T, int64_t H) {
   b->mutable_rows()->set_data(std::move(data));
   b->mutable_rows()->add_shape(T);
   b->mutable_rows()->add_shape(H);
+  b->mutable_rows()->set_dtype(v1::DATA_TYPE_BF16);
   return r;
 }
 
 // One exchange of `n` copies of `request` to `endpoint`; the seconds it took. The copies
-// are made before the clock starts: building requests is the router's work, the same
+// are built before the clock starts, as the router builds them (rows written into the
+// memory the transport sends from): building requests is the router's work, the same
 // for both transports.
+bool in_place = true;  // --in-place 0: requests as protobufs (ExpertTransport::Exchange::Start)
+
 absl::StatusOr<double> Exchange(ExpertTransport& t, const std::string& endpoint,
                                 const v1::ComputeRequest& request, int n, size_t want_reply_bytes) {
   absl::Status status;
-  std::vector<std::unique_ptr<v1::ComputeRequest>> requests;
-  for (int i = 0; i < n; ++i) requests.push_back(std::make_unique<v1::ComputeRequest>(request));
-  const auto t0 = Clock::now();
+  if (!in_place) {
+    std::vector<std::unique_ptr<v1::ComputeRequest>> requests;
+    for (int i = 0; i < n; ++i) requests.push_back(std::make_unique<v1::ComputeRequest>(request));
+    const auto t0 = Clock::now();
+    auto exchange = t.NewExchange(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    for (int i = 0; i < n; ++i) {
+      exchange->Start(endpoint, std::move(requests[i]), [&](const absl::Status& s, v1::ComputeResponse*) {
+        if (!s.ok()) status = s;
+      });
+    }
+    exchange->Wait();
+    if (!status.ok()) return status;
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  }
   auto exchange = t.NewExchange(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  std::vector<std::unique_ptr<OutgoingRequest>> requests;
   for (int i = 0; i < n; ++i) {
-    exchange->Start(endpoint, std::move(requests[i]),
-                    [&](const absl::Status& s, v1::ComputeResponse* r) {
-                      if (!s.ok()) {
-                        status = s;
-                      } else if (want_reply_bytes > 0 &&
-                                 (r->outputs_size() != 1 ||
-                                  r->outputs(0).rows().data().size() != want_reply_bytes)) {
-                        status = absl::InternalError("the echo came back wrong");
-                      }
-                    });
+    size_t bytes = 0;
+    for (const auto& b : request.batches()) bytes += b.rows().data().size();
+    auto r = exchange->NewRequest(bytes, request.batches_size());
+    r->request().set_layer(request.layer());
+    for (const auto& b : request.batches()) {
+      char* out = r->AddRows(b.expert(), DType::kBF16, {b.rows().shape().begin(), b.rows().shape().end()});
+      if (out == nullptr) return absl::ResourceExhaustedError("no memory for a request");
+      std::memcpy(out, b.rows().data().data(), b.rows().data().size());
+    }
+    requests.push_back(std::move(r));
+  }
+  const auto t0 = Clock::now();
+  for (int i = 0; i < n; ++i) {
+    exchange->Send(endpoint, std::move(requests[i]),
+                   [&](const absl::Status& s, v1::ComputeResponse* r) {
+                     if (!s.ok()) {
+                       status = s;
+                     } else if (want_reply_bytes > 0 &&
+                                (r->outputs_size() != 1 ||
+                                 r->outputs(0).rows().data().size() != want_reply_bytes)) {
+                       status = absl::InternalError("the echo came back wrong");
+                     }
+                   });
   }
   exchange->Wait();
   const double s = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -129,7 +160,7 @@ double Percentile(std::vector<double> v, double p) {
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
                                                 {"tokens", "hidden", "repeats", "window", "serve", "only",
-                                                 "ucx-spin-us"},
+                                                 "ucx-spin-us", "phases", "in-place"},
                                                 {"serve"}));
   ASSIGN_OR_RETURN(int64_t spin_us, args.Int("ucx-spin-us", kUcxDefaultSpin.count()));
   const auto spin = std::chrono::microseconds(std::clamp<int64_t>(spin_us, 0, 1000000));
@@ -147,6 +178,11 @@ absl::Status Run(int argc, char** argv) {
   const std::string only_name = args.String("only", "");
   const int only = only_name == "grpc" ? 0 : only_name == "ucx" ? 1 : -1;
   if (!only_name.empty() && only < 0) return absl::InvalidArgumentError("--only must be grpc or ucx");
+  ASSIGN_OR_RETURN(int64_t in_place_flag, args.Int("in-place", 1));
+  in_place = in_place_flag != 0;
+  // --phases rtt,bw (default both): one of them alone, for profiling.
+  const std::string phases = args.String("phases", "rtt,bw");
+  const bool run_rtt = absl::StrContains(phases, "rtt"), run_bw = absl::StrContains(phases, "bw");
 
   ASSIGN_OR_RETURN(auto child, ChildProcess::Start({SelfExecutable(), "--serve", "--ucx-spin-us",
                                                     std::to_string(spin.count())}));
@@ -169,7 +205,7 @@ absl::Status Run(int argc, char** argv) {
     // machine with few cores.
     constexpr int64_t kBlock = 25;
     std::vector<double> rtt_us[2];
-    for (int64_t r = -kBlock; r < reps; r += kBlock) {  // r < 0: warm-up
+    for (int64_t r = -kBlock; run_rtt && r < reps; r += kBlock) {  // r < 0: warm-up
       for (int which = 0; which < 2; ++which) {
         if (only >= 0 && which != only) {
           if (r >= 0) rtt_us[which].push_back(0);
@@ -183,7 +219,7 @@ absl::Status Run(int argc, char** argv) {
     }
     // One-way bandwidth: `window` requests in flight, empty replies. Each round is an
     // exchange of `window` calls; the figure is the median over rounds.
-    const int64_t rounds = window > 0 ? std::max<int64_t>(10, reps / 4) : 0;  // --window 0: none
+    const int64_t rounds = window > 0 && run_bw ? std::max<int64_t>(10, reps / 4) : 0;  // --window 0: none
     std::vector<double> gbps[2];
     for (int64_t r = -2; r < rounds; ++r) {
       for (int k = 0; k < 2; ++k) {
@@ -197,8 +233,8 @@ absl::Status Run(int argc, char** argv) {
         if (r >= 0) gbps[which].push_back(static_cast<double>(bytes) * static_cast<double>(window) / s / 1e9);
       }
     }
-    for (auto& g : gbps) {
-      if (g.empty()) g.push_back(0);
+    for (auto* v : {&gbps[0], &gbps[1], &rtt_us[0], &rtt_us[1]}) {
+      if (v->empty()) v->push_back(0);
     }
     const double g50 = Percentile(rtt_us[0], 0.5), u50 = Percentile(rtt_us[1], 0.5);
     std::printf("{\"T\":%lld,\"bytes\":%zu,\"grpc_rtt_p50_us\":%.1f,\"grpc_rtt_p99_us\":%.1f,"

@@ -285,22 +285,28 @@ absl::Status MoeRouter::Dispatch(Call& c) {
     std::map<int32_t, absl::Status> outcomes;
     auto exchange = transport_->NewExchange(c.deadline);
     for (const auto& [dest, experts] : by_dest) {
-      auto request = std::make_unique<v1::ComputeRequest>();
-      request->set_layer(c.layer);
-      request->set_placement_epoch(c.table->epoch());
-      request->set_output_dtype(ToProtoDType(options_.wire_dtype));
+      // Built where the transport sends it from: each expert's rows converted to the
+      // wire dtype once, straight into the outgoing buffer.
       int64_t tokens = 0;
+      for (int32_t e : experts) tokens += plan.rows_of(e);
+      auto request = exchange->NewRequest(
+          static_cast<size_t>(tokens * H) * DTypeSize(options_.wire_dtype), static_cast<int>(experts.size()));
+      request->request().set_layer(c.layer);
+      request->request().set_placement_epoch(c.table->epoch());
+      request->request().set_output_dtype(ToProtoDType(options_.wire_dtype));
       for (int32_t e : experts) {
         const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
-        auto* batch = request->add_batches();
-        batch->set_expert(e);
+        char* out = request->AddRows(e, options_.wire_dtype, {n, H});
+        if (out == nullptr) {
+          return absl::ResourceExhaustedError(
+              absl::StrCat(endpoints[dest], ": no memory for a request of ", tokens, " rows"));
+        }
         const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
-        RETURN_IF_ERROR(ToProto(rows, options_.wire_dtype, batch->mutable_rows()));
-        tokens += n;
+        RETURN_IF_ERROR(ToWire(rows, options_.wire_dtype, out));
       }
       Destination& d = DestinationOf(endpoints[dest]);
       d.outstanding.fetch_add(tokens, std::memory_order_relaxed);
-      exchange->Start(
+      exchange->Send(
           endpoints[dest], std::move(request),
           [&, dest = dest, sent = &experts, tokens, start = std::chrono::steady_clock::now()](
               const absl::Status& status, v1::ComputeResponse* response) {

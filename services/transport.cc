@@ -15,6 +15,36 @@ absl::Status TakeResponse(std::unique_ptr<v1::ComputeResponse>& reply, v1::Compu
   return absl::OkStatus();
 }
 
+char* OutgoingRequest::AddRows(int32_t expert, DType dtype, const std::vector<int64_t>& shape) {
+  v1::ExpertRows* batch = request_.add_batches();
+  batch->set_expert(expert);
+  v1::Tensor* rows = batch->mutable_rows();
+  rows->set_dtype(ToProtoDType(dtype));
+  int64_t numel = 1;
+  for (int64_t d : shape) {
+    rows->add_shape(d);
+    numel *= d;
+  }
+  std::string* data = rows->mutable_data();
+  data->resize(static_cast<size_t>(numel) * DTypeSize(dtype));
+  return data->data();
+}
+
+std::unique_ptr<v1::ComputeRequest> OutgoingRequest::TakeProto() {
+  auto out = std::make_unique<v1::ComputeRequest>();
+  out->Swap(&request_);
+  return out;
+}
+
+std::unique_ptr<OutgoingRequest> ExpertTransport::Exchange::NewRequest(size_t, int) {
+  return std::make_unique<OutgoingRequest>();
+}
+
+void ExpertTransport::Exchange::Send(const std::string& endpoint,
+                                     std::unique_ptr<OutgoingRequest> request, Done done) {
+  Start(endpoint, request->TakeProto(), std::move(done));
+}
+
 namespace {
 
 class GrpcExchange : public ExpertTransport::Exchange {

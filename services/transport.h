@@ -2,9 +2,10 @@
 // gRPC (GrpcExpertTransport), UCX (services/ucx_transport.h), an in-process fake in unit
 // tests.
 //
-// One MoE layer call opens an Exchange, Starts one ComputeRequest per destination service
+// One MoE layer call opens an Exchange, sends one ComputeRequest per destination service
 // (every token of the layer bound there), does other work while they fly (the shared
-// expert), then Waits. Every completion runs on the waiting thread, inside Wait: the
+// expert), then Waits. The router builds each request in the memory its transport sends
+// from (OutgoingRequest): the rows are written once, where they leave. Every completion runs on the waiting thread, inside Wait: the
 // thread that needs the replies is the one woken, with no hand-off through another
 // thread, and the caller's completion code needs no lock. No thread is blocked per call.
 #pragma once
@@ -21,8 +22,30 @@
 
 #include "absl/status/status.h"
 #include "expert_service.grpc.pb.h"
+#include "services/tensor.h"
 
 namespace moemesh {
+
+// A ComputeRequest under construction, in the memory its transport sends from: the
+// caller writes (converts) each batch's rows once, straight to where they leave from (a
+// UCX registered buffer; the protobuf's own bytes field over gRPC), instead of into the
+// protobuf and then again into the transport's buffer.
+class OutgoingRequest {
+ public:
+  virtual ~OutgoingRequest() = default;
+  // Everything but the rows (layer, epoch, output dtype) is set here directly; batches
+  // are added only through AddRows.
+  v1::ComputeRequest& request() { return request_; }
+  // Adds a batch of rows of `dtype` and `shape` for `expert`; returns where its
+  // numel * DTypeSize(dtype) bytes are to be written (valid until the next AddRows or the
+  // send), or nullptr if there is no memory for them.
+  virtual char* AddRows(int32_t expert, DType dtype, const std::vector<int64_t>& shape);
+  // The request as a protobuf, its rows inside.
+  virtual std::unique_ptr<v1::ComputeRequest> TakeProto();
+
+ protected:
+  v1::ComputeRequest request_;
+};
 
 class ExpertTransport {
  public:
@@ -40,6 +63,12 @@ class ExpertTransport {
     // unreachable service, DEADLINE_EXCEEDED past the exchange's deadline, ...).
     virtual void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
                        Done done) = 0;
+    // A request to fill and Send: rows written in place (see OutgoingRequest).
+    // `row_bytes` and `batches` are what it will hold (more is allowed, at a copy).
+    virtual std::unique_ptr<OutgoingRequest> NewRequest(size_t row_bytes, int batches);
+    // Sends a request from NewRequest, as Start does.
+    virtual void Send(const std::string& endpoint, std::unique_ptr<OutgoingRequest> request,
+                      Done done);
     // Returns when every started call has completed and its `done` has run.
     virtual void Wait() = 0;
   };
@@ -76,15 +105,21 @@ class QueuedExchange : public ExpertTransport::Exchange {
 
   void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
              ExpertTransport::Done done) override {
+    send_(endpoint, std::move(request), Track(std::move(done)));
+  }
+
+  // A call about to be sent: `done` runs inside Wait once the returned completion has
+  // been called (exactly once, from any thread).
+  Complete Track(ExpertTransport::Done done) {
     dones_.push_back(std::move(done));
     ExpertTransport::Done* slot = &dones_.back();
     ++pending_;
-    send_(endpoint, std::move(request), [this, slot](absl::Status status, Reply reply) {
+    return [this, slot](absl::Status status, Reply reply) {
       std::lock_guard<std::mutex> lock(mu_);
       completed_.push_back({std::move(status), std::move(reply), slot});
       queued_.fetch_add(1, std::memory_order_release);
       cv_.notify_all();
-    });
+    };
   }
 
   void Wait() override {

@@ -12,7 +12,10 @@
 #include <cstring>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "services/wire.h"
 
 namespace moemesh {
 namespace {
@@ -66,10 +69,13 @@ absl::Status UcsError(const std::string& what, ucs_status_t status) {
   return absl::InternalError(absl::StrCat(what, ": ", ucs_status_string(status)));
 }
 
-// Buffer size classes: powers of two from 4 KiB. A few buffers of each class are kept,
-// at most ~256 MiB of each.
+// Buffer size classes: powers of two from 4 KiB. Returned buffers are kept for reuse:
+// in each class as many as were ever in use at once (at least a few), up to kKeepBytes
+// in all; beyond that they are unmapped (an mmap, page faults and a registration per
+// call would cost more than the copy they serve).
 constexpr int kMinClass = 12;
 constexpr int kMaxClass = 40;
+constexpr size_t kKeepBytes = size_t{1} << 30;
 
 int SizeClass(size_t n) {
   int c = kMinClass;
@@ -135,20 +141,37 @@ ucs_status_t CreateEndpoint(ucp_worker_h worker, const std::string& address,
   return s;
 }
 
-// Whether the endpoint has a lane that reads or writes remote memory (RDMA, cma, ...):
-// rendezvous then gathers an iov sender's segments in place. Over TCP (no such lane) an
-// iov send loses zero-copy (measured: ~2.5x slower than one packed buffer). UCX 1.13 has
-// no query for an endpoint's transports; its printed configuration names the lanes.
-bool ReadsRemoteMemory(ucp_ep_h ep) {
+// What the endpoint's rendezvous lanes are (UCX 1.13 has no query for an endpoint's
+// transports; its printed configuration names the lanes): whether any reads or writes
+// remote memory (RDMA, cma, ...: rendezvous then gathers an iov sender's segments, where
+// over TCP, with no such lane, an iov send measured ~2.5x slower than one packed
+// buffer), and whether those are all shared memory between processes of one node.
+struct RendezvousLanes {
+  bool remote_memory = false;
+  bool shared_memory_only = false;
+};
+RendezvousLanes InspectLanes(ucp_ep_h ep) {
   char* text = nullptr;
   size_t size = 0;
   FILE* f = ::open_memstream(&text, &size);
-  if (f == nullptr) return false;
+  if (f == nullptr) return {};
   ucp_ep_print_info(ep, f);
   std::fclose(f);
-  const bool rma = text != nullptr && std::strstr(text, "rma_bw#") != nullptr;
+  RendezvousLanes lanes;
+  if (text != nullptr) {
+    lanes.shared_memory_only = true;
+    for (absl::string_view line : absl::StrSplit(text, '\n')) {
+      if (!absl::StrContains(line, "rma_bw#")) continue;
+      lanes.remote_memory = true;
+      if (!absl::StrContains(line, "cma/") && !absl::StrContains(line, "knem/") &&
+          !absl::StrContains(line, "xpmem/")) {
+        lanes.shared_memory_only = false;
+      }
+    }
+    lanes.shared_memory_only &= lanes.remote_memory;
+  }
   std::free(text);
-  return rma;
+  return lanes;
 }
 
 absl::Status SetHandler(ucp_worker_h worker, uint16_t id, ucp_am_recv_callback_t cb, void* arg) {
@@ -180,9 +203,13 @@ UcxBufferPtr UcxBufferPool::Take(size_t size) {
   UcxBuffer* b = nullptr;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (static_cast<size_t>(c) < free_.size() && !free_[c].empty()) {
-      b = free_[c].back();
-      free_[c].pop_back();
+    if (classes_.size() <= static_cast<size_t>(c)) classes_.resize(c + 1);
+    Class& k = classes_[c];
+    k.high = std::max(k.high, ++k.out);
+    if (!k.free.empty()) {
+      b = k.free.back();
+      k.free.pop_back();
+      kept_bytes_ -= b->capacity;
     }
   }
   if (b == nullptr) {
@@ -190,7 +217,11 @@ UcxBufferPtr UcxBufferPool::Take(size_t size) {
     // Pre-faulted: a page fault per 4 KiB on the first use would cost more than the copy.
     void* p = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    if (p == MAP_FAILED) return nullptr;
+    if (p == MAP_FAILED) {
+      std::lock_guard<std::mutex> lock(mu_);
+      --classes_[c].out;
+      return nullptr;
+    }
     b = new UcxBuffer;
     b->data = static_cast<char*>(p);
     b->capacity = capacity;
@@ -221,13 +252,13 @@ void UcxBufferPool::Return(UcxBuffer* b) {
   std::function<void(std::function<void()>)> post;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!closed_) {
-      if (free_.size() <= static_cast<size_t>(b->size_class)) free_.resize(b->size_class + 1);
-      auto& list = free_[b->size_class];
-      if (list.size() < KeepPerClass(b->size_class)) {
-        list.push_back(b);
-        return;
-      }
+    Class& k = classes_[b->size_class];  // taken from this pool: the class exists
+    --k.out;
+    if (!closed_ && k.free.size() < std::max(KeepPerClass(b->size_class), k.high) &&
+        kept_bytes_ + b->capacity <= kKeepBytes) {
+      k.free.push_back(b);
+      kept_bytes_ += b->capacity;
+      return;
     }
     if (b->memh != nullptr && !closed_) post = poster_;
   }
@@ -271,20 +302,21 @@ void UcxBufferPool::Close() {
     b->memh = nullptr;
   }
   registered_.clear();
-  for (auto& list : free_) {
-    for (UcxBuffer* b : list) {
+  for (Class& k : classes_) {
+    for (UcxBuffer* b : k.free) {
       if (b->pinned && unpin_) unpin_(b);
       ::munmap(b->data, b->capacity);
       delete b;
     }
-    list.clear();
+    k.free.clear();
   }
+  kept_bytes_ = 0;
 }
 
 int64_t UcxBufferPool::kept() const {
   std::lock_guard<std::mutex> lock(mu_);
   int64_t n = 0;
-  for (const auto& list : free_) n += static_cast<int64_t>(list.size());
+  for (const Class& k : classes_) n += static_cast<int64_t>(k.free.size());
   return n;
 }
 
@@ -542,6 +574,7 @@ struct UcxExpertTransport::Peer {
   ucp_ep_h ep = nullptr;
   bool detects_failure = true;  // connected with UCP_ERR_HANDLING_MODE_PEER
   bool gathers = false;         // UCX gathers iov sends to it without losing zero-copy
+  bool copy_large = false;      // large payloads go as an iov (see StartOnWorker)
   HelloHeader hello{};          // read by UCX until the hello is sent
   std::set<uint64_t> pending;   // calls in flight to it
   Clock::time_point last_probe{};
@@ -825,11 +858,147 @@ UcxExpertTransport::~UcxExpertTransport() {
   worker_.reset();
 }
 
+// A request in the segmented format, built in place: the head's room is reserved at
+// the front of the buffer (an upper bound for `batches` batches), each batch's rows go
+// after it, aligned, as the caller writes them; at the send the head is written so that
+// it ends where the rows begin, and the message starts there.
+class UcxOutgoingRequest final : public OutgoingRequest {
+ public:
+  static size_t HeadBound(int batches) {
+    const size_t n = static_cast<size_t>(std::max(batches, 1));
+    // Prefix, the lengths, and the envelope: the request's scalars plus, per batch, the
+    // expert, dtype and a few dimensions as varints (no row bytes), with room to spare.
+    return Aligned(sizeof(SegmentsPrefix) + n * sizeof(uint64_t) + 128 + n * 96);
+  }
+
+  UcxOutgoingRequest(UcxBufferPtr buffer, size_t reserve)
+      : buffer_(std::move(buffer)), reserve_(reserve), at_(reserve) {}
+
+  char* AddRows(int32_t expert, DType dtype, const std::vector<int64_t>& shape) override {
+    int64_t numel = 1;
+    for (int64_t d : shape) numel *= d;
+    const size_t n = static_cast<size_t>(numel) * DTypeSize(dtype);
+    if (at_ + Aligned(n) > buffer_->capacity) {
+      // More than announced: moved to a larger buffer.
+      UcxBufferPtr larger = buffer_->pool->Take(std::max(2 * buffer_->capacity, at_ + Aligned(n)));
+      if (larger == nullptr) return nullptr;
+      std::memcpy(larger->data + reserve_, buffer_->data + reserve_, at_ - reserve_);
+      buffer_ = std::move(larger);
+    }
+    v1::ExpertRows* batch = request_.add_batches();
+    batch->set_expert(expert);
+    batch->mutable_rows()->set_dtype(ToProtoDType(dtype));
+    for (int64_t d : shape) batch->mutable_rows()->add_shape(d);
+    char* rows = buffer_->data + at_;
+    std::memset(rows + n, 0, Aligned(n) - n);
+    lengths_.push_back(n);
+    at_ += Aligned(n);
+    return rows;
+  }
+
+  std::unique_ptr<v1::ComputeRequest> TakeProto() override {
+    size_t at = reserve_;
+    for (int i = 0; i < request_.batches_size(); ++i) {
+      request_.mutable_batches(i)->mutable_rows()->set_data(buffer_->data + at, lengths_[i]);
+      at += Aligned(lengths_[i]);
+    }
+    return OutgoingRequest::TakeProto();
+  }
+
+  // Writes the head before the rows; the message's start, or nullptr if the head does
+  // not fit in the room reserved for it.
+  const char* Finish(size_t* size) {
+    const size_t envelope = request_.ByteSizeLong();
+    const size_t unpadded = sizeof(SegmentsPrefix) + sizeof(uint64_t) * lengths_.size() + envelope;
+    const size_t head = Aligned(unpadded);
+    if (head > reserve_) return nullptr;
+    char* start = buffer_->data + (reserve_ - head);
+    const SegmentsPrefix prefix{static_cast<uint32_t>(lengths_.size()), static_cast<uint32_t>(envelope)};
+    char* at = start;
+    std::memcpy(at, &prefix, sizeof prefix);
+    at += sizeof prefix;
+    std::memcpy(at, lengths_.data(), sizeof(uint64_t) * lengths_.size());
+    at += sizeof(uint64_t) * lengths_.size();
+    request_.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(at));
+    std::memset(start + unpadded, 0, head - unpadded);
+    *size = head + (at_ - reserve_);
+    return start;
+  }
+
+  UcxBufferPtr TakeBuffer() { return std::move(buffer_); }
+
+ private:
+  UcxBufferPtr buffer_;
+  const size_t reserve_;
+  size_t at_;
+  std::vector<uint64_t> lengths_;
+};
+
+namespace {
+
+// The router's exchange over UCX: QueuedExchange, plus requests built in registered
+// buffers.
+class UcxExchange final : public QueuedExchange<UcxBufferPtr> {
+ public:
+  using SendBuilt = std::function<void(const std::string& endpoint,
+                                       std::unique_ptr<OutgoingRequest> request, Complete complete)>;
+  UcxExchange(UcxExpertTransport* transport, Send send, SendBuilt send_built, Read read, Poll poll)
+      : QueuedExchange(std::move(send), std::move(read), std::move(poll)),
+        transport_(transport),
+        send_built_(std::move(send_built)) {}
+
+  std::unique_ptr<OutgoingRequest> NewRequest(size_t row_bytes, int batches) override {
+    return transport_->NewRequest(row_bytes, batches);
+  }
+  void Send(const std::string& endpoint, std::unique_ptr<OutgoingRequest> request,
+            ExpertTransport::Done done) override {
+    send_built_(endpoint, std::move(request), Track(std::move(done)));
+  }
+
+ private:
+  UcxExpertTransport* const transport_;
+  const SendBuilt send_built_;
+};
+
+}  // namespace
+
+std::unique_ptr<OutgoingRequest> UcxExpertTransport::NewRequest(size_t row_bytes, int batches) {
+  const size_t reserve = UcxOutgoingRequest::HeadBound(batches);
+  UcxBufferPtr buffer =
+      buffers().Take(reserve + row_bytes + kAlign * static_cast<size_t>(std::max(batches, 0)));
+  if (buffer == nullptr) return std::make_unique<OutgoingRequest>();
+  return std::make_unique<UcxOutgoingRequest>(std::move(buffer), reserve);
+}
+
+void UcxExpertTransport::SendBuilt(const std::string& endpoint, std::unique_ptr<OutgoingRequest> request,
+                                   Clock::time_point deadline, bool polled, Complete complete) {
+  auto* built = dynamic_cast<UcxOutgoingRequest*>(request.get());
+  size_t size = 0;
+  const char* start = built != nullptr ? built->Finish(&size) : nullptr;
+  if (start == nullptr) {  // not built here, or a head larger than its room: as a protobuf
+    SendRequest(endpoint, request->TakeProto(), deadline, polled, std::move(complete));
+    return;
+  }
+  std::shared_ptr<Pending> p = Prepare(endpoint, size, deadline, complete);
+  if (p == nullptr) return;
+  p->format = kSegmented;
+  p->polled = polled && size <= kUcxInlineBytes;  // as SendRequest
+  p->data = start;
+  p->size = size;
+  p->payload = built->TakeBuffer();
+  Start(std::move(p));
+}
+
 std::unique_ptr<ExpertTransport::Exchange> UcxExpertTransport::NewExchange(Clock::time_point deadline) {
-  return std::make_unique<QueuedExchange<UcxBufferPtr>>(
+  return std::make_unique<UcxExchange>(
+      this,
       [this, deadline](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
                        Complete complete) {
         SendRequest(endpoint, std::move(request), deadline, spin_.count() > 0, std::move(complete));
+      },
+      [this, deadline](const std::string& endpoint, std::unique_ptr<OutgoingRequest> request,
+                       Complete complete) {
+        SendBuilt(endpoint, std::move(request), deadline, spin_.count() > 0, std::move(complete));
       },
       [](UcxBufferPtr& reply, v1::ComputeResponse* response) {
         // Parsed on the waiting thread, not the worker's.
@@ -1010,7 +1179,9 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
     return nullptr;
   }
   peer->address = std::move(address);
-  peer->gathers = ReadsRemoteMemory(peer->ep);
+  const RendezvousLanes lanes = InspectLanes(peer->ep);
+  peer->gathers = lanes.remote_memory;
+  peer->copy_large = lanes.shared_memory_only;
   // Introduce ourselves: the service replies on an endpoint of its own, to this worker.
   peer->hello = {kMagic, client_id_};
   ucp_request_param_t prm = SendParams(&UcxCallbacks::HelloSent, nullptr, 0, nullptr);
@@ -1086,6 +1257,20 @@ void UcxExpertTransport::StartOnWorker(std::shared_ptr<Pending> p) {
       if (const size_t pad = Aligned(seg.size()) - seg.size(); pad > 0) p->iov.push_back({kZeros, pad});
     }
     prm.op_attr_mask &= ~UCP_OP_ATTR_FIELD_MEMH;  // one handle cannot cover several buffers
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = ucp_dt_make_iov();
+    data = p->iov.data();
+    count = p->iov.size();
+  }
+  if (peer->copy_large && p->segments.empty() && p->memory_type == UCS_MEMORY_TYPE_HOST &&
+      count > kUcxInlineBytes) {
+    // Over shared memory a large contiguous payload would go by a zero-copy read of the
+    // sender's memory (cma), which in a request/reply flow between sleeping workers
+    // left both processes idle half the time (1 MiB requests: 4-7 GB/s); described as
+    // an iov it goes through UCX's pipelined copy via shared memory, which keeps both
+    // busy (9-13 GB/s, this VM, UCX 1.13.1).
+    p->iov.assign(1, {const_cast<void*>(data), count});
+    prm.op_attr_mask &= ~UCP_OP_ATTR_FIELD_MEMH;
     prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
     prm.datatype = ucp_dt_make_iov();
     data = p->iov.data();

@@ -13,12 +13,20 @@
 //            data = the client's worker address. The service connects back with an
 //            endpoint of its own (with a failure handler), on which it replies.
 //   request  AM 1, header {magic, call id, client id, format}, data = the request with
-//            its row bytes as segments of their own after the rest (moved out of the
-//            protobuf, gathered by UCX from an iov: never serialized, never parsed; the
-//            service computes on them where they land), or a plain serialized
-//            v1::ComputeRequest. UCX picks eager or rendezvous by size (UCX_RNDV_THRESH):
-//            large payloads move by rendezvous (zero-copy GET/PUT where the transport
-//            has it) straight into a registered buffer.
+//            its row bytes as segments of their own after the rest (never serialized,
+//            never parsed; the service computes on them where they land), or a plain
+//            serialized v1::ComputeRequest. The router builds a request in place
+//            (NewRequest: each batch's rows converted straight into a registered buffer,
+//            the head written in front of them at the send: one buffer, no copy); a
+//            request given as a protobuf has its rows moved out and gathered by UCX from
+//            an iov (or packed into one buffer over TCP). UCX picks eager or rendezvous
+//            by size (UCX_RNDV_THRESH): large payloads move by rendezvous straight into a
+//            registered buffer. Over shared memory they are described as an iov, which
+//            UCX 1.13 moves by its pipelined copy rather than a cma read (faster in this
+//            request/reply flow, see StartOnWorker). Over TCP, UCX 1.13 has no zero-copy
+//            rendezvous for a worker with wakeup (UCP_FEATURE_WAKEUP leaves TCP no RMA
+//            lane): it moves the data in active-message fragments, copied out on the
+//            receiving side.
 //   reply    AM 2, header {magic, call id, status code}, data = serialized
 //            v1::ComputeResponse, or the error message.
 // Payloads live in registered buffers taken from a pool (UcxBufferPool) and reused: each
@@ -104,9 +112,9 @@ struct UcxBufferReturn {
 };
 using UcxBufferPtr = std::unique_ptr<UcxBuffer, UcxBufferReturn>;
 
-// Page-aligned, pre-faulted buffers in power-of-two size classes, kept for reuse (a few
-// per class) and registered with the context once each. Take and return from any
-// thread; Register holding the worker's lock (UcxWorkerThread::RunLocked or its thread).
+// Page-aligned, pre-faulted buffers in power-of-two size classes, kept for reuse (as
+// many per class as were ever in use at once, up to 1 GiB in all) and registered with
+// the context once each. Take and return from any thread; Register holding the worker's lock (UcxWorkerThread::RunLocked or its thread).
 class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
  public:
   explicit UcxBufferPool(ucp_context_h context) : context_(context) {}
@@ -139,7 +147,13 @@ class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
   const ucp_context_h context_;
   std::atomic<int64_t> registrations_{0};
   mutable std::mutex mu_;
-  std::vector<std::vector<UcxBuffer*>> free_;  // by size class; guarded by mu_
+  struct Class {
+    std::vector<UcxBuffer*> free;  // kept for reuse
+    size_t out = 0;                // taken and not yet returned
+    size_t high = 0;               // the most ever out at once
+  };
+  std::vector<Class> classes_;  // by size class; guarded by mu_
+  size_t kept_bytes_ = 0;       // in the free lists; guarded by mu_
   std::set<UcxBuffer*> registered_;            // guarded by mu_
   bool closed_ = false;                        // guarded by mu_
   std::function<void(std::function<void()>)> poster_;  // guarded by mu_
@@ -276,6 +290,12 @@ class UcxExpertTransport : public ExpertTransport {
   // is never serialized here nor parsed on the service.
   void SendRequest(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
                    Clock::time_point deadline, Complete complete);
+  // A request built in a registered buffer (what the exchanges' NewRequest gives): each
+  // batch's rows written by the caller where they are sent from (the segmented format,
+  // its head filled in at the send), so they are copied neither into a protobuf nor
+  // into a send buffer. A plain OutgoingRequest when no buffer can be had (it is then
+  // sent as SendRequest sends a protobuf).
+  std::unique_ptr<OutgoingRequest> NewRequest(size_t row_bytes, int batches);
   // Sends `size` bytes of a serialized request where they are, in memory of type
   // `memory_type` (a ucs_memory_type_t: host, or CUDA where cuda_direct()), holding
   // `keep` until UCX is done reading them (which may be after `complete`, when the call
@@ -301,6 +321,8 @@ class UcxExpertTransport : public ExpertTransport {
                      std::chrono::microseconds spin);
   void SendRequest(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
                    Clock::time_point deadline, bool polled, Complete complete);
+  void SendBuilt(const std::string& endpoint, std::unique_ptr<OutgoingRequest> request,
+                 Clock::time_point deadline, bool polled, Complete complete);
   // Looks up the endpoint's worker address (Info on first use); false after `complete`
   // has run with the error.
   bool Resolve(const std::string& endpoint, Clock::time_point deadline, const Complete& complete);

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "services/ucx_testing.h"
+#include "services/wire.h"
 
 namespace moemesh {
 namespace {
@@ -247,6 +248,93 @@ TEST(UcxTransportTest, ConcurrentExchangesGetTheirOwnRepliesOnceAndBuffersAreReu
   EXPECT_LE(t->buffers().registrations() - registered, 16);
   EXPECT_GT(t->buffers().kept(), 0);
   EXPECT_EQ(a->dropped() + b->dropped(), 0);
+}
+
+// Requests built in place (Exchange::NewRequest, AddRows, Send), as the router builds
+// them: several batches of different dtypes and shapes, an empty one, more rows than
+// announced (the buffer grows), small and large (eager and rendezvous; over shared
+// memory the large ones go as an iov), and a head too large for the room reserved for
+// it (sent as a protobuf instead). Each must come back byte for byte.
+TEST(UcxTransportTest, RequestsBuiltInPlaceArriveWhole) {
+  auto control = std::make_shared<FakeControl>();
+  auto server = UcxComputeServer::Create(&Echo, 2, 64 << 20).value();
+  control->Set("a", server->worker_address());
+  auto t = UcxExpertTransport::Create(control).value();
+  struct Batch {
+    int32_t expert;
+    DType dtype;
+    std::vector<int64_t> shape;
+  };
+  const std::vector<std::pair<std::string, std::vector<Batch>>> cases = {
+      {"one small", {{0, DType::kBF16, {3, 64}}}},
+      {"several, one empty", {{1, DType::kF32, {5, 128}}, {4, DType::kBF16, {0, 128}}, {7, DType::kBF16, {9, 128}}}},
+      {"large", {{2, DType::kBF16, {256, 4096}}, {5, DType::kF32, {17, 4096}}}},
+      {"more than announced", {{1, DType::kF32, {64, 1024}}, {2, DType::kF32, {300, 1024}}}},
+      {"a head beyond its room",
+       {{3, DType::kBF16, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 8}}}},
+  };
+  for (const auto& [name, batches] : cases) {
+    SCOPED_TRACE(name);
+    auto exchange = t->NewExchange(ExpertTransport::Clock::now() + seconds(10));
+    // Announced: the first batch's bytes only ("more than announced" then grows).
+    const size_t announced = batches[0].shape[0] * batches[0].shape[1] * DTypeSize(batches[0].dtype);
+    auto request = exchange->NewRequest(announced, static_cast<int>(batches.size()));
+    request->request().set_layer(9);
+    std::vector<std::string> sent;
+    for (const Batch& b : batches) {
+      int64_t numel = 1;
+      for (int64_t d : b.shape) numel *= d;
+      std::string bytes(static_cast<size_t>(numel) * DTypeSize(b.dtype), '\0');
+      for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 7 + b.expert);
+      char* out = request->AddRows(b.expert, b.dtype, b.shape);
+      ASSERT_NE(out, nullptr);
+      std::memcpy(out, bytes.data(), bytes.size());
+      sent.push_back(std::move(bytes));
+    }
+    absl::Status status = absl::InternalError("no reply");
+    v1::ComputeResponse response;
+    exchange->Send("a", std::move(request), [&](const absl::Status& s, v1::ComputeResponse* r) {
+      status = s;
+      if (s.ok()) response = *r;
+    });
+    exchange->Wait();
+    ASSERT_TRUE(status.ok()) << status;
+    ASSERT_EQ(response.outputs_size(), static_cast<int>(batches.size()));
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const v1::Tensor& rows = response.outputs(static_cast<int>(i)).rows();
+      EXPECT_EQ(response.outputs(static_cast<int>(i)).expert(), batches[i].expert);
+      EXPECT_EQ(rows.dtype(), ToProtoDType(batches[i].dtype));
+      EXPECT_EQ(std::vector<int64_t>(rows.shape().begin(), rows.shape().end()), batches[i].shape);
+      EXPECT_TRUE(rows.data() == sent[i]) << "batch " << i << " differs";
+    }
+  }
+  EXPECT_EQ(t->in_flight(), 0);
+  EXPECT_EQ(server->dropped(), 0);
+}
+
+// The pool keeps as many buffers of a size as were in use at once (here 40 of 1 MiB,
+// more than the few it keeps by default), so the next such burst reuses them all.
+TEST(UcxTransportTest, ThePoolKeepsWhatABurstNeeded) {
+  auto t = UcxExpertTransport::Create(std::make_shared<FakeControl>()).value();
+  UcxBufferPool& pool = t->buffers();
+  const int64_t kept_before = pool.kept();
+  std::set<char*> first;
+  {
+    std::vector<UcxBufferPtr> burst;
+    for (int i = 0; i < 40; ++i) burst.push_back(pool.Take(1 << 20));
+    for (const auto& b : burst) first.insert(b->data);
+  }
+  EXPECT_EQ(pool.kept(), kept_before + 40);
+  std::vector<UcxBufferPtr> again;
+  for (int i = 0; i < 40; ++i) {
+    again.push_back(pool.Take(1 << 20));
+    EXPECT_EQ(first.count(again.back()->data), 1u) << "buffer " << i << " is new";
+  }
+  EXPECT_EQ(pool.kept(), kept_before);
 }
 
 TEST(UcxTransportTest, SmallRequestsAreComputedOnTheWorkerThreadWhenTheComputeThreadsAreIdle) {

@@ -41,22 +41,26 @@ v1::DataType ToProtoDType(DType dtype) {
   }
 }
 
+absl::Status ToWire(const Tensor& t, DType wire, char* out) {
+  if (t.numel() == 0) return absl::OkStatus();  // an empty view may have no pointer
+  if (t.dtype() == wire) {
+    std::memcpy(out, t.raw(), t.nbytes());
+    return absl::OkStatus();
+  }
+  if (t.dtype() != DType::kF32 || !ConvertFromF32(t.data<float>(), t.numel(), wire, out)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot send ", DTypeName(t.dtype()), " as ", DTypeName(wire)));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ToProto(const Tensor& t, DType wire, v1::Tensor* out) {
   out->set_dtype(ToProtoDType(wire));
   out->clear_shape();
   for (int64_t d : t.shape()) out->add_shape(d);
   std::string* data = out->mutable_data();
   data->resize(static_cast<size_t>(t.numel()) * DTypeSize(wire));
-  if (data->empty()) return absl::OkStatus();  // an empty view may have no pointer
-  if (t.dtype() == wire) {
-    std::memcpy(data->data(), t.raw(), data->size());
-    return absl::OkStatus();
-  }
-  if (t.dtype() != DType::kF32 || !ConvertFromF32(t.data<float>(), t.numel(), wire, data->data())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot send ", DTypeName(t.dtype()), " as ", DTypeName(wire)));
-  }
-  return absl::OkStatus();
+  return ToWire(t, wire, data->data());
 }
 
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const void> owner,

@@ -21,6 +21,9 @@ v1::DataType ToProtoDType(DType dtype);
 // Writes `t` into `out`, converted to `wire` (F32 or BF16; t must be F32, or already
 // `wire`).
 absl::Status ToProto(const Tensor& t, DType wire, v1::Tensor* out);
+// Writes `t`'s values as `wire` (a copy, or a conversion from F32) to `out`, which has
+// t.numel() * DTypeSize(wire) bytes.
+absl::Status ToWire(const Tensor& t, DType wire, char* out);
 
 // A view of `in`'s bytes (kept alive by `owner`, normally the request), validated: known
 // dtype, non-negative shape, byte count = elements × size. `what` names the tensor in
