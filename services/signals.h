@@ -1,6 +1,9 @@
 // Graceful-stop plumbing shared by the service mains: SIGTERM and SIGINT are blocked in
 // every thread (call BlockStopSignals before starting any), and the main thread waits
-// for one with WaitForStopSignal, then drains — no work inside a signal handler.
+// for one with WaitForStopSignal, then drains — no work inside a signal handler. Threads
+// started before main (OpenBLAS's) do not block them: a handler that only writes the
+// signal's number to a pipe catches it there, instead of the default action killing the
+// process.
 #pragma once
 
 namespace moemesh {
