@@ -585,6 +585,7 @@ struct UcxComputeServer::Client {
   uint64_t id = 0;
   std::string address;
   ucp_ep_h ep = nullptr;
+  bool copy_large = false;  // large replies go as an iov (see StartOnWorker)
 };
 
 struct UcxCallbacks {
@@ -796,6 +797,7 @@ struct UcxCallbacks {
   struct OutgoingReply {
     ReplyHeader header;
     UcxBufferPtr payload;
+    ucp_dt_iov_t iov{};
   };
   static void ReplySent(void* request, ucs_status_t, void* user_data) {
     Free(request);
@@ -1616,6 +1618,7 @@ void UcxComputeServer::Hello(uint64_t id, std::string address) {
     return;  // its requests are dropped; it sees deadlines pass
   }
   client->address = std::move(address);
+  client->copy_large = InspectLanes(client->ep).shared_memory_only;
   ++clients_count_;
 }
 
@@ -1641,8 +1644,18 @@ void UcxComputeServer::Reply(uint64_t client_id, uint64_t id, int32_t code, UcxB
   ucp_request_param_t prm =
       SendParams(&UcxCallbacks::ReplySent, out, 0,
                  out->payload != nullptr ? worker_->buffers().Register(*out->payload) : nullptr);
+  size_t count = size;
+  if (it->second->copy_large && size > kUcxInlineBytes) {
+    // As a large request over shared memory (StartOnWorker): UCX's pipelined copy.
+    out->iov = {const_cast<void*>(data), size};
+    prm.op_attr_mask &= ~UCP_OP_ATTR_FIELD_MEMH;
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = ucp_dt_make_iov();
+    data = &out->iov;
+    count = 1;
+  }
   const ucs_status_ptr_t req =
-      ucp_am_send_nbx(it->second->ep, kReplyAm, &out->header, sizeof out->header, data, size, &prm);
+      ucp_am_send_nbx(it->second->ep, kReplyAm, &out->header, sizeof out->header, data, count, &prm);
   if (req == nullptr || UCS_PTR_IS_ERR(req)) {
     delete out;  // sent in place, or the client is gone
   } else if (!worker_->on_worker_thread()) {
