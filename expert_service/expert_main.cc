@@ -20,14 +20,16 @@ constexpr char kUsage[] =
     "  --experts: what to load at start (default all): every expert of every MoE layer,\n"
     "  none, the listed experts of every MoE layer, or per layer\n"
     "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L] [--transport grpc|ucx]\n"
-    "  [--ucx-spin-us US]\n"
+    "  [--ucx-spin-us US] [--device cpu|cuda] [--gpu N]\n"
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --transport ucx: also serve Compute over UCX (its worker address goes out in Info;\n"
     "    UCX_TLS etc. from the environment)\n"
     "  --ucx-spin-us: how long the UCX worker polls after its last message before it sleeps\n"
-    "    (default 1000; 0: never)\n";
+    "    (default 1000; 0: never)\n"
+    "  --device cuda: compute the experts on GPU N (--gpu, default 0), BF16 weights resident\n"
+    "    there (default cpu: float32, bit-identical to the in-process layer)\n";
 
 // How long a stop signal leaves in-flight calls to finish.
 constexpr auto kDrainTime = std::chrono::seconds(10);
@@ -36,7 +38,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
                                                        "max-message-mb", "threads",
                                                        "metrics-listen", "expert-metrics",
-                                                       "transport", "ucx-spin-us"}));
+                                                       "transport", "ucx-spin-us", "device", "gpu"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -55,6 +57,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
   }
   o.ucx_spin = std::chrono::microseconds(spin_us);
+  o.device = args.String("device", o.device);
+  if (o.device != "cpu" && o.device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
+  ASSIGN_OR_RETURN(int64_t gpu, args.Int("gpu", 0));
+  if (gpu < 0 || gpu > 1023) return absl::InvalidArgumentError("--gpu must be in [0, 1023]");
+  o.gpu = static_cast<int>(gpu);
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

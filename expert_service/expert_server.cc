@@ -112,6 +112,10 @@ absl::Status ExpertServerOptions::Validate() const {
   RETURN_IF_ERROR(ValidateGrpcServerOptions({listen, max_message_bytes}));
   if (service_id.empty()) return absl::InvalidArgumentError("service_id is required");
   if (compute_threads <= 0) return absl::InvalidArgumentError("compute_threads must be positive");
+  if (device != "cpu" && device != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("device \"", device, "\" is not cpu or cuda"));
+  }
+  if (gpu < 0) return absl::InvalidArgumentError("gpu must be >= 0");
   return absl::OkStatus();
 }
 
@@ -196,6 +200,7 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
     // Keeps the expert alive even if it is unloaded while this call computes.
     std::shared_ptr<const ExpertWeights> weights;
     ExpertFfnWeights view;
+    int32_t expert;
     Tensor rows;  // a view of the request's bytes
     int64_t n, row, gu_offset, h_offset;
   };
@@ -235,7 +240,7 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
     const ExpertFfnWeights view = weights->View(config);
     const int64_t n = rows.dim(0);
     batches.push_back(
-        {std::move(weights), view, std::move(rows), n, total_rows, gu_floats, h_floats});
+        {std::move(weights), view, e, std::move(rows), n, total_rows, gu_floats, h_floats});
     total_rows += n;
     gu_floats += GateUpScratch(view, n);
     h_floats += HiddenScratch(view, n);
@@ -262,41 +267,49 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
       server->free_scratch_.push_back(std::move(scratch));
     }
   } give_back{this, scratch};
-  float* const x = Sized(scratch->x, total_rows * H + 1);
   float* const y = Sized(scratch->y, total_rows * H + 1);
-  float* const gu = Sized(scratch->gu, gu_floats + 1);
-  float* const h = Sized(scratch->h, h_floats + 1);
   const int64_t num_batches = static_cast<int64_t>(batches.size());
-  pool_->ParallelFor(num_batches, [&](int64_t i) {
-    const Batch& b = batches[i];
-    // Checked above: F32 and BF16 always convert.
-    ConvertToF32(b.rows.dtype(), b.rows.raw(), b.n * H, x + b.row * H);
-  });
+  if (gpu_ != nullptr) {
+    // Every batch in one grouped launch per stage on the GPU; y in request order.
+    std::vector<GpuBatch> on_gpu;
+    on_gpu.reserve(batches.size());
+    for (const Batch& b : batches) on_gpu.push_back({b.expert, b.rows.raw(), b.rows.dtype(), b.n});
+    RETURN_IF_ERROR(gpu_->Compute(layer, on_gpu, y));
+  } else {
+    float* const x = Sized(scratch->x, total_rows * H + 1);
+    float* const gu = Sized(scratch->gu, gu_floats + 1);
+    float* const h = Sized(scratch->h, h_floats + 1);
+    pool_->ParallelFor(num_batches, [&](int64_t i) {
+      const Batch& b = batches[i];
+      // Checked above: F32 and BF16 always convert.
+      ConvertToF32(b.rows.dtype(), b.rows.raw(), b.n * H, x + b.row * H);
+    });
 
-  // The kernels' canonical tasks over every batch: all gate/up tasks in one
-  // ParallelFor, then all down tasks, as MoeLayer::RunExperts runs them.
-  struct Task {
-    int64_t batch, index;
-  };
-  std::vector<Task> tasks;
-  for (int64_t i = 0; i < num_batches; ++i) {
-    if (batches[i].n == 0) continue;
-    for (int64_t t = 0; t < NumGateUpTasks(batches[i].view); ++t) tasks.push_back({i, t});
+    // The kernels' canonical tasks over every batch: all gate/up tasks in one
+    // ParallelFor, then all down tasks, as MoeLayer::RunExperts runs them.
+    struct Task {
+      int64_t batch, index;
+    };
+    std::vector<Task> tasks;
+    for (int64_t i = 0; i < num_batches; ++i) {
+      if (batches[i].n == 0) continue;
+      for (int64_t t = 0; t < NumGateUpTasks(batches[i].view); ++t) tasks.push_back({i, t});
+    }
+    pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
+      const Batch& b = batches[tasks[k].batch];
+      ExpertGateUpTask(b.view, x + b.row * H, b.n, tasks[k].index, gu + b.gu_offset,
+                       h + b.h_offset);
+    });
+    tasks.clear();
+    for (int64_t i = 0; i < num_batches; ++i) {
+      if (batches[i].n == 0) continue;
+      for (int64_t t = 0; t < NumDownTasks(batches[i].view); ++t) tasks.push_back({i, t});
+    }
+    pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
+      const Batch& b = batches[tasks[k].batch];
+      ExpertDownTask(b.view, h + b.h_offset, b.n, tasks[k].index, y + b.row * H);
+    });
   }
-  pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-    const Batch& b = batches[tasks[k].batch];
-    ExpertGateUpTask(b.view, x + b.row * H, b.n, tasks[k].index, gu + b.gu_offset,
-                     h + b.h_offset);
-  });
-  tasks.clear();
-  for (int64_t i = 0; i < num_batches; ++i) {
-    if (batches[i].n == 0) continue;
-    for (int64_t t = 0; t < NumDownTasks(batches[i].view); ++t) tasks.push_back({i, t});
-  }
-  pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-    const Batch& b = batches[tasks[k].batch];
-    ExpertDownTask(b.view, h + b.h_offset, b.n, tasks[k].index, y + b.row * H);
-  });
 
   // Outputs in request order; the entries exist before the parallel writes fill them.
   for (const v1::ExpertRows& b : req.batches()) resp->add_outputs()->set_expert(b.expert());
@@ -317,6 +330,12 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
                                std::chrono::steady_clock::now() - start)
                                .count());
   return absl::OkStatus();
+}
+
+absl::Status ExpertServer::SyncGpu() {
+  if (gpu_ == nullptr) return absl::OkStatus();
+  std::lock_guard<std::mutex> lock(gpu_sync_mu_);
+  return gpu_->Sync(*store_);
 }
 
 absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, const UcxRows& rows,
@@ -355,7 +374,8 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status LoadExperts(grpc::ServerContext*, const v1::LoadExpertsRequest* req,
                            v1::LoadExpertsResponse* resp) override {
-    const absl::Status s = server_->store_->Load(Keys(req->experts()));
+    absl::Status s = server_->store_->Load(Keys(req->experts()));
+    if (s.ok()) s = server_->SyncGpu();
     resp->set_experts_loaded(server_->store_->size());
     resp->set_weight_bytes(server_->store_->weight_bytes());
     return ToGrpcStatus(s);
@@ -363,7 +383,8 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status UnloadExperts(grpc::ServerContext*, const v1::UnloadExpertsRequest* req,
                              v1::UnloadExpertsResponse* resp) override {
-    const absl::Status s = server_->store_->Unload(Keys(req->experts()));
+    absl::Status s = server_->store_->Unload(Keys(req->experts()));
+    if (s.ok()) s = server_->SyncGpu();
     resp->set_experts_loaded(server_->store_->size());
     resp->set_weight_bytes(server_->store_->weight_bytes());
     return ToGrpcStatus(s);
@@ -383,6 +404,17 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     resp->set_weight_bytes(server_->store_->weight_bytes());
     resp->set_service_id(server_->options_.service_id);
     if (server_->ucx_ != nullptr) resp->set_ucx_worker_address(server_->ucx_->worker_address());
+    if (server_->gpu_ != nullptr) {
+      const GpuMemoryReport m = server_->gpu_->Memory();
+      resp->set_device(absl::StrCat("cuda:", m.device));
+      resp->set_gpu_weight_bytes(m.weight_bytes);
+      resp->set_gpu_workspace_bytes(m.workspace_bytes);
+      resp->set_gpu_pinned_bytes(m.pinned_bytes);
+      resp->set_gpu_free_bytes(m.device_free_bytes);
+      resp->set_gpu_total_bytes(m.device_total_bytes);
+    } else {
+      resp->set_device("cpu");
+    }
     return grpc::Status::OK;
   }
 
@@ -403,6 +435,10 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   s->options_ = std::move(options);
   ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
   RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
+  if (s->options_.device == "cuda") {
+    ASSIGN_OR_RETURN(s->gpu_, GpuExperts::Create(s->store_->config(), s->options_.gpu));
+    RETURN_IF_ERROR(s->SyncGpu());
+  }
   if (s->options_.registry != nullptr) RETURN_IF_ERROR(s->RegisterMetrics());
   s->computing_ = std::make_unique<ConcurrencyLimit>(s->options_.compute_threads);
   s->pool_ = s->options_.pool != nullptr ? s->options_.pool : &ThreadPool::Default();

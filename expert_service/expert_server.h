@@ -5,6 +5,10 @@
 // split (kernels/cpu/expert_ffn.h) on a ThreadPool, exactly as MoeLayer::RunExperts
 // does, so its rows are bit-identical to the in-process layer's. Concurrent calls
 // (several routers) share the pool; no lock is held while computing.
+// With --device cuda (options.device) the batches run on a GPU instead
+// (expert_service/gpu_experts.h: BF16 weights resident there, one grouped launch per
+// stage), within BF16 tolerance of the CPU; LoadExperts/UnloadExperts keep the GPU in
+// step and Info reports its memory.
 //
 // Compute errors, each naming the layer and expert and what is wrong; the call fails,
 // the server stays up:
@@ -38,6 +42,7 @@
 #include "absl/strings/string_view.h"
 #include "expert_service.grpc.pb.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/gpu_experts.h"
 #include "kernels/cpu/thread_pool.h"
 #include "services/concurrency_limit.h"
 #include "services/load_stats.h"
@@ -72,6 +77,11 @@ struct ExpertServerOptions {
   bool ucx = false;
   // How long the UCX worker polls after its last message before it sleeps.
   std::chrono::microseconds ucx_spin = kUcxDefaultSpin;
+  // Where the experts compute: "cpu" (float32, bit-identical to MoeLayer) or "cuda"
+  // (BF16 weights resident on GPU `gpu`, expert_service/gpu_experts.h; within BF16
+  // tolerance of the CPU).
+  std::string device = "cpu";
+  int gpu = 0;
 
   absl::Status Validate() const;
 };
@@ -143,6 +153,11 @@ class ExpertServer {
   };
   std::mutex scratch_mu_;
   std::vector<std::unique_ptr<Scratch>> free_scratch_;  // guarded by scratch_mu_
+
+  // --device cuda: the experts on the GPU (kept in step with store_ by SyncGpu).
+  std::unique_ptr<GpuExperts> gpu_;
+  std::mutex gpu_sync_mu_;  // one SyncGpu at a time
+  absl::Status SyncGpu();
 
   // Last: destroyed first, while everything its computing threads use is still there.
   std::unique_ptr<UcxComputeServer> ucx_;

@@ -19,7 +19,7 @@ const char kRouterUsage[] =
     "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
     "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
-    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US]\n"
+    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US] [--device cpu|cuda] [--gpu N]\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n"
@@ -27,7 +27,9 @@ const char kRouterUsage[] =
     "    --transport ucx; UCX_TLS, UCX_NET_DEVICES etc. from the environment); gRPC stays the\n"
     "    control plane\n"
     "  --ucx-spin-us: how long a call waiting for its UCX replies polls before it sleeps\n"
-    "    (default 1000; 0: never, every reply then wakes the waiting thread)\n";
+    "    (default 1000; 0: never, every reply then wakes the waiting thread)\n"
+    "  --device cuda: route (router logits and top-k) on GPU N (--gpu, default 0); the shared\n"
+    "    experts and the combine stay on the CPU (default cpu)\n";
 
 namespace {
 
@@ -37,7 +39,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
                                          "placement", "replicas", "wire", "model-name",
                                          "max-message-mb", "timeout-ms", "capacity-factor",
                                          "metrics-listen", "expert-metrics", "load-window-s",
-                                         "transport", "ucx-spin-us"}));
+                                         "transport", "ucx-spin-us", "device", "gpu"}));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
@@ -58,6 +60,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(int64_t timeout_ms, args.Int("timeout-ms", 30000));
   ro.default_timeout = std::chrono::milliseconds(timeout_ms);
   ASSIGN_OR_RETURN(ro.gate.capacity_factor, args.Double("capacity-factor", 0.0));
+  const std::string device = args.String("device", "cpu");
+  if (device != "cpu" && device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
+  ASSIGN_OR_RETURN(int64_t gpu, args.Int("gpu", 0));
+  if (gpu < 0 || gpu > 1023) return absl::InvalidArgumentError("--gpu must be in [0, 1023]");
+  ro.gate.gpu = device == "cuda" ? static_cast<int>(gpu) : -1;
   ASSIGN_OR_RETURN(double window_s, args.Double("load-window-s", 60.0));
   if (!(window_s >= 1 && window_s <= 86400)) {
     return absl::InvalidArgumentError("--load-window-s must be in [1, 86400]");

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
@@ -24,6 +25,7 @@ absl::Status GateOptions::Validate() const {
   if (!(capacity_factor >= 0.0) || !std::isfinite(capacity_factor)) {
     return absl::InvalidArgumentError("capacity_factor must be a finite number >= 0");
   }
+  if (gpu < -1) return absl::InvalidArgumentError("gpu must be a device number, or -1 for the CPU");
   return absl::OkStatus();
 }
 
@@ -38,8 +40,13 @@ absl::StatusOr<std::unique_ptr<MoeGate>> MoeGate::Create(const Checkpoint& ckpt,
   SetBlasThreads(1);
   ASSIGN_OR_RETURN(g->gate_, LoadGate(ckpt, config, layer));
   ASSIGN_OR_RETURN(g->shared_, LoadSharedExperts(ckpt, config, layer));
+  if (options.gpu >= 0) {
+    ASSIGN_OR_RETURN(g->gpu_, GpuGate::Create(config, g->gate_, options.gpu));
+  }
   return g;
 }
+
+MoeGate::~MoeGate() = default;
 
 int64_t MoeGate::weight_bytes() const {
   int64_t b = static_cast<int64_t>(gate_.weight.nbytes());
@@ -56,7 +63,16 @@ void MoeGate::Route(const float* x, int64_t T, int32_t* topk_ids, float* topk_we
   const float* bias = gate_.bias.raw() ? gate_.bias.data<float>() : nullptr;
   const float* correction =
       gate_.correction_bias.raw() ? gate_.correction_bias.data<float>() : nullptr;
-  pool_->ParallelFor(Chunks(T, kTokensPerTask), [&](int64_t c) {
+  bool routed = false;
+  if (gpu_ != nullptr && !expert_choice) {
+    const absl::Status s = gpu_->Route(x, T, topk_ids, topk_weights, scores);
+    routed = s.ok();
+    if (!routed && gpu_failures_.fetch_add(1) == 0) {
+      std::fprintf(stderr, "layer %lld: routing on the GPU failed, routing on the CPU instead: %s\n",
+                   static_cast<long long>(layer_), s.ToString().c_str());
+    }
+  }
+  if (!routed) pool_->ParallelFor(Chunks(T, kTokensPerTask), [&](int64_t c) {
     const int64_t t0 = c * kTokensPerTask, n = std::min(kTokensPerTask, T - t0);
     float* lg = logits + t0 * E;
     // Router logits in float32, as HF computes them: x·Wgᵀ (+ bias).

@@ -9,6 +9,7 @@
 // in the caller's Workspace.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -18,6 +19,7 @@
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/thread_pool.h"
 #include "services/checkpoint.h"
+#include "services/gpu_gate.h"
 #include "services/model_config.h"
 #include "services/moe_weights.h"
 
@@ -35,6 +37,11 @@ struct GateOptions {
   RoutingMode mode = RoutingMode::kTokenChoice;
   // Where the work runs; nullptr = ThreadPool::Default(). Not owned.
   ThreadPool* pool = nullptr;
+  // >= 0: token-choice routing (logits and top-k) on that CUDA device (services/gpu_gate:
+  // the CPU routing's contract, logits summed in another order, so within float rounding
+  // of the CPU's, not bit-identical); -1: on the CPU. A GPU failure during a call falls
+  // back to the CPU for that call.
+  int gpu = -1;
 
   absl::Status Validate() const;
 };
@@ -52,6 +59,7 @@ class MoeGate {
     std::vector<double> prob_sums;
   };
 
+  ~MoeGate();
   static absl::StatusOr<std::unique_ptr<MoeGate>> Create(const Checkpoint& ckpt,
                                                          const MoeModelConfig& config,
                                                          int64_t layer, GateOptions options = {});
@@ -84,6 +92,8 @@ class MoeGate {
   ThreadPool* pool_ = nullptr;
   GateWeights gate_;
   std::optional<SharedExpertWeights> shared_;
+  std::unique_ptr<GpuGate> gpu_;  // options_.gpu >= 0
+  mutable std::atomic<int64_t> gpu_failures_{0};
 };
 
 // Grows v to at least n elements (never shrinks) and returns its data.

@@ -1,5 +1,7 @@
 #include "kernels/cuda/routing.cuh"
 
+#include "kernels/cuda/cublas.h"
+
 #include <math_constants.h>
 
 #include <algorithm>
@@ -224,12 +226,14 @@ cublasStatus_t RouterLogits(cublasHandle_t handle, RouterDType dtype, const void
   // Row-major logits [T, E] = x [T, H] · W [E, H]ᵀ is column-major logitsᵀ [E, T] =
   // Wᵀᵀ · xᵀ: W (column-major [H, E]) transposed, x (column-major [H, T]) as it is.
   const int T = static_cast<int>(num_tokens), H = static_cast<int>(hidden);
-  cublasStatus_t s = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, num_experts, T, H, &alpha, w, type,
-                                  H, x, type, H, &beta, logits, CUDA_R_32F, num_experts,
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  const Cublas* cublas = LoadCublas();
+  if (cublas == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  cublasStatus_t s = cublas->gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, num_experts, T, H, &alpha, w, type,
+                                     H, x, type, H, &beta, logits, CUDA_R_32F, num_experts,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (s != CUBLAS_STATUS_SUCCESS || bias == nullptr) return s;
   cudaStream_t stream = nullptr;
-  if ((s = cublasGetStream(handle, &stream)) != CUBLAS_STATUS_SUCCESS) return s;
+  if ((s = cublas->get_stream(handle, &stream)) != CUBLAS_STATUS_SUCCESS) return s;
   const int64_t n = num_tokens * num_experts;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
   AddBias<<<blocks, 256, 0, stream>>>(logits, bias, num_tokens, num_experts);

@@ -21,7 +21,9 @@ namespace moemesh::cuda {
 enum class RouterDType : uint8_t { kF32, kBF16 };
 
 // logits [T, E] float32 = x [T, H] · W [E, H]ᵀ, both row-major of `dtype`; then + bias [E]
-// (float32, may be nullptr). Runs on the handle's stream. CUBLAS_STATUS_* on failure.
+// (float32, may be nullptr). Runs on the handle's stream. CUBLAS_STATUS_* on failure
+// (NOT_INITIALIZED when cuBLAS cannot be loaded: kernels/cuda/cublas.h, whose create /
+// set_stream make the handle without linking cuBLAS).
 cublasStatus_t RouterLogits(cublasHandle_t handle, RouterDType dtype, const void* x, const void* w,
                             const float* bias, int64_t num_tokens, int64_t hidden, int num_experts,
                             float* logits);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cpu/routing_testing.h"
+#include "kernels/cuda/cublas.h"
 #include "kernels/cuda/testing.h"
 #include "kernels/dtype.h"
 
@@ -119,13 +120,15 @@ TEST_P(CudaRouterLogitsTest, MatchesADoubleProduct) {
   DeviceVector<float> d_x(x), d_w(w), d_bias(bias), d_out(T * E);
   DeviceVector<uint16_t> d_xb(xb), d_wb(wb);
   cublasHandle_t handle;
-  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  const cuda::Cublas* cublas = cuda::LoadCublas();
+  ASSERT_NE(cublas, nullptr) << "libcublas cannot be loaded";
+  ASSERT_EQ(cublas->create(&handle), CUBLAS_STATUS_SUCCESS);
   ASSERT_EQ(cuda::RouterLogits(handle, GetParam(), bf16 ? static_cast<const void*>(d_xb.ptr) : d_x.ptr,
                                bf16 ? static_cast<const void*>(d_wb.ptr) : d_w.ptr, d_bias.ptr, T, H, E,
                                d_out.ptr),
             CUBLAS_STATUS_SUCCESS);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  cublasDestroy(handle);
+  cublas->destroy(handle);
   const std::vector<float> got = d_out.Host();
   for (int64_t t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) {

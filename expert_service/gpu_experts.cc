@@ -1,0 +1,348 @@
+// GpuExperts on CUDA: part of the CUDA plugin (services/cuda_plugin.h), loaded on --device cuda.
+#include "expert_service/gpu_experts.h"
+#include "services/cuda_plugin.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/grouped_ffn.cuh"
+#include "kernels/dtype.h"
+#include "services/status_macros.h"
+
+namespace moemesh {
+namespace {
+
+absl::Status CudaError(const std::string& what, cudaError_t e) {
+  const absl::StatusCode code = e == cudaErrorMemoryAllocation ? absl::StatusCode::kResourceExhausted
+                                                               : absl::StatusCode::kInternal;
+  return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+#define CUDA_RETURN_IF_ERROR(what, call)             \
+  do {                                               \
+    if (cudaError_t e_ = (call); e_ != cudaSuccess) { \
+      return CudaError(what, e_);                    \
+    }                                                \
+  } while (0)
+
+// Device memory freed with its owner.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr != nullptr) cudaFree(ptr);
+  }
+  absl::Status Reserve(size_t n, const char* what) {
+    if (n <= bytes) return absl::OkStatus();
+    if (ptr != nullptr) cudaFree(ptr);
+    ptr = nullptr;
+    bytes = 0;
+    CUDA_RETURN_IF_ERROR(what, cudaMalloc(&ptr, n));
+    bytes = n;
+    return absl::OkStatus();
+  }
+};
+
+// Pinned host memory freed with its owner.
+struct PinnedBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() {
+    if (ptr != nullptr) cudaFreeHost(ptr);
+  }
+  absl::Status Reserve(size_t n, const char* what) {
+    if (n <= bytes) return absl::OkStatus();
+    if (ptr != nullptr) cudaFreeHost(ptr);
+    ptr = nullptr;
+    bytes = 0;
+    CUDA_RETURN_IF_ERROR(what, cudaMallocHost(&ptr, n));
+    bytes = n;
+    return absl::OkStatus();
+  }
+};
+
+// The held experts of one layer, stacked: expert `experts[j]` is slot j.
+struct LayerStack {
+  std::vector<int32_t> experts;  // ascending
+  std::vector<int32_t> slot_of;  // by expert id, -1 when not held
+  DeviceBuffer gate_up, gate_up_bias, down, down_bias;
+  cuda::GroupedFfnWeights weights;
+  int64_t bytes() const {
+    return static_cast<int64_t>(gate_up.bytes + gate_up_bias.bytes + down.bytes + down_bias.bytes);
+  }
+};
+
+// One call's stream and buffers.
+struct Lane {
+  cudaStream_t stream = nullptr;
+  PinnedBuffer x_host, y_host;
+  PinnedBuffer offsets_host;
+  DeviceBuffer x, h, y, offsets;
+  ~Lane() {
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+};
+
+// Stacked [gate rows (I); up rows (I)] row `r` of an expert's packed gate_up (PackGateUp:
+// per block of kGateUpBlock rows, the block's gate rows then its up rows).
+int64_t PackedRow(int64_t r, int64_t inter) {
+  const bool up = r >= inter;
+  const int64_t j = up ? r - inter : r;
+  const int64_t b0 = j / kGateUpBlock * kGateUpBlock;
+  const int64_t len = std::min(kGateUpBlock, inter - b0);
+  return 2 * b0 + (up ? len : 0) + (j - b0);
+}
+
+class CudaGpuExperts final : public GpuExperts {
+ public:
+  CudaGpuExperts(const MoeModelConfig& config, int device) : config_(config), device_(device) {}
+
+  ~CudaGpuExperts() override {
+    cudaSetDevice(device_);
+    lanes_.clear();
+    layers_.clear();
+  }
+
+  absl::Status Sync(const ExpertStore& store) override {
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
+    std::map<int64_t, std::vector<int32_t>> held;
+    for (const auto& [layer, expert] : store.List()) held[layer].push_back(expert);
+    std::map<int64_t, std::shared_ptr<const LayerStack>> next;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      next = layers_;
+    }
+    for (auto it = next.begin(); it != next.end();) {
+      it = held.count(it->first) == 0 ? next.erase(it) : std::next(it);
+    }
+    for (auto& [layer, experts] : held) {
+      std::sort(experts.begin(), experts.end());
+      auto it = next.find(layer);
+      if (it != next.end() && it->second->experts == experts) continue;
+      ASSIGN_OR_RETURN(std::shared_ptr<const LayerStack> stack, Upload(store, layer, experts));
+      next[layer] = std::move(stack);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    layers_ = std::move(next);
+    return absl::OkStatus();
+  }
+
+  absl::Status Compute(int64_t layer, absl::Span<const GpuBatch> batches, float* y) override {
+    std::shared_ptr<const LayerStack> stack;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = layers_.find(layer);
+      if (it != layers_.end()) stack = it->second;
+    }
+    if (stack == nullptr) return absl::NotFoundError(absl::StrCat("layer ", layer, ": no expert on the GPU"));
+    const int64_t H = config_.hidden_size, I = stack->weights.intermediate;
+    const int E = stack->weights.num_experts;
+    // Rows go in slot order (the kernels' grouping); out[i] is where batch i starts there.
+    std::vector<int64_t> counts(E, 0), first(E + 1, 0), start(batches.size());
+    for (const GpuBatch& b : batches) {
+      const int32_t slot = b.expert >= 0 && b.expert < static_cast<int32_t>(stack->slot_of.size())
+                               ? stack->slot_of[b.expert]
+                               : -1;
+      if (slot < 0) {
+        return absl::NotFoundError(absl::StrCat("layer ", layer, " expert ", b.expert, ": not on the GPU"));
+      }
+      counts[slot] += b.n;
+    }
+    for (int e = 0; e < E; ++e) first[e + 1] = first[e] + counts[e];
+    const int64_t rows = first[E];
+    {
+      std::vector<int64_t> at(first.begin(), first.end() - 1);
+      for (size_t i = 0; i < batches.size(); ++i) {
+        const int32_t slot = stack->slot_of[batches[i].expert];
+        start[i] = at[slot];
+        at[slot] += batches[i].n;
+      }
+    }
+    if (rows == 0) return absl::OkStatus();
+
+    std::unique_ptr<Lane> lane;
+    ASSIGN_OR_RETURN(lane, TakeLane());
+    struct GiveBack {
+      CudaGpuExperts* self;
+      std::unique_ptr<Lane>& lane;
+      ~GiveBack() {
+        if (lane == nullptr) return;
+        std::lock_guard<std::mutex> lock(self->mu_);
+        self->lanes_.push_back(std::move(lane));
+      }
+    } give_back{this, lane};
+    RETURN_IF_ERROR(lane->x_host.Reserve(rows * H * 2, "pinned rows"));
+    RETURN_IF_ERROR(lane->y_host.Reserve(rows * H * 4, "pinned output"));
+    RETURN_IF_ERROR(lane->offsets_host.Reserve((E + 1) * sizeof(int64_t), "pinned offsets"));
+    RETURN_IF_ERROR(lane->x.Reserve(rows * H * 2, "device rows"));
+    RETURN_IF_ERROR(lane->h.Reserve(rows * I * 2, "device intermediate"));
+    RETURN_IF_ERROR(lane->y.Reserve(rows * H * 4, "device output"));
+    RETURN_IF_ERROR(lane->offsets.Reserve((E + 1) * sizeof(int64_t), "device offsets"));
+
+    auto* x_host = static_cast<uint16_t*>(lane->x_host.ptr);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const GpuBatch& b = batches[i];
+      uint16_t* dst = x_host + start[i] * H;
+      if (b.dtype == DType::kBF16) {
+        std::memcpy(dst, b.rows, b.n * H * 2);
+      } else if (!ConvertFromF32(static_cast<const float*>(b.rows), b.n * H, DType::kBF16, dst)) {
+        return absl::InvalidArgumentError(absl::StrCat("expert ", b.expert, ": rows must be F32 or BF16"));
+      }
+    }
+    std::memcpy(lane->offsets_host.ptr, first.data(), (E + 1) * sizeof(int64_t));
+    const cudaStream_t s = lane->stream;
+    CUDA_RETURN_IF_ERROR("rows to the GPU",
+                         cudaMemcpyAsync(lane->x.ptr, x_host, rows * H * 2, cudaMemcpyHostToDevice, s));
+    CUDA_RETURN_IF_ERROR("offsets to the GPU",
+                         cudaMemcpyAsync(lane->offsets.ptr, lane->offsets_host.ptr, (E + 1) * sizeof(int64_t),
+                                         cudaMemcpyHostToDevice, s));
+    const auto* offsets = static_cast<const int64_t*>(lane->offsets.ptr);
+    CUDA_RETURN_IF_ERROR("GroupedGateUpAct",
+                         cuda::GroupedGateUpAct(stack->weights, static_cast<const uint16_t*>(lane->x.ptr),
+                                                offsets, rows, static_cast<uint16_t*>(lane->h.ptr), s));
+    CUDA_RETURN_IF_ERROR("GroupedDown",
+                         cuda::GroupedDown(stack->weights, static_cast<const uint16_t*>(lane->h.ptr), offsets,
+                                           rows, static_cast<float*>(lane->y.ptr), s));
+    CUDA_RETURN_IF_ERROR("output from the GPU",
+                         cudaMemcpyAsync(lane->y_host.ptr, lane->y.ptr, rows * H * 4, cudaMemcpyDeviceToHost, s));
+    CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(s));
+    // Back to request order.
+    const auto* y_host = static_cast<const float*>(lane->y_host.ptr);
+    int64_t out = 0;
+    for (size_t i = 0; i < batches.size(); ++i) {
+      std::memcpy(y + out * H, y_host + start[i] * H, batches[i].n * H * sizeof(float));
+      out += batches[i].n;
+    }
+    return absl::OkStatus();
+  }
+
+  GpuMemoryReport Memory() const override {
+    GpuMemoryReport r;
+    r.device = device_;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [layer, stack] : layers_) r.weight_bytes += stack->bytes();
+    for (const auto& lane : lanes_) {
+      r.workspace_bytes += lane->x.bytes + lane->h.bytes + lane->y.bytes + lane->offsets.bytes;
+      r.pinned_bytes += lane->x_host.bytes + lane->y_host.bytes + lane->offsets_host.bytes;
+    }
+    size_t free = 0, total = 0;
+    if (cudaSetDevice(device_) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+      r.device_free_bytes = static_cast<int64_t>(free);
+      r.device_total_bytes = static_cast<int64_t>(total);
+    }
+    return r;
+  }
+
+ private:
+  absl::StatusOr<std::unique_ptr<Lane>> TakeLane() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!lanes_.empty()) {
+        std::unique_ptr<Lane> lane = std::move(lanes_.back());
+        lanes_.pop_back();
+        return lane;
+      }
+    }
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
+    auto lane = std::make_unique<Lane>();
+    CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+    return lane;
+  }
+
+  // One layer's experts in BF16, stacked; gate/up unpacked from the CPU layout.
+  absl::StatusOr<std::shared_ptr<const LayerStack>> Upload(const ExpertStore& store, int64_t layer,
+                                                           const std::vector<int32_t>& experts) {
+    auto stack = std::make_shared<LayerStack>();
+    stack->experts = experts;
+    stack->slot_of.assign(config_.num_experts, -1);
+    const int E = static_cast<int>(experts.size());
+    const int64_t H = config_.hidden_size;
+    int64_t I = 0;
+    bool gate_up_biases = false, down_biases = false;
+    std::vector<std::shared_ptr<const ExpertWeights>> held;
+    for (int j = 0; j < E; ++j) {
+      ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> w, store.Get(layer, experts[j]));
+      stack->slot_of[experts[j]] = j;
+      I = w->intermediate;
+      gate_up_biases = w->gate_up_bias.raw() != nullptr;  // GPT-OSS
+      down_biases = w->down_bias.raw() != nullptr;
+      held.push_back(std::move(w));
+    }
+    const ExpertFfnWeights view = held.front()->View(config_);
+    if (!view.gated() || H % 16 != 0 || I % 16 != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", layer, ": the GPU kernels take gated experts with hidden and intermediate sizes "
+          "that are multiples of 16 (H=", H, ", I=", I, view.gated() ? "" : ", not gated", ")"));
+    }
+    std::vector<uint16_t> gate_up(static_cast<size_t>(E) * 2 * I * H), down(static_cast<size_t>(E) * H * I);
+    std::vector<float> gate_up_bias(gate_up_biases ? E * 2 * I : 0), down_bias(down_biases ? E * H : 0);
+    for (int j = 0; j < E; ++j) {
+      const ExpertWeights& w = *held[j];
+      const float* packed = w.gate_up.data<float>();
+      for (int64_t r = 0; r < 2 * I; ++r) {
+        ConvertFromF32(packed + PackedRow(r, I) * H, H, DType::kBF16, &gate_up[(j * 2 * I + r) * H]);
+        if (gate_up_biases) gate_up_bias[j * 2 * I + r] = w.gate_up_bias.data<float>()[PackedRow(r, I)];
+      }
+      ConvertFromF32(w.down.data<float>(), H * I, DType::kBF16, &down[j * H * I]);
+      if (down_biases) std::memcpy(&down_bias[j * H], w.down_bias.data<float>(), H * sizeof(float));
+    }
+    auto upload = [](DeviceBuffer& dst, const void* src, size_t bytes, const char* what) -> absl::Status {
+      if (bytes == 0) return absl::OkStatus();
+      RETURN_IF_ERROR(dst.Reserve(bytes, what));
+      CUDA_RETURN_IF_ERROR(what, cudaMemcpy(dst.ptr, src, bytes, cudaMemcpyHostToDevice));
+      return absl::OkStatus();
+    };
+    RETURN_IF_ERROR(upload(stack->gate_up, gate_up.data(), gate_up.size() * 2, "expert gate/up weights"));
+    RETURN_IF_ERROR(upload(stack->down, down.data(), down.size() * 2, "expert down weights"));
+    RETURN_IF_ERROR(upload(stack->gate_up_bias, gate_up_bias.data(), gate_up_bias.size() * 4, "gate/up biases"));
+    RETURN_IF_ERROR(upload(stack->down_bias, down_bias.data(), down_bias.size() * 4, "down biases"));
+    cuda::GroupedFfnWeights& g = stack->weights;
+    g.num_experts = E;
+    g.hidden = H;
+    g.intermediate = I;
+    g.activation = view.activation;
+    g.clamp_limit = view.clamp_limit;
+    g.alpha = view.alpha;
+    g.gate_up = static_cast<const uint16_t*>(stack->gate_up.ptr);
+    g.down = static_cast<const uint16_t*>(stack->down.ptr);
+    g.gate_up_bias = static_cast<const float*>(stack->gate_up_bias.ptr);
+    g.down_bias = static_cast<const float*>(stack->down_bias.ptr);
+    return std::shared_ptr<const LayerStack>(std::move(stack));
+  }
+
+  const MoeModelConfig config_;
+  const int device_;
+  mutable std::mutex mu_;
+  std::map<int64_t, std::shared_ptr<const LayerStack>> layers_;  // guarded by mu_
+  std::vector<std::unique_ptr<Lane>> lanes_;                     // idle lanes; guarded by mu_
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GpuExperts>> CreateCudaGpuExperts(const MoeModelConfig& config, int device) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    return absl::FailedPreconditionError("--device cuda: no CUDA device here");
+  }
+  if (device < 0 || device >= n) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpu ", device, ": this machine has ", n, " CUDA device(s)"));
+  }
+  if (config.hidden_size % 16 != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--device cuda: hidden_size ", config.hidden_size, " is not a multiple of 16 (the GPU kernels' tile)"));
+  }
+  return std::unique_ptr<GpuExperts>(new CudaGpuExperts(config, device));
+}
+
+}  // namespace moemesh
