@@ -1,5 +1,6 @@
 #include "expert_service/expert_main.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 
@@ -57,11 +58,9 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
   }
   o.ucx_spin = std::chrono::microseconds(spin_us);
-  o.device = args.String("device", o.device);
-  if (o.device != "cpu" && o.device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
-  ASSIGN_OR_RETURN(int64_t gpu, args.Int("gpu", 0));
-  if (gpu < 0 || gpu > 1023) return absl::InvalidArgumentError("--gpu must be in [0, 1023]");
-  o.gpu = static_cast<int>(gpu);
+  ASSIGN_OR_RETURN(const int gpu, ParseDeviceFlags(args));
+  o.device = gpu < 0 ? "cpu" : "cuda";
+  o.gpu = std::max(gpu, 0);
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

@@ -171,6 +171,8 @@ class CudaGpuExperts final : public GpuExperts {
     }
     if (rows == 0) return absl::OkStatus();
 
+    // This thread's current device: the lane's stream and buffers live there.
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
     std::unique_ptr<Lane> lane;
     ASSIGN_OR_RETURN(lane, TakeLane());
     struct GiveBack {

@@ -60,11 +60,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(int64_t timeout_ms, args.Int("timeout-ms", 30000));
   ro.default_timeout = std::chrono::milliseconds(timeout_ms);
   ASSIGN_OR_RETURN(ro.gate.capacity_factor, args.Double("capacity-factor", 0.0));
-  const std::string device = args.String("device", "cpu");
-  if (device != "cpu" && device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
-  ASSIGN_OR_RETURN(int64_t gpu, args.Int("gpu", 0));
-  if (gpu < 0 || gpu > 1023) return absl::InvalidArgumentError("--gpu must be in [0, 1023]");
-  ro.gate.gpu = device == "cuda" ? static_cast<int>(gpu) : -1;
+  ASSIGN_OR_RETURN(ro.gate.gpu, ParseDeviceFlags(args));
   ASSIGN_OR_RETURN(double window_s, args.Double("load-window-s", 60.0));
   if (!(window_s >= 1 && window_s <= 86400)) {
     return absl::InvalidArgumentError("--load-window-s must be in [1, 86400]");

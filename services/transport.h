@@ -5,9 +5,10 @@
 // One MoE layer call opens an Exchange, sends one ComputeRequest per destination service
 // (every token of the layer bound there), does other work while they fly (the shared
 // expert), then Waits. The router builds each request in the memory its transport sends
-// from (OutgoingRequest): the rows are written once, where they leave. Every completion runs on the waiting thread, inside Wait: the
-// thread that needs the replies is the one woken, with no hand-off through another
-// thread, and the caller's completion code needs no lock. No thread is blocked per call.
+// from (OutgoingRequest): the rows are written once, where they leave. Every completion
+// runs on the waiting thread, inside Wait: the thread that needs the replies is the one
+// woken, with no hand-off through another thread, and the caller's completion code needs
+// no lock. No thread is blocked per call.
 #pragma once
 
 #include <atomic>

@@ -143,6 +143,28 @@ TEST(CliTest, BadMetricsFlagsFailWithAMessage) {
   }
 }
 
+// --device: a bad value names the flag; cuda on a machine without a GPU (or a build
+// without CUDA) says why instead of starting a service that cannot compute.
+TEST(CliTest, DeviceFlagsFailWithAMessage) {
+  const std::string m = "--model tests/fixtures/mixtral";
+  const std::pair<std::string, std::string> cases[] = {
+      {"expert " + m + " --device gpu", "--device must be cpu or cuda"},
+      {"router " + m + " --endpoints a:1 --device tpu", "--device must be cpu or cuda"},
+      {"expert " + m + " --device cuda --gpu -1", "--gpu must be in"},
+  };
+  for (const auto& [args, needle] : cases) {
+    CliRun r = Moemesh(args);
+    EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << args << "\n" << r.output;
+  }
+  if (std::filesystem::exists("/dev/nvidia0")) return;  // a GPU machine: they would serve
+  for (const std::string& args : {"expert " + m + " --device cuda", "router " + m + " --endpoints a:1 --device cuda"}) {
+    CliRun r = Moemesh(args + " --listen 127.0.0.1:0");
+    EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("--device cuda"), std::string::npos) << args << "\n" << r.output;
+  }
+}
+
 TEST(CliTest, DemoRunsEveryMoeLayer) {
   CliRun r = Moemesh("demo --in-process --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
                   "--layers 3 --tokens 16 --iters 1");

@@ -71,4 +71,13 @@ absl::StatusOr<double> CliArgs::Double(const std::string& name, double fallback)
   return v;
 }
 
+absl::StatusOr<int> ParseDeviceFlags(const CliArgs& args) {
+  const std::string device = args.String("device", "cpu");
+  if (device != "cpu" && device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
+  absl::StatusOr<int64_t> gpu = args.Int("gpu", 0);
+  if (!gpu.ok()) return gpu.status();
+  if (*gpu < 0 || *gpu > 1023) return absl::InvalidArgumentError("--gpu must be in [0, 1023]");
+  return device == "cuda" ? static_cast<int>(*gpu) : -1;
+}
+
 }  // namespace moemesh
