@@ -30,47 +30,31 @@ absl::Status CudaError(const std::string& what, cudaError_t e) {
     }                                                \
   } while (0)
 
-// Device memory freed with its owner.
-struct DeviceBuffer {
+// Memory from `Alloc`, given back with `Free` by its owner; grown (never shrunk) by Reserve.
+template <cudaError_t (*Alloc)(void**, size_t), cudaError_t (*Free)(void*)>
+struct CudaBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr != nullptr) cudaFree(ptr);
+  CudaBuffer() = default;
+  CudaBuffer(const CudaBuffer&) = delete;
+  CudaBuffer& operator=(const CudaBuffer&) = delete;
+  ~CudaBuffer() {
+    if (ptr != nullptr) Free(ptr);
   }
   absl::Status Reserve(size_t n, const char* what) {
     if (n <= bytes) return absl::OkStatus();
-    if (ptr != nullptr) cudaFree(ptr);
+    if (ptr != nullptr) Free(ptr);
     ptr = nullptr;
     bytes = 0;
-    CUDA_RETURN_IF_ERROR(what, cudaMalloc(&ptr, n));
+    CUDA_RETURN_IF_ERROR(what, Alloc(&ptr, n));
     bytes = n;
     return absl::OkStatus();
   }
 };
-
-// Pinned host memory freed with its owner.
-struct PinnedBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer() {
-    if (ptr != nullptr) cudaFreeHost(ptr);
-  }
-  absl::Status Reserve(size_t n, const char* what) {
-    if (n <= bytes) return absl::OkStatus();
-    if (ptr != nullptr) cudaFreeHost(ptr);
-    ptr = nullptr;
-    bytes = 0;
-    CUDA_RETURN_IF_ERROR(what, cudaMallocHost(&ptr, n));
-    bytes = n;
-    return absl::OkStatus();
-  }
-};
+cudaError_t DeviceAlloc(void** p, size_t n) { return cudaMalloc(p, n); }
+cudaError_t PinnedAlloc(void** p, size_t n) { return cudaMallocHost(p, n); }
+using DeviceBuffer = CudaBuffer<&DeviceAlloc, &cudaFree>;
+using PinnedBuffer = CudaBuffer<&PinnedAlloc, &cudaFreeHost>;
 
 // The held experts of one layer, stacked: expert `experts[j]` is slot j.
 struct LayerStack {
@@ -93,16 +77,6 @@ struct Lane {
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
 };
-
-// Stacked [gate rows (I); up rows (I)] row `r` of an expert's packed gate_up (PackGateUp:
-// per block of kGateUpBlock rows, the block's gate rows then its up rows).
-int64_t PackedRow(int64_t r, int64_t inter) {
-  const bool up = r >= inter;
-  const int64_t j = up ? r - inter : r;
-  const int64_t b0 = j / kGateUpBlock * kGateUpBlock;
-  const int64_t len = std::min(kGateUpBlock, inter - b0);
-  return 2 * b0 + (up ? len : 0) + (j - b0);
-}
 
 class CudaGpuExperts final : public GpuExperts {
  public:
@@ -293,8 +267,8 @@ class CudaGpuExperts final : public GpuExperts {
       const ExpertWeights& w = *held[j];
       const float* packed = w.gate_up.data<float>();
       for (int64_t r = 0; r < 2 * I; ++r) {
-        ConvertFromF32(packed + PackedRow(r, I) * H, H, DType::kBF16, &gate_up[(j * 2 * I + r) * H]);
-        if (gate_up_biases) gate_up_bias[j * 2 * I + r] = w.gate_up_bias.data<float>()[PackedRow(r, I)];
+        ConvertFromF32(packed + PackedGateUpRow(r, I) * H, H, DType::kBF16, &gate_up[(j * 2 * I + r) * H]);
+        if (gate_up_biases) gate_up_bias[j * 2 * I + r] = w.gate_up_bias.data<float>()[PackedGateUpRow(r, I)];
       }
       ConvertFromF32(w.down.data<float>(), H * I, DType::kBF16, &down[j * H * I]);
       if (down_biases) std::memcpy(&down_bias[j * H], w.down_bias.data<float>(), H * sizeof(float));

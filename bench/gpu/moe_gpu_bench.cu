@@ -68,6 +68,7 @@
 #include <vector>
 
 #include "kernels/cpu/routing.h"
+#include "kernels/cpu/routing_testing.h"
 #include "kernels/cuda/grouped_ffn.cuh"
 #include "kernels/cuda/permute.cuh"
 #include "kernels/cuda/routing.cuh"
@@ -316,29 +317,14 @@ struct Shape {
   int64_t I_shared;  // 0: no shared expert
 };
 
-RoutingParams Routing(int E, int k, Scoring s, bool normalize, float scaling = 1.0f, int groups = 1,
-                      int topk_groups = 1, GroupScore gs = GroupScore::kMax, float eps = 0.0f) {
-  RoutingParams p;
-  p.num_experts = E;
-  p.top_k = k;
-  p.scoring = s;
-  p.normalize = normalize;
-  p.normalize_eps = eps;
-  p.scaling = scaling;
-  p.num_groups = groups;
-  p.topk_groups = topk_groups;
-  p.group_score = gs;
-  return p;
-}
-
 std::vector<Shape> AllShapes() {
   return {
-      {"mixtral", 4096, 14336, 8, 2, Routing(8, 2, Scoring::kSoftmax, true), false, 0},
-      {"qwen3", 2048, 768, 128, 8, Routing(128, 8, Scoring::kSoftmax, true), false, 0},
+      {"mixtral", 4096, 14336, 8, 2, MakeRouting(8, 2, Scoring::kSoftmax, true), false, 0},
+      {"qwen3", 2048, 768, 128, 8, MakeRouting(128, 8, Scoring::kSoftmax, true), false, 0},
       // HF DeepseekV3: sigmoid, + e_score_correction_bias for choosing, groups by the sum of
       // their top-2, weights / (sum + 1e-20) · routed_scaling_factor.
       {"deepseek_v3", 7168, 2048, 256, 8,
-       Routing(256, 8, Scoring::kSigmoid, true, 2.5f, 8, 4, GroupScore::kTop2Sum, 1e-20f), true, 2048},
+       MakeRouting(256, 8, Scoring::kSigmoid, true, 2.5f, 8, 4, GroupScore::kTop2Sum, 1e-20f), true, 2048},
   };
 }
 

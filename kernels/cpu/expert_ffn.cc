@@ -98,6 +98,14 @@ void PackGateUp(const float* stacked, int64_t inter, int64_t cols, bool gated, f
   }
 }
 
+int64_t PackedGateUpRow(int64_t r, int64_t inter) {
+  const bool up = r >= inter;
+  const int64_t j = up ? r - inter : r;
+  const int64_t b0 = j / kGateUpBlock * kGateUpBlock;
+  const int64_t len = std::min(kGateUpBlock, inter - b0);
+  return 2 * b0 + (up ? len : 0) + (j - b0);
+}
+
 void ExpertGateUpAct(const ExpertFfnWeights& w, const float* x, int64_t rows,
                      int64_t block_begin, int64_t block_end, float* gu, float* h) {
   if (rows == 0 || block_begin >= block_end) return;

@@ -55,6 +55,9 @@ struct ExpertFfnWeights {
 // biases) into the packed layout. gated=false: `stacked` holds only the I up rows.
 void PackGateUp(const float* stacked, int64_t intermediate, int64_t cols, bool gated,
                 float* packed);
+// The packed row that holds stacked (gated) row `r` of [gate rows (I); up rows (I)]: the
+// inverse of PackGateUp's row order, for a consumer of the stacked layout (the GPU).
+int64_t PackedGateUpRow(int64_t r, int64_t intermediate);
 
 // Floats of the per-row gate/up buffer (ld = gate_up_rows) and of h (ld = I).
 inline int64_t GateUpScratch(const ExpertFfnWeights& w, int64_t rows) {

@@ -139,6 +139,25 @@ INSTANTIATE_TEST_SUITE_P(
                       FfnCase{Activation::kClampedSwiGlu, false, 9},
                       FfnCase{Activation::kRelu, false, 12}, FfnCase{Activation::kRelu, true, 3}));
 
+// PackedGateUpRow inverts PackGateUp's row order, for sizes below, at and across the
+// 64-row blocks.
+TEST(ExpertFfnTest, PackedGateUpRowFindsEveryStackedRow) {
+  for (int64_t I : {1, 16, 48, 63, 64, 65, 130, 192}) {
+    std::vector<float> stacked(2 * I), packed(2 * I, -1.0f);
+    for (int64_t r = 0; r < 2 * I; ++r) stacked[r] = static_cast<float>(r);
+    PackGateUp(stacked.data(), I, 1, true, packed.data());
+    std::vector<bool> seen(2 * I, false);
+    for (int64_t r = 0; r < 2 * I; ++r) {
+      const int64_t p = PackedGateUpRow(r, I);
+      ASSERT_GE(p, 0) << "I=" << I << " r=" << r;
+      ASSERT_LT(p, 2 * I) << "I=" << I << " r=" << r;
+      EXPECT_EQ(packed[p], stacked[r]) << "I=" << I << " r=" << r;
+      EXPECT_FALSE(seen[p]) << "I=" << I << ": packed row " << p << " found twice";
+      seen[p] = true;
+    }
+  }
+}
+
 TEST(ExpertFfnTest, ZeroRowsTouchesNothing) {
   ExpertFfnWeights w;
   w.hidden = 4;
