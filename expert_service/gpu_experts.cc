@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 
@@ -112,35 +113,125 @@ class CudaGpuExperts final : public GpuExperts {
     return absl::OkStatus();
   }
 
+  // Calls for the same layer that arrive while one of its launches runs wait, and the
+  // next launch takes all of them together (a group commit): concurrent requests share
+  // one grouped launch per stage, each expert's weights read once for all their rows.
+  // Different layers launch side by side, each on a lane of its own.
   absl::Status Compute(int64_t layer, absl::Span<const GpuBatch> batches, float* y) override {
+    Call me;
+    int64_t out = 0;
+    for (const GpuBatch& b : batches) {
+      me.items.push_back({b, y + out * config_.hidden_size});
+      out += b.n;
+    }
+    LayerQueue& q = QueueOf(layer);
+    std::unique_lock<std::mutex> lock(q.mu);
+    q.waiting.push_back(&me);
+    while (!me.done) {
+      if (q.busy) {
+        q.cv.wait(lock);
+        continue;
+      }
+      q.busy = true;
+      std::vector<Call*> group;
+      group.swap(q.waiting);
+      lock.unlock();
+      RunGroup(layer, group);
+      lock.lock();
+      for (Call* c : group) c->done = true;
+      q.busy = false;
+      q.cv.notify_all();
+    }
+    return me.status;
+  }
+
+  GpuMemoryReport Memory() const override {
+    GpuMemoryReport r;
+    r.device = device_;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [layer, stack] : layers_) r.weight_bytes += stack->bytes();
+    for (const auto& lane : lanes_) {
+      r.workspace_bytes += lane->x.bytes + lane->h.bytes + lane->y.bytes + lane->offsets.bytes;
+      r.pinned_bytes += lane->x_host.bytes + lane->y_host.bytes + lane->offsets_host.bytes;
+    }
+    size_t free = 0, total = 0;
+    if (cudaSetDevice(device_) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+      r.device_free_bytes = static_cast<int64_t>(free);
+      r.device_total_bytes = static_cast<int64_t>(total);
+    }
+    return r;
+  }
+
+ private:
+  // One batch of one call, and where its output rows go.
+  struct Item {
+    GpuBatch batch;
+    float* out;
+  };
+  struct Call {
+    std::vector<Item> items;
+    absl::Status status;
+    bool done = false;  // guarded by the layer queue's mu
+  };
+  struct LayerQueue {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<Call*> waiting;  // guarded by mu
+    bool busy = false;           // a launch for the layer is running; guarded by mu
+  };
+
+  LayerQueue& QueueOf(int64_t layer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_ptr<LayerQueue>& q = queues_[layer];
+    if (q == nullptr) q = std::make_unique<LayerQueue>();
+    return *q;
+  }
+
+  // Computes the calls of `group` in one launch per stage; sets each call's status (a
+  // call naming an expert not on the GPU fails alone).
+  void RunGroup(int64_t layer, const std::vector<Call*>& group) {
     std::shared_ptr<const LayerStack> stack;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = layers_.find(layer);
       if (it != layers_.end()) stack = it->second;
     }
-    if (stack == nullptr) return absl::NotFoundError(absl::StrCat("layer ", layer, ": no expert on the GPU"));
-    const int64_t H = config_.hidden_size, I = stack->weights.intermediate;
-    const int E = stack->weights.num_experts;
-    // Rows go in slot order (the kernels' grouping); out[i] is where batch i starts there.
-    std::vector<int64_t> counts(E, 0), first(E + 1, 0), start(batches.size());
-    for (const GpuBatch& b : batches) {
-      const int32_t slot = b.expert >= 0 && b.expert < static_cast<int32_t>(stack->slot_of.size())
-                               ? stack->slot_of[b.expert]
-                               : -1;
-      if (slot < 0) {
-        return absl::NotFoundError(absl::StrCat("layer ", layer, " expert ", b.expert, ": not on the GPU"));
+    std::vector<Item> items;
+    std::vector<Call*> computed;
+    for (Call* c : group) {
+      c->status = absl::OkStatus();
+      for (const Item& item : c->items) {
+        const int32_t e = item.batch.expert;
+        if (stack == nullptr || e < 0 || e >= static_cast<int32_t>(stack->slot_of.size()) ||
+            stack->slot_of[e] < 0) {
+          c->status = absl::NotFoundError(absl::StrCat("layer ", layer, " expert ", e, ": not on the GPU"));
+          break;
+        }
       }
-      counts[slot] += b.n;
+      if (!c->status.ok()) continue;
+      items.insert(items.end(), c->items.begin(), c->items.end());
+      computed.push_back(c);
     }
-    for (int e = 0; e < E; ++e) first[e + 1] = first[e] + counts[e];
+    if (computed.empty()) return;
+    const absl::Status s = Launch(*stack, items);
+    for (Call* c : computed) c->status = s;
+  }
+
+  // The items' rows, every expert of the stack in one grouped launch per stage.
+  absl::Status Launch(const LayerStack& stack, const std::vector<Item>& items) {
+    const int64_t H = config_.hidden_size, I = stack.weights.intermediate;
+    const int E = stack.weights.num_experts;
+    // Rows go in slot order (the kernels' grouping); start[i] is where item i's begin.
+    std::vector<int64_t> first(E + 1, 0), start(items.size());
+    for (const Item& item : items) first[stack.slot_of[item.batch.expert] + 1] += item.batch.n;
+    for (int e = 0; e < E; ++e) first[e + 1] += first[e];
     const int64_t rows = first[E];
     {
       std::vector<int64_t> at(first.begin(), first.end() - 1);
-      for (size_t i = 0; i < batches.size(); ++i) {
-        const int32_t slot = stack->slot_of[batches[i].expert];
+      for (size_t i = 0; i < items.size(); ++i) {
+        const int32_t slot = stack.slot_of[items[i].batch.expert];
         start[i] = at[slot];
-        at[slot] += batches[i].n;
+        at[slot] += items[i].batch.n;
       }
     }
     if (rows == 0) return absl::OkStatus();
@@ -167,8 +258,8 @@ class CudaGpuExperts final : public GpuExperts {
     RETURN_IF_ERROR(lane->offsets.Reserve((E + 1) * sizeof(int64_t), "device offsets"));
 
     auto* x_host = static_cast<uint16_t*>(lane->x_host.ptr);
-    for (size_t i = 0; i < batches.size(); ++i) {
-      const GpuBatch& b = batches[i];
+    for (size_t i = 0; i < items.size(); ++i) {
+      const GpuBatch& b = items[i].batch;
       uint16_t* dst = x_host + start[i] * H;
       if (b.dtype == DType::kBF16) {
         std::memcpy(dst, b.rows, b.n * H * 2);
@@ -185,42 +276,21 @@ class CudaGpuExperts final : public GpuExperts {
                                          cudaMemcpyHostToDevice, s));
     const auto* offsets = static_cast<const int64_t*>(lane->offsets.ptr);
     CUDA_RETURN_IF_ERROR("GroupedGateUpAct",
-                         cuda::GroupedGateUpAct(stack->weights, static_cast<const uint16_t*>(lane->x.ptr),
-                                                offsets, rows, static_cast<uint16_t*>(lane->h.ptr), s));
+                         cuda::GroupedGateUpAct(stack.weights, static_cast<const uint16_t*>(lane->x.ptr), offsets,
+                                                rows, static_cast<uint16_t*>(lane->h.ptr), s));
     CUDA_RETURN_IF_ERROR("GroupedDown",
-                         cuda::GroupedDown(stack->weights, static_cast<const uint16_t*>(lane->h.ptr), offsets,
-                                           rows, static_cast<float*>(lane->y.ptr), s));
+                         cuda::GroupedDown(stack.weights, static_cast<const uint16_t*>(lane->h.ptr), offsets, rows,
+                                           static_cast<float*>(lane->y.ptr), s));
     CUDA_RETURN_IF_ERROR("output from the GPU",
                          cudaMemcpyAsync(lane->y_host.ptr, lane->y.ptr, rows * H * 4, cudaMemcpyDeviceToHost, s));
     CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(s));
-    // Back to request order.
     const auto* y_host = static_cast<const float*>(lane->y_host.ptr);
-    int64_t out = 0;
-    for (size_t i = 0; i < batches.size(); ++i) {
-      std::memcpy(y + out * H, y_host + start[i] * H, batches[i].n * H * sizeof(float));
-      out += batches[i].n;
+    for (size_t i = 0; i < items.size(); ++i) {
+      std::memcpy(items[i].out, y_host + start[i] * H, items[i].batch.n * H * sizeof(float));
     }
     return absl::OkStatus();
   }
 
-  GpuMemoryReport Memory() const override {
-    GpuMemoryReport r;
-    r.device = device_;
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& [layer, stack] : layers_) r.weight_bytes += stack->bytes();
-    for (const auto& lane : lanes_) {
-      r.workspace_bytes += lane->x.bytes + lane->h.bytes + lane->y.bytes + lane->offsets.bytes;
-      r.pinned_bytes += lane->x_host.bytes + lane->y_host.bytes + lane->offsets_host.bytes;
-    }
-    size_t free = 0, total = 0;
-    if (cudaSetDevice(device_) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
-      r.device_free_bytes = static_cast<int64_t>(free);
-      r.device_total_bytes = static_cast<int64_t>(total);
-    }
-    return r;
-  }
-
- private:
   absl::StatusOr<std::unique_ptr<Lane>> TakeLane() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -302,6 +372,7 @@ class CudaGpuExperts final : public GpuExperts {
   mutable std::mutex mu_;
   std::map<int64_t, std::shared_ptr<const LayerStack>> layers_;  // guarded by mu_
   std::vector<std::unique_ptr<Lane>> lanes_;                     // idle lanes; guarded by mu_
+  std::map<int64_t, std::unique_ptr<LayerQueue>> queues_;        // by layer; guarded by mu_
 };
 
 }  // namespace

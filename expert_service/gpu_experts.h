@@ -3,11 +3,13 @@
 // and a request's batches computed there, every expert of the request in one grouped
 // launch per stage (gate/up with the activation fused, then down; FP32 accumulation).
 //
-// Per call: the rows are packed (BF16, converted on the host from F32 when they came as
-// F32) into a pinned host buffer in the stack's expert order, copied to the GPU on a
-// stream of the call's own, computed, and the FP32 result copied back into pinned
-// memory; calls in flight at once each have their own stream and buffers (a lane), so
-// one call's copies overlap another's kernels. Lanes are kept and reused.
+// Per launch: the rows are packed (BF16, converted on the host from F32 when they came
+// as F32) into a pinned host buffer in the stack's expert order, copied to the GPU on a
+// stream of the launch's own, computed, and the FP32 result copied back into pinned
+// memory. Calls for one layer that arrive while its launch runs are batched into the
+// next one (a group commit: one grouped launch per stage for all of them); launches for
+// different layers each have their own stream and buffers (a lane), so one's copies
+// overlap another's kernels. Lanes are kept and reused.
 //
 // Loading: Sync uploads what the ExpertStore holds and drops what it no longer holds,
 // one layer at a time; a layer's stack is immutable once built and replaced as a whole,

@@ -5,9 +5,11 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
@@ -138,6 +140,56 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   EXPECT_EQ(info.device(), "cuda:0");
   EXPECT_GT(info.gpu_weight_bytes(), 0);
   EXPECT_GT(info.gpu_total_bytes(), info.gpu_weight_bytes());
+}
+
+// Concurrent calls for one layer are batched into shared launches (GpuExperts' group
+// commit): every caller still gets its own rows' results.
+TEST(GpuExpertsTest, ConcurrentCallsGetTheirOwnResults) {
+  if (!GpuExperts::Available()) GTEST_SKIP() << "no CUDA device";
+  const std::string dir = Generate(ModelFamily::kMixtral);
+  auto cpu = Service::Start(dir, "cpu");
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = Service::Start(dir, "cuda");
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const MoeModelConfig& config = gpu->server->store().config();
+  const int64_t H = config.hidden_size, layer = config.MoeLayers().back();
+  constexpr int kThreads = 6, kCalls = 20;
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(100 + t);
+      std::normal_distribution<float> nd;
+      for (int i = 0; i < kCalls; ++i) {
+        v1::ComputeRequest req;
+        req.set_layer(layer);
+        req.set_output_dtype(v1::DATA_TYPE_F32);
+        for (int32_t e : {t % 8, (t + 3) % 8}) {
+          const int64_t n = 1 + (i * 7 + t) % 40;
+          Tensor x = Tensor::Empty(DType::kF32, {n, H});
+          for (int64_t j = 0; j < n * H; ++j) x.mutable_data<float>()[j] = nd(rng);
+          v1::ExpertRows* b = req.add_batches();
+          b->set_expert(e);
+          if (!ToProto(x, DType::kBF16, b->mutable_rows()).ok()) ++wrong;
+        }
+        v1::ComputeResponse want, got;
+        if (!cpu->Compute(req, &want).ok() || !gpu->Compute(req, &got).ok() ||
+            got.outputs_size() != want.outputs_size()) {
+          ++wrong;
+          continue;
+        }
+        for (int o = 0; o < want.outputs_size(); ++o) {
+          const Tensor g = FromProto(got.outputs(o).rows(), nullptr, "gpu").value();
+          const Tensor w = FromProto(want.outputs(o).rows(), nullptr, "cpu").value();
+          const std::vector<float> gv(g.data<float>(), g.data<float>() + g.numel());
+          const std::vector<float> wv(w.data<float>(), w.data<float>() + w.numel());
+          if (gv.size() != wv.size() || RelErr(gv, wv) > 1e-2) ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, GpuFamilyTest,
