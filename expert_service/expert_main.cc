@@ -1,6 +1,5 @@
 #include "expert_service/expert_main.h"
 
-#include <algorithm>
 #include <cstdio>
 #include <memory>
 
@@ -58,9 +57,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
   }
   o.ucx_spin = std::chrono::microseconds(spin_us);
-  ASSIGN_OR_RETURN(const int gpu, ParseDeviceFlags(args));
-  o.device = gpu < 0 ? "cpu" : "cuda";
-  o.gpu = std::max(gpu, 0);
+  ASSIGN_OR_RETURN(o.gpu, ParseDeviceFlags(args));
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

@@ -112,10 +112,7 @@ absl::Status ExpertServerOptions::Validate() const {
   RETURN_IF_ERROR(ValidateGrpcServerOptions({listen, max_message_bytes}));
   if (service_id.empty()) return absl::InvalidArgumentError("service_id is required");
   if (compute_threads <= 0) return absl::InvalidArgumentError("compute_threads must be positive");
-  if (device != "cpu" && device != "cuda") {
-    return absl::InvalidArgumentError(absl::StrCat("device \"", device, "\" is not cpu or cuda"));
-  }
-  if (gpu < 0) return absl::InvalidArgumentError("gpu must be >= 0");
+  if (gpu < -1) return absl::InvalidArgumentError("gpu must be a device number, or -1 for the CPU");
   return absl::OkStatus();
 }
 
@@ -435,7 +432,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   s->options_ = std::move(options);
   ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
   RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
-  if (s->options_.device == "cuda") {
+  if (s->options_.gpu >= 0) {
     ASSIGN_OR_RETURN(s->gpu_, GpuExperts::Create(s->store_->config(), s->options_.gpu));
     RETURN_IF_ERROR(s->SyncGpu());
   }

@@ -5,7 +5,7 @@
 // split (kernels/cpu/expert_ffn.h) on a ThreadPool, exactly as MoeLayer::RunExperts
 // does, so its rows are bit-identical to the in-process layer's. Concurrent calls
 // (several routers) share the pool; no lock is held while computing.
-// With --device cuda (options.device) the batches run on a GPU instead
+// With --device cuda (options.gpu >= 0) the batches run on a GPU instead
 // (expert_service/gpu_experts.h: BF16 weights resident there, one grouped launch per
 // stage), within BF16 tolerance of the CPU; LoadExperts/UnloadExperts keep the GPU in
 // step and Info reports its memory.
@@ -77,11 +77,10 @@ struct ExpertServerOptions {
   bool ucx = false;
   // How long the UCX worker polls after its last message before it sleeps.
   std::chrono::microseconds ucx_spin = kUcxDefaultSpin;
-  // Where the experts compute: "cpu" (float32, bit-identical to MoeLayer) or "cuda"
-  // (BF16 weights resident on GPU `gpu`, expert_service/gpu_experts.h; within BF16
-  // tolerance of the CPU).
-  std::string device = "cpu";
-  int gpu = 0;
+  // Where the experts compute: -1 on the CPU (float32, bit-identical to MoeLayer), else
+  // on that CUDA device (--device cuda --gpu N: BF16 weights resident there,
+  // expert_service/gpu_experts.h; within BF16 tolerance of the CPU).
+  int gpu = -1;
 
   absl::Status Validate() const;
 };

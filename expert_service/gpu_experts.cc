@@ -13,49 +13,14 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/grouped_ffn.cuh"
 #include "kernels/dtype.h"
+#include "services/cuda_memory.h"
 #include "services/status_macros.h"
 
 namespace moemesh {
 namespace {
 
-absl::Status CudaError(const std::string& what, cudaError_t e) {
-  const absl::StatusCode code = e == cudaErrorMemoryAllocation ? absl::StatusCode::kResourceExhausted
-                                                               : absl::StatusCode::kInternal;
-  return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorString(e)));
-}
-
-#define CUDA_RETURN_IF_ERROR(what, call)             \
-  do {                                               \
-    if (cudaError_t e_ = (call); e_ != cudaSuccess) { \
-      return CudaError(what, e_);                    \
-    }                                                \
-  } while (0)
-
-// Memory from `Alloc`, given back with `Free` by its owner; grown (never shrunk) by Reserve.
-template <cudaError_t (*Alloc)(void**, size_t), cudaError_t (*Free)(void*)>
-struct CudaBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  CudaBuffer() = default;
-  CudaBuffer(const CudaBuffer&) = delete;
-  CudaBuffer& operator=(const CudaBuffer&) = delete;
-  ~CudaBuffer() {
-    if (ptr != nullptr) Free(ptr);
-  }
-  absl::Status Reserve(size_t n, const char* what) {
-    if (n <= bytes) return absl::OkStatus();
-    if (ptr != nullptr) Free(ptr);
-    ptr = nullptr;
-    bytes = 0;
-    CUDA_RETURN_IF_ERROR(what, Alloc(&ptr, n));
-    bytes = n;
-    return absl::OkStatus();
-  }
-};
-cudaError_t DeviceAlloc(void** p, size_t n) { return cudaMalloc(p, n); }
-cudaError_t PinnedAlloc(void** p, size_t n) { return cudaMallocHost(p, n); }
-using DeviceBuffer = CudaBuffer<&DeviceAlloc, &cudaFree>;
-using PinnedBuffer = CudaBuffer<&PinnedAlloc, &cudaFreeHost>;
+using cuda_memory::DeviceBuffer;
+using cuda_memory::PinnedBuffer;
 
 // The held experts of one layer, stacked: expert `experts[j]` is slot j.
 struct LayerStack {
@@ -378,13 +343,7 @@ class CudaGpuExperts final : public GpuExperts {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<GpuExperts>> CreateCudaGpuExperts(const MoeModelConfig& config, int device) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    return absl::FailedPreconditionError("--device cuda: no CUDA device here");
-  }
-  if (device < 0 || device >= n) {
-    return absl::InvalidArgumentError(absl::StrCat("--gpu ", device, ": this machine has ", n, " CUDA device(s)"));
-  }
+  RETURN_IF_ERROR(cuda_memory::CheckDevice(device));
   if (config.hidden_size % 16 != 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         "--device cuda: hidden_size ", config.hidden_size, " is not a multiple of 16 (the GPU kernels' tile)"));

@@ -33,11 +33,12 @@ struct Service {
   std::unique_ptr<ExpertServer> server;
   std::unique_ptr<v1::ExpertService::Stub> stub;
 
-  static absl::StatusOr<Service> Start(const std::string& dir, const std::string& device) {
+  // gpu: -1 on the CPU, else that CUDA device.
+  static absl::StatusOr<Service> Start(const std::string& dir, int gpu) {
     ExpertServerOptions o;
     o.model_dir = dir;
-    o.service_id = device;
-    o.device = device;
+    o.service_id = gpu < 0 ? "cpu" : "gpu";
+    o.gpu = gpu;
     ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(dir));
     ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
     ASSIGN_OR_RETURN(o.experts, ParseExpertSpec("all", config));
@@ -57,7 +58,7 @@ struct Service {
 TEST(GpuExpertsTest, DeviceCudaWithoutAGpuSaysWhy) {
   if (GpuExperts::Available()) GTEST_SKIP() << "a GPU is here: the device cases run instead";
   const std::string dir = Generate(ModelFamily::kMixtral);
-  auto s = Service::Start(dir, "cuda");
+  auto s = Service::Start(dir, 0);
   ASSERT_FALSE(s.ok());
   EXPECT_TRUE(s.status().code() == absl::StatusCode::kFailedPrecondition ||
               s.status().code() == absl::StatusCode::kUnimplemented)
@@ -65,29 +66,61 @@ TEST(GpuExpertsTest, DeviceCudaWithoutAGpuSaysWhy) {
   EXPECT_NE(s.status().message().find("--device cuda"), std::string::npos) << s.status();
 }
 
-double RelErr(const std::vector<float>& got, const std::vector<float>& want) {
+// ‖got − want‖ / ‖want‖ of two outputs' rows; infinite when their shapes differ or a
+// value is not finite.
+double OutputRelErr(const v1::ExpertRows& got, const v1::ExpertRows& want) {
+  const absl::StatusOr<Tensor> g = FromProto(got.rows(), nullptr, "gpu");
+  const absl::StatusOr<Tensor> w = FromProto(want.rows(), nullptr, "cpu");
+  if (!g.ok() || !w.ok() || g->shape() != w->shape() || g->dtype() != DType::kF32 ||
+      w->dtype() != DType::kF32) {
+    return INFINITY;
+  }
   double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num += (got[i] - want[i]) * double(got[i] - want[i]);
-    den += double(want[i]) * want[i];
+  for (int64_t i = 0; i < w->numel(); ++i) {
+    const double a = g->data<float>()[i], b = w->data<float>()[i];
+    if (!std::isfinite(a)) return INFINITY;
+    num += (a - b) * (a - b);
+    den += b * b;
   }
   return std::sqrt(num / std::max(den, 1e-30));
 }
+
+// Appends a batch of n random rows for `expert`, as `wire` carries them.
+absl::Status AddRandomRows(v1::ComputeRequest* req, int32_t expert, int64_t n, int64_t H, DType wire,
+                           std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  Tensor x = Tensor::Empty(DType::kF32, {n, H});
+  for (int64_t i = 0; i < n * H; ++i) x.mutable_data<float>()[i] = nd(rng);
+  v1::ExpertRows* b = req->add_batches();
+  b->set_expert(expert);
+  return ToProto(x, wire, b->mutable_rows());
+}
+
+// One generated model served twice: on the CPU and on GPU 0.
+struct CpuAndGpu {
+  Service cpu, gpu;
+  int64_t hidden = 0, layer = 0;
+
+  absl::Status Start(ModelFamily family) {
+    const std::string dir = Generate(family);
+    ASSIGN_OR_RETURN(cpu, Service::Start(dir, -1));
+    ASSIGN_OR_RETURN(gpu, Service::Start(dir, 0));
+    const MoeModelConfig& config = gpu.server->store().config();
+    hidden = config.hidden_size;
+    layer = config.MoeLayers().back();
+    return absl::OkStatus();
+  }
+};
 
 class GpuFamilyTest : public ::testing::TestWithParam<ModelFamily> {};
 
 TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   if (!GpuExperts::Available()) GTEST_SKIP() << "no CUDA device";
-  const std::string dir = Generate(GetParam());
-  auto cpu = Service::Start(dir, "cpu");
-  ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto gpu = Service::Start(dir, "cuda");
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
-  const MoeModelConfig& config = gpu->server->store().config();
-  const int64_t H = config.hidden_size, layer = config.MoeLayers().back();
+  CpuAndGpu s;
+  const absl::Status started = s.Start(GetParam());
+  ASSERT_TRUE(started.ok()) << started;
+  const int64_t H = s.hidden, layer = s.layer;
   std::mt19937 rng(GetParam() == ModelFamily::kMixtral ? 1 : 2);
-  std::normal_distribution<float> nd;
   for (DType wire : {DType::kF32, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(wire));
     v1::ComputeRequest req;
@@ -95,27 +128,15 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
     req.set_output_dtype(v1::DATA_TYPE_F32);
     // Experts out of order, one empty, sizes across the 64-row tiles.
     const std::vector<std::pair<int32_t, int64_t>> batches = {{5, 33}, {0, 1}, {3, 0}, {7, 130}};
-    for (const auto& [e, n] : batches) {
-      Tensor x = Tensor::Empty(DType::kF32, {n, H});
-      for (int64_t i = 0; i < n * H; ++i) x.mutable_data<float>()[i] = nd(rng);
-      v1::ExpertRows* b = req.add_batches();
-      b->set_expert(e);
-      ASSERT_TRUE(ToProto(x, wire, b->mutable_rows()).ok());
-    }
+    for (const auto& [e, n] : batches) ASSERT_TRUE(AddRandomRows(&req, e, n, H, wire, rng).ok());
     v1::ComputeResponse want, got;
-    ASSERT_TRUE(cpu->Compute(req, &want).ok());
-    const absl::Status s = gpu->Compute(req, &got);
-    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_TRUE(s.cpu.Compute(req, &want).ok());
+    const absl::Status computed = s.gpu.Compute(req, &got);
+    ASSERT_TRUE(computed.ok()) << computed;
     ASSERT_EQ(got.outputs_size(), want.outputs_size());
     for (int i = 0; i < want.outputs_size(); ++i) {
       EXPECT_EQ(got.outputs(i).expert(), want.outputs(i).expert());
-      const Tensor g = FromProto(got.outputs(i).rows(), nullptr, "gpu").value();
-      const Tensor w = FromProto(want.outputs(i).rows(), nullptr, "cpu").value();
-      ASSERT_EQ(g.shape(), w.shape());
-      const std::vector<float> gv(g.data<float>(), g.data<float>() + g.numel());
-      const std::vector<float> wv(w.data<float>(), w.data<float>() + w.numel());
-      if (wv.empty()) continue;
-      EXPECT_LE(RelErr(gv, wv), 1e-2) << "expert " << want.outputs(i).expert();
+      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2) << "expert " << want.outputs(i).expert();
     }
   }
   // Unloaded on the service, gone from the GPU; Info tells the GPU's memory.
@@ -125,7 +146,7 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   id->set_layer(layer);
   id->set_expert(5);
   v1::UnloadExpertsResponse un_resp;
-  ASSERT_TRUE(gpu->stub->UnloadExperts(&ctx, un, &un_resp).ok());
+  ASSERT_TRUE(s.gpu.stub->UnloadExperts(&ctx, un, &un_resp).ok());
   v1::ComputeRequest again;
   again.set_layer(layer);
   again.set_output_dtype(v1::DATA_TYPE_F32);
@@ -133,10 +154,10 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   b->set_expert(5);
   ASSERT_TRUE(ToProto(Tensor::Empty(DType::kF32, {1, H}), DType::kF32, b->mutable_rows()).ok());
   v1::ComputeResponse resp;
-  EXPECT_EQ(gpu->Compute(again, &resp).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(s.gpu.Compute(again, &resp).code(), absl::StatusCode::kNotFound);
   grpc::ClientContext info_ctx;
   v1::InfoResponse info;
-  ASSERT_TRUE(gpu->stub->Info(&info_ctx, v1::InfoRequest(), &info).ok());
+  ASSERT_TRUE(s.gpu.stub->Info(&info_ctx, v1::InfoRequest(), &info).ok());
   EXPECT_EQ(info.device(), "cuda:0");
   EXPECT_GT(info.gpu_weight_bytes(), 0);
   EXPECT_GT(info.gpu_total_bytes(), info.gpu_weight_bytes());
@@ -146,44 +167,31 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
 // commit): every caller still gets its own rows' results.
 TEST(GpuExpertsTest, ConcurrentCallsGetTheirOwnResults) {
   if (!GpuExperts::Available()) GTEST_SKIP() << "no CUDA device";
-  const std::string dir = Generate(ModelFamily::kMixtral);
-  auto cpu = Service::Start(dir, "cpu");
-  ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto gpu = Service::Start(dir, "cuda");
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
-  const MoeModelConfig& config = gpu->server->store().config();
-  const int64_t H = config.hidden_size, layer = config.MoeLayers().back();
+  CpuAndGpu s;
+  const absl::Status started = s.Start(ModelFamily::kMixtral);
+  ASSERT_TRUE(started.ok()) << started;
+  const int64_t H = s.hidden, layer = s.layer;
   constexpr int kThreads = 6, kCalls = 20;
   std::atomic<int> wrong{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937 rng(100 + t);
-      std::normal_distribution<float> nd;
       for (int i = 0; i < kCalls; ++i) {
         v1::ComputeRequest req;
         req.set_layer(layer);
         req.set_output_dtype(v1::DATA_TYPE_F32);
         for (int32_t e : {t % 8, (t + 3) % 8}) {
-          const int64_t n = 1 + (i * 7 + t) % 40;
-          Tensor x = Tensor::Empty(DType::kF32, {n, H});
-          for (int64_t j = 0; j < n * H; ++j) x.mutable_data<float>()[j] = nd(rng);
-          v1::ExpertRows* b = req.add_batches();
-          b->set_expert(e);
-          if (!ToProto(x, DType::kBF16, b->mutable_rows()).ok()) ++wrong;
+          if (!AddRandomRows(&req, e, 1 + (i * 7 + t) % 40, H, DType::kBF16, rng).ok()) ++wrong;
         }
         v1::ComputeResponse want, got;
-        if (!cpu->Compute(req, &want).ok() || !gpu->Compute(req, &got).ok() ||
+        if (!s.cpu.Compute(req, &want).ok() || !s.gpu.Compute(req, &got).ok() ||
             got.outputs_size() != want.outputs_size()) {
           ++wrong;
           continue;
         }
         for (int o = 0; o < want.outputs_size(); ++o) {
-          const Tensor g = FromProto(got.outputs(o).rows(), nullptr, "gpu").value();
-          const Tensor w = FromProto(want.outputs(o).rows(), nullptr, "cpu").value();
-          const std::vector<float> gv(g.data<float>(), g.data<float>() + g.numel());
-          const std::vector<float> wv(w.data<float>(), w.data<float>() + w.numel());
-          if (gv.size() != wv.size() || RelErr(gv, wv) > 1e-2) ++wrong;
+          if (!(OutputRelErr(got.outputs(o), want.outputs(o)) <= 1e-2)) ++wrong;
         }
       }
     });
@@ -192,10 +200,7 @@ TEST(GpuExpertsTest, ConcurrentCallsGetTheirOwnResults) {
   EXPECT_EQ(wrong.load(), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, GpuFamilyTest,
-                         ::testing::Values(ModelFamily::kMixtral, ModelFamily::kQwen2Moe,
-                                           ModelFamily::kQwen3Moe, ModelFamily::kDeepseekV2,
-                                           ModelFamily::kDeepseekV3, ModelFamily::kGptOss),
+INSTANTIATE_TEST_SUITE_P(Families, GpuFamilyTest, ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 }  // namespace

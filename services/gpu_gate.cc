@@ -10,20 +10,14 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cublas.h"
 #include "kernels/cuda/routing.cuh"
+#include "services/cuda_memory.h"
+#include "services/status_macros.h"
 
 namespace moemesh {
 namespace {
 
-absl::Status CudaError(const char* what, cudaError_t e) {
-  return absl::InternalError(absl::StrCat("GPU gate: ", what, ": ", cudaGetErrorString(e)));
-}
-
-#define GATE_CUDA(what, call)                          \
-  do {                                                 \
-    if (cudaError_t e_ = (call); e_ != cudaSuccess) {  \
-      return CudaError(what, e_);                      \
-    }                                                  \
-  } while (0)
+using cuda_memory::DeviceBuffer;
+using cuda_memory::PinnedBuffer;
 
 class CudaGpuGate final : public GpuGate {
  public:
@@ -31,20 +25,14 @@ class CudaGpuGate final : public GpuGate {
 
   ~CudaGpuGate() override {
     cudaSetDevice(device_);
-    for (void* p : {static_cast<void*>(w_), static_cast<void*>(bias_), static_cast<void*>(correction_),
-                    static_cast<void*>(x_), static_cast<void*>(logits_), static_cast<void*>(ids_),
-                    static_cast<void*>(weights_), static_cast<void*>(scores_)}) {
-      if (p != nullptr) cudaFree(p);
-    }
-    if (pinned_ != nullptr) cudaFreeHost(pinned_);
     if (handle_ != nullptr) cuda::LoadCublas()->destroy(handle_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   absl::Status Init(const GateWeights& gate) {
     const int64_t H = config_.hidden_size, E = config_.num_experts;
-    GATE_CUDA("cudaSetDevice", cudaSetDevice(device_));
-    GATE_CUDA("cudaStreamCreate", cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
+    CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     const cuda::Cublas* cublas = cuda::LoadCublas();
     if (cublas == nullptr) return absl::FailedPreconditionError("--device cuda: libcublas cannot be loaded");
     if (cublas->create(&handle_) != CUBLAS_STATUS_SUCCESS ||
@@ -52,12 +40,10 @@ class CudaGpuGate final : public GpuGate {
       handle_ = nullptr;
       return absl::InternalError("GPU gate: cublasCreate failed");
     }
-    if (absl::Status s = Upload(w_, gate.weight.data<float>(), E * H); !s.ok()) return s;
-    if (gate.bias.raw() != nullptr) {
-      if (absl::Status s = Upload(bias_, gate.bias.data<float>(), E); !s.ok()) return s;
-    }
+    RETURN_IF_ERROR(Upload(w_, gate.weight.data<float>(), E * H));
+    if (gate.bias.raw() != nullptr) RETURN_IF_ERROR(Upload(bias_, gate.bias.data<float>(), E));
     if (gate.correction_bias.raw() != nullptr) {
-      if (absl::Status s = Upload(correction_, gate.correction_bias.data<float>(), E); !s.ok()) return s;
+      RETURN_IF_ERROR(Upload(correction_, gate.correction_bias.data<float>(), E));
     }
     return absl::OkStatus();
   }
@@ -67,49 +53,40 @@ class CudaGpuGate final : public GpuGate {
     if (T == 0) return absl::OkStatus();
     const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
     std::lock_guard<std::mutex> lock(mu_);
-    GATE_CUDA("cudaSetDevice", cudaSetDevice(device_));
-    if (T > capacity_) {
-      for (void* p : {static_cast<void*>(x_), static_cast<void*>(logits_), static_cast<void*>(ids_),
-                      static_cast<void*>(weights_), static_cast<void*>(scores_)}) {
-        if (p != nullptr) cudaFree(p);
-      }
-      if (pinned_ != nullptr) cudaFreeHost(pinned_);
-      x_ = logits_ = weights_ = scores_ = nullptr;
-      ids_ = nullptr;
-      pinned_ = nullptr;
-      capacity_ = 0;
-      GATE_CUDA("hidden states", cudaMalloc(&x_, T * H * sizeof(float)));
-      GATE_CUDA("logits", cudaMalloc(&logits_, T * E * sizeof(float)));
-      GATE_CUDA("scores", cudaMalloc(&scores_, T * E * sizeof(float)));
-      GATE_CUDA("top-k ids", cudaMalloc(&ids_, T * k * sizeof(int32_t)));
-      GATE_CUDA("top-k weights", cudaMalloc(&weights_, T * k * sizeof(float)));
-      GATE_CUDA("pinned", cudaMallocHost(&pinned_, T * H * sizeof(float)));
-      capacity_ = T;
-    }
-    std::memcpy(pinned_, x, T * H * sizeof(float));
-    GATE_CUDA("hidden states up", cudaMemcpyAsync(x_, pinned_, T * H * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    if (cuda::RouterLogits(handle_, cuda::RouterDType::kF32, x_, w_, bias_, T, H, static_cast<int>(E), logits_) !=
-        CUBLAS_STATUS_SUCCESS) {
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
+    RETURN_IF_ERROR(x_.Reserve(T * H * sizeof(float), "hidden states"));
+    RETURN_IF_ERROR(pinned_.Reserve(T * H * sizeof(float), "pinned hidden states"));
+    RETURN_IF_ERROR(logits_.Reserve(T * E * sizeof(float), "logits"));
+    RETURN_IF_ERROR(scores_.Reserve(T * E * sizeof(float), "scores"));
+    RETURN_IF_ERROR(ids_.Reserve(T * k * sizeof(int32_t), "top-k ids"));
+    RETURN_IF_ERROR(weights_.Reserve(T * k * sizeof(float), "top-k weights"));
+    std::memcpy(pinned_.ptr, x, T * H * sizeof(float));
+    CUDA_RETURN_IF_ERROR("hidden states up", cudaMemcpyAsync(x_.ptr, pinned_.ptr, T * H * sizeof(float),
+                                                             cudaMemcpyHostToDevice, stream_));
+    if (cuda::RouterLogits(handle_, cuda::RouterDType::kF32, x_.ptr, w_.ptr, bias_.as<float>(), T, H,
+                           static_cast<int>(E), logits_.as<float>()) != CUBLAS_STATUS_SUCCESS) {
       return absl::InternalError("GPU gate: the router logits' GEMM failed");
     }
-    GATE_CUDA("RouteTopK", cuda::RouteTopK(config_.routing, logits_, T, correction_, ids_, weights_,
-                                           scores != nullptr ? scores_ : nullptr, stream_));
+    CUDA_RETURN_IF_ERROR("RouteTopK", cuda::RouteTopK(config_.routing, logits_.as<float>(), T, correction_.as<float>(),
+                                                      ids_.as<int32_t>(), weights_.as<float>(),
+                                                      scores != nullptr ? scores_.as<float>() : nullptr, stream_));
     // The results are small (T·k ids and weights): copied straight to the caller's memory.
-    GATE_CUDA("top-k ids down", cudaMemcpyAsync(topk_ids, ids_, T * k * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-    GATE_CUDA("top-k weights down",
-              cudaMemcpyAsync(topk_weights, weights_, T * k * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR("top-k ids down", cudaMemcpyAsync(topk_ids, ids_.ptr, T * k * sizeof(int32_t),
+                                                           cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR("top-k weights down", cudaMemcpyAsync(topk_weights, weights_.ptr, T * k * sizeof(float),
+                                                               cudaMemcpyDeviceToHost, stream_));
     if (scores != nullptr) {
-      GATE_CUDA("scores down", cudaMemcpyAsync(scores, scores_, T * E * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      CUDA_RETURN_IF_ERROR("scores down", cudaMemcpyAsync(scores, scores_.ptr, T * E * sizeof(float),
+                                                          cudaMemcpyDeviceToHost, stream_));
     }
-    GATE_CUDA("cudaStreamSynchronize", cudaStreamSynchronize(stream_));
+    CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
 
  private:
-  template <typename T>
-  absl::Status Upload(T*& dst, const T* src, int64_t n) {
-    GATE_CUDA("gate weights", cudaMalloc(&dst, n * sizeof(T)));
-    GATE_CUDA("gate weights up", cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice));
+  static absl::Status Upload(DeviceBuffer& dst, const float* src, int64_t n) {
+    RETURN_IF_ERROR(dst.Reserve(n * sizeof(float), "gate weights"));
+    CUDA_RETURN_IF_ERROR("gate weights up", cudaMemcpy(dst.ptr, src, n * sizeof(float), cudaMemcpyHostToDevice));
     return absl::OkStatus();
   }
 
@@ -117,30 +94,18 @@ class CudaGpuGate final : public GpuGate {
   const int device_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
-  float* w_ = nullptr;
-  float* bias_ = nullptr;
-  float* correction_ = nullptr;
+  DeviceBuffer w_, bias_, correction_;  // the gate's weights; bias_ and correction_ may stay empty
   std::mutex mu_;
-  int64_t capacity_ = 0;  // tokens the buffers below hold; guarded by mu_
-  float* x_ = nullptr;
-  float* logits_ = nullptr;
-  int32_t* ids_ = nullptr;
-  float* weights_ = nullptr;
-  float* scores_ = nullptr;
-  void* pinned_ = nullptr;
+  // Per call, grown as T grows; guarded by mu_.
+  DeviceBuffer x_, logits_, scores_, ids_, weights_;
+  PinnedBuffer pinned_;
 };
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<GpuGate>> CreateCudaGpuGate(const MoeModelConfig& config, const GateWeights& gate,
                                                           int device) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    return absl::FailedPreconditionError("--device cuda: no CUDA device here");
-  }
-  if (device < 0 || device >= n) {
-    return absl::InvalidArgumentError(absl::StrCat("--gpu ", device, ": this machine has ", n, " CUDA device(s)"));
-  }
+  RETURN_IF_ERROR(cuda_memory::CheckDevice(device));
   auto g = std::make_unique<CudaGpuGate>(config, device);
   if (absl::Status s = g->Init(gate); !s.ok()) return s;
   return std::unique_ptr<GpuGate>(std::move(g));

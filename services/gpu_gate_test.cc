@@ -81,9 +81,7 @@ TEST_P(GpuGateFamilyTest, RoutesAsTheCpuDoes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, GpuGateFamilyTest,
-                         ::testing::Values(ModelFamily::kMixtral, ModelFamily::kQwen2Moe,
-                                           ModelFamily::kQwen3Moe, ModelFamily::kDeepseekV2,
-                                           ModelFamily::kDeepseekV3, ModelFamily::kGptOss),
+                         ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 }  // namespace

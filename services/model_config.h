@@ -26,6 +26,11 @@ enum class ModelFamily : uint8_t {
   kGptOss,
 };
 
+// Every family, in declaration order.
+inline constexpr ModelFamily kAllFamilies[] = {ModelFamily::kMixtral,     ModelFamily::kQwen2Moe,
+                                               ModelFamily::kQwen3Moe,    ModelFamily::kDeepseekV2,
+                                               ModelFamily::kDeepseekV3, ModelFamily::kGptOss};
+
 // config.json's model_type for a family ("mixtral", ...).
 const char* FamilyName(ModelFamily family);
 absl::StatusOr<ModelFamily> FamilyFromName(absl::string_view model_type);

@@ -171,9 +171,7 @@ TEST_P(FamilyTest, GateSumsRouterProbabilities) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Generated, FamilyTest,
-                         ::testing::Values(ModelFamily::kMixtral, ModelFamily::kQwen2Moe,
-                                           ModelFamily::kQwen3Moe, ModelFamily::kDeepseekV2,
-                                           ModelFamily::kDeepseekV3, ModelFamily::kGptOss),
+                         ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 TEST(MoeLayerTest, CapacityDropsOverflowInTokenOrder) {

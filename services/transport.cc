@@ -15,7 +15,7 @@ absl::Status TakeResponse(std::unique_ptr<v1::ComputeResponse>& reply, v1::Compu
   return absl::OkStatus();
 }
 
-char* OutgoingRequest::AddRows(int32_t expert, DType dtype, const std::vector<int64_t>& shape) {
+size_t OutgoingRequest::AddBatch(int32_t expert, DType dtype, const std::vector<int64_t>& shape) {
   v1::ExpertRows* batch = request_.add_batches();
   batch->set_expert(expert);
   v1::Tensor* rows = batch->mutable_rows();
@@ -25,8 +25,13 @@ char* OutgoingRequest::AddRows(int32_t expert, DType dtype, const std::vector<in
     rows->add_shape(d);
     numel *= d;
   }
-  std::string* data = rows->mutable_data();
-  data->resize(static_cast<size_t>(numel) * DTypeSize(dtype));
+  return static_cast<size_t>(numel) * DTypeSize(dtype);
+}
+
+char* OutgoingRequest::AddRows(int32_t expert, DType dtype, const std::vector<int64_t>& shape) {
+  const size_t n = AddBatch(expert, dtype, shape);
+  std::string* data = request_.mutable_batches(request_.batches_size() - 1)->mutable_rows()->mutable_data();
+  data->resize(n);
   return data->data();
 }
 

@@ -45,6 +45,10 @@ class OutgoingRequest {
   virtual std::unique_ptr<v1::ComputeRequest> TakeProto();
 
  protected:
+  // Appends a batch for `expert` whose rows are `dtype` of `shape` (data left empty);
+  // returns the bytes its rows take.
+  size_t AddBatch(int32_t expert, DType dtype, const std::vector<int64_t>& shape);
+
   v1::ComputeRequest request_;
 };
 

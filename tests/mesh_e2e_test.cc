@@ -113,9 +113,7 @@ TEST_P(MeshFamilyTest, BitIdenticalToMoeLayerOnBothWireDtypes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, MeshFamilyTest,
-                         ::testing::Values(ModelFamily::kMixtral, ModelFamily::kQwen2Moe,
-                                           ModelFamily::kQwen3Moe, ModelFamily::kDeepseekV2,
-                                           ModelFamily::kDeepseekV3, ModelFamily::kGptOss),
+                         ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
