@@ -20,7 +20,7 @@ constexpr char kUsage[] =
     "  --experts: what to load at start (default all): every expert of every MoE layer,\n"
     "  none, the listed experts of every MoE layer, or per layer\n"
     "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L] [--transport grpc|ucx]\n"
-    "  [--ucx-spin-us US] [--device cpu|cuda] [--gpu N]\n"
+    "  [--ucx-spin-us US] [--device cpu|cuda] [--gpu N[,N...]] [--gpu-rebalance-s S]\n"
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
@@ -29,7 +29,9 @@ constexpr char kUsage[] =
     "  --ucx-spin-us: how long the UCX worker polls after its last message before it sleeps\n"
     "    (default 1000; 0: never)\n"
     "  --device cuda: compute the experts on GPU N (--gpu, default 0), BF16 weights resident\n"
-    "    there (default cpu: float32, bit-identical to the in-process layer)\n";
+    "    there (default cpu: float32, bit-identical to the in-process layer); several GPUs\n"
+    "    (--gpu 0,1,2,3): the experts spread over them, moved between them over NCCL every\n"
+    "    --gpu-rebalance-s seconds (default 5; 0: never) when their load is uneven\n";
 
 // How long a stop signal leaves in-flight calls to finish.
 constexpr auto kDrainTime = std::chrono::seconds(10);
@@ -38,7 +40,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
                                                        "max-message-mb", "threads",
                                                        "metrics-listen", "expert-metrics",
-                                                       "transport", "ucx-spin-us", "device", "gpu"}));
+                                                       "transport", "ucx-spin-us", "device", "gpu",
+                                                       "gpu-rebalance-s"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -57,7 +60,12 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
   }
   o.ucx_spin = std::chrono::microseconds(spin_us);
-  ASSIGN_OR_RETURN(o.gpu, ParseDeviceFlags(args));
+  ASSIGN_OR_RETURN(o.gpus, ParseDeviceFlags(args));
+  ASSIGN_OR_RETURN(double rebalance_s, args.Double("gpu-rebalance-s", 5.0));
+  if (!(rebalance_s >= 0 && rebalance_s <= 86400)) {
+    return absl::InvalidArgumentError("--gpu-rebalance-s must be in [0, 86400]");
+  }
+  o.gpu_rebalance_interval = std::chrono::milliseconds(static_cast<int64_t>(rebalance_s * 1000));
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

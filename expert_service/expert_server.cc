@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "services/concurrency_limit.h"
@@ -112,7 +113,9 @@ absl::Status ExpertServerOptions::Validate() const {
   RETURN_IF_ERROR(ValidateGrpcServerOptions({listen, max_message_bytes}));
   if (service_id.empty()) return absl::InvalidArgumentError("service_id is required");
   if (compute_threads <= 0) return absl::InvalidArgumentError("compute_threads must be positive");
-  if (gpu < -1) return absl::InvalidArgumentError("gpu must be a device number, or -1 for the CPU");
+  for (int gpu : gpus) {
+    if (gpu < 0) return absl::InvalidArgumentError("gpus must be CUDA device numbers");
+  }
   return absl::OkStatus();
 }
 
@@ -402,13 +405,25 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     resp->set_service_id(server_->options_.service_id);
     if (server_->ucx_ != nullptr) resp->set_ucx_worker_address(server_->ucx_->worker_address());
     if (server_->gpu_ != nullptr) {
-      const GpuMemoryReport m = server_->gpu_->Memory();
-      resp->set_device(absl::StrCat("cuda:", m.device));
-      resp->set_gpu_weight_bytes(m.weight_bytes);
-      resp->set_gpu_workspace_bytes(m.workspace_bytes);
-      resp->set_gpu_pinned_bytes(m.pinned_bytes);
-      resp->set_gpu_free_bytes(m.device_free_bytes);
-      resp->set_gpu_total_bytes(m.device_total_bytes);
+      std::vector<std::string> devices;
+      for (const GpuDeviceMemory& m : server_->gpu_->Memory()) {
+        devices.push_back(std::to_string(m.device));
+        resp->set_gpu_weight_bytes(resp->gpu_weight_bytes() + m.weight_bytes);
+        resp->set_gpu_workspace_bytes(resp->gpu_workspace_bytes() + m.workspace_bytes);
+        resp->set_gpu_pinned_bytes(resp->gpu_pinned_bytes() + m.pinned_bytes);
+        resp->set_gpu_free_bytes(resp->gpu_free_bytes() + m.device_free_bytes);
+        resp->set_gpu_total_bytes(resp->gpu_total_bytes() + m.device_total_bytes);
+        v1::GpuMemory* g = resp->add_gpus();
+        g->set_device(m.device);
+        g->set_experts(m.experts);
+        g->set_weight_bytes(m.weight_bytes);
+        g->set_workspace_bytes(m.workspace_bytes);
+        g->set_pinned_bytes(m.pinned_bytes);
+        g->set_free_bytes(m.device_free_bytes);
+        g->set_total_bytes(m.device_total_bytes);
+      }
+      resp->set_gpu_local_moves(server_->gpu_->moves());
+      resp->set_device(absl::StrCat("cuda:", absl::StrJoin(devices, ",")));
     } else {
       resp->set_device("cpu");
     }
@@ -432,8 +447,11 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   s->options_ = std::move(options);
   ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
   RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
-  if (s->options_.gpu >= 0) {
-    ASSIGN_OR_RETURN(s->gpu_, GpuExperts::Create(s->store_->config(), s->options_.gpu));
+  if (!s->options_.gpus.empty()) {
+    GpuExpertsOptions g;
+    g.devices = s->options_.gpus;
+    g.rebalance_interval = s->options_.gpu_rebalance_interval;
+    ASSIGN_OR_RETURN(s->gpu_, GpuExperts::Create(s->store_->config(), g));
     RETURN_IF_ERROR(s->SyncGpu());
   }
   if (s->options_.registry != nullptr) RETURN_IF_ERROR(s->RegisterMetrics());

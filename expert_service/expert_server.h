@@ -77,10 +77,12 @@ struct ExpertServerOptions {
   bool ucx = false;
   // How long the UCX worker polls after its last message before it sleeps.
   std::chrono::microseconds ucx_spin = kUcxDefaultSpin;
-  // Where the experts compute: -1 on the CPU (float32, bit-identical to MoeLayer), else
-  // on that CUDA device (--device cuda --gpu N: BF16 weights resident there,
-  // expert_service/gpu_experts.h; within BF16 tolerance of the CPU).
-  int gpu = -1;
+  // Where the experts compute: none on the CPU (float32, bit-identical to MoeLayer), else
+  // on these CUDA devices (--device cuda --gpu N[,N...]: BF16 weights resident there,
+  // spread over them, expert_service/gpu_experts.h; within BF16 tolerance of the CPU).
+  std::vector<int> gpus;
+  // Several GPUs: how often their load is evened out by moving experts between them.
+  std::chrono::milliseconds gpu_rebalance_interval{5000};
 
   absl::Status Validate() const;
 };

@@ -5,15 +5,23 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <cstring>
+#include <atomic>
 #include <condition_variable>
-#include <map>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <future>
 #include <mutex>
+#include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "expert_service/gpu_placement.h"
 #include "kernels/cuda/grouped_ffn.cuh"
 #include "kernels/dtype.h"
 #include "services/cuda_memory.h"
+#include "services/nccl_node.h"
 #include "services/status_macros.h"
 
 namespace moemesh {
@@ -22,56 +30,153 @@ namespace {
 using cuda_memory::DeviceBuffer;
 using cuda_memory::PinnedBuffer;
 
-// The held experts of one layer, stacked: expert `experts[j]` is slot j.
+// What every expert of a layer shares, for the kernels.
+struct StackShape {
+  int64_t intermediate = 0;
+  Activation activation = Activation::kSwiGlu;
+  float clamp_limit = 7.0f, alpha = 1.702f;
+  bool gate_up_biases = false, down_biases = false;  // GPT-OSS
+};
+
+// The held experts of one layer on one GPU, stacked: expert `experts[j]` is slot j.
 struct LayerStack {
+  int device = 0;  // CUDA device number
+  int rank = 0;    // index into the node's GPUs
   std::vector<int32_t> experts;  // ascending
-  std::vector<int32_t> slot_of;  // by expert id, -1 when not held
+  std::vector<int32_t> slot_of;  // by expert id, -1 when not here
+  StackShape shape;
   DeviceBuffer gate_up, gate_up_bias, down, down_bias;
   cuda::GroupedFfnWeights weights;
+  ~LayerStack() { cudaSetDevice(device); }  // the buffers are freed after this, on their device
   int64_t bytes() const {
     return static_cast<int64_t>(gate_up.bytes + gate_up_bias.bytes + down.bytes + down_bias.bytes);
   }
 };
 
-// One call's stream and buffers.
+// One layer over the node's GPUs; immutable once built, replaced whole.
+struct NodeLayer {
+  std::vector<std::shared_ptr<const LayerStack>> stacks;  // by rank; nullptr: none of the layer's there
+  std::vector<int> rank_of;                                // by expert id, -1 when not held
+};
+
+// One launch's stream and buffers.
 struct Lane {
+  int device = 0;
   cudaStream_t stream = nullptr;
   PinnedBuffer x_host, y_host;
   PinnedBuffer offsets_host;
   DeviceBuffer x, h, y, offsets;
   ~Lane() {
+    cudaSetDevice(device);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
 };
 
+// A thread that runs what it is given in order (a GPU's part of a launch, several GPUs).
+class Worker {
+ public:
+  explicit Worker(std::string name) {
+    thread_ = std::thread([this, name] {
+      pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+      Loop();
+    });
+  }
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void Run(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopped, nothing left
+      std::function<void()> fn = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      fn();
+      lock.lock();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // guarded by mu_
+  bool stop_ = false;                        // guarded by mu_
+  std::thread thread_;
+};
+
+// One GPU of the node.
+struct Gpu {
+  int device = 0, rank = 0;
+  std::mutex mu;
+  std::vector<std::unique_ptr<Lane>> lanes;  // idle; guarded by mu
+  std::unique_ptr<Worker> worker;            // several GPUs: runs this GPU's part of a launch
+};
+
 class CudaGpuExperts final : public GpuExperts {
  public:
-  CudaGpuExperts(const MoeModelConfig& config, int device) : config_(config), device_(device) {}
+  CudaGpuExperts(const MoeModelConfig& config, const GpuExpertsOptions& options) : config_(config), options_(options) {}
+
+  absl::Status Start() {
+    for (size_t r = 0; r < options_.devices.size(); ++r) {
+      auto gpu = std::make_unique<Gpu>();
+      gpu->device = options_.devices[r];
+      gpu->rank = static_cast<int>(r);
+      if (options_.devices.size() > 1) gpu->worker = std::make_unique<Worker>(absl::StrCat("gpu-", gpu->device));
+      gpus_.push_back(std::move(gpu));
+    }
+    if (gpus_.size() > 1) {
+      ASSIGN_OR_RETURN(comm_, nccl::NodeComm::Create(options_.devices));
+      if (options_.rebalance_interval.count() > 0) {
+        balancer_ = std::thread([this] {
+          pthread_setname_np(pthread_self(), "gpu-balance");
+          BalanceLoop();
+        });
+      }
+    }
+    return absl::OkStatus();
+  }
 
   ~CudaGpuExperts() override {
-    cudaSetDevice(device_);
-    lanes_.clear();
+    {
+      std::lock_guard<std::mutex> lock(balance_mu_);
+      balance_stop_ = true;
+    }
+    balance_cv_.notify_all();
+    if (balancer_.joinable()) balancer_.join();
+    for (auto& gpu : gpus_) gpu->worker.reset();  // no launch runs now: the callers are gone
     layers_.clear();
+    for (auto& gpu : gpus_) gpu->lanes.clear();
+    comm_.reset();
   }
 
   absl::Status Sync(const ExpertStore& store) override {
-    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
+    std::lock_guard<std::mutex> sync(sync_mu_);
     std::map<int64_t, std::vector<int32_t>> held;
     for (const auto& [layer, expert] : store.List()) held[layer].push_back(expert);
-    std::map<int64_t, std::shared_ptr<const LayerStack>> next;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      next = layers_;
-    }
-    for (auto it = next.begin(); it != next.end();) {
-      it = held.count(it->first) == 0 ? next.erase(it) : std::next(it);
-    }
+    std::map<int64_t, std::shared_ptr<const NodeLayer>> next;
     for (auto& [layer, experts] : held) {
       std::sort(experts.begin(), experts.end());
-      auto it = next.find(layer);
-      if (it != next.end() && it->second->experts == experts) continue;
-      ASSIGN_OR_RETURN(std::shared_ptr<const LayerStack> stack, Upload(store, layer, experts));
-      next[layer] = std::move(stack);
+      const std::shared_ptr<const NodeLayer> prev = LayerOf(layer);
+      std::vector<int> current(experts.size(), -1);
+      for (size_t i = 0; i < experts.size(); ++i) {
+        if (prev != nullptr) current[i] = prev->rank_of[experts[i]];
+      }
+      ASSIGN_OR_RETURN(const StackShape shape, ShapeOf(store, layer, experts.front()));
+      ASSIGN_OR_RETURN(next[layer], Relayout(&store, layer, shape, prev.get(), experts,
+                                             AssignLocalExperts(current, static_cast<int>(gpus_.size()))));
     }
     std::lock_guard<std::mutex> lock(mu_);
     layers_ = std::move(next);
@@ -80,8 +185,8 @@ class CudaGpuExperts final : public GpuExperts {
 
   // Calls for the same layer that arrive while one of its launches runs wait, and the
   // next launch takes all of them together (a group commit): concurrent requests share
-  // one grouped launch per stage, each expert's weights read once for all their rows.
-  // Different layers launch side by side, each on a lane of its own.
+  // one grouped launch per stage and GPU, each expert's weights read once for all their
+  // rows. Different layers launch side by side, each on lanes of their own.
   absl::Status Compute(int64_t layer, absl::Span<const GpuBatch> batches, float* y) override {
     Call me;
     int64_t out = 0;
@@ -110,22 +215,102 @@ class CudaGpuExperts final : public GpuExperts {
     return me.status;
   }
 
-  GpuMemoryReport Memory() const override {
-    GpuMemoryReport r;
-    r.device = device_;
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& [layer, stack] : layers_) r.weight_bytes += stack->bytes();
-    for (const auto& lane : lanes_) {
-      r.workspace_bytes += lane->x.bytes + lane->h.bytes + lane->y.bytes + lane->offsets.bytes;
-      r.pinned_bytes += lane->x_host.bytes + lane->y_host.bytes + lane->offsets_host.bytes;
+  absl::StatusOr<int64_t> Rebalance() override {
+    if (gpus_.size() < 2) return 0;
+    std::lock_guard<std::mutex> sync(sync_mu_);
+    std::map<int64_t, std::vector<double>> load;
+    {
+      std::lock_guard<std::mutex> lock(load_mu_);
+      load = load_;
+      for (auto& [layer, rows] : load_) {
+        for (double& r : rows) r *= 0.5;
+      }
     }
-    size_t free = 0, total = 0;
-    if (cudaSetDevice(device_) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
-      r.device_free_bytes = static_cast<int64_t>(free);
-      r.device_total_bytes = static_cast<int64_t>(total);
+    std::map<int64_t, std::shared_ptr<const NodeLayer>> layers;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      layers = layers_;
     }
-    return r;
+    int64_t moved = 0;
+    for (const auto& [layer, node] : layers) {
+      const auto it = load.find(layer);
+      if (it == load.end()) continue;
+      std::vector<int32_t> experts;
+      std::vector<int> rank;
+      std::vector<double> rows;
+      for (int32_t e = 0; e < static_cast<int32_t>(node->rank_of.size()); ++e) {
+        if (node->rank_of[e] < 0) continue;
+        experts.push_back(e);
+        rank.push_back(node->rank_of[e]);
+        rows.push_back(it->second[e]);
+      }
+      const std::vector<LocalMove> moves = BalanceLocalExperts(
+          rank, rows, static_cast<int>(gpus_.size()), options_.balance_tolerance, options_.max_moves_per_layer);
+      if (moves.empty()) continue;
+      std::vector<int> after = rank;
+      for (const LocalMove& m : moves) after[m.expert] = m.to;
+      int changed = 0;
+      for (size_t i = 0; i < after.size(); ++i) changed += after[i] != rank[i];
+      if (changed == 0) continue;
+      const LayerStack* any = nullptr;
+      for (const auto& s : node->stacks) {
+        if (s != nullptr) any = s.get();
+      }
+      ASSIGN_OR_RETURN(std::shared_ptr<const NodeLayer> next,
+                       Relayout(nullptr, layer, any->shape, node.get(), experts, after));
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        layers_[layer] = std::move(next);
+      }
+      moved += changed;
+    }
+    moves_ += moved;
+    return moved;
   }
+
+  std::map<int32_t, int> Placement(int64_t layer) const override {
+    std::map<int32_t, int> where;
+    const std::shared_ptr<const NodeLayer> node = LayerOf(layer);
+    if (node == nullptr) return where;
+    for (int32_t e = 0; e < static_cast<int32_t>(node->rank_of.size()); ++e) {
+      if (node->rank_of[e] >= 0) where[e] = node->rank_of[e];
+    }
+    return where;
+  }
+
+  std::vector<GpuDeviceMemory> Memory() const override {
+    std::vector<GpuDeviceMemory> report(gpus_.size());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& [layer, node] : layers_) {
+        for (const auto& stack : node->stacks) {
+          if (stack == nullptr) continue;
+          report[stack->rank].weight_bytes += stack->bytes();
+          report[stack->rank].experts += static_cast<int64_t>(stack->experts.size());
+        }
+      }
+    }
+    for (size_t r = 0; r < gpus_.size(); ++r) {
+      GpuDeviceMemory& m = report[r];
+      Gpu& gpu = *gpus_[r];
+      m.device = gpu.device;
+      {
+        std::lock_guard<std::mutex> lock(gpu.mu);
+        for (const auto& lane : gpu.lanes) {
+          m.workspace_bytes += lane->x.bytes + lane->h.bytes + lane->y.bytes + lane->offsets.bytes;
+          m.pinned_bytes += lane->x_host.bytes + lane->y_host.bytes + lane->offsets_host.bytes;
+        }
+      }
+      size_t free = 0, total = 0;
+      if (cudaSetDevice(gpu.device) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+        m.device_free_bytes = static_cast<int64_t>(free);
+        m.device_total_bytes = static_cast<int64_t>(total);
+      }
+    }
+    return report;
+  }
+
+  int64_t moves() const override { return moves_.load(); }
 
  private:
   // One batch of one call, and where its output rows go.
@@ -144,6 +329,18 @@ class CudaGpuExperts final : public GpuExperts {
     std::vector<Call*> waiting;  // guarded by mu
     bool busy = false;           // a launch for the layer is running; guarded by mu
   };
+  // Where a slot of a new stack comes from: an expert already on a GPU (`stack`), or the
+  // host store (nullptr).
+  struct Source {
+    const LayerStack* stack = nullptr;
+    int slot = -1;
+  };
+
+  std::shared_ptr<const NodeLayer> LayerOf(int64_t layer) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = layers_.find(layer);
+    return it == layers_.end() ? nullptr : it->second;
+  }
 
   LayerQueue& QueueOf(int64_t layer) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -152,38 +349,60 @@ class CudaGpuExperts final : public GpuExperts {
     return *q;
   }
 
-  // Computes the calls of `group` in one launch per stage; sets each call's status (a
-  // call naming an expert not on the GPU fails alone).
+  // Computes the calls of `group` in one launch per stage and GPU; sets each call's status
+  // (a call naming an expert not on the GPUs fails alone).
   void RunGroup(int64_t layer, const std::vector<Call*>& group) {
-    std::shared_ptr<const LayerStack> stack;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = layers_.find(layer);
-      if (it != layers_.end()) stack = it->second;
-    }
-    std::vector<Item> items;
+    const std::shared_ptr<const NodeLayer> node = LayerOf(layer);
+    std::vector<std::vector<Item>> items(gpus_.size());
     std::vector<Call*> computed;
     for (Call* c : group) {
       c->status = absl::OkStatus();
       for (const Item& item : c->items) {
         const int32_t e = item.batch.expert;
-        if (stack == nullptr || e < 0 || e >= static_cast<int32_t>(stack->slot_of.size()) ||
-            stack->slot_of[e] < 0) {
+        if (node == nullptr || e < 0 || e >= static_cast<int32_t>(node->rank_of.size()) || node->rank_of[e] < 0) {
           c->status = absl::NotFoundError(absl::StrCat("layer ", layer, " expert ", e, ": not on the GPU"));
           break;
         }
       }
       if (!c->status.ok()) continue;
-      items.insert(items.end(), c->items.begin(), c->items.end());
+      for (const Item& item : c->items) items[node->rank_of[item.batch.expert]].push_back(item);
       computed.push_back(c);
     }
     if (computed.empty()) return;
-    const absl::Status s = Launch(*stack, items);
+    if (gpus_.size() > 1) CountLoad(layer, items);
+    // The other GPUs' parts on their workers, the first here; all at once.
+    std::vector<std::future<absl::Status>> others;
+    int here = -1;
+    for (size_t r = 0; r < gpus_.size(); ++r) {
+      if (items[r].empty()) continue;
+      if (here < 0) {
+        here = static_cast<int>(r);
+        continue;
+      }
+      auto task = std::make_shared<std::packaged_task<absl::Status()>>(
+          [this, r, &node, &items] { return Launch(*gpus_[r], *node->stacks[r], items[r]); });
+      others.push_back(task->get_future());
+      gpus_[r]->worker->Run([task] { (*task)(); });
+    }
+    absl::Status s = here < 0 ? absl::OkStatus() : Launch(*gpus_[here], *node->stacks[here], items[here]);
+    for (auto& f : others) {
+      const absl::Status other = f.get();
+      if (s.ok()) s = other;
+    }
     for (Call* c : computed) c->status = s;
   }
 
-  // The items' rows, every expert of the stack in one grouped launch per stage.
-  absl::Status Launch(const LayerStack& stack, const std::vector<Item>& items) {
+  void CountLoad(int64_t layer, const std::vector<std::vector<Item>>& items) {
+    std::lock_guard<std::mutex> lock(load_mu_);
+    std::vector<double>& rows = load_[layer];
+    rows.resize(config_.num_experts, 0.0);
+    for (const auto& part : items) {
+      for (const Item& item : part) rows[item.batch.expert] += static_cast<double>(item.batch.n);
+    }
+  }
+
+  // The items' rows on one GPU, every expert of its stack in one grouped launch per stage.
+  absl::Status Launch(Gpu& gpu, const LayerStack& stack, const std::vector<Item>& items) {
     const int64_t H = config_.hidden_size, I = stack.weights.intermediate;
     const int E = stack.weights.num_experts;
     // Rows go in slot order (the kernels' grouping); start[i] is where item i's begin.
@@ -202,18 +421,18 @@ class CudaGpuExperts final : public GpuExperts {
     if (rows == 0) return absl::OkStatus();
 
     // This thread's current device: the lane's stream and buffers live there.
-    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(gpu.device));
     std::unique_ptr<Lane> lane;
-    ASSIGN_OR_RETURN(lane, TakeLane());
+    ASSIGN_OR_RETURN(lane, TakeLane(gpu));
     struct GiveBack {
-      CudaGpuExperts* self;
+      Gpu& gpu;
       std::unique_ptr<Lane>& lane;
       ~GiveBack() {
         if (lane == nullptr) return;
-        std::lock_guard<std::mutex> lock(self->mu_);
-        self->lanes_.push_back(std::move(lane));
+        std::lock_guard<std::mutex> lock(gpu.mu);
+        gpu.lanes.push_back(std::move(lane));
       }
-    } give_back{this, lane};
+    } give_back{gpu, lane};
     RETURN_IF_ERROR(lane->x_host.Reserve(rows * H * 2, "pinned rows"));
     RETURN_IF_ERROR(lane->y_host.Reserve(rows * H * 4, "pinned output"));
     RETURN_IF_ERROR(lane->offsets_host.Reserve((E + 1) * sizeof(int64_t), "pinned offsets"));
@@ -256,99 +475,217 @@ class CudaGpuExperts final : public GpuExperts {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<Lane>> TakeLane() {
+  absl::StatusOr<std::unique_ptr<Lane>> TakeLane(Gpu& gpu) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!lanes_.empty()) {
-        std::unique_ptr<Lane> lane = std::move(lanes_.back());
-        lanes_.pop_back();
+      std::lock_guard<std::mutex> lock(gpu.mu);
+      if (!gpu.lanes.empty()) {
+        std::unique_ptr<Lane> lane = std::move(gpu.lanes.back());
+        gpu.lanes.pop_back();
         return lane;
       }
     }
-    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
     auto lane = std::make_unique<Lane>();
+    lane->device = gpu.device;
     CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
     return lane;
   }
 
-  // One layer's experts in BF16, stacked; gate/up unpacked from the CPU layout.
-  absl::StatusOr<std::shared_ptr<const LayerStack>> Upload(const ExpertStore& store, int64_t layer,
-                                                           const std::vector<int32_t>& experts) {
+  // The kernels' view of a layer's experts, from the store (every expert of a layer has
+  // the same shape); FAILED_PRECONDITION for what the kernels do not take.
+  absl::StatusOr<StackShape> ShapeOf(const ExpertStore& store, int64_t layer, int32_t expert) const {
+    ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> w, store.Get(layer, expert));
+    const ExpertFfnWeights view = w->View(config_);
+    StackShape shape;
+    shape.intermediate = w->intermediate;
+    shape.activation = view.activation;
+    shape.clamp_limit = view.clamp_limit;
+    shape.alpha = view.alpha;
+    shape.gate_up_biases = w->gate_up_bias.raw() != nullptr;
+    shape.down_biases = w->down_bias.raw() != nullptr;
+    if (!view.gated() || config_.hidden_size % 16 != 0 || shape.intermediate % 16 != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", layer, ": the GPU kernels take gated experts with hidden and intermediate sizes that are "
+          "multiples of 16 (H=", config_.hidden_size, ", I=", shape.intermediate, view.gated() ? "" : ", not gated",
+          ")"));
+    }
+    return shape;
+  }
+
+  // The layer with `experts` on GPUs `rank` (by index into experts): stacks whose experts
+  // do not change are kept, the others built anew, each expert's weights taken from where
+  // they are resident in `prev` (a copy on the GPU, or over NCCL from another), or else
+  // converted from `store`.
+  absl::StatusOr<std::shared_ptr<const NodeLayer>> Relayout(const ExpertStore* store, int64_t layer,
+                                                           const StackShape& shape, const NodeLayer* prev,
+                                                           const std::vector<int32_t>& experts,
+                                                           const std::vector<int>& rank) {
+    auto node = std::make_shared<NodeLayer>();
+    node->rank_of.assign(config_.num_experts, -1);
+    node->stacks.resize(gpus_.size());
+    for (size_t i = 0; i < experts.size(); ++i) node->rank_of[experts[i]] = rank[i];
+    for (size_t r = 0; r < gpus_.size(); ++r) {
+      std::vector<int32_t> want;
+      for (size_t i = 0; i < experts.size(); ++i) {
+        if (rank[i] == static_cast<int>(r)) want.push_back(experts[i]);
+      }
+      if (want.empty()) continue;
+      if (prev != nullptr && prev->stacks[r] != nullptr && prev->stacks[r]->experts == want) {
+        node->stacks[r] = prev->stacks[r];
+        continue;
+      }
+      std::vector<Source> sources(want.size());
+      for (size_t j = 0; j < want.size(); ++j) {
+        const int32_t e = want[j];
+        if (prev == nullptr || e >= static_cast<int32_t>(prev->rank_of.size()) || prev->rank_of[e] < 0) continue;
+        const LayerStack* from = prev->stacks[prev->rank_of[e]].get();
+        sources[j] = {from, from->slot_of[e]};
+      }
+      ASSIGN_OR_RETURN(node->stacks[r], BuildStack(store, layer, shape, static_cast<int>(r), want, sources));
+    }
+    return std::shared_ptr<const NodeLayer>(std::move(node));
+  }
+
+  // One layer's `experts` on GPU `rank` in BF16, stacked: each slot copied from its source
+  // on the GPUs, or converted from the store (gate/up unpacked from the CPU layout).
+  absl::StatusOr<std::shared_ptr<const LayerStack>> BuildStack(const ExpertStore* store, int64_t layer,
+                                                              const StackShape& shape, int rank,
+                                                              const std::vector<int32_t>& experts,
+                                                              const std::vector<Source>& sources) {
+    const Gpu& gpu = *gpus_[rank];
+    CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(gpu.device));
     auto stack = std::make_shared<LayerStack>();
+    stack->device = gpu.device;
+    stack->rank = rank;
     stack->experts = experts;
+    stack->shape = shape;
     stack->slot_of.assign(config_.num_experts, -1);
     const int E = static_cast<int>(experts.size());
-    const int64_t H = config_.hidden_size;
-    int64_t I = 0;
-    bool gate_up_biases = false, down_biases = false;
-    std::vector<std::shared_ptr<const ExpertWeights>> held;
+    const int64_t H = config_.hidden_size, I = shape.intermediate;
+    for (int j = 0; j < E; ++j) stack->slot_of[experts[j]] = j;
+    // Per slot, in elements: gate/up 2I·H BF16, down H·I BF16, biases 2I and H floats.
+    const size_t gate_up_n = 2 * I * H, down_n = H * I, gub_n = shape.gate_up_biases ? 2 * I : 0,
+                 db_n = shape.down_biases ? H : 0;
+    RETURN_IF_ERROR(stack->gate_up.Reserve(E * gate_up_n * 2, "expert gate/up weights"));
+    RETURN_IF_ERROR(stack->down.Reserve(E * down_n * 2, "expert down weights"));
+    if (gub_n > 0) RETURN_IF_ERROR(stack->gate_up_bias.Reserve(E * gub_n * 4, "gate/up biases"));
+    if (db_n > 0) RETURN_IF_ERROR(stack->down_bias.Reserve(E * db_n * 4, "down biases"));
+    auto* gate_up = stack->gate_up.as<char>();
+    auto* down = stack->down.as<char>();
+    auto* gub = stack->gate_up_bias.as<char>();
+    auto* db = stack->down_bias.as<char>();
+
+    std::vector<nccl::NodeComm::Transfer> copies;
+    std::vector<uint16_t> gate_up_host, down_host;
+    std::vector<float> gub_host, db_host;
     for (int j = 0; j < E; ++j) {
-      ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> w, store.Get(layer, experts[j]));
-      stack->slot_of[experts[j]] = j;
-      I = w->intermediate;
-      gate_up_biases = w->gate_up_bias.raw() != nullptr;  // GPT-OSS
-      down_biases = w->down_bias.raw() != nullptr;
-      held.push_back(std::move(w));
-    }
-    const ExpertFfnWeights view = held.front()->View(config_);
-    if (!view.gated() || H % 16 != 0 || I % 16 != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "layer ", layer, ": the GPU kernels take gated experts with hidden and intermediate sizes "
-          "that are multiples of 16 (H=", H, ", I=", I, view.gated() ? "" : ", not gated", ")"));
-    }
-    std::vector<uint16_t> gate_up(static_cast<size_t>(E) * 2 * I * H), down(static_cast<size_t>(E) * H * I);
-    std::vector<float> gate_up_bias(gate_up_biases ? E * 2 * I : 0), down_bias(down_biases ? E * H : 0);
-    for (int j = 0; j < E; ++j) {
-      const ExpertWeights& w = *held[j];
-      const float* packed = w.gate_up.data<float>();
-      for (int64_t r = 0; r < 2 * I; ++r) {
-        ConvertFromF32(packed + PackedGateUpRow(r, I) * H, H, DType::kBF16, &gate_up[(j * 2 * I + r) * H]);
-        if (gate_up_biases) gate_up_bias[j * 2 * I + r] = w.gate_up_bias.data<float>()[PackedGateUpRow(r, I)];
+      if (const Source& src = sources[j]; src.stack != nullptr) {
+        const int k = src.slot;
+        const auto* from_gate_up = src.stack->gate_up.as<const char>();
+        const auto* from_down = src.stack->down.as<const char>();
+        const auto* from_gub = src.stack->gate_up_bias.as<const char>();
+        const auto* from_db = src.stack->down_bias.as<const char>();
+        copies.push_back({src.stack->rank, rank, from_gate_up + k * gate_up_n * 2, gate_up + j * gate_up_n * 2,
+                          gate_up_n * 2});
+        copies.push_back({src.stack->rank, rank, from_down + k * down_n * 2, down + j * down_n * 2, down_n * 2});
+        if (gub_n > 0) copies.push_back({src.stack->rank, rank, from_gub + k * gub_n * 4, gub + j * gub_n * 4, gub_n * 4});
+        if (db_n > 0) copies.push_back({src.stack->rank, rank, from_db + k * db_n * 4, db + j * db_n * 4, db_n * 4});
+        continue;
       }
-      ConvertFromF32(w.down.data<float>(), H * I, DType::kBF16, &down[j * H * I]);
-      if (down_biases) std::memcpy(&down_bias[j * H], w.down_bias.data<float>(), H * sizeof(float));
+      if (store == nullptr) return absl::InternalError("a GPU stack without a source for an expert");
+      ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> w, store->Get(layer, experts[j]));
+      if (w->intermediate != I) {
+        return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " expert ", experts[j],
+                                                          ": intermediate size differs from the layer's"));
+      }
+      gate_up_host.resize(gate_up_n);
+      down_host.resize(down_n);
+      const float* packed = w->gate_up.data<float>();
+      for (int64_t row = 0; row < 2 * I; ++row) {
+        ConvertFromF32(packed + PackedGateUpRow(row, I) * H, H, DType::kBF16, &gate_up_host[row * H]);
+      }
+      ConvertFromF32(w->down.data<float>(), H * I, DType::kBF16, down_host.data());
+      CUDA_RETURN_IF_ERROR("expert gate/up weights to the GPU", cudaMemcpy(gate_up + j * gate_up_n * 2, gate_up_host.data(),
+                                                                            gate_up_n * 2, cudaMemcpyHostToDevice));
+      CUDA_RETURN_IF_ERROR("expert down weights to the GPU",
+                           cudaMemcpy(down + j * down_n * 2, down_host.data(), down_n * 2, cudaMemcpyHostToDevice));
+      if (gub_n > 0) {
+        gub_host.resize(gub_n);
+        for (int64_t row = 0; row < 2 * I; ++row) gub_host[row] = w->gate_up_bias.data<float>()[PackedGateUpRow(row, I)];
+        CUDA_RETURN_IF_ERROR("gate/up biases to the GPU",
+                             cudaMemcpy(gub + j * gub_n * 4, gub_host.data(), gub_n * 4, cudaMemcpyHostToDevice));
+      }
+      if (db_n > 0) {
+        CUDA_RETURN_IF_ERROR("down biases to the GPU", cudaMemcpy(db + j * db_n * 4, w->down_bias.data<float>(),
+                                                                  db_n * 4, cudaMemcpyHostToDevice));
+      }
     }
-    auto upload = [](DeviceBuffer& dst, const void* src, size_t bytes, const char* what) -> absl::Status {
-      if (bytes == 0) return absl::OkStatus();
-      RETURN_IF_ERROR(dst.Reserve(bytes, what));
-      CUDA_RETURN_IF_ERROR(what, cudaMemcpy(dst.ptr, src, bytes, cudaMemcpyHostToDevice));
-      return absl::OkStatus();
-    };
-    RETURN_IF_ERROR(upload(stack->gate_up, gate_up.data(), gate_up.size() * 2, "expert gate/up weights"));
-    RETURN_IF_ERROR(upload(stack->down, down.data(), down.size() * 2, "expert down weights"));
-    RETURN_IF_ERROR(upload(stack->gate_up_bias, gate_up_bias.data(), gate_up_bias.size() * 4, "gate/up biases"));
-    RETURN_IF_ERROR(upload(stack->down_bias, down_bias.data(), down_bias.size() * 4, "down biases"));
+    if (!copies.empty()) {
+      if (comm_ != nullptr) {
+        RETURN_IF_ERROR(comm_->Copy(copies));
+      } else {
+        for (const auto& c : copies) {  // one GPU: all within it
+          CUDA_RETURN_IF_ERROR("copy within the GPU", cudaMemcpy(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice));
+        }
+      }
+    }
     cuda::GroupedFfnWeights& g = stack->weights;
     g.num_experts = E;
     g.hidden = H;
     g.intermediate = I;
-    g.activation = view.activation;
-    g.clamp_limit = view.clamp_limit;
-    g.alpha = view.alpha;
-    g.gate_up = static_cast<const uint16_t*>(stack->gate_up.ptr);
-    g.down = static_cast<const uint16_t*>(stack->down.ptr);
-    g.gate_up_bias = static_cast<const float*>(stack->gate_up_bias.ptr);
-    g.down_bias = static_cast<const float*>(stack->down_bias.ptr);
+    g.activation = shape.activation;
+    g.clamp_limit = shape.clamp_limit;
+    g.alpha = shape.alpha;
+    g.gate_up = stack->gate_up.as<const uint16_t>();
+    g.down = stack->down.as<const uint16_t>();
+    g.gate_up_bias = gub_n > 0 ? stack->gate_up_bias.as<const float>() : nullptr;
+    g.down_bias = db_n > 0 ? stack->down_bias.as<const float>() : nullptr;
     return std::shared_ptr<const LayerStack>(std::move(stack));
   }
 
+  void BalanceLoop() {
+    std::unique_lock<std::mutex> lock(balance_mu_);
+    while (!balance_cv_.wait_for(lock, options_.rebalance_interval, [&] { return balance_stop_; })) {
+      lock.unlock();
+      const absl::StatusOr<int64_t> moved = Rebalance();
+      if (!moved.ok()) std::fprintf(stderr, "GPU rebalancing failed (the layout stays): %s\n",
+                                    moved.status().ToString().c_str());
+      lock.lock();
+    }
+  }
+
   const MoeModelConfig config_;
-  const int device_;
+  const GpuExpertsOptions options_;
+  std::vector<std::unique_ptr<Gpu>> gpus_;  // by rank
+  std::unique_ptr<nccl::NodeComm> comm_;     // several GPUs
+  std::mutex sync_mu_;                       // one Sync or Rebalance at a time
   mutable std::mutex mu_;
-  std::map<int64_t, std::shared_ptr<const LayerStack>> layers_;  // guarded by mu_
-  std::vector<std::unique_ptr<Lane>> lanes_;                     // idle lanes; guarded by mu_
-  std::map<int64_t, std::unique_ptr<LayerQueue>> queues_;        // by layer; guarded by mu_
+  std::map<int64_t, std::shared_ptr<const NodeLayer>> layers_;  // guarded by mu_
+  std::map<int64_t, std::unique_ptr<LayerQueue>> queues_;       // by layer; guarded by mu_
+  std::mutex load_mu_;
+  std::map<int64_t, std::vector<double>> load_;  // rows per expert id, decaying; guarded by load_mu_
+  std::atomic<int64_t> moves_{0};
+  std::mutex balance_mu_;
+  std::condition_variable balance_cv_;
+  bool balance_stop_ = false;  // guarded by balance_mu_
+  std::thread balancer_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<GpuExperts>> CreateCudaGpuExperts(const MoeModelConfig& config, int device) {
-  RETURN_IF_ERROR(cuda_memory::CheckDevice(device));
+absl::StatusOr<std::unique_ptr<GpuExperts>> CreateCudaGpuExperts(const MoeModelConfig& config,
+                                                                const GpuExpertsOptions& options) {
+  if (options.devices.empty()) return absl::InvalidArgumentError("--device cuda: no GPU named");
+  if (std::set<int>(options.devices.begin(), options.devices.end()).size() != options.devices.size()) {
+    return absl::InvalidArgumentError("--gpu: a GPU is named twice");
+  }
+  for (int d : options.devices) RETURN_IF_ERROR(cuda_memory::CheckDevice(d));
   if (config.hidden_size % 16 != 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         "--device cuda: hidden_size ", config.hidden_size, " is not a multiple of 16 (the GPU kernels' tile)"));
   }
-  return std::unique_ptr<GpuExperts>(new CudaGpuExperts(config, device));
+  auto experts = std::make_unique<CudaGpuExperts>(config, options);
+  RETURN_IF_ERROR(experts->Start());
+  return std::unique_ptr<GpuExperts>(std::move(experts));
 }
 
 }  // namespace moemesh

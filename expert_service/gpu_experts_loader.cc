@@ -4,15 +4,16 @@
 
 namespace moemesh {
 
-bool GpuExperts::Available() {
+int GpuExperts::DeviceCount() {
   absl::StatusOr<const CudaPluginApi*> api = LoadCudaPlugin();
-  return api.ok() && (*api)->available();
+  return api.ok() ? (*api)->device_count() : 0;
 }
 
-absl::StatusOr<std::unique_ptr<GpuExperts>> GpuExperts::Create(const MoeModelConfig& config, int device) {
+absl::StatusOr<std::unique_ptr<GpuExperts>> GpuExperts::Create(const MoeModelConfig& config,
+                                                            const GpuExpertsOptions& options) {
   absl::StatusOr<const CudaPluginApi*> api = LoadCudaPlugin();
   if (!api.ok()) return api.status();
-  return (*api)->create_experts(config, device);
+  return (*api)->create_experts(config, options);
 }
 
 }  // namespace moemesh

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <numeric>
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -33,12 +34,12 @@ struct Service {
   std::unique_ptr<ExpertServer> server;
   std::unique_ptr<v1::ExpertService::Stub> stub;
 
-  // gpu: -1 on the CPU, else that CUDA device.
-  static absl::StatusOr<Service> Start(const std::string& dir, int gpu) {
+  // gpus: none on the CPU, else those CUDA devices.
+  static absl::StatusOr<Service> Start(const std::string& dir, std::vector<int> gpus) {
     ExpertServerOptions o;
     o.model_dir = dir;
-    o.service_id = gpu < 0 ? "cpu" : "gpu";
-    o.gpu = gpu;
+    o.service_id = gpus.empty() ? "cpu" : "gpu";
+    o.gpus = std::move(gpus);
     ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(dir));
     ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
     ASSIGN_OR_RETURN(o.experts, ParseExpertSpec("all", config));
@@ -58,7 +59,7 @@ struct Service {
 TEST(GpuExpertsTest, DeviceCudaWithoutAGpuSaysWhy) {
   if (GpuExperts::Available()) GTEST_SKIP() << "a GPU is here: the device cases run instead";
   const std::string dir = Generate(ModelFamily::kMixtral);
-  auto s = Service::Start(dir, 0);
+  auto s = Service::Start(dir, {0});
   ASSERT_FALSE(s.ok());
   EXPECT_TRUE(s.status().code() == absl::StatusCode::kFailedPrecondition ||
               s.status().code() == absl::StatusCode::kUnimplemented)
@@ -96,15 +97,15 @@ absl::Status AddRandomRows(v1::ComputeRequest* req, int32_t expert, int64_t n, i
   return ToProto(x, wire, b->mutable_rows());
 }
 
-// One generated model served twice: on the CPU and on GPU 0.
+// One generated model served twice: on the CPU and on GPU 0 (or on `gpus`).
 struct CpuAndGpu {
   Service cpu, gpu;
   int64_t hidden = 0, layer = 0;
 
-  absl::Status Start(ModelFamily family) {
+  absl::Status Start(ModelFamily family, std::vector<int> gpus = {0}) {
     const std::string dir = Generate(family);
-    ASSIGN_OR_RETURN(cpu, Service::Start(dir, -1));
-    ASSIGN_OR_RETURN(gpu, Service::Start(dir, 0));
+    ASSIGN_OR_RETURN(cpu, Service::Start(dir, {}));
+    ASSIGN_OR_RETURN(gpu, Service::Start(dir, std::move(gpus)));
     const MoeModelConfig& config = gpu.server->store().config();
     hidden = config.hidden_size;
     layer = config.MoeLayers().back();
@@ -161,6 +162,102 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   EXPECT_EQ(info.device(), "cuda:0");
   EXPECT_GT(info.gpu_weight_bytes(), 0);
   EXPECT_GT(info.gpu_total_bytes(), info.gpu_weight_bytes());
+  ASSERT_EQ(info.gpus_size(), 1);
+  EXPECT_EQ(info.gpus(0).weight_bytes(), info.gpu_weight_bytes());
+  EXPECT_EQ(info.gpus(0).experts(), info.experts_size());
+}
+
+// All the GPUs here (up to 8), experts spread over them: the same answers, each GPU holding
+// its share.
+TEST(GpuExpertsTest, SeveralGpusShareTheExpertsAndAnswerTheSame) {
+  const int n = std::min(GpuExperts::DeviceCount(), 8);
+  if (n < 2) GTEST_SKIP() << "fewer than two CUDA devices";
+  std::vector<int> gpus(n);
+  std::iota(gpus.begin(), gpus.end(), 0);
+  for (ModelFamily family : {ModelFamily::kMixtral, ModelFamily::kGptOss}) {
+    SCOPED_TRACE(FamilyName(family));
+    CpuAndGpu s;
+    const absl::Status started = s.Start(family, gpus);
+    ASSERT_TRUE(started.ok()) << started;
+    std::mt19937 rng(5);
+    v1::ComputeRequest req;
+    req.set_layer(s.layer);
+    req.set_output_dtype(v1::DATA_TYPE_F32);
+    for (int32_t e = 0; e < 8; ++e) ASSERT_TRUE(AddRandomRows(&req, e, 3 + 9 * e, s.hidden, DType::kBF16, rng).ok());
+    v1::ComputeResponse want, got;
+    ASSERT_TRUE(s.cpu.Compute(req, &want).ok());
+    const absl::Status computed = s.gpu.Compute(req, &got);
+    ASSERT_TRUE(computed.ok()) << computed;
+    ASSERT_EQ(got.outputs_size(), want.outputs_size());
+    for (int i = 0; i < want.outputs_size(); ++i) {
+      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2) << "expert " << want.outputs(i).expert();
+    }
+    grpc::ClientContext ctx;
+    v1::InfoResponse info;
+    ASSERT_TRUE(s.gpu.stub->Info(&ctx, v1::InfoRequest(), &info).ok());
+    ASSERT_EQ(info.gpus_size(), n);
+    int64_t experts = 0;
+    for (const v1::GpuMemory& g : info.gpus()) {
+      EXPECT_GT(g.experts(), 0) << "GPU " << g.device();
+      experts += g.experts();
+    }
+    EXPECT_EQ(experts, info.experts_size());
+  }
+}
+
+// Load piled on two experts of one GPU: a balancing round moves experts between the GPUs
+// (their weights over NCCL) so that the two end up apart, and the answers do not change.
+TEST(GpuExpertsTest, RebalancingMovesHotExpertsApartOverNccl) {
+  if (GpuExperts::DeviceCount() < 2) GTEST_SKIP() << "fewer than two CUDA devices";
+  const std::string dir = Generate(ModelFamily::kMixtral);
+  absl::StatusOr<std::unique_ptr<ExpertStore>> store = ExpertStore::Open(dir);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const MoeModelConfig& config = (*store)->config();
+  absl::StatusOr<std::vector<ExpertKey>> all = ParseExpertSpec("all", config);
+  ASSERT_TRUE(all.ok());
+  ASSERT_TRUE((*store)->Load(*all).ok());
+  GpuExpertsOptions options;
+  options.devices = {0, 1};
+  options.rebalance_interval = std::chrono::milliseconds(0);  // this test's rounds only
+  absl::StatusOr<std::unique_ptr<GpuExperts>> gpu = GpuExperts::Create(config, options);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  ASSERT_TRUE((*gpu)->Sync(**store).ok());
+  const int64_t layer = config.MoeLayers().back(), H = config.hidden_size;
+  std::map<int32_t, int> where = (*gpu)->Placement(layer);
+  ASSERT_EQ(where.size(), 8u);
+  // Two experts on the same GPU.
+  int32_t a = -1, b = -1;
+  for (const auto& [e, rank] : where) {
+    if (rank != where.begin()->second) continue;
+    (a < 0 ? a : b) = e;
+    if (b >= 0) break;
+  }
+  ASSERT_GE(b, 0);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> x(64 * H);
+  for (float& v : x) v = nd(rng);
+  auto compute = [&] {
+    std::vector<float> y(2 * 64 * H);
+    const GpuBatch batches[] = {{a, x.data(), DType::kF32, 64}, {b, x.data(), DType::kF32, 64}};
+    const absl::Status s = (*gpu)->Compute(layer, batches, y.data());
+    EXPECT_TRUE(s.ok()) << s;
+    return y;
+  };
+  std::vector<float> before;
+  for (int i = 0; i < 20; ++i) before = compute();
+  absl::StatusOr<int64_t> moved = (*gpu)->Rebalance();
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_GT(*moved, 0);
+  EXPECT_EQ((*gpu)->moves(), *moved);
+  where = (*gpu)->Placement(layer);
+  EXPECT_NE(where[a], where[b]);
+  EXPECT_EQ(where.size(), 8u);
+  // Same kernels, same weights (copied byte for byte): the same answers.
+  EXPECT_EQ(compute(), before);
+  const std::vector<GpuDeviceMemory> memory = (*gpu)->Memory();
+  ASSERT_EQ(memory.size(), 2u);
+  EXPECT_EQ(memory[0].experts, memory[1].experts) << "swaps keep the even spread";
 }
 
 // Concurrent calls for one layer are batched into shared launches (GpuExperts' group

@@ -60,7 +60,9 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(int64_t timeout_ms, args.Int("timeout-ms", 30000));
   ro.default_timeout = std::chrono::milliseconds(timeout_ms);
   ASSIGN_OR_RETURN(ro.gate.capacity_factor, args.Double("capacity-factor", 0.0));
-  ASSIGN_OR_RETURN(ro.gate.gpu, ParseDeviceFlags(args));
+  ASSIGN_OR_RETURN(std::vector<int> gpus, ParseDeviceFlags(args));
+  if (gpus.size() > 1) return absl::InvalidArgumentError("--gpu: the router's gating runs on one GPU");
+  ro.gate.gpu = gpus.empty() ? -1 : gpus[0];
   ASSIGN_OR_RETURN(double window_s, args.Double("load-window-s", 60.0));
   if (!(window_s >= 1 && window_s <= 86400)) {
     return absl::InvalidArgumentError("--load-window-s must be in [1, 86400]");

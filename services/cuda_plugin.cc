@@ -45,7 +45,7 @@ absl::StatusOr<const CudaPluginApi*> Load() {
     }
     auto entry = reinterpret_cast<CudaPluginEntry>(dlsym(lib, kCudaPluginEntry));
     const CudaPluginApi* api = entry != nullptr ? entry() : nullptr;
-    if (api == nullptr || api->version != 1) {
+    if (api == nullptr || api->version != 2) {
       errors.push_back(absl::StrCat(path, ": not a MoE Mesh CUDA plugin of this version"));
       continue;
     }
@@ -66,7 +66,7 @@ absl::StatusOr<const CudaPluginApi*> LoadCudaPlugin() {
 
 bool GpuGate::Available() {
   absl::StatusOr<const CudaPluginApi*> api = LoadCudaPlugin();
-  return api.ok() && (*api)->available();
+  return api.ok() && (*api)->device_count() > 0;
 }
 
 absl::StatusOr<std::unique_ptr<GpuGate>> GpuGate::Create(const MoeModelConfig& config, const GateWeights& gate,

@@ -21,20 +21,21 @@ struct MoeModelConfig;
 struct GateWeights;
 class GpuGate;
 class GpuExperts;
+struct GpuExpertsOptions;
 
 struct CudaPluginApi {
-  int version = 1;
-  // Whether a CUDA device is usable.
-  bool (*available)() = nullptr;
+  int version = 2;
+  // How many CUDA devices are usable.
+  int (*device_count)() = nullptr;
   absl::StatusOr<std::unique_ptr<GpuGate>> (*create_gate)(const MoeModelConfig& config,
                                                           const GateWeights& gate, int device) = nullptr;
   absl::StatusOr<std::unique_ptr<GpuExperts>> (*create_experts)(const MoeModelConfig& config,
-                                                                int device) = nullptr;
+                                                                const GpuExpertsOptions& options) = nullptr;
 };
 
 // The plugin's entry point, by this name.
 using CudaPluginEntry = const CudaPluginApi* (*)();
-inline constexpr char kCudaPluginEntry[] = "moemesh_cuda_plugin_v1";
+inline constexpr char kCudaPluginEntry[] = "moemesh_cuda_plugin_v2";
 
 // Loads the plugin once; UNIMPLEMENTED in a build without CUDA, FAILED_PRECONDITION naming
 // what dlopen said when it cannot be loaded.
@@ -43,6 +44,7 @@ absl::StatusOr<const CudaPluginApi*> LoadCudaPlugin();
 // Defined in the plugin (services/gpu_gate.cc, expert_service/gpu_experts.cc).
 absl::StatusOr<std::unique_ptr<GpuGate>> CreateCudaGpuGate(const MoeModelConfig& config,
                                                           const GateWeights& gate, int device);
-absl::StatusOr<std::unique_ptr<GpuExperts>> CreateCudaGpuExperts(const MoeModelConfig& config, int device);
+absl::StatusOr<std::unique_ptr<GpuExperts>> CreateCudaGpuExperts(const MoeModelConfig& config,
+                                                                const GpuExpertsOptions& options);
 
 }  // namespace moemesh

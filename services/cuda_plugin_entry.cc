@@ -6,16 +6,16 @@
 namespace moemesh {
 namespace {
 
-bool Available() {
+int DeviceCount() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
-const CudaPluginApi kApi{1, &Available, &CreateCudaGpuGate, &CreateCudaGpuExperts};
+const CudaPluginApi kApi{2, &DeviceCount, &CreateCudaGpuGate, &CreateCudaGpuExperts};
 
 }  // namespace
 }  // namespace moemesh
 
-extern "C" __attribute__((visibility("default"))) const moemesh::CudaPluginApi* moemesh_cuda_plugin_v1() {
+extern "C" __attribute__((visibility("default"))) const moemesh::CudaPluginApi* moemesh_cuda_plugin_v2() {
   return &moemesh::kApi;
 }

@@ -150,7 +150,11 @@ TEST(CliTest, DeviceFlagsFailWithAMessage) {
   const std::pair<std::string, std::string> cases[] = {
       {"expert " + m + " --device gpu", "--device must be cpu or cuda"},
       {"router " + m + " --endpoints a:1 --device tpu", "--device must be cpu or cuda"},
-      {"expert " + m + " --device cuda --gpu -1", "--gpu must be in"},
+      {"expert " + m + " --device cuda --gpu -1", "--gpu wants GPU numbers"},
+      {"expert " + m + " --device cuda --gpu 0,x", "got 'x'"},
+      {"expert " + m + " --device cuda --gpu 0,1,0", "--gpu names GPU 0 twice"},
+      {"expert " + m + " --device cuda --gpu 0,1 --gpu-rebalance-s -1", "--gpu-rebalance-s must be in"},
+      {"router " + m + " --endpoints a:1 --device cuda --gpu 0,1", "the router's gating runs on one GPU"},
   };
   for (const auto& [args, needle] : cases) {
     CliRun r = Moemesh(args);

@@ -1,9 +1,12 @@
 #include "tools/cli_args.h"
 
+#include <algorithm>
+
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace moemesh {
 
@@ -71,13 +74,23 @@ absl::StatusOr<double> CliArgs::Double(const std::string& name, double fallback)
   return v;
 }
 
-absl::StatusOr<int> ParseDeviceFlags(const CliArgs& args) {
+absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args) {
   const std::string device = args.String("device", "cpu");
   if (device != "cpu" && device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
-  absl::StatusOr<int64_t> gpu = args.Int("gpu", 0);
-  if (!gpu.ok()) return gpu.status();
-  if (*gpu < 0 || *gpu > 1023) return absl::InvalidArgumentError("--gpu must be in [0, 1023]");
-  return device == "cuda" ? static_cast<int>(*gpu) : -1;
+  std::vector<int> gpus;
+  for (absl::string_view s : absl::StrSplit(args.String("gpu", "0"), ',')) {
+    int gpu;
+    if (!absl::SimpleAtoi(s, &gpu) || gpu < 0 || gpu > 1023) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--gpu wants GPU numbers in [0, 1023], comma-separated; got '", s, "'"));
+    }
+    if (std::find(gpus.begin(), gpus.end(), gpu) != gpus.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("--gpu names GPU ", gpu, " twice"));
+    }
+    gpus.push_back(gpu);
+  }
+  if (device == "cpu") gpus.clear();
+  return gpus;
 }
 
 }  // namespace moemesh

@@ -30,8 +30,8 @@ class CliArgs {
   std::map<std::string, std::string> values_;
 };
 
-// The services' --device cpu|cuda and --gpu N (default 0): -1 for the CPU, else the GPU's
-// number. INVALID_ARGUMENT naming the bad flag.
-absl::StatusOr<int> ParseDeviceFlags(const CliArgs& args);
+// The services' --device cpu|cuda and --gpu N[,N...] (default 0): the GPUs' numbers, none
+// for the CPU. INVALID_ARGUMENT naming the bad flag (a number out of range or twice).
+absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args);
 
 }  // namespace moemesh

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 [[ -f "$BUILD/build.ninja" ]] || cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 targets=(cuda_convert_test cuda_routing_test cuda_permute_test cuda_grouped_ffn_test
-         gpu_experts_test gpu_gate_test ucx_device_test moe_gpu_bench moemesh_cuda moemesh)
+         gpu_experts_test gpu_gate_test ucx_device_test nccl_node_test moe_gpu_bench moemesh_cuda moemesh)
 ninja -C "$BUILD" "${targets[@]}"
 rm -rf .gpu
 BUNDLE=../shared/tools/gpu-bundle
@@ -17,7 +17,8 @@ BUNDLE=../shared/tools/gpu-bundle
 "$BUNDLE" .gpu "$(find "$BUILD" -name cuda_convert_test -type f)" \
   "$(find "$BUILD" -name cuda_routing_test -type f)" "$(find "$BUILD" -name cuda_permute_test -type f)" \
   "$(find "$BUILD" -name cuda_grouped_ffn_test -type f)" "$BUILD/expert_service/gpu_experts_test" \
-  "$BUILD/services/gpu_gate_test" "$BUILD/services/ucx_device_test" "$BUILD/bench/moe_gpu_bench" \
+  "$BUILD/services/gpu_gate_test" "$BUILD/services/ucx_device_test" "$BUILD/services/nccl_node_test" \
+  "$BUILD/bench/moe_gpu_bench" \
   "$BUILD/tools/moemesh" "$BUILD/lib/libmoemesh_cuda.so"  # the plugin beside the binaries
 strip --strip-unneeded .gpu/bin/* .gpu/lib/*.so* 2>/dev/null || true
 tar -C .gpu -cf - bin lib | xz -T0 -6 > .gpu/bundle.tar.xz

@@ -2,8 +2,10 @@
 # Every check that needs a GPU, in one device call (issues 4 and 6):
 #   1. the GPU tests: the CUDA kernels against their CPU references (convert, routing,
 #      permute, grouped FFN), the expert service with --device cuda against the CPU one
-#      for every family, routing on the GPU (router --device cuda) against the CPU's, and
-#      UCX with device memory (ucx_device_test);
+#      for every family (on one GPU and, where the machine has several, on all of them,
+#      with a rebalancing round over NCCL), routing on the GPU (router --device cuda)
+#      against the CPU's, UCX with device memory (ucx_device_test) and NCCL copies between
+#      the GPUs (nccl_node_test);
 #   2. the benchmark: our kernels against Hugging Face's blocks (bench/gpu/run_gpu_bench.sh),
 #      table last.
 # Prepared here with tools/gpu_bundle.sh (builds and bundles the binaries and their
@@ -22,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,n
 
 failed=0
 for t in cuda_convert_test cuda_routing_test cuda_permute_test cuda_grouped_ffn_test \
-         gpu_experts_test gpu_gate_test ucx_device_test; do
+         gpu_experts_test gpu_gate_test ucx_device_test nccl_node_test; do
   if [[ ! -x .gpu/bin/$t ]]; then
     echo "$t: MISSING (run tools/gpu_bundle.sh before the call)"
     failed=1
