@@ -24,9 +24,9 @@
 //            registered buffer. Over shared memory they are described as an iov, which
 //            UCX 1.13 moves by its pipelined copy rather than a cma read (faster in this
 //            request/reply flow, see StartOnWorker). Over TCP, UCX 1.13 has no zero-copy
-//            rendezvous for a worker with wakeup (UCP_FEATURE_WAKEUP leaves TCP no RMA
-//            lane): it moves the data in active-message fragments, copied out on the
-//            receiving side.
+//            rendezvous for endpoints with peer error handling (which detecting a dead
+//            peer needs): the receiving side copies the data out of UCX's buffers
+//            (ucx_perftest -e measures the same).
 //   reply    AM 2, header {magic, call id, status code}, data = serialized
 //            v1::ComputeResponse, or the error message.
 // Payloads live in registered buffers taken from a pool (UcxBufferPool) and reused: each
