@@ -101,6 +101,32 @@ absl::Status ExpertServer::RegisterMetrics() {
       [this](std::vector<metrics::Sample>* out) {
         out->push_back({"", {}, static_cast<double>(store_->weight_bytes())});
       }));
+  if (gpu_ != nullptr) {
+    // --device cuda: per GPU, read from GpuExperts at each scrape.
+    struct PerGpu {
+      const char* name;
+      const char* help;
+      int64_t GpuDeviceMemory::*field;
+    };
+    for (const PerGpu& g : {PerGpu{"moemesh_expert_gpu_experts", "(layer, expert) pairs resident on each GPU.",
+                                   &GpuDeviceMemory::experts},
+                            PerGpu{"moemesh_expert_gpu_weight_bytes", "Expert weight bytes (BF16) on each GPU.",
+                                   &GpuDeviceMemory::weight_bytes},
+                            PerGpu{"moemesh_expert_gpu_free_bytes", "Free device memory of each GPU.",
+                                   &GpuDeviceMemory::device_free_bytes}}) {
+      RETURN_IF_ERROR(metrics::AddComputedGauge(
+          registry, g.name, g.help, [this, field = g.field](std::vector<metrics::Sample>* out) {
+            for (const GpuDeviceMemory& m : gpu_->Memory()) {
+              out->push_back({"", {{"gpu", std::to_string(m.device)}}, static_cast<double>(m.*field)});
+            }
+          }));
+    }
+    RETURN_IF_ERROR(metrics::AddComputedGauge(
+        registry, "moemesh_expert_gpu_local_moves", "Experts moved between the service's GPUs so far.",
+        [this](std::vector<metrics::Sample>* out) {
+          out->push_back({"", {}, static_cast<double>(gpu_->moves())});
+        }));
+  }
   ASSIGN_OR_RETURN(auto* info, metrics::AddGauge(registry, "moemesh_expert_service_info",
                                                  "The service's id; the value is 1."));
   info->Add({{"service_id", options_.service_id}}).Set(1);

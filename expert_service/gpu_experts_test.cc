@@ -6,9 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <numeric>
 #include <cmath>
 #include <filesystem>
+#include <numeric>
 #include <random>
 #include <thread>
 
@@ -31,6 +31,7 @@ std::string Generate(ModelFamily family) {
 }
 
 struct Service {
+  std::unique_ptr<metrics::Registry> registry = std::make_unique<metrics::Registry>();
   std::unique_ptr<ExpertServer> server;
   std::unique_ptr<v1::ExpertService::Stub> stub;
 
@@ -44,6 +45,7 @@ struct Service {
     ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
     ASSIGN_OR_RETURN(o.experts, ParseExpertSpec("all", config));
     Service s;
+    o.registry = s.registry.get();
     ASSIGN_OR_RETURN(s.server, ExpertServer::Create(o));
     s.stub = v1::ExpertService::NewStub(grpc::CreateChannel(
         absl::StrCat("127.0.0.1:", s.server->port()), grpc::InsecureChannelCredentials()));
@@ -111,6 +113,18 @@ struct CpuAndGpu {
     layer = config.MoeLayers().back();
     return absl::OkStatus();
   }
+  // Both answer `req`, the GPU within BF16 tolerance of the CPU, expert by expert.
+  void ExpectSameAnswers(const v1::ComputeRequest& req) {
+    v1::ComputeResponse want, got;
+    ASSERT_TRUE(cpu.Compute(req, &want).ok());
+    const absl::Status computed = gpu.Compute(req, &got);
+    ASSERT_TRUE(computed.ok()) << computed;
+    ASSERT_EQ(got.outputs_size(), want.outputs_size());
+    for (int i = 0; i < want.outputs_size(); ++i) {
+      EXPECT_EQ(got.outputs(i).expert(), want.outputs(i).expert());
+      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2) << "expert " << want.outputs(i).expert();
+    }
+  }
 };
 
 class GpuFamilyTest : public ::testing::TestWithParam<ModelFamily> {};
@@ -130,15 +144,7 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
     // Experts out of order, one empty, sizes across the 64-row tiles.
     const std::vector<std::pair<int32_t, int64_t>> batches = {{5, 33}, {0, 1}, {3, 0}, {7, 130}};
     for (const auto& [e, n] : batches) ASSERT_TRUE(AddRandomRows(&req, e, n, H, wire, rng).ok());
-    v1::ComputeResponse want, got;
-    ASSERT_TRUE(s.cpu.Compute(req, &want).ok());
-    const absl::Status computed = s.gpu.Compute(req, &got);
-    ASSERT_TRUE(computed.ok()) << computed;
-    ASSERT_EQ(got.outputs_size(), want.outputs_size());
-    for (int i = 0; i < want.outputs_size(); ++i) {
-      EXPECT_EQ(got.outputs(i).expert(), want.outputs(i).expert());
-      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2) << "expert " << want.outputs(i).expert();
-    }
+    s.ExpectSameAnswers(req);
   }
   // Unloaded on the service, gone from the GPU; Info tells the GPU's memory.
   grpc::ClientContext ctx;
@@ -165,6 +171,11 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   ASSERT_EQ(info.gpus_size(), 1);
   EXPECT_EQ(info.gpus(0).weight_bytes(), info.gpu_weight_bytes());
   EXPECT_EQ(info.gpus(0).experts(), info.experts_size());
+  // The same in the service's metrics.
+  const std::string text = s.gpu.registry->Serialize();
+  EXPECT_NE(text.find(absl::StrCat("moemesh_expert_gpu_experts{gpu=\"0\"} ", info.experts_size())), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("moemesh_expert_gpu_local_moves 0"), std::string::npos) << text;
 }
 
 // All the GPUs here (up to 8), experts spread over them: the same answers, each GPU holding
@@ -184,14 +195,7 @@ TEST(GpuExpertsTest, SeveralGpusShareTheExpertsAndAnswerTheSame) {
     req.set_layer(s.layer);
     req.set_output_dtype(v1::DATA_TYPE_F32);
     for (int32_t e = 0; e < 8; ++e) ASSERT_TRUE(AddRandomRows(&req, e, 3 + 9 * e, s.hidden, DType::kBF16, rng).ok());
-    v1::ComputeResponse want, got;
-    ASSERT_TRUE(s.cpu.Compute(req, &want).ok());
-    const absl::Status computed = s.gpu.Compute(req, &got);
-    ASSERT_TRUE(computed.ok()) << computed;
-    ASSERT_EQ(got.outputs_size(), want.outputs_size());
-    for (int i = 0; i < want.outputs_size(); ++i) {
-      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2) << "expert " << want.outputs(i).expert();
-    }
+    s.ExpectSameAnswers(req);
     grpc::ClientContext ctx;
     v1::InfoResponse info;
     ASSERT_TRUE(s.gpu.stub->Info(&ctx, v1::InfoRequest(), &info).ok());
