@@ -2,7 +2,8 @@
 # Checks the Kubernetes manifests of this folder:
 #   - placement.json and expert-shards.env are what gen-placement.sh writes for the
 #     arguments recorded in expert-shards.env, and the StatefulSet has one pod per shard;
-#   - kubectl kustomize renders deploy/k8s, deploy/k8s/prometheus and deploy/k8s/grafana,
+#   - kubectl kustomize renders deploy/k8s, deploy/k8s-gpu (experts on GPU nodes),
+#     deploy/k8s/prometheus and deploy/k8s/grafana,
 #     with the generated ConfigMaps referenced under their hashed names.
 # KUBECTL names the kubectl to use (ctest passes the one found at configure time). Without
 # kubectl the rendering is skipped: exit 77, which ctest reports as skipped.
@@ -70,6 +71,13 @@ expect "$tmp/mesh.yaml" 'app.kubernetes.io/name: moemesh-expert' "expert pod lab
 expect "$tmp/mesh.yaml" '--placement-file' "router --placement-file"
 expect_hashed "$tmp/mesh.yaml" moemesh-placement 2
 expect_hashed "$tmp/mesh.yaml" moemesh-expert-shards 2
+
+render ../k8s-gpu "$tmp/gpu.yaml"
+expect "$tmp/gpu.yaml" 'image: moemesh-cuda:' "CUDA image for the experts"
+expect "$tmp/gpu.yaml" '--device cuda --gpu "$MOEMESH_GPUS"' "expert --device cuda"
+expect "$tmp/gpu.yaml" 'nvidia.com/gpu: 8' "GPU limit"
+expect "$tmp/gpu.yaml" 'image: moemesh:' "router on the CPU image"
+expect_hashed "$tmp/gpu.yaml" moemesh-expert-shards 2
 
 render prometheus "$tmp/prometheus.yaml"
 expect "$tmp/prometheus.yaml" 'job_name: moemesh-router' "router scrape job"
