@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/model_generator.h"
@@ -331,7 +332,9 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
   }
   EXPECT_GT(num_rules, 4);
 
-  // Every query of the shipped dashboard, variables substituted, returns data.
+  // Every query of the shipped dashboard, variables substituted, returns data; the GPU
+  // panels' (moemesh_expert_gpu_*, only with --device cuda) evaluate without error but
+  // have none on this CPU mesh (gpu_experts_test checks those series on a GPU).
   auto dashboard = LoadDashboard("deploy/grafana/moemesh-dashboard.json");
   ASSERT_TRUE(dashboard.ok()) << dashboard.status();
   const std::map<std::string, std::string> vars = {{"layer", "0"},
@@ -344,6 +347,7 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
   for (const PanelQuery& q : queries) {
     auto r = prom.Query(q.expr);
     ASSERT_TRUE(r.ok()) << "panel '" << q.panel_title << "': " << r.status();
+    if (absl::StrContains(q.expr, "moemesh_expert_gpu_")) continue;
     EXPECT_FALSE(r->empty()) << "panel '" << q.panel_title << "' query " << q.ref_id
                              << " returned no data: " << q.expr;
   }
