@@ -562,33 +562,35 @@ class CudaGpuExperts final : public GpuExperts {
     const int E = static_cast<int>(experts.size());
     const int64_t H = config_.hidden_size, I = shape.intermediate;
     for (int j = 0; j < E; ++j) stack->slot_of[experts[j]] = j;
-    // Per slot, in elements: gate/up 2I·H BF16, down H·I BF16, biases 2I and H floats.
-    const size_t gate_up_n = 2 * I * H, down_n = H * I, gub_n = shape.gate_up_biases ? 2 * I : 0,
-                 db_n = shape.down_biases ? H : 0;
-    RETURN_IF_ERROR(stack->gate_up.Reserve(E * gate_up_n * 2, "expert gate/up weights"));
-    RETURN_IF_ERROR(stack->down.Reserve(E * down_n * 2, "expert down weights"));
-    if (gub_n > 0) RETURN_IF_ERROR(stack->gate_up_bias.Reserve(E * gub_n * 4, "gate/up biases"));
-    if (db_n > 0) RETURN_IF_ERROR(stack->down_bias.Reserve(E * db_n * 4, "down biases"));
-    auto* gate_up = stack->gate_up.as<char>();
-    auto* down = stack->down.as<char>();
-    auto* gub = stack->gate_up_bias.as<char>();
-    auto* db = stack->down_bias.as<char>();
+    // The stack's four tensors, each E slots of `slot` bytes: gate/up 2I·H BF16, down H·I
+    // BF16, biases 2I and H floats (none without biases).
+    struct Part {
+      DeviceBuffer LayerStack::*buffer;
+      size_t slot;
+      const char* what;
+    };
+    const Part parts[] = {
+        {&LayerStack::gate_up, static_cast<size_t>(2 * I * H) * 2, "expert gate/up weights"},
+        {&LayerStack::down, static_cast<size_t>(H * I) * 2, "expert down weights"},
+        {&LayerStack::gate_up_bias, shape.gate_up_biases ? static_cast<size_t>(2 * I) * 4 : 0, "gate/up biases"},
+        {&LayerStack::down_bias, shape.down_biases ? static_cast<size_t>(H) * 4 : 0, "down biases"}};
+    for (const Part& part : parts) {
+      if (part.slot > 0) RETURN_IF_ERROR((stack.get()->*part.buffer).Reserve(E * part.slot, part.what));
+    }
+    auto at = [](const LayerStack& s, const Part& part, int slot) {
+      return (s.*part.buffer).as<char>() + slot * part.slot;
+    };
 
     std::vector<nccl::NodeComm::Transfer> copies;
-    std::vector<uint16_t> gate_up_host, down_host;
-    std::vector<float> gub_host, db_host;
+    std::vector<uint16_t> gate_up_host, down_host;  // sized at the first expert from the host
+    std::vector<float> gub_host;
     for (int j = 0; j < E; ++j) {
       if (const Source& src = sources[j]; src.stack != nullptr) {
-        const int k = src.slot;
-        const auto* from_gate_up = src.stack->gate_up.as<const char>();
-        const auto* from_down = src.stack->down.as<const char>();
-        const auto* from_gub = src.stack->gate_up_bias.as<const char>();
-        const auto* from_db = src.stack->down_bias.as<const char>();
-        copies.push_back({src.stack->rank, rank, from_gate_up + k * gate_up_n * 2, gate_up + j * gate_up_n * 2,
-                          gate_up_n * 2});
-        copies.push_back({src.stack->rank, rank, from_down + k * down_n * 2, down + j * down_n * 2, down_n * 2});
-        if (gub_n > 0) copies.push_back({src.stack->rank, rank, from_gub + k * gub_n * 4, gub + j * gub_n * 4, gub_n * 4});
-        if (db_n > 0) copies.push_back({src.stack->rank, rank, from_db + k * db_n * 4, db + j * db_n * 4, db_n * 4});
+        for (const Part& part : parts) {
+          if (part.slot == 0) continue;
+          copies.push_back({src.stack->rank, rank, at(*src.stack, part, src.slot), at(*stack, part, j),
+                            part.slot});
+        }
         continue;
       }
       if (store == nullptr) return absl::InternalError("a GPU stack without a source for an expert");
@@ -597,26 +599,21 @@ class CudaGpuExperts final : public GpuExperts {
         return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " expert ", experts[j],
                                                           ": intermediate size differs from the layer's"));
       }
-      gate_up_host.resize(gate_up_n);
-      down_host.resize(down_n);
+      gate_up_host.resize(2 * I * H);
+      down_host.resize(H * I);
+      gub_host.resize(shape.gate_up_biases ? 2 * I : 0);
       const float* packed = w->gate_up.data<float>();
       for (int64_t row = 0; row < 2 * I; ++row) {
         ConvertFromF32(packed + PackedGateUpRow(row, I) * H, H, DType::kBF16, &gate_up_host[row * H]);
+        if (!gub_host.empty()) gub_host[row] = w->gate_up_bias.data<float>()[PackedGateUpRow(row, I)];
       }
       ConvertFromF32(w->down.data<float>(), H * I, DType::kBF16, down_host.data());
-      CUDA_RETURN_IF_ERROR("expert gate/up weights to the GPU", cudaMemcpy(gate_up + j * gate_up_n * 2, gate_up_host.data(),
-                                                                            gate_up_n * 2, cudaMemcpyHostToDevice));
-      CUDA_RETURN_IF_ERROR("expert down weights to the GPU",
-                           cudaMemcpy(down + j * down_n * 2, down_host.data(), down_n * 2, cudaMemcpyHostToDevice));
-      if (gub_n > 0) {
-        gub_host.resize(gub_n);
-        for (int64_t row = 0; row < 2 * I; ++row) gub_host[row] = w->gate_up_bias.data<float>()[PackedGateUpRow(row, I)];
-        CUDA_RETURN_IF_ERROR("gate/up biases to the GPU",
-                             cudaMemcpy(gub + j * gub_n * 4, gub_host.data(), gub_n * 4, cudaMemcpyHostToDevice));
-      }
-      if (db_n > 0) {
-        CUDA_RETURN_IF_ERROR("down biases to the GPU", cudaMemcpy(db + j * db_n * 4, w->down_bias.data<float>(),
-                                                                  db_n * 4, cudaMemcpyHostToDevice));
+      const void* host[] = {gate_up_host.data(), down_host.data(), gub_host.data(),
+                            shape.down_biases ? w->down_bias.data<float>() : nullptr};
+      for (int t = 0; t < 4; ++t) {
+        if (parts[t].slot == 0) continue;
+        CUDA_RETURN_IF_ERROR(parts[t].what, cudaMemcpy(at(*stack, parts[t], j), host[t], parts[t].slot,
+                                                       cudaMemcpyHostToDevice));
       }
     }
     if (!copies.empty()) {
@@ -637,8 +634,8 @@ class CudaGpuExperts final : public GpuExperts {
     g.alpha = shape.alpha;
     g.gate_up = stack->gate_up.as<const uint16_t>();
     g.down = stack->down.as<const uint16_t>();
-    g.gate_up_bias = gub_n > 0 ? stack->gate_up_bias.as<const float>() : nullptr;
-    g.down_bias = db_n > 0 ? stack->down_bias.as<const float>() : nullptr;
+    g.gate_up_bias = shape.gate_up_biases ? stack->gate_up_bias.as<const float>() : nullptr;
+    g.down_bias = shape.down_biases ? stack->down_bias.as<const float>() : nullptr;
     return std::shared_ptr<const LayerStack>(std::move(stack));
   }
 

@@ -6,15 +6,12 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/dlsym.h"
 
 namespace moemesh::nccl {
 namespace {
 
-template <typename F>
-bool Resolve(void* lib, const char* name, F* f) {
-  *f = reinterpret_cast<F>(dlsym(lib, name));
-  return *f != nullptr;
-}
+using cuda::ResolveSymbol;
 
 const Nccl* Load() {
   const std::string soname = "libnccl.so." + std::to_string(NCCL_MAJOR);
@@ -25,10 +22,11 @@ const Nccl* Load() {
   }
   if (lib == nullptr) return nullptr;
   static Nccl api;
-  if (!Resolve(lib, "ncclCommInitAll", &api.comm_init_all) || !Resolve(lib, "ncclCommDestroy", &api.comm_destroy) ||
-      !Resolve(lib, "ncclGroupStart", &api.group_start) || !Resolve(lib, "ncclGroupEnd", &api.group_end) ||
-      !Resolve(lib, "ncclSend", &api.send) || !Resolve(lib, "ncclRecv", &api.recv) ||
-      !Resolve(lib, "ncclGetErrorString", &api.error_string)) {
+  if (!ResolveSymbol(lib, "ncclCommInitAll", &api.comm_init_all) ||
+      !ResolveSymbol(lib, "ncclCommDestroy", &api.comm_destroy) ||
+      !ResolveSymbol(lib, "ncclGroupStart", &api.group_start) || !ResolveSymbol(lib, "ncclGroupEnd", &api.group_end) ||
+      !ResolveSymbol(lib, "ncclSend", &api.send) || !ResolveSymbol(lib, "ncclRecv", &api.recv) ||
+      !ResolveSymbol(lib, "ncclGetErrorString", &api.error_string)) {
     return nullptr;
   }
   return &api;
