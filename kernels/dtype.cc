@@ -2,6 +2,7 @@
 
 #include <array>
 #include <bit>
+#include <cmath>
 
 namespace moemesh {
 namespace {
@@ -114,6 +115,41 @@ float F8E4M3ToF32(uint8_t v) {
     mag = std::bit_cast<float>(((exp + 120) << 23) | (mant << 20));
   }
   return sign ? -mag : mag;
+}
+
+float Fp4E2M1ToF32(uint8_t nibble) {
+  // 1 sign, 2 exponent (bias 1), 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+  static constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float mag = kMagnitude[nibble & 0x7u];
+  return (nibble & 0x8u) ? -mag : mag;
+}
+
+void DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t groups,
+                     float* dst) {
+  float lut[16];
+  for (uint8_t i = 0; i < 16; ++i) lut[i] = Fp4E2M1ToF32(i);
+  for (int64_t b = 0; b < rows * groups; ++b) {
+    const int exponent = static_cast<int>(scales[b]) - 127;
+    const uint8_t* in = blocks + b * 16;
+    float* out = dst + b * 32;
+    for (int j = 0; j < 16; ++j) {
+      out[2 * j] = std::ldexp(lut[in[j] & 0xfu], exponent);
+      out[2 * j + 1] = std::ldexp(lut[in[j] >> 4], exponent);
+    }
+  }
+}
+
+void DequantizeBlockFp8(const uint8_t* w, int64_t rows, int64_t cols, const float* scale_inv,
+                        int64_t block_rows, int64_t block_cols, float* dst) {
+  float lut[256];
+  for (int i = 0; i < 256; ++i) lut[i] = F8E4M3ToF32(static_cast<uint8_t>(i));
+  const int64_t scale_cols = (cols + block_cols - 1) / block_cols;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* scale_row = scale_inv + (r / block_rows) * scale_cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[r * cols + c] = lut[w[r * cols + c]] * scale_row[c / block_cols];
+    }
+  }
 }
 
 bool ConvertToF32(DType src_dtype, const void* src, size_t n, float* dst) {

@@ -51,6 +51,23 @@ float F16ToF32(uint16_t h);
 uint16_t F32ToF16(float f);
 
 float F8E4M3ToF32(uint8_t v);
+// FP4 E2M1, the element type of the MX formats: the low 4 bits of `nibble` -> value.
+float Fp4E2M1ToF32(uint8_t nibble);
+
+// MXFP4 (OCP Microscaling, as GPT-OSS releases its experts): `rows` rows of `groups`
+// blocks. Block g of row r is the 16 bytes at blocks[(r·groups + g)·16], 32 FP4 values
+// with the even element in each byte's low nibble, all scaled by 2^(scales[r·groups + g]
+// - 127). Writes dst[rows, groups·32] exactly as Hugging Face's
+// convert_moe_packed_tensors computes it before its transpose (the products are exact;
+// scale byte 255 gives ±inf for non-zero values, as torch.ldexp does).
+void DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t groups,
+                     float* dst);
+
+// Block-scaled FP8 (DeepSeek-V3 and the Qwen3 FP8 releases): w [rows, cols] F8_E4M3,
+// scale_inv [ceil(rows/block_rows), ceil(cols/block_cols)] float32 (edge blocks may be
+// partial); dst[r, c] = w[r, c] · scale_inv[r / block_rows, c / block_cols] in float32.
+void DequantizeBlockFp8(const uint8_t* w, int64_t rows, int64_t cols, const float* scale_inv,
+                        int64_t block_rows, int64_t block_cols, float* dst);
 
 // Converts n elements of a floating type (F32, BF16, F16, F64, F8_E4M3) to float32.
 // Returns false (and writes nothing) for non-floating types. `src` need not be aligned.

@@ -70,6 +70,53 @@ TEST(DTypeTest, F8E4M3) {
   EXPECT_TRUE(std::isnan(F8E4M3ToF32(0x7f)));
 }
 
+TEST(DTypeTest, Fp4E2M1EveryCode) {
+  const float want[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+  for (uint8_t code = 0; code < 16; ++code) {
+    EXPECT_EQ(Fp4E2M1ToF32(code), want[code]) << int(code);
+    EXPECT_EQ(std::signbit(Fp4E2M1ToF32(code)), code >= 8) << int(code);
+  }
+}
+
+TEST(DTypeTest, Mxfp4LowNibbleFirstScaledByBlock) {
+  // Two rows of two blocks; each block's bytes hold (low, high) = (j % 16, 15 - j % 16).
+  std::vector<uint8_t> blocks(2 * 2 * 16);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    blocks[i] = static_cast<uint8_t>((i % 16) | ((15 - i % 16) << 4));
+  }
+  const uint8_t scales[4] = {127, 128, 125, 0};  // 2^0, 2^1, 2^-2, 2^-127
+  std::vector<float> out(2 * 64, std::nanf(""));
+  DequantizeMxfp4(blocks.data(), scales, 2, 2, out.data());
+  for (int b = 0; b < 4; ++b) {
+    const double scale = std::ldexp(1.0, scales[b] - 127);
+    for (int j = 0; j < 16; ++j) {
+      EXPECT_EQ(out[b * 32 + 2 * j], static_cast<float>(Fp4E2M1ToF32(j) * scale)) << b << " " << j;
+      EXPECT_EQ(out[b * 32 + 2 * j + 1], static_cast<float>(Fp4E2M1ToF32(15 - j) * scale))
+          << b << " " << j;
+    }
+  }
+  EXPECT_EQ(out[32 + 2 * 7], 12.0f);   // code 7 (6.0) in a 2^1 block
+  EXPECT_EQ(out[96 + 2 * 2], 0x1p-127f);  // code 2 (1.0) in a 2^-127 block: subnormal, exact
+}
+
+TEST(DTypeTest, BlockFp8ScalesEachBlockIncludingPartialEdges) {
+  // 5 x 7 weights in 2 x 3 blocks: scale grid 3 x 3, the last row and column partial.
+  const int64_t rows = 5, cols = 7, br = 2, bc = 3;
+  std::vector<uint8_t> w(rows * cols);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<uint8_t>(0x30 + i);  // 0.5 .. ~2
+  std::vector<float> scale(9);
+  for (size_t i = 0; i < scale.size(); ++i) scale[i] = 0.25f * static_cast<float>(i + 1);
+  std::vector<float> out(w.size(), std::nanf(""));
+  DequantizeBlockFp8(w.data(), rows, cols, scale.data(), br, bc, out.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      EXPECT_EQ(out[r * cols + c], F8E4M3ToF32(w[r * cols + c]) * scale[(r / br) * 3 + c / bc])
+          << r << "," << c;
+    }
+  }
+  EXPECT_EQ(out[4 * cols + 6], F8E4M3ToF32(w[4 * cols + 6]) * 2.25f);  // corner block (2, 2)
+}
+
 TEST(DTypeTest, BulkConversions) {
   std::vector<float> src = {0.5f, -2.25f, 3.0e-3f, 65504.0f};
   std::vector<uint16_t> half(src.size());

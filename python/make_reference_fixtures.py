@@ -408,6 +408,117 @@ class GptOss:
         return dict(out=out, ids=top_i, weights=top_v, margin=kth_gap(router_logits, k), diag=diag)
 
 
+# ----------------------------------------------------------------------------------------
+# quantized releases: block-scaled FP8 (DeepSeek-V3, Qwen3 FP8) and MXFP4 (GPT-OSS)
+# ----------------------------------------------------------------------------------------
+def e4m3_decode(codes):
+    """OCP FP8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; S.1111.111 is NaN."""
+    c = np.asarray(codes, dtype=np.int64)
+    sign = np.where(c & 0x80, -1.0, 1.0)
+    exp, mant = (c >> 3) & 0xF, c & 0x7
+    mag = np.where(exp == 0, mant / 8.0 * 2.0 ** -6, (1 + mant / 8.0) * 2.0 ** (exp - 7.0))
+    return np.where((exp == 15) & (mant == 7), np.nan, sign * mag).astype(np.float32)
+
+
+E4M3 = e4m3_decode(np.arange(256))
+FP4_VALUES = np.array([+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+
+
+def nearest_code(x, table):
+    """Index of the nearest finite table value for every element of x (ties: lower index)."""
+    finite = np.where(np.isfinite(table))[0]
+    d = np.abs(x.reshape(-1, 1) - table[finite].reshape(1, -1))
+    return finite[np.argmin(d, axis=1)].reshape(x.shape).astype(np.uint8)
+
+
+def fp8_block_quantize(w, block):
+    """w [rows, cols] float32 -> (e4m3 codes, scale_inv [ceil(rows/br), ceil(cols/bc)]):
+    each block scaled so that its largest magnitude maps to 448, as DeepSeek's quantizer does."""
+    rows, cols = w.shape
+    br, bc = block
+    grid = (-(-rows // br), -(-cols // bc))
+    q = np.zeros((rows, cols), np.uint8)
+    scale = np.zeros(grid, np.float32)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            s = np.float32(max(float(np.abs(blk).max()), 1e-12) / 448.0)
+            scale[i, j] = s
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = nearest_code(blk / s, E4M3)
+    return q, scale
+
+
+def fp8_block_dequant(q, scale_inv, block):
+    """Transcribed from DeepSeek-V3 inference/kernel.py weight_dequant: y = x · s per block."""
+    rows, cols = q.shape
+    br, bc = block
+    s = np.repeat(np.repeat(scale_inv, br, axis=0), bc, axis=1)[:rows, :cols]
+    return (E4M3[q] * s).astype(np.float32)
+
+
+def mxfp4_quantize(w_out_major):
+    """[..., rows, cols] float32 -> (blocks [..., rows, cols/32, 16] u8, scales [..., rows, cols/32] u8).
+    OCP MX: shared exponent floor(log2(amax)) - 2 (FP4's largest exponent), values rounded to FP4."""
+    *prefix, rows, cols = w_out_major.shape
+    g = w_out_major.reshape(*prefix, rows, cols // 32, 32)
+    amax = np.maximum(np.abs(g).max(axis=-1), 2.0 ** -100)
+    exp = np.floor(np.log2(amax)).astype(np.int64) - 2
+    codes = nearest_code(g / np.ldexp(1.0, exp)[..., None], FP4_VALUES)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exp + 127).astype(np.uint8)
+
+
+def mxfp4_dequant(blocks, scales):
+    """Transcribed from transformers' integrations/mxfp4.py convert_moe_packed_tensors
+    (float32 here; its products are exact in bfloat16 too): [..., G, 16] -> [..., G·32], then the
+    transpose(1, 2) that turns the packed output-major rows into GPT-OSS's [E, in, out]."""
+    exp = scales.astype(np.int32) - 127
+    *prefix, G, B = blocks.shape
+    out = np.empty((*prefix, G, B * 2), np.float32)
+    out[..., 0::2] = FP4_VALUES[blocks & 0x0F]
+    out[..., 1::2] = FP4_VALUES[blocks >> 4]
+    out = np.ldexp(out, exp[..., None]).astype(np.float32)
+    return out.reshape(*prefix, G * B * 2).transpose(0, 2, 1).copy()
+
+
+def quantize(case, W):
+    """Replaces the weights a quantized release stores packed by their dequantized values;
+    returns (W, packed tensors for disk, names they replace)."""
+    quant, cfg = case.get("quant"), case["cfg"]
+    W = dict(W)
+    disk, replaced = {}, set()
+    if quant == "fp8":
+        block = cfg["quantization_config"]["weight_block_size"]
+        for name in [n for n in W if n.endswith("_proj.weight")]:
+            q, s = fp8_block_quantize(W[name].numpy(), block)
+            disk[name] = stio.Raw(q, "F8_E4M3")
+            disk[name + "_scale_inv"] = s
+            W[name] = torch.from_numpy(fp8_block_dequant(q, s, block))
+    elif quant == "mxfp4":
+        for name in [n for n in W if n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj")]:
+            blocks, scales = mxfp4_quantize(W[name].numpy().transpose(0, 2, 1))  # [E, out, in]
+            disk[name + "_blocks"], disk[name + "_scales"] = blocks, scales
+            replaced.add(name)
+            W[name] = torch.from_numpy(mxfp4_dequant(blocks, scales))
+    return W, disk, replaced
+
+
+def dequantize_loaded(W, cfg):
+    """The inverse for verification: F32 tensors under the names the forward passes use."""
+    for name in [n for n in W if n.endswith("_scale_inv")]:
+        weight = name[: -len("_scale_inv")]
+        scale = W.pop(name).numpy()
+        block = cfg["quantization_config"]["weight_block_size"]
+        W[weight] = torch.from_numpy(fp8_block_dequant(W[weight].numpy().astype(np.uint8), scale, block))
+    for name in [n for n in W if n.endswith("_blocks")]:
+        stem = name[: -len("_blocks")]
+        blocks = W.pop(name).numpy().astype(np.uint8)
+        scales = W.pop(stem + "_scales").numpy().astype(np.uint8)
+        W[stem] = torch.from_numpy(mxfp4_dequant(blocks, scales))
+    return W
+
+
 FAMILIES = {
     "mixtral": Mixtral,
     "qwen2_moe": QwenMoe,
@@ -482,6 +593,22 @@ CASES = [
     dict(name="gpt_oss", family="gpt_oss", seed=1007, dtype="F32",
          cfg=dict(base_cfg("gpt_oss", "GptOssForCausalLM", 2, "float32"),
                   num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, swiglu_limit=7.0)),
+    # As DeepSeek releases V3: every projection F8_E4M3 with float32 block scales, the router
+    # BF16. Blocks of 16 x 24 (the release uses 128 x 128) so that a 64-wide matrix has
+    # several blocks per row and partial blocks at its edges.
+    dict(name="deepseek_v3_fp8", family="deepseek_v3", seed=1008, dtype="BF16", quant="fp8",
+         cfg=deepseek_cfg("deepseek_v3", "DeepseekV3ForCausalLM", 3, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+                          torch_dtype="bfloat16",
+                          quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                               "quant_method": "fp8", "weight_block_size": [16, 24]})),
+    # As OpenAI releases GPT-OSS: expert projections MXFP4 (_blocks, _scales), the rest BF16.
+    dict(name="gpt_oss_mxfp4", family="gpt_oss", seed=1009, dtype="BF16", quant="mxfp4",
+         cfg=dict(base_cfg("gpt_oss", "GptOssForCausalLM", 2, "bfloat16"),
+                  num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, swiglu_limit=7.0,
+                  quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
+                      "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                      "lm_head"]})),
 ]
 
 
@@ -563,6 +690,7 @@ def make_case(case, out_root):
     # weights are drawn in float32, rounded to the on-disk dtype and widened back exactly
     wdtype = case.get("weights_dtype", case["dtype"])
     W = {k: round_to(v, wdtype) for k, v in fam.build(cfg, g).items()}
+    W, packed, replaced = quantize(case, W)
     embed = round_to(randn(g, VOCAB, H), wdtype)
     x, redraws, min_margin = robust_input(fam, cfg, W, g, case.get("bf16_input", False))
 
@@ -574,8 +702,9 @@ def make_case(case, out_root):
     os.makedirs(folder)
     write_json(os.path.join(folder, "config.json"), cfg)
     disk = {"model.embed_tokens.weight": to_disk(embed, case["dtype"])}
-    disk.update({k: to_disk(v, "F32" if k.endswith("e_score_correction_bias") else case["dtype"])
-                 for k, v in W.items()})
+    disk.update({k: packed[k] if k in packed else to_disk(v, "F32" if k.endswith("e_score_correction_bias") else case["dtype"])
+                 for k, v in W.items() if k not in replaced})
+    disk.update({k: v for k, v in packed.items() if k not in disk})
     write_checkpoint(folder, disk, case.get("shards", 1))
 
     moe = fam.moe_layers(cfg)
@@ -626,7 +755,7 @@ def verify_case(case, out_root):
     fam = FAMILIES[case["family"]]
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
-    W = load_checkpoint(folder)
+    W = dequantize_loaded(load_checkpoint(folder), cfg)
     pairs = [("input.safetensors", "expected.safetensors")]
     if case.get("bf16_input", False):
         pairs.append(("input_bf16.safetensors", "expected_bf16_input.safetensors"))

@@ -12,7 +12,9 @@ Supported dtypes: F32, F16, BF16, I32, I64 (and F64, I8, U8, BOOL for completene
 numpy has no bfloat16, so BF16 tensors are carried as uint16 arrays holding the raw
 bit patterns: pass ``uint16`` arrays to ``save_file`` to write BF16, and ``load_file``
 returns BF16 tensors as ``uint16`` arrays (use ``bf16_bits_to_float32`` to widen them
-exactly). The package ``safetensors`` is deliberately not used.
+exactly). FP8 tensors (F8_E4M3, F8_E5M2) are carried as uint8 arrays of their bytes:
+wrap them in ``Raw(array, "F8_E4M3")`` to write them; ``load_file`` returns them as uint8.
+The package ``safetensors`` is deliberately not used.
 """
 
 import json
@@ -33,6 +35,20 @@ _NP_TO_ST = {
     np.dtype("bool"): "BOOL",
 }
 _ST_TO_NP = {v: k for k, v in _NP_TO_ST.items()}
+_ST_TO_NP.update({"F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1")})
+
+
+class Raw:
+    """An array written under an explicit safetensors dtype (its bytes as they are)."""
+
+    def __init__(self, array, st_dtype):
+        self.array = np.ascontiguousarray(array)
+        self.st_dtype = st_dtype
+        assert self.array.dtype.itemsize == _ST_TO_NP[st_dtype].itemsize, st_dtype
+
+    @property
+    def nbytes(self):
+        return self.array.nbytes
 
 
 def float32_to_bf16_bits(a):
@@ -65,13 +81,16 @@ def save_file(tensors, path, metadata=None):
     for name, arr in tensors.items():
         if name == "__metadata__":
             raise ValueError("tensor name __metadata__ is reserved")
+        st_dtype = None
+        if isinstance(arr, Raw):
+            arr, st_dtype = arr.array, arr.st_dtype
         arr = np.asarray(arr)
         dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         if dt not in _NP_TO_ST:
             raise TypeError(f"{name}: unsupported dtype {arr.dtype}")
         data = np.ascontiguousarray(arr, dtype=dt).tobytes()
         header[name] = {
-            "dtype": _NP_TO_ST[dt],
+            "dtype": st_dtype or _NP_TO_ST[dt],
             "shape": [int(s) for s in arr.shape],
             "data_offsets": [offset, offset + len(data)],
         }

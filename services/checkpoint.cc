@@ -37,6 +37,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     return absl::NotFoundError(absl::StrCat(dir, ": not a checkpoint directory"));
   }
   ASSIGN_OR_RETURN(ckpt->config_, ReadJson(root / "config.json"));
+  RETURN_IF_ERROR(ckpt->ReadQuantization((root / "config.json").string()));
 
   const fs::path index_path = root / "model.safetensors.index.json";
   const fs::path single_path = root / "model.safetensors";
@@ -100,10 +101,40 @@ std::string Checkpoint::FileOf(absl::string_view name) const {
   return it == tensors_.end() ? std::string() : files_[it->second.first]->path();
 }
 
+absl::Status Checkpoint::ReadQuantization(const std::string& config_path) {
+  const auto q = config_.find("quantization_config");
+  if (q == config_.end() || q->is_null()) return absl::OkStatus();
+  const auto method = q->is_object() ? q->find("quant_method") : q->end();
+  if (method == q->end() || !method->is_string()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_path, ": quantization_config must be an object with a quant_method string"));
+  }
+  quant_method_ = method->get<std::string>();
+  const auto block = q->find("weight_block_size");
+  if (quant_method_ != "fp8" || block == q->end() || block->is_null()) return absl::OkStatus();
+  if (!block->is_array() || block->size() != 2 || !(*block)[0].is_number_integer() ||
+      !(*block)[1].is_number_integer() || (*block)[0].get<int64_t>() <= 0 ||
+      (*block)[1].get<int64_t>() <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        config_path, ": quantization_config.weight_block_size must be two positive integers, got ",
+        block->dump()));
+  }
+  fp8_block_[0] = (*block)[0].get<int64_t>();
+  fp8_block_[1] = (*block)[1].get<int64_t>();
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Tensor> Checkpoint::Get(absl::string_view name) const {
   auto it = tensors_.find(name);
   if (it == tensors_.end()) {
-    return absl::NotFoundError(absl::StrCat(dir_, ": checkpoint has no tensor '", name, "'"));
+    std::string hint;
+    if (!quant_method_.empty() && quant_method_ != "fp8" && quant_method_ != "mxfp4") {
+      hint = absl::StrCat(" (config.json declares quantization_config.quant_method '",
+                          quant_method_,
+                          "'; MoE Mesh reads F32/BF16/F16, block-scaled fp8 and mxfp4 checkpoints)");
+    }
+    return absl::NotFoundError(
+        absl::StrCat(dir_, ": checkpoint has no tensor '", name, "'", hint));
   }
   return files_[it->second.first]->View(*it->second.second);
 }
@@ -122,12 +153,74 @@ absl::StatusOr<Tensor> Checkpoint::Get(absl::string_view name,
 absl::StatusOr<Tensor> Checkpoint::GetF32(absl::string_view name,
                                           const std::vector<int64_t>& shape) const {
   ASSIGN_OR_RETURN(Tensor t, Get(name, shape));
-  if (t.dtype() != DType::kF32 && t.dtype() != DType::kBF16 && t.dtype() != DType::kF16) {
+  if (t.dtype() == DType::kF8E4M3) return DequantizeFp8(name, t);
+  if (!IsFloatingActivation(t.dtype())) {
     return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor '", name, "' has dtype ",
                                                    DTypeName(t.dtype()),
-                                                   ", expected F32, BF16 or F16"));
+                                                   ", expected F32, BF16, F16 or block-scaled F8_E4M3"));
   }
   return t.ToF32();
+}
+
+absl::StatusOr<Tensor> Checkpoint::DequantizeFp8(absl::string_view name, const Tensor& weight) const {
+  const std::string scale_name = absl::StrCat(name, "_scale_inv");
+  if (weight.shape().size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": F8_E4M3 tensor '", name,
+                                                   "' has shape ", ShapeString(weight.shape()),
+                                                   "; block-scaled FP8 weights are 2-D"));
+  }
+  if (!Has(scale_name)) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": F8_E4M3 tensor '", name,
+                                                   "' has no block scales '", scale_name, "'"));
+  }
+  const int64_t rows = weight.shape()[0], cols = weight.shape()[1];
+  const std::vector<int64_t> grid = {(rows + fp8_block_[0] - 1) / fp8_block_[0],
+                                     (cols + fp8_block_[1] - 1) / fp8_block_[1]};
+  auto scale = Get(scale_name, grid);
+  if (!scale.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        scale.status().message(), " (", fp8_block_[0], "x", fp8_block_[1], " blocks of '", name,
+        "' ", ShapeString(weight.shape()), ")"));
+  }
+  if (!IsFloatingActivation(scale->dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(scale_name), ": tensor '", scale_name,
+                                                   "' has dtype ", DTypeName(scale->dtype()),
+                                                   ", expected F32, BF16 or F16"));
+  }
+  ASSIGN_OR_RETURN(Tensor scale_f32, scale->ToF32());
+  Tensor out = Tensor::Empty(DType::kF32, weight.shape());
+  DequantizeBlockFp8(static_cast<const uint8_t*>(weight.raw()), rows, cols, scale_f32.data<float>(),
+                     fp8_block_[0], fp8_block_[1], out.mutable_data<float>());
+  return out;
+}
+
+absl::StatusOr<Tensor> Checkpoint::GetMxfp4(absl::string_view stem, int64_t index,
+                                            const std::vector<int64_t>& shape) const {
+  const std::string blocks_name = absl::StrCat(stem, "_blocks");
+  const std::string scales_name = absl::StrCat(stem, "_scales");
+  if (shape.size() != 3 || index < 0 || index >= shape[0]) {
+    return absl::InvalidArgumentError(absl::StrCat("MXFP4 '", stem, "': entry ", index,
+                                                   " of ", ShapeString(shape)));
+  }
+  const int64_t rows = shape[1], cols = shape[2];
+  if (cols % 32 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(blocks_name), ": MXFP4 tensor '",
+                                                   blocks_name, "' would unpack to ", cols,
+                                                   " columns, which is not a multiple of 32"));
+  }
+  ASSIGN_OR_RETURN(Tensor blocks, Get(blocks_name, {shape[0], rows, cols / 32, 16}));
+  ASSIGN_OR_RETURN(Tensor scales, Get(scales_name, {shape[0], rows, cols / 32}));
+  for (const auto& [t, n] : {std::pair{&blocks, &blocks_name}, std::pair{&scales, &scales_name}}) {
+    if (t->dtype() != DType::kU8) {
+      return absl::InvalidArgumentError(absl::StrCat(FileOf(*n), ": tensor '", *n, "' has dtype ",
+                                                     DTypeName(t->dtype()), ", expected U8"));
+    }
+  }
+  const Tensor b = blocks.Slice(index), s = scales.Slice(index);
+  Tensor out = Tensor::Empty(DType::kF32, {rows, cols});
+  DequantizeMxfp4(static_cast<const uint8_t*>(b.raw()), static_cast<const uint8_t*>(s.raw()), rows,
+                  cols / 32, out.mutable_data<float>());
+  return out;
 }
 
 std::vector<std::string> Checkpoint::TensorNames() const {

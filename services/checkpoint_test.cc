@@ -192,7 +192,7 @@ TEST_P(FixtureCheckpointTest, OpensAndLoadsEveryMoeLayer) {
 INSTANTIATE_TEST_SUITE_P(All, FixtureCheckpointTest,
                          ::testing::Values("mixtral", "mixtral_bf16", "qwen2_moe", "qwen3_moe",
                                            "qwen3_moe_sharded", "deepseek_v2", "deepseek_v3",
-                                           "gpt_oss"));
+                                           "gpt_oss", "deepseek_v3_fp8", "gpt_oss_mxfp4"));
 
 TEST(ShardedCheckpointTest, FindsTensorsInEveryShard) {
   const fs::path dir = kFixtures / "qwen3_moe_sharded";
@@ -451,6 +451,135 @@ TEST_F(CheckpointTest, GetF32OfANonFloatTensorNamesTheDType) {
   absl::StatusOr<Tensor> ids = ckpt->Get("ids", {4});
   ASSERT_TRUE(ids.ok()) << ids.status();
   EXPECT_EQ(ids->dtype(), DType::kI32);
+}
+
+// Quantized releases: what the loader reads back equals the formats' definitions, and
+// every damaged or missing part is named.
+TEST(QuantizedCheckpointTest, Fp8WeightsAreScaledPerBlock) {
+  std::unique_ptr<Checkpoint> ckpt = OpenOrDie(kFixtures / "deepseek_v3_fp8");
+  ASSERT_NE(ckpt, nullptr);
+  // down_proj [64, 16] in 16 x 24 blocks: scale grid [4, 1], one partial column block.
+  const std::string name = "model.layers.2.mlp.experts.11.down_proj.weight";
+  const Tensor raw = ckpt->Get(name).value();
+  const Tensor scale = ckpt->Get(name + "_scale_inv", {4, 1}).value();
+  ASSERT_EQ(raw.dtype(), DType::kF8E4M3);
+  absl::StatusOr<Tensor> f32 = ckpt->GetF32(name, {64, 16});
+  ASSERT_TRUE(f32.ok()) << f32.status();
+  for (int64_t r = 0; r < 64; ++r) {
+    for (int64_t c = 0; c < 16; ++c) {
+      // e4m3fn from its definition: bias 7, subnormals below exponent 1.
+      const uint8_t b = raw.data<uint8_t>()[r * 16 + c];
+      const int e = (b >> 3) & 0xf, m = b & 7;
+      const float mag = e == 0 ? std::ldexp(float(m), -9) : std::ldexp(float(8 + m), e - 10);
+      const float want = ((b & 0x80) ? -mag : mag) * scale.data<float>()[r / 16];
+      ASSERT_EQ(f32->data<float>()[r * 16 + c], want) << r << "," << c;
+    }
+  }
+}
+
+TEST(QuantizedCheckpointTest, Mxfp4UnpacksLowNibbleFirst) {
+  std::unique_ptr<Checkpoint> ckpt = OpenOrDie(kFixtures / "gpt_oss_mxfp4");
+  ASSERT_NE(ckpt, nullptr);
+  const std::string stem = "model.layers.1.mlp.experts.down_proj";
+  const Tensor blocks = ckpt->Get(stem + "_blocks", {8, 64, 1, 16}).value();
+  const Tensor scales = ckpt->Get(stem + "_scales", {8, 64, 1}).value();
+  absl::StatusOr<Tensor> down = ckpt->GetMxfp4(stem, 5, {8, 64, 32});
+  ASSERT_TRUE(down.ok()) << down.status();
+  const float fp4[8] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6};
+  for (int64_t r = 0; r < 64; ++r) {
+    for (int64_t c = 0; c < 32; ++c) {
+      const uint8_t byte = blocks.data<uint8_t>()[(5 * 64 + r) * 16 + c / 2];
+      const uint8_t code = c % 2 == 0 ? byte & 0xf : byte >> 4;
+      const float want = std::ldexp((code & 8) ? -fp4[code & 7] : fp4[code & 7],
+                                    scales.data<uint8_t>()[5 * 64 + r] - 127);
+      ASSERT_EQ(down->data<float>()[r * 32 + c], want) << r << "," << c;
+    }
+  }
+  // LoadExpert's down [H, I] is exactly these rows.
+  absl::StatusOr<ExpertWeights> w = LoadExpert(*ckpt, ConfigOrDie(*ckpt), 1, 5);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(std::memcmp(w->down.raw(), down->raw(), down->nbytes()), 0);
+}
+
+TEST_F(CheckpointTest, Fp8WithoutOrWithBadScalesIsNamed) {
+  const fs::path dir = CopyFixture("deepseek_v3_fp8");
+  const std::string name = "model.layers.1.mlp.experts.3.up_proj.weight";
+  EditModel(dir, [&](Named& t) {
+    Remove(t, name + "_scale_inv");
+    Replace(t, "model.layers.1.mlp.experts.4.up_proj.weight_scale_inv",
+            Tensor::Zeros(DType::kF32, {3, 1}));
+    Replace(t, "model.layers.1.mlp.experts.5.up_proj.weight_scale_inv",
+            Tensor::Zeros(DType::kI32, {1, 3}));
+  });
+  std::unique_ptr<Checkpoint> ckpt = OpenOrDie(dir);
+  ASSERT_NE(ckpt, nullptr);
+  ExpectError(ckpt->GetF32(name, {16, 64}).status(), absl::StatusCode::kInvalidArgument,
+              {"'" + name + "'", "no block scales", "'" + name + "_scale_inv'"});
+  ExpectError(ckpt->GetF32("model.layers.1.mlp.experts.4.up_proj.weight", {16, 64}).status(),
+              absl::StatusCode::kInvalidArgument,
+              {"experts.4.up_proj.weight_scale_inv'", "[3, 1]", "expected [1, 3]", "16x24 blocks"});
+  ExpectError(ckpt->GetF32("model.layers.1.mlp.experts.5.up_proj.weight", {16, 64}).status(),
+              absl::StatusCode::kInvalidArgument, {"experts.5.up_proj.weight_scale_inv'", "I32"});
+  // The layer load names the expert's missing scales too.
+  ExpectError(LoadExpert(*ckpt, ConfigOrDie(*ckpt), 1, 3).status(),
+              absl::StatusCode::kInvalidArgument, {name + "_scale_inv"});
+}
+
+TEST_F(CheckpointTest, BadWeightBlockSizeIsRejectedAtOpen) {
+  for (const char* block : {"[128]", "[0, 128]", "[128, -1]", "\"128x128\"", "[1.5, 2]"}) {
+    SCOPED_TRACE(block);
+    const fs::path dir = CopyFixture("deepseek_v3_fp8");
+    Json config = ReadJson(dir / "config.json");
+    config["quantization_config"]["weight_block_size"] = Json::parse(block);
+    WriteText(dir / "config.json", config.dump());
+    ExpectError(Checkpoint::Open(dir.string()).status(), absl::StatusCode::kInvalidArgument,
+                {(dir / "config.json").string(), "weight_block_size"});
+    fs::remove_all(dir);
+  }
+  const fs::path dir = CopyFixture("deepseek_v3_fp8");
+  Json config = ReadJson(dir / "config.json");
+  config["quantization_config"] = "fp8";
+  WriteText(dir / "config.json", config.dump());
+  ExpectError(Checkpoint::Open(dir.string()).status(), absl::StatusCode::kInvalidArgument,
+              {"quantization_config", "quant_method"});
+}
+
+TEST_F(CheckpointTest, DamagedMxfp4IsNamed) {
+  const fs::path dir = CopyFixture("gpt_oss_mxfp4");
+  const std::string stem = "model.layers.0.mlp.experts.gate_up_proj";
+  EditModel(dir, [&](Named& t) {
+    Replace(t, stem + "_scales", Tensor::Zeros(DType::kU8, {8, 64, 3}));
+    Replace(t, "model.layers.1.mlp.experts.gate_up_proj_blocks",
+            Tensor::Zeros(DType::kI8, {8, 64, 2, 16}));
+    Remove(t, "model.layers.1.mlp.experts.down_proj_scales");
+  });
+  std::unique_ptr<Checkpoint> ckpt = OpenOrDie(dir);
+  ASSERT_NE(ckpt, nullptr);
+  const MoeModelConfig c = ConfigOrDie(*ckpt);
+  ExpectError(LoadExpert(*ckpt, c, 0, 0).status(), absl::StatusCode::kInvalidArgument,
+              {"'" + stem + "_scales'", "[8, 64, 3]", "expected [8, 64, 2]"});
+  ExpectError(LoadExpert(*ckpt, c, 1, 0).status(), absl::StatusCode::kInvalidArgument,
+              {"gate_up_proj_blocks'", "I8", "expected U8"});
+  ExpectError(ckpt->GetMxfp4("model.layers.1.mlp.experts.down_proj", 0, {8, 64, 32}).status(),
+              absl::StatusCode::kNotFound, {"'model.layers.1.mlp.experts.down_proj_scales'"});
+  ExpectError(ckpt->GetMxfp4(stem, 0, {8, 64, 48}).status(), absl::StatusCode::kInvalidArgument,
+              {"48 columns", "multiple of 32"});
+  ExpectError(ckpt->GetMxfp4(stem, 8, {8, 64, 64}).status(), absl::StatusCode::kInvalidArgument,
+              {"entry 8"});
+}
+
+TEST_F(CheckpointTest, UnsupportedQuantizationIsNamedWhenItsTensorsAreMissing) {
+  const fs::path dir = CopyFixture("mixtral");
+  Json config = ReadJson(dir / "config.json");
+  config["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}};
+  WriteText(dir / "config.json", config.dump());
+  EditModel(dir, [&](Named& t) { Remove(t, "model.layers.0.block_sparse_moe.experts.2.w1.weight"); });
+  std::unique_ptr<Checkpoint> ckpt = OpenOrDie(dir);
+  ASSERT_NE(ckpt, nullptr);
+  ExpectError(LoadExpert(*ckpt, ConfigOrDie(*ckpt), 0, 2).status(), absl::StatusCode::kNotFound,
+              {"'model.layers.0.block_sparse_moe.experts.2.w1.weight'", "quant_method 'awq'"});
+  // Its unquantized tensors still load.
+  EXPECT_TRUE(LoadExpert(*ckpt, ConfigOrDie(*ckpt), 0, 3).ok());
 }
 
 TEST_F(CheckpointTest, IndexTakesPrecedenceOverASingleFile) {

@@ -77,7 +77,9 @@ INSTANTIATE_TEST_SUITE_P(
         FixtureExpectation{"qwen3_moe_sharded", ModelFamily::kQwen3Moe, 64, 2, 8, 4, 16, 0, {0, 1}},
         FixtureExpectation{"deepseek_v2", ModelFamily::kDeepseekV2, 64, 2, 16, 4, 16, 32, {1}},
         FixtureExpectation{"deepseek_v3", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}},
-        FixtureExpectation{"gpt_oss", ModelFamily::kGptOss, 64, 2, 8, 2, 16, 0, {0, 1}}),
+        FixtureExpectation{"gpt_oss", ModelFamily::kGptOss, 64, 2, 8, 2, 16, 0, {0, 1}},
+        FixtureExpectation{"deepseek_v3_fp8", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}},
+        FixtureExpectation{"gpt_oss_mxfp4", ModelFamily::kGptOss, 64, 2, 8, 2, 32, 0, {0, 1}}),
     [](const auto& info) { return std::string(info.param.fixture); });
 
 TEST(ModelConfigTest, MixtralRouting) {

@@ -18,19 +18,11 @@ Tensor Pack(const Tensor& stacked, int64_t inter, int64_t cols) {
 // Stacks separate gate [I,H] and up [I,H] projections into gate_up [2I,H].
 absl::StatusOr<Tensor> StackGateUp(const Checkpoint& ckpt, const std::string& gate_name,
                                    const std::string& up_name, int64_t inter, int64_t hidden) {
-  ASSIGN_OR_RETURN(Tensor gate, ckpt.Get(gate_name, {inter, hidden}));
-  ASSIGN_OR_RETURN(Tensor up, ckpt.Get(up_name, {inter, hidden}));
+  ASSIGN_OR_RETURN(Tensor gate, ckpt.GetF32(gate_name, {inter, hidden}));
+  ASSIGN_OR_RETURN(Tensor up, ckpt.GetF32(up_name, {inter, hidden}));
   Tensor out = Tensor::Empty(DType::kF32, {2 * inter, hidden});
-  float* dst = out.mutable_data<float>();
-  for (const auto& [t, name, off] :
-       {std::tuple{&gate, &gate_name, int64_t{0}}, std::tuple{&up, &up_name, inter * hidden}}) {
-    if (!ConvertToF32(t->dtype(), t->raw(), t->numel(), dst + off) ||
-        !IsFloatingActivation(t->dtype())) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(*name), ": tensor '", *name,
-                                                     "' has dtype ", DTypeName(t->dtype()),
-                                                     ", expected F32, BF16 or F16"));
-    }
-  }
+  std::memcpy(out.mutable_data<float>(), gate.data<float>(), gate.nbytes());
+  std::memcpy(out.mutable_data<float>() + inter * hidden, up.data<float>(), up.nbytes());
   return out;
 }
 
@@ -49,8 +41,42 @@ absl::StatusOr<ExpertWeights> LoadSwiGluExpert(const Checkpoint& ckpt, const std
   return w;
 }
 
-// GPT-OSS: expert e of gate_up_proj [E, H, 2I] (x·W, gate/up interleaved in columns)
-// becomes gate_up [2I, H] with gate rows first; down_proj [E, I, H] becomes [H, I].
+// GPT-OSS expert e as output-major rows: gate_up [2I, H] (gate and up interleaved: row
+// 2i is gate i, row 2i+1 is up i) and down [H, I]. The BF16/F32 release stores them
+// input-major (gate_up_proj [E, H, 2I], down_proj [E, I, H]); the MXFP4 release packs the
+// output-major rows (gate_up_proj_blocks [E, 2I, H/32, 16], down_proj_blocks [E, H, I/32, 16]).
+absl::StatusOr<std::pair<Tensor, Tensor>> GptOssExpertRows(const Checkpoint& ckpt,
+                                                           const std::string& p,
+                                                           const MoeModelConfig& c, int64_t e) {
+  const int64_t E = c.num_experts, H = c.hidden_size, I = c.expert_intermediate;
+  if (!ckpt.Has(p + ".gate_up_proj") && ckpt.Has(p + ".gate_up_proj_blocks")) {
+    ASSIGN_OR_RETURN(Tensor gate_up, ckpt.GetMxfp4(p + ".gate_up_proj", e, {E, 2 * I, H}));
+    ASSIGN_OR_RETURN(Tensor down, ckpt.GetMxfp4(p + ".down_proj", e, {E, H, I}));
+    return std::pair{std::move(gate_up), std::move(down)};
+  }
+  ASSIGN_OR_RETURN(Tensor gu_all, ckpt.Get(p + ".gate_up_proj", {E, H, 2 * I}));
+  ASSIGN_OR_RETURN(Tensor down_all, ckpt.Get(p + ".down_proj", {E, I, H}));
+  std::pair<Tensor, Tensor> rows{Tensor::Empty(DType::kF32, {2 * I, H}),
+                                 Tensor::Empty(DType::kF32, {H, I})};
+  for (const auto& [all, name, out] : {std::tuple{&gu_all, ".gate_up_proj", &rows.first},
+                                       std::tuple{&down_all, ".down_proj", &rows.second}}) {
+    if (!IsFloatingActivation(all->dtype())) {
+      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(p + name), ": tensor '", p, name,
+                                                     "' has dtype ", DTypeName(all->dtype()),
+                                                     ", expected F32, BF16 or F16"));
+    }
+    ASSIGN_OR_RETURN(Tensor t, all->Slice(e).ToF32());
+    const int64_t in = t.shape()[0], out_features = t.shape()[1];
+    const float* src = t.data<float>();
+    float* dst = out->mutable_data<float>();
+    for (int64_t i = 0; i < in; ++i) {
+      for (int64_t o = 0; o < out_features; ++o) dst[o * in + i] = src[i * out_features + o];
+    }
+  }
+  return rows;
+}
+
+// GPT-OSS expert e: gate_up [2I, H] with gate rows first, packed for the kernels.
 absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const MoeModelConfig& c,
                                                int64_t layer, int64_t e) {
   const std::string p = MoePrefix(c, layer) + ".experts";
@@ -58,43 +84,34 @@ absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const Moe
   ExpertWeights w;
   w.hidden = H;
   w.intermediate = I;
-  ASSIGN_OR_RETURN(Tensor gu_all, ckpt.Get(p + ".gate_up_proj", {E, H, 2 * I}));
+  ASSIGN_OR_RETURN(auto rows, GptOssExpertRows(ckpt, p, c, e));
   ASSIGN_OR_RETURN(Tensor gub_all, ckpt.Get(p + ".gate_up_proj_bias", {E, 2 * I}));
-  ASSIGN_OR_RETURN(Tensor down_all, ckpt.Get(p + ".down_proj", {E, I, H}));
   ASSIGN_OR_RETURN(Tensor db_all, ckpt.Get(p + ".down_proj_bias", {E, H}));
   auto slice_f32 = [&](const Tensor& all, const std::string& name) -> absl::StatusOr<Tensor> {
-    auto t = all.Slice(e).ToF32();
-    if (!t.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(name), ": tensor '", name, "': ",
-                                                     t.status().message()));
+    if (!IsFloatingActivation(all.dtype())) {
+      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(name), ": tensor '", name,
+                                                     "' has dtype ", DTypeName(all.dtype()),
+                                                     ", expected F32, BF16 or F16"));
     }
-    return t;
+    return all.Slice(e).ToF32();
   };
-  ASSIGN_OR_RETURN(Tensor gu, slice_f32(gu_all, p + ".gate_up_proj"));
   ASSIGN_OR_RETURN(Tensor gub, slice_f32(gub_all, p + ".gate_up_proj_bias"));
-  ASSIGN_OR_RETURN(Tensor down, slice_f32(down_all, p + ".down_proj"));
   ASSIGN_OR_RETURN(w.down_bias, slice_f32(db_all, p + ".down_proj_bias"));
 
+  // De-interleave: gate = even rows, up = odd rows.
   Tensor stacked = Tensor::Empty(DType::kF32, {2 * I, H});
   Tensor stacked_bias = Tensor::Empty(DType::kF32, {2 * I});
-  w.down = Tensor::Empty(DType::kF32, {H, I});
-  const float* src = gu.data<float>();
-  float* dst = stacked.mutable_data<float>();
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t i = 0; i < I; ++i) {
-      dst[i * H + h] = src[h * 2 * I + 2 * i];            // gate: even columns
-      dst[(I + i) * H + h] = src[h * 2 * I + 2 * i + 1];  // up: odd columns
-    }
-  }
+  const float* src = rows.first.data<float>();
   for (int64_t i = 0; i < I; ++i) {
-    stacked_bias.mutable_data<float>()[i] = gub.data<float>()[2 * i];
-    stacked_bias.mutable_data<float>()[I + i] = gub.data<float>()[2 * i + 1];
+    for (int64_t half : {int64_t{0}, int64_t{1}}) {
+      std::memcpy(stacked.mutable_data<float>() + (half * I + i) * H, src + (2 * i + half) * H,
+                  H * sizeof(float));
+      stacked_bias.mutable_data<float>()[half * I + i] = gub.data<float>()[2 * i + half];
+    }
   }
   w.gate_up = Pack(stacked, I, H);
   w.gate_up_bias = Pack(stacked_bias, I, 1);
-  for (int64_t i = 0; i < I; ++i) {
-    for (int64_t h = 0; h < H; ++h) w.down.mutable_data<float>()[h * I + i] = down.data<float>()[i * H + h];
-  }
+  w.down = std::move(rows.second);
   return w;
 }
 

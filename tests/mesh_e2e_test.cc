@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <cstring>
@@ -20,6 +21,7 @@
 #include "services/grpc_server.h"
 #include "services/model_generator.h"
 #include "services/moe_layer.h"
+#include "services/safetensors.h"
 #include "tools/local_mesh.h"
 #include "tools/process.h"
 
@@ -115,6 +117,41 @@ TEST_P(MeshFamilyTest, BitIdenticalToMoeLayerOnBothWireDtypes) {
 INSTANTIATE_TEST_SUITE_P(Families, MeshFamilyTest,
                          ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
+
+// Quantized releases (DeepSeek-V3's block-scaled FP8, GPT-OSS's MXFP4) served by real
+// processes: each expert service dequantizes the experts it loads, and the mesh answers
+// as MoeLayer does and as the reference computed from the formats' own dequantization.
+TEST(MeshTest, QuantizedReleasesServeTheReferenceAnswers) {
+  for (const char* name : {"deepseek_v3_fp8", "gpt_oss_mxfp4"}) {
+    SCOPED_TRACE(name);
+    const std::filesystem::path dir = std::filesystem::absolute("tests/fixtures") / name;
+    Model m;
+    m.dir = dir.string();
+    m.ckpt = Checkpoint::Open(m.dir).value();
+    m.config = ParseMoeModelConfig(m.ckpt->config()).value();
+    auto mesh = StartMesh(m, 2, 1, "f32");
+    ASSERT_NE(mesh, nullptr);
+    KServeClient client(mesh->router_endpoint());
+    const Tensor x = SafetensorsFile::Open((dir / "input.safetensors").string())
+                         .value()->Get("hidden_states").value();
+    auto expected = SafetensorsFile::Open((dir / "expected.safetensors").string()).value();
+    for (int64_t layer : m.config.MoeLayers()) {
+      auto got = client.Infer(x, layer, seconds(30));
+      ASSERT_TRUE(got.ok()) << got.status();
+      const MoeLayerOutput want = MoeLayer::Create(*m.ckpt, m.config, layer).value()->Forward(x).value();
+      EXPECT_TRUE(SameBits(got->output, want.output)) << "layer " << layer;
+      EXPECT_TRUE(SameBits(got->topk_ids, want.topk_ids)) << "layer " << layer;
+      const Tensor ref = expected->Get(absl::StrCat("output.", layer)).value();
+      double err = 0, norm = 0;
+      for (int64_t i = 0; i < ref.numel(); ++i) {
+        const double d = double(got->output.data<float>()[i]) - ref.data<float>()[i];
+        err += d * d;
+        norm += double(ref.data<float>()[i]) * ref.data<float>()[i];
+      }
+      EXPECT_LE(std::sqrt(err / norm), 1e-5) << "layer " << layer;
+    }
+  }
+}
 
 TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
   Model m = Generate(ModelFamily::kQwen3Moe);
