@@ -519,6 +519,56 @@ def dequantize_loaded(W, cfg):
     return W
 
 
+# ----------------------------------------------------------------------------------------
+# transformers 5's run-time layout (save_pretrained(save_original_format=False)): per layer
+# experts.gate_up_proj [E, 2I, H] = cat(stack(gate), stack(up), dim=1) and experts.down_proj
+# [E, H, I] = stack(down) (its conversion_mapping: MergeModulelist(dim=0), Concatenate(dim=1));
+# Mixtral's block_sparse_moe is renamed mlp.
+# ----------------------------------------------------------------------------------------
+PROJ_NAMES = {"mixtral": ("w1", "w3", "w2")}
+
+
+def fuse_v5(disk, cfg):
+    gate, up, down = PROJ_NAMES.get(cfg["model_type"], ("gate_proj", "up_proj", "down_proj"))
+    E = n_experts_of(cfg)
+    out = {}
+    stems = sorted({n.rsplit(".experts.", 1)[0] for n in disk if ".experts." in n})
+    for stem in stems:
+        def stacked(proj):
+            arrays = [disk[f"{stem}.experts.{e}.{proj}.weight"] for e in range(E)]
+            return np.stack(arrays, axis=0)
+        new_stem = stem.replace(".block_sparse_moe", ".mlp")
+        out[new_stem + ".experts.gate_up_proj"] = np.concatenate([stacked(gate), stacked(up)], axis=1)
+        out[new_stem + ".experts.down_proj"] = stacked(down)
+    for n, a in disk.items():
+        if ".experts." in n and any(s + ".experts." in n for s in stems):
+            continue
+        out[n.replace(".block_sparse_moe.", ".mlp.")] = a
+    return out
+
+
+def unfuse_v5(W, cfg):
+    """The inverse, for verification: back to the per-expert names the forward passes use."""
+    gate, up, down = PROJ_NAMES.get(cfg["model_type"], ("gate_proj", "up_proj", "down_proj"))
+    block = "block_sparse_moe" if cfg["model_type"] == "mixtral" else "mlp"
+    out = {}
+    for n, t in W.items():
+        n2 = n.replace(".mlp.", f".{block}.") if cfg["model_type"] == "mixtral" else n
+        if n.endswith(".experts.gate_up_proj"):
+            stem = n2[: -len(".gate_up_proj")]
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{stem}.{e}.{gate}.weight"] = t[e, :inter].clone()
+                out[f"{stem}.{e}.{up}.weight"] = t[e, inter:].clone()
+        elif n.endswith(".experts.down_proj"):
+            stem = n2[: -len(".down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{stem}.{e}.{down}.weight"] = t[e].clone()
+        else:
+            out[n2] = t
+    return out
+
+
 FAMILIES = {
     "mixtral": Mixtral,
     "qwen2_moe": QwenMoe,
@@ -609,6 +659,13 @@ CASES = [
                   quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
                       "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
                       "lm_head"]})),
+    # transformers 5's run-time layout, as save_pretrained(save_original_format=False) writes it
+    dict(name="mixtral_fused", family="mixtral", seed=1010, dtype="BF16", layout="v5",
+         cfg=mixtral_cfg("bfloat16")),
+    dict(name="deepseek_v3_fused", family="deepseek_v3", seed=1011, dtype="BF16", layout="v5",
+         cfg=deepseek_cfg("deepseek_v3", "DeepseekV3ForCausalLM", 3, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+                          torch_dtype="bfloat16")),
 ]
 
 
@@ -705,6 +762,8 @@ def make_case(case, out_root):
     disk.update({k: packed[k] if k in packed else to_disk(v, "F32" if k.endswith("e_score_correction_bias") else case["dtype"])
                  for k, v in W.items() if k not in replaced})
     disk.update({k: v for k, v in packed.items() if k not in disk})
+    if case.get("layout") == "v5":
+        disk = fuse_v5(disk, cfg)
     write_checkpoint(folder, disk, case.get("shards", 1))
 
     moe = fam.moe_layers(cfg)
@@ -756,6 +815,8 @@ def verify_case(case, out_root):
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     W = dequantize_loaded(load_checkpoint(folder), cfg)
+    if case.get("layout") == "v5":
+        W = unfuse_v5(W, cfg)
     pairs = [("input.safetensors", "expected.safetensors")]
     if case.get("bf16_input", False):
         pairs.append(("input_bf16.safetensors", "expected_bf16_input.safetensors"))

@@ -162,6 +162,22 @@ absl::StatusOr<Tensor> Checkpoint::GetF32(absl::string_view name,
   return t.ToF32();
 }
 
+absl::StatusOr<Tensor> Checkpoint::GetSliceF32(absl::string_view name,
+                                               const std::vector<int64_t>& shape,
+                                               int64_t index) const {
+  ASSIGN_OR_RETURN(Tensor t, Get(name, shape));
+  if (!IsFloatingActivation(t.dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor '", name, "' has dtype ",
+                                                   DTypeName(t.dtype()),
+                                                   ", expected F32, BF16 or F16"));
+  }
+  if (shape.empty() || index < 0 || index >= shape[0]) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': entry ", index, " of ",
+                                                   ShapeString(shape)));
+  }
+  return t.Slice(index).ToF32();
+}
+
 absl::StatusOr<Tensor> Checkpoint::DequantizeFp8(absl::string_view name, const Tensor& weight) const {
   const std::string scale_name = absl::StrCat(name, "_scale_inv");
   if (weight.shape().size() != 2) {

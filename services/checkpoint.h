@@ -40,6 +40,10 @@ class Checkpoint {
   // Get(name, shape) converted to an owned float32 tensor: F32, BF16 or F16 on disk, or a
   // 2-D F8_E4M3 weight with its block scales `<name>_scale_inv`.
   absl::StatusOr<Tensor> GetF32(absl::string_view name, const std::vector<int64_t>& shape) const;
+  // Entry `index` of the stacked tensor `name` of `shape` (F32, BF16 or F16 on disk; e.g.
+  // one expert of a fused [E, ...] tensor) as an owned float32 tensor of shape[1:].
+  absl::StatusOr<Tensor> GetSliceF32(absl::string_view name, const std::vector<int64_t>& shape,
+                                     int64_t index) const;
   // Entry `index` of an MXFP4-packed stack of `shape` = {N, rows, cols}: reads
   // `<stem>_blocks` U8 [N, rows, cols/32, 16] and `<stem>_scales` U8 [N, rows, cols/32] and
   // returns float32 [rows, cols] (row-major, as the packed rows lie; no transpose).

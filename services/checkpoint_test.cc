@@ -192,7 +192,8 @@ TEST_P(FixtureCheckpointTest, OpensAndLoadsEveryMoeLayer) {
 INSTANTIATE_TEST_SUITE_P(All, FixtureCheckpointTest,
                          ::testing::Values("mixtral", "mixtral_bf16", "qwen2_moe", "qwen3_moe",
                                            "qwen3_moe_sharded", "deepseek_v2", "deepseek_v3",
-                                           "gpt_oss", "deepseek_v3_fp8", "gpt_oss_mxfp4"));
+                                           "gpt_oss", "deepseek_v3_fp8", "gpt_oss_mxfp4",
+                                           "mixtral_fused", "deepseek_v3_fused"));
 
 TEST(ShardedCheckpointTest, FindsTensorsInEveryShard) {
   const fs::path dir = kFixtures / "qwen3_moe_sharded";
@@ -731,6 +732,28 @@ TEST_F(CheckpointTest, DamagedFusedGptOssExpertsAreNamed) {
   ASSERT_NE(ckpt2, nullptr);
   ExpectError(LoadExpert(*ckpt2, c, 0, 1).status(), absl::StatusCode::kInvalidArgument,
               {"'" + gate_up + "'", "I32"});
+}
+
+TEST_F(CheckpointTest, DamagedFusedSwiGluExpertsAreNamed) {
+  // transformers 5's run-time layout: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I].
+  const std::string gate_up = "model.layers.0.mlp.experts.gate_up_proj";
+  const std::string down = "model.layers.1.mlp.experts.down_proj";
+  const fs::path dir = CopyFixture("mixtral_fused");
+  EditModel(dir, [&](Named& t) {
+    Replace(t, gate_up, Tensor::Zeros(DType::kBF16, {8, 64, 32}));
+    Replace(t, down, Tensor::Zeros(DType::kI16, {8, 64, 16}));
+  });
+  std::unique_ptr<Checkpoint> ckpt = OpenOrDie(dir);
+  ASSERT_NE(ckpt, nullptr);
+  const MoeModelConfig c = ConfigOrDie(*ckpt);
+  ExpectError(LoadExpert(*ckpt, c, 0, 2).status(), absl::StatusCode::kInvalidArgument,
+              {"'" + gate_up + "'", "[8, 64, 32]", "expected [8, 32, 64]"});
+  ExpectError(LoadExpert(*ckpt, c, 1, 2).status(), absl::StatusCode::kInvalidArgument,
+              {"'" + down + "'", "I16"});
+  // The gate is found under the renamed block too.
+  absl::StatusOr<GateWeights> gate = LoadGate(*ckpt, c, 1);
+  ASSERT_TRUE(gate.ok()) << gate.status();
+  EXPECT_THAT(gate->weight.shape(), ElementsAre(8, 64));
 }
 
 TEST_F(CheckpointTest, LoadingDenseLayersOrMissingExpertsFails) {

@@ -41,6 +41,21 @@ absl::StatusOr<ExpertWeights> LoadSwiGluExpert(const Checkpoint& ckpt, const std
   return w;
 }
 
+// Expert e of the fused layout transformers 5 keeps at run time and writes with
+// save_pretrained(save_original_format=False): experts.gate_up_proj [E, 2I, H] (gate rows,
+// then up rows) and experts.down_proj [E, H, I].
+absl::StatusOr<ExpertWeights> LoadFusedSwiGluExpert(const Checkpoint& ckpt, const std::string& p,
+                                                    const MoeModelConfig& c, int64_t e) {
+  const int64_t E = c.num_experts, H = c.hidden_size, I = c.expert_intermediate;
+  ExpertWeights w;
+  w.hidden = H;
+  w.intermediate = I;
+  ASSIGN_OR_RETURN(Tensor stacked, ckpt.GetSliceF32(p + ".gate_up_proj", {E, 2 * I, H}, e));
+  w.gate_up = Pack(stacked, I, H);
+  ASSIGN_OR_RETURN(w.down, ckpt.GetSliceF32(p + ".down_proj", {E, H, I}, e));
+  return w;
+}
+
 // GPT-OSS expert e as output-major rows: gate_up [2I, H] (gate and up interleaved: row
 // 2i is gate i, row 2i+1 is up i) and down [H, I]. The BF16/F32 release stores them
 // input-major (gate_up_proj [E, H, 2I], down_proj [E, I, H]); the MXFP4 release packs the
@@ -54,19 +69,15 @@ absl::StatusOr<std::pair<Tensor, Tensor>> GptOssExpertRows(const Checkpoint& ckp
     ASSIGN_OR_RETURN(Tensor down, ckpt.GetMxfp4(p + ".down_proj", e, {E, H, I}));
     return std::pair{std::move(gate_up), std::move(down)};
   }
-  ASSIGN_OR_RETURN(Tensor gu_all, ckpt.Get(p + ".gate_up_proj", {E, H, 2 * I}));
-  ASSIGN_OR_RETURN(Tensor down_all, ckpt.Get(p + ".down_proj", {E, I, H}));
   std::pair<Tensor, Tensor> rows{Tensor::Empty(DType::kF32, {2 * I, H}),
                                  Tensor::Empty(DType::kF32, {H, I})};
-  for (const auto& [all, name, out] : {std::tuple{&gu_all, ".gate_up_proj", &rows.first},
-                                       std::tuple{&down_all, ".down_proj", &rows.second}}) {
-    if (!IsFloatingActivation(all->dtype())) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(p + name), ": tensor '", p, name,
-                                                     "' has dtype ", DTypeName(all->dtype()),
-                                                     ", expected F32, BF16 or F16"));
-    }
-    ASSIGN_OR_RETURN(Tensor t, all->Slice(e).ToF32());
-    const int64_t in = t.shape()[0], out_features = t.shape()[1];
+  const auto parts = {std::tuple{".gate_up_proj", std::vector<int64_t>{E, H, 2 * I}, &rows.first},
+                      std::tuple{".down_proj", std::vector<int64_t>{E, I, H}, &rows.second}};
+  // Both shapes are checked before either is converted.
+  for (const auto& [name, shape, out] : parts) RETURN_IF_ERROR(ckpt.Get(p + name, shape).status());
+  for (const auto& [name, shape, out] : parts) {
+    ASSIGN_OR_RETURN(Tensor t, ckpt.GetSliceF32(p + name, shape, e));
+    const int64_t in = shape[1], out_features = shape[2];
     const float* src = t.data<float>();
     float* dst = out->mutable_data<float>();
     for (int64_t i = 0; i < in; ++i) {
@@ -79,24 +90,14 @@ absl::StatusOr<std::pair<Tensor, Tensor>> GptOssExpertRows(const Checkpoint& ckp
 // GPT-OSS expert e: gate_up [2I, H] with gate rows first, packed for the kernels.
 absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const MoeModelConfig& c,
                                                int64_t layer, int64_t e) {
-  const std::string p = MoePrefix(c, layer) + ".experts";
+  const std::string p = MoePrefix(ckpt, c, layer) + ".experts";
   const int64_t E = c.num_experts, H = c.hidden_size, I = c.expert_intermediate;
   ExpertWeights w;
   w.hidden = H;
   w.intermediate = I;
   ASSIGN_OR_RETURN(auto rows, GptOssExpertRows(ckpt, p, c, e));
-  ASSIGN_OR_RETURN(Tensor gub_all, ckpt.Get(p + ".gate_up_proj_bias", {E, 2 * I}));
-  ASSIGN_OR_RETURN(Tensor db_all, ckpt.Get(p + ".down_proj_bias", {E, H}));
-  auto slice_f32 = [&](const Tensor& all, const std::string& name) -> absl::StatusOr<Tensor> {
-    if (!IsFloatingActivation(all.dtype())) {
-      return absl::InvalidArgumentError(absl::StrCat(ckpt.FileOf(name), ": tensor '", name,
-                                                     "' has dtype ", DTypeName(all.dtype()),
-                                                     ", expected F32, BF16 or F16"));
-    }
-    return all.Slice(e).ToF32();
-  };
-  ASSIGN_OR_RETURN(Tensor gub, slice_f32(gub_all, p + ".gate_up_proj_bias"));
-  ASSIGN_OR_RETURN(w.down_bias, slice_f32(db_all, p + ".down_proj_bias"));
+  ASSIGN_OR_RETURN(Tensor gub, ckpt.GetSliceF32(p + ".gate_up_proj_bias", {E, 2 * I}, e));
+  ASSIGN_OR_RETURN(w.down_bias, ckpt.GetSliceF32(p + ".down_proj_bias", {E, H}, e));
 
   // De-interleave: gate = even rows, up = odd rows.
   Tensor stacked = Tensor::Empty(DType::kF32, {2 * I, H});
@@ -117,9 +118,12 @@ absl::StatusOr<ExpertWeights> LoadGptOssExpert(const Checkpoint& ckpt, const Moe
 
 }  // namespace
 
-std::string MoePrefix(const MoeModelConfig& c, int64_t layer) {
-  const char* block = c.family == ModelFamily::kMixtral ? "block_sparse_moe" : "mlp";
-  return absl::StrCat("model.layers.", layer, ".", block);
+std::string MoePrefix(const Checkpoint& ckpt, const MoeModelConfig& c, int64_t layer) {
+  const std::string mlp = absl::StrCat("model.layers.", layer, ".mlp");
+  if (c.family != ModelFamily::kMixtral) return mlp;
+  // Mixtral's own name, or the one transformers 5 uses at run time.
+  const std::string own = absl::StrCat("model.layers.", layer, ".block_sparse_moe");
+  return !ckpt.Has(own + ".gate.weight") && ckpt.Has(mlp + ".gate.weight") ? mlp : own;
 }
 
 ExpertFfnWeights ExpertWeights::View(const MoeModelConfig& config) const {
@@ -145,7 +149,7 @@ int64_t ExpertWeights::bytes() const {
 absl::StatusOr<GateWeights> LoadGate(const Checkpoint& ckpt, const MoeModelConfig& c,
                                      int64_t layer) {
   RETURN_IF_ERROR(c.CheckMoeLayer(layer));
-  const std::string p = MoePrefix(c, layer);
+  const std::string p = MoePrefix(ckpt, c, layer);
   const int64_t E = c.num_experts, H = c.hidden_size;
   GateWeights g;
   if (c.family == ModelFamily::kGptOss) {
@@ -167,16 +171,17 @@ absl::StatusOr<ExpertWeights> LoadExpert(const Checkpoint& ckpt, const MoeModelC
     return absl::InvalidArgumentError(
         absl::StrCat("expert ", expert, " out of range [0, ", c.num_experts, ")"));
   }
-  const std::string p = absl::StrCat(MoePrefix(c, layer), ".experts.", expert);
-  const int64_t H = c.hidden_size, I = c.expert_intermediate;
-  switch (c.family) {
-    case ModelFamily::kMixtral:
-      return LoadSwiGluExpert(ckpt, p, "w1", "w3", "w2", I, H);
-    case ModelFamily::kGptOss:
-      return LoadGptOssExpert(ckpt, c, layer, expert);
-    default:
-      return LoadSwiGluExpert(ckpt, p, "gate_proj", "up_proj", "down_proj", I, H);
+  if (c.family == ModelFamily::kGptOss) return LoadGptOssExpert(ckpt, c, layer, expert);
+  const std::string experts = MoePrefix(ckpt, c, layer) + ".experts";
+  const std::string p = absl::StrCat(experts, ".", expert);
+  const bool mixtral = c.family == ModelFamily::kMixtral;
+  const char* gate = mixtral ? "w1" : "gate_proj";
+  if (!ckpt.Has(absl::StrCat(p, ".", gate, ".weight")) && ckpt.Has(experts + ".gate_up_proj")) {
+    return LoadFusedSwiGluExpert(ckpt, experts, c, expert);
   }
+  const int64_t H = c.hidden_size, I = c.expert_intermediate;
+  return LoadSwiGluExpert(ckpt, p, gate, mixtral ? "w3" : "up_proj", mixtral ? "w2" : "down_proj",
+                          I, H);
 }
 
 absl::StatusOr<std::optional<SharedExpertWeights>> LoadSharedExperts(const Checkpoint& ckpt,
@@ -184,7 +189,7 @@ absl::StatusOr<std::optional<SharedExpertWeights>> LoadSharedExperts(const Check
                                                                      int64_t layer) {
   RETURN_IF_ERROR(c.CheckMoeLayer(layer));
   if (c.shared_intermediate == 0) return std::nullopt;
-  const std::string p = MoePrefix(c, layer);
+  const std::string p = MoePrefix(ckpt, c, layer);
   const int64_t H = c.hidden_size, I = c.shared_intermediate;
   SharedExpertWeights s;
   const bool qwen = c.family == ModelFamily::kQwen2Moe;

@@ -54,7 +54,9 @@ absl::StatusOr<std::optional<SharedExpertWeights>> LoadSharedExperts(const Check
                                                                      const MoeModelConfig& config,
                                                                      int64_t layer);
 
-// The MoE block's tensor-name prefix, e.g. "model.layers.3.block_sparse_moe".
-std::string MoePrefix(const MoeModelConfig& config, int64_t layer);
+// The MoE block's tensor-name prefix in `ckpt`, e.g. "model.layers.3.block_sparse_moe"
+// (Mixtral as released) or "model.layers.3.mlp" (every other family, and Mixtral as
+// transformers 5 names it at run time).
+std::string MoePrefix(const Checkpoint& ckpt, const MoeModelConfig& config, int64_t layer);
 
 }  // namespace moemesh

@@ -81,7 +81,8 @@ TEST_P(FixtureTest, EveryMoeLayerMatchesPyTorchReference) {
 INSTANTIATE_TEST_SUITE_P(Families, FixtureTest,
                          ::testing::Values("mixtral", "mixtral_bf16", "qwen2_moe", "qwen3_moe",
                                            "qwen3_moe_sharded", "deepseek_v3", "deepseek_v2",
-                                           "gpt_oss", "deepseek_v3_fp8", "gpt_oss_mxfp4"));
+                                           "gpt_oss", "deepseek_v3_fp8", "gpt_oss_mxfp4",
+                                           "mixtral_fused", "deepseek_v3_fused"));
 
 TEST(FixtureTest, Bf16InputGivesBf16OutputOfTheSameMath) {
   Loaded m = Load("mixtral_bf16");
