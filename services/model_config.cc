@@ -174,7 +174,8 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
   ASSIGN_OR_RETURN(c.hidden_size, r.Positive({"hidden_size"}));
   ASSIGN_OR_RETURN(c.num_layers, r.Positive({"num_hidden_layers"}));
   ASSIGN_OR_RETURN(c.num_experts, r.Positive({"num_local_experts", "num_experts", "n_routed_experts"}));
-  ASSIGN_OR_RETURN(c.top_k, r.Positive({"num_experts_per_tok"}));
+  // GPT-OSS's own config also spells it experts_per_token.
+  ASSIGN_OR_RETURN(c.top_k, r.Positive({"num_experts_per_tok", "experts_per_token"}));
   ASSIGN_OR_RETURN(std::string act, r.StringOr("hidden_act", "silu"));
 
   RoutingParams& rp = c.routing;

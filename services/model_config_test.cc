@@ -201,6 +201,15 @@ TEST(ModelConfigTest, AcceptsEveryExpertCountSpelling) {
   }
 }
 
+TEST(ModelConfigTest, AcceptsEveryTopKSpelling) {
+  for (const char* key : {"num_experts_per_tok", "experts_per_token"}) {
+    Json json = FixtureConfig("gpt_oss");
+    json.erase("num_experts_per_tok");
+    json[key] = 3;
+    EXPECT_EQ(ParseOrDie(json).top_k, 3) << key;
+  }
+}
+
 TEST(ModelConfigTest, NullSpellingFallsThroughToTheNext) {
   Json json = FixtureConfig("qwen3_moe");
   json["num_local_experts"] = nullptr;
