@@ -132,9 +132,19 @@ void DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t rows,
     const int exponent = static_cast<int>(scales[b]) - 127;
     const uint8_t* in = blocks + b * 16;
     float* out = dst + b * 32;
-    for (int j = 0; j < 16; ++j) {
-      out[2 * j] = std::ldexp(lut[in[j] & 0xfu], exponent);
-      out[2 * j + 1] = std::ldexp(lut[in[j] >> 4], exponent);
+    if (exponent >= -126 && exponent <= 127) {
+      // 2^exponent is a normal float and the FP4 values have at most two significant bits,
+      // so the product is exactly ldexp's, overflow to infinity included.
+      const float scale = std::ldexp(1.0f, exponent);
+      for (int j = 0; j < 16; ++j) {
+        out[2 * j] = lut[in[j] & 0xfu] * scale;
+        out[2 * j + 1] = lut[in[j] >> 4] * scale;
+      }
+    } else {
+      for (int j = 0; j < 16; ++j) {
+        out[2 * j] = std::ldexp(lut[in[j] & 0xfu], exponent);
+        out[2 * j + 1] = std::ldexp(lut[in[j] >> 4], exponent);
+      }
     }
   }
 }

@@ -99,6 +99,27 @@ TEST(DTypeTest, Mxfp4LowNibbleFirstScaledByBlock) {
   EXPECT_EQ(out[96 + 2 * 2], 0x1p-127f);  // code 2 (1.0) in a 2^-127 block: subnormal, exact
 }
 
+TEST(DTypeTest, Mxfp4EveryCodeAtEveryScaleIsLdexp) {
+  // One row per scale byte, each block holding every code twice (low and high nibble).
+  std::vector<uint8_t> blocks(256 * 16), scales(256);
+  for (int s = 0; s < 256; ++s) {
+    scales[s] = static_cast<uint8_t>(s);
+    for (int j = 0; j < 16; ++j) blocks[s * 16 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  }
+  std::vector<float> out(256 * 32);
+  DequantizeMxfp4(blocks.data(), scales.data(), 256, 1, out.data());
+  for (int s = 0; s < 256; ++s) {
+    for (int j = 0; j < 16; ++j) {
+      for (int half = 0; half < 2; ++half) {
+        const float want = std::ldexp(Fp4E2M1ToF32(half ? 15 - j : j), s - 127);
+        const float got = out[s * 32 + 2 * j + half];
+        ASSERT_TRUE(got == want && std::signbit(got) == std::signbit(want))
+            << "scale " << s << " code " << (half ? 15 - j : j) << ": " << got << " vs " << want;
+      }
+    }
+  }
+}
+
 TEST(DTypeTest, BlockFp8ScalesEachBlockIncludingPartialEdges) {
   // 5 x 7 weights in 2 x 3 blocks: scale grid 3 x 3, the last row and column partial.
   const int64_t rows = 5, cols = 7, br = 2, bc = 3;
