@@ -16,6 +16,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/ascii.h"
 #include "services/wire.h"
 
 namespace moemesh {
@@ -337,6 +339,18 @@ UcxBufferPool::~UcxBufferPool() { Close(); }
 
 // --- UcxWorkerThread ---------------------------------------------------------------
 
+bool UcxTlsMayUseSharedMemory(const char* tls) {
+  if (tls == nullptr) return true;
+  absl::string_view list(tls);
+  const bool exclude = absl::ConsumePrefix(&list, "^");
+  bool named = false;  // a shared-memory transport or alias appears in the list
+  for (absl::string_view t : absl::StrSplit(list, ',')) {
+    t = absl::StripAsciiWhitespace(t);
+    named |= t == "all" || t == "sm" || t == "shm" || t == "mm" || t == "posix" || t == "sysv";
+  }
+  return exclude ? !named : named;
+}
+
 absl::StatusOr<std::unique_ptr<UcxWorkerThread>> UcxWorkerThread::Create(const std::string& name) {
   auto w = std::unique_ptr<UcxWorkerThread>(new UcxWorkerThread());
   ucp_config_t* config = nullptr;
@@ -348,7 +362,10 @@ absl::StatusOr<std::unique_ptr<UcxWorkerThread>> UcxWorkerThread::Create(const s
   // trips an assertion in UCX 1.13's rendezvous). "MM_SEG_SIZE" is how ucp_config_modify
   // names the shared-memory transports' UCX_POSIX_SEG_SIZE and UCX_SYSV_SEG_SIZE. Only a
   // default: either in the environment wins, as all of UCX's environment does.
-  if (std::getenv("UCX_POSIX_SEG_SIZE") == nullptr && std::getenv("UCX_SYSV_SEG_SIZE") == nullptr) {
+  // UCX warns about a setting no transport took, so it is set only where UCX_TLS leaves
+  // shared memory in.
+  if (std::getenv("UCX_POSIX_SEG_SIZE") == nullptr && std::getenv("UCX_SYSV_SEG_SIZE") == nullptr &&
+      UcxTlsMayUseSharedMemory(std::getenv("UCX_TLS"))) {
     ucp_config_modify(config, "MM_SEG_SIZE", kPosixSegSize);
   }
   ucp_params_t params{};

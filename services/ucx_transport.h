@@ -160,6 +160,11 @@ class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
   std::function<void(UcxBuffer*)> unpin_;               // guarded by mu_
 };
 
+// Whether a UCX_TLS value (nullptr: unset) leaves UCX's shared-memory transports in:
+// unset, "all", or a list naming posix, sysv or their aliases (sm, shm, mm); for an
+// exclusion list ("^..."), one that names none of them.
+bool UcxTlsMayUseSharedMemory(const char* tls);
+
 // One UCP context and worker, driven by a thread of their own.
 class UcxWorkerThread {
  public:

@@ -89,6 +89,16 @@ std::vector<Result> Call(ExpertTransport& t, const std::vector<std::pair<std::st
   return results;
 }
 
+TEST(UcxTransportTest, SharedMemoryTuningOnlyWhereUcxTlsLeavesSharedMemoryIn) {
+  EXPECT_TRUE(UcxTlsMayUseSharedMemory(nullptr));
+  for (const char* tls : {"all", "posix,cma,self", "sm", "shm,tcp", "rc, mm", "sysv", "^tcp", "^rc,ud"}) {
+    EXPECT_TRUE(UcxTlsMayUseSharedMemory(tls)) << tls;
+  }
+  for (const char* tls : {"tcp", "rc,tcp", "self,cma", "^sm", "^posix,sysv", "^all", ""}) {
+    EXPECT_FALSE(UcxTlsMayUseSharedMemory(tls)) << tls;
+  }
+}
+
 TEST(UcxTransportTest, RepliesEagerAndRendezvousAndErrors) {
   auto control = std::make_shared<FakeControl>();
   auto server = UcxComputeServer::Create(&Echo, 2, 64 << 20);
