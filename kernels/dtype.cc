@@ -1,5 +1,6 @@
 #include "kernels/dtype.h"
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -156,8 +157,12 @@ void DequantizeBlockFp8(const uint8_t* w, int64_t rows, int64_t cols, const floa
   const int64_t scale_cols = (cols + block_cols - 1) / block_cols;
   for (int64_t r = 0; r < rows; ++r) {
     const float* scale_row = scale_inv + (r / block_rows) * scale_cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      dst[r * cols + c] = lut[w[r * cols + c]] * scale_row[c / block_cols];
+    const uint8_t* in = w + r * cols;
+    float* out = dst + r * cols;
+    for (int64_t b = 0; b < scale_cols; ++b) {
+      const float scale = scale_row[b];
+      const int64_t end = std::min(cols, (b + 1) * block_cols);
+      for (int64_t c = b * block_cols; c < end; ++c) out[c] = lut[in[c]] * scale;
     }
   }
 }

@@ -152,14 +152,23 @@ absl::StatusOr<Tensor> Checkpoint::Get(absl::string_view name,
 
 absl::StatusOr<Tensor> Checkpoint::GetF32(absl::string_view name,
                                           const std::vector<int64_t>& shape) const {
+  RETURN_IF_ERROR(Get(name, shape).status());  // the shape is the file's before it is allocated
+  Tensor out = Tensor::Empty(DType::kF32, shape);
+  RETURN_IF_ERROR(ReadF32(name, shape, out.mutable_data<float>()));
+  return out;
+}
+
+absl::Status Checkpoint::ReadF32(absl::string_view name, const std::vector<int64_t>& shape,
+                                 float* dst) const {
   ASSIGN_OR_RETURN(Tensor t, Get(name, shape));
-  if (t.dtype() == DType::kF8E4M3) return DequantizeFp8(name, t);
+  if (t.dtype() == DType::kF8E4M3) return DequantizeFp8(name, t, dst);
   if (!IsFloatingActivation(t.dtype())) {
     return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor '", name, "' has dtype ",
                                                    DTypeName(t.dtype()),
                                                    ", expected F32, BF16, F16 or block-scaled F8_E4M3"));
   }
-  return t.ToF32();
+  ConvertToF32(t.dtype(), t.raw(), static_cast<size_t>(t.numel()), dst);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> Checkpoint::GetSliceF32(absl::string_view name,
@@ -178,7 +187,8 @@ absl::StatusOr<Tensor> Checkpoint::GetSliceF32(absl::string_view name,
   return t.Slice(index).ToF32();
 }
 
-absl::StatusOr<Tensor> Checkpoint::DequantizeFp8(absl::string_view name, const Tensor& weight) const {
+absl::Status Checkpoint::DequantizeFp8(absl::string_view name, const Tensor& weight,
+                                       float* dst) const {
   const std::string scale_name = absl::StrCat(name, "_scale_inv");
   if (weight.shape().size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": F8_E4M3 tensor '", name,
@@ -204,10 +214,9 @@ absl::StatusOr<Tensor> Checkpoint::DequantizeFp8(absl::string_view name, const T
                                                    ", expected F32, BF16 or F16"));
   }
   ASSIGN_OR_RETURN(Tensor scale_f32, scale->ToF32());
-  Tensor out = Tensor::Empty(DType::kF32, weight.shape());
   DequantizeBlockFp8(static_cast<const uint8_t*>(weight.raw()), rows, cols, scale_f32.data<float>(),
-                     fp8_block_[0], fp8_block_[1], out.mutable_data<float>());
-  return out;
+                     fp8_block_[0], fp8_block_[1], dst);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> Checkpoint::GetMxfp4(absl::string_view stem, int64_t index,

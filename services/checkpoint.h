@@ -40,6 +40,8 @@ class Checkpoint {
   // Get(name, shape) converted to an owned float32 tensor: F32, BF16 or F16 on disk, or a
   // 2-D F8_E4M3 weight with its block scales `<name>_scale_inv`.
   absl::StatusOr<Tensor> GetF32(absl::string_view name, const std::vector<int64_t>& shape) const;
+  // GetF32 into caller memory of shape's element count (no temporary tensor).
+  absl::Status ReadF32(absl::string_view name, const std::vector<int64_t>& shape, float* dst) const;
   // Entry `index` of the stacked tensor `name` of `shape` (F32, BF16 or F16 on disk; e.g.
   // one expert of a fused [E, ...] tensor) as an owned float32 tensor of shape[1:].
   absl::StatusOr<Tensor> GetSliceF32(absl::string_view name, const std::vector<int64_t>& shape,
@@ -54,7 +56,7 @@ class Checkpoint {
  private:
   Checkpoint() = default;
   absl::Status ReadQuantization(const std::string& config_path);
-  absl::StatusOr<Tensor> DequantizeFp8(absl::string_view name, const Tensor& weight) const;
+  absl::Status DequantizeFp8(absl::string_view name, const Tensor& weight, float* dst) const;
 
   std::string dir_;
   nlohmann::json config_;

@@ -18,11 +18,12 @@ Tensor Pack(const Tensor& stacked, int64_t inter, int64_t cols) {
 // Stacks separate gate [I,H] and up [I,H] projections into gate_up [2I,H].
 absl::StatusOr<Tensor> StackGateUp(const Checkpoint& ckpt, const std::string& gate_name,
                                    const std::string& up_name, int64_t inter, int64_t hidden) {
-  ASSIGN_OR_RETURN(Tensor gate, ckpt.GetF32(gate_name, {inter, hidden}));
-  ASSIGN_OR_RETURN(Tensor up, ckpt.GetF32(up_name, {inter, hidden}));
+  // Both shapes are the files' before anything is allocated.
+  RETURN_IF_ERROR(ckpt.Get(gate_name, {inter, hidden}).status());
+  RETURN_IF_ERROR(ckpt.Get(up_name, {inter, hidden}).status());
   Tensor out = Tensor::Empty(DType::kF32, {2 * inter, hidden});
-  std::memcpy(out.mutable_data<float>(), gate.data<float>(), gate.nbytes());
-  std::memcpy(out.mutable_data<float>() + inter * hidden, up.data<float>(), up.nbytes());
+  RETURN_IF_ERROR(ckpt.ReadF32(gate_name, {inter, hidden}, out.mutable_data<float>()));
+  RETURN_IF_ERROR(ckpt.ReadF32(up_name, {inter, hidden}, out.mutable_data<float>() + inter * hidden));
   return out;
 }
 
