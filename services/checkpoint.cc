@@ -152,34 +152,38 @@ absl::StatusOr<Tensor> Checkpoint::Get(absl::string_view name,
 
 absl::StatusOr<Tensor> Checkpoint::GetF32(absl::string_view name,
                                           const std::vector<int64_t>& shape) const {
-  RETURN_IF_ERROR(Get(name, shape).status());  // the shape is the file's before it is allocated
+  ASSIGN_OR_RETURN(Tensor t, Get(name, shape));  // the file's shape, before anything is allocated
   Tensor out = Tensor::Empty(DType::kF32, shape);
-  RETURN_IF_ERROR(ReadF32(name, shape, out.mutable_data<float>()));
+  RETURN_IF_ERROR(ConvertInto(name, t, out.mutable_data<float>()));
   return out;
 }
 
 absl::Status Checkpoint::ReadF32(absl::string_view name, const std::vector<int64_t>& shape,
                                  float* dst) const {
   ASSIGN_OR_RETURN(Tensor t, Get(name, shape));
+  return ConvertInto(name, t, dst);
+}
+
+absl::Status Checkpoint::ConvertInto(absl::string_view name, const Tensor& t, float* dst) const {
   if (t.dtype() == DType::kF8E4M3) return DequantizeFp8(name, t, dst);
   if (!IsFloatingActivation(t.dtype())) {
-    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor '", name, "' has dtype ",
-                                                   DTypeName(t.dtype()),
-                                                   ", expected F32, BF16, F16 or block-scaled F8_E4M3"));
+    return WrongDType(name, t.dtype(), "F32, BF16, F16 or block-scaled F8_E4M3");
   }
   ConvertToF32(t.dtype(), t.raw(), static_cast<size_t>(t.numel()), dst);
   return absl::OkStatus();
+}
+
+absl::Status Checkpoint::WrongDType(absl::string_view name, DType dtype,
+                                    absl::string_view expected) const {
+  return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor '", name, "' has dtype ",
+                                                 DTypeName(dtype), ", expected ", expected));
 }
 
 absl::StatusOr<Tensor> Checkpoint::GetSliceF32(absl::string_view name,
                                                const std::vector<int64_t>& shape,
                                                int64_t index) const {
   ASSIGN_OR_RETURN(Tensor t, Get(name, shape));
-  if (!IsFloatingActivation(t.dtype())) {
-    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor '", name, "' has dtype ",
-                                                   DTypeName(t.dtype()),
-                                                   ", expected F32, BF16 or F16"));
-  }
+  if (!IsFloatingActivation(t.dtype())) return WrongDType(name, t.dtype(), "F32, BF16 or F16");
   if (shape.empty() || index < 0 || index >= shape[0]) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': entry ", index, " of ",
                                                    ShapeString(shape)));
@@ -209,9 +213,7 @@ absl::Status Checkpoint::DequantizeFp8(absl::string_view name, const Tensor& wei
         "' ", ShapeString(weight.shape()), ")"));
   }
   if (!IsFloatingActivation(scale->dtype())) {
-    return absl::InvalidArgumentError(absl::StrCat(FileOf(scale_name), ": tensor '", scale_name,
-                                                   "' has dtype ", DTypeName(scale->dtype()),
-                                                   ", expected F32, BF16 or F16"));
+    return WrongDType(scale_name, scale->dtype(), "F32, BF16 or F16");
   }
   ASSIGN_OR_RETURN(Tensor scale_f32, scale->ToF32());
   DequantizeBlockFp8(static_cast<const uint8_t*>(weight.raw()), rows, cols, scale_f32.data<float>(),
@@ -236,10 +238,7 @@ absl::StatusOr<Tensor> Checkpoint::GetMxfp4(absl::string_view stem, int64_t inde
   ASSIGN_OR_RETURN(Tensor blocks, Get(blocks_name, {shape[0], rows, cols / 32, 16}));
   ASSIGN_OR_RETURN(Tensor scales, Get(scales_name, {shape[0], rows, cols / 32}));
   for (const auto& [t, n] : {std::pair{&blocks, &blocks_name}, std::pair{&scales, &scales_name}}) {
-    if (t->dtype() != DType::kU8) {
-      return absl::InvalidArgumentError(absl::StrCat(FileOf(*n), ": tensor '", *n, "' has dtype ",
-                                                     DTypeName(t->dtype()), ", expected U8"));
-    }
+    if (t->dtype() != DType::kU8) return WrongDType(*n, t->dtype(), "U8");
   }
   const Tensor b = blocks.Slice(index), s = scales.Slice(index);
   Tensor out = Tensor::Empty(DType::kF32, {rows, cols});

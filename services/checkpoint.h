@@ -57,6 +57,10 @@ class Checkpoint {
   Checkpoint() = default;
   absl::Status ReadQuantization(const std::string& config_path);
   absl::Status DequantizeFp8(absl::string_view name, const Tensor& weight, float* dst) const;
+  // `t` (the view of tensor `name`) as float32 into dst.
+  absl::Status ConvertInto(absl::string_view name, const Tensor& t, float* dst) const;
+  // INVALID_ARGUMENT naming the file, the tensor, its dtype and the expected ones.
+  absl::Status WrongDType(absl::string_view name, DType dtype, absl::string_view expected) const;
 
   std::string dir_;
   nlohmann::json config_;
