@@ -28,11 +28,12 @@ constexpr uint16_t kReplyAm = 2;
 constexpr uint16_t kHelloAm = 3;
 constexpr uint64_t kMagic = 0x314873654d656f4dULL;  // "MoeMesh1"
 
-// How long a call may wait on a service whose transport cannot report failure before
-// the control plane is asked whether it is still there, and how often after that.
 // UCX's shared-memory fragment (FIFO element) size unless the environment sets one:
 // 32 KiB of payload plus the 64 bytes of headers UCX's own 8256 default allows.
 constexpr char kPosixSegSize[] = "32832";
+
+// How long a call may wait on a service whose transport cannot report failure before
+// the control plane is asked whether it is still there, and how often after that.
 constexpr auto kProbeAfter = std::chrono::milliseconds(100);
 constexpr auto kProbeTimeout = std::chrono::milliseconds(500);
 
