@@ -26,12 +26,12 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/dtype.h"
 #include "nlohmann/json.hpp"
-#include "services/checkpoint.h"
-#include "services/model_config.h"
-#include "services/moe_weights.h"
-#include "services/safetensors.h"
-#include "services/status_macros.h"
-#include "tools/cli_args.h"
+#include "services/model/checkpoint.h"
+#include "services/model/model_config.h"
+#include "services/model/moe_weights.h"
+#include "services/model/safetensors.h"
+#include "services/base/status_macros.h"
+#include "services/runtime/flags.h"
 
 namespace moemesh {
 namespace {

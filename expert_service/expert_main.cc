@@ -4,12 +4,12 @@
 #include <memory>
 
 #include "expert_service/expert_server.h"
-#include "services/allocator.h"
-#include "services/checkpoint.h"
-#include "services/metrics_exposer.h"
-#include "services/signals.h"
-#include "services/status_macros.h"
-#include "tools/cli_args.h"
+#include "services/runtime/allocator.h"
+#include "services/model/checkpoint.h"
+#include "services/metrics/exposer.h"
+#include "services/runtime/signals.h"
+#include "services/base/status_macros.h"
+#include "services/runtime/flags.h"
 
 namespace moemesh {
 namespace {

@@ -10,11 +10,11 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "kernels/cpu/expert_ffn.h"
-#include "services/concurrency_limit.h"
-#include "services/grpc_server.h"
-#include "services/moe_gate.h"
-#include "services/status_macros.h"
-#include "services/wire.h"
+#include "services/runtime/concurrency_limit.h"
+#include "services/rpc/grpc_server.h"
+#include "services/moe/moe_gate.h"
+#include "services/base/status_macros.h"
+#include "services/rpc/wire.h"
 
 namespace moemesh {
 

@@ -44,10 +44,10 @@
 #include "expert_service/expert_store.h"
 #include "expert_service/gpu_experts.h"
 #include "kernels/cpu/thread_pool.h"
-#include "services/concurrency_limit.h"
-#include "services/load_stats.h"
-#include "services/metrics.h"
-#include "services/ucx_transport.h"
+#include "services/runtime/concurrency_limit.h"
+#include "services/mesh/load_stats.h"
+#include "services/metrics/metrics.h"
+#include "services/transport/ucx/ucx_transport.h"
 
 namespace moemesh {
 
@@ -72,7 +72,7 @@ struct ExpertServerOptions {
   metrics::Registry* registry = nullptr;
   // Which per-expert series to export (ExpertSeriesSelection::Parse).
   std::string expert_metrics = "auto";
-  // Also serve Compute over UCX (services/ucx_transport.h); Info then carries the
+  // Also serve Compute over UCX (services/transport/ucx/ucx_transport.h); Info then carries the
   // worker address. gRPC serves every call either way.
   bool ucx = false;
   // How long the UCX worker polls after its last message before it sleeps.

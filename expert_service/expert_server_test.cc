@@ -24,10 +24,10 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
-#include "services/metrics_testing.h"
-#include "services/model_generator.h"
-#include "services/grpc_server.h"
-#include "services/wire.h"
+#include "services/metrics/testing.h"
+#include "services/model/model_generator.h"
+#include "services/rpc/grpc_server.h"
+#include "services/rpc/wire.h"
 #include "tools/process.h"
 
 namespace moemesh {

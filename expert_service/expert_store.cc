@@ -3,7 +3,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
-#include "services/status_macros.h"
+#include "services/base/status_macros.h"
 
 namespace moemesh {
 

@@ -22,9 +22,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "services/checkpoint.h"
-#include "services/model_config.h"
-#include "services/moe_weights.h"
+#include "services/model/checkpoint.h"
+#include "services/model/model_config.h"
+#include "services/model/moe_weights.h"
 
 namespace moemesh {
 

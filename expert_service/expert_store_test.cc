@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "services/model_generator.h"
+#include "services/model/model_generator.h"
 
 namespace moemesh {
 namespace {

@@ -23,7 +23,7 @@
 // computed there while the others compute theirs. The load each expert sees is counted,
 // and every rebalance interval the experts of a layer whose GPUs are unevenly loaded are
 // swapped or moved between the GPUs, their weights copied GPU to GPU over NCCL
-// (services/nccl_node.h; NVLink where the node has it), never re-read from the host; the
+// (services/cuda/nccl_node.h; NVLink where the node has it), never re-read from the host; the
 // new layout takes over whole, as after a Sync. Written for eight GPUs; runs with one.
 //
 // Built without CUDA (or with no device), Create fails with UNIMPLEMENTED /
@@ -72,7 +72,7 @@ struct GpuDeviceMemory {
 
 class GpuExperts {
  public:
-  // Whether this build has CUDA and the machine a device; how many devices.
+  // Whether this build has CUDA and the machine a device; how many devices (0 on any error).
   static bool Available() { return DeviceCount() > 0; }
   static int DeviceCount();
   // On `options.devices`. FAILED_PRECONDITION for a model the kernels do not take (H not a
@@ -100,5 +100,15 @@ class GpuExperts {
   // Experts moved between GPUs so far.
   virtual int64_t moves() const = 0;
 };
+
+// What the CUDA plugin publishes for GpuExperts (services/cuda/plugin.h); Create goes
+// through it.
+struct GpuExpertsEntry {
+  static constexpr int kVersion = 3;
+  int version = kVersion;
+  absl::StatusOr<std::unique_ptr<GpuExperts>> (*create)(const MoeModelConfig& config,
+                                                        const GpuExpertsOptions& options) = nullptr;
+};
+inline constexpr char kGpuExpertsEntry[] = "moemesh_cuda_experts_v3";
 
 }  // namespace moemesh

@@ -14,9 +14,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
-#include "services/model_generator.h"
-#include "services/status_macros.h"
-#include "services/wire.h"
+#include "services/model/model_generator.h"
+#include "services/base/status_macros.h"
+#include "services/rpc/wire.h"
 
 namespace moemesh {
 namespace {

@@ -1,6 +1,6 @@
 // How an expert service that owns several local GPUs (--device cuda --gpu 0,1,...) spreads
 // each layer's held experts over them, and how it evens out their load at run time. Pure
-// functions, no CUDA: GpuExperts (expert_service/gpu_experts.cc) applies what they decide,
+// functions, no CUDA: GpuExperts (expert_service/gpu_experts_cuda.cc) applies what they decide,
 // moving weights between the GPUs with NCCL.
 //
 // Memory comes first: a GPU never holds more of a layer's experts than an even spread

@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "services/status_macros.h"
-#include "services/wire.h"
+#include "services/base/status_macros.h"
+#include "services/rpc/wire.h"
 
 namespace moemesh {
 

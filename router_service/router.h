@@ -25,13 +25,13 @@
 
 #include "absl/status/statusor.h"
 #include "router_service/router_metrics.h"
-#include "services/checkpoint.h"
-#include "services/load_stats.h"
-#include "services/model_config.h"
-#include "services/moe_gate.h"
-#include "services/moe_layer.h"
-#include "services/placement.h"
-#include "services/transport.h"
+#include "services/model/checkpoint.h"
+#include "services/mesh/load_stats.h"
+#include "services/model/model_config.h"
+#include "services/moe/moe_gate.h"
+#include "services/moe/moe_layer.h"
+#include "services/mesh/placement.h"
+#include "services/transport/transport.h"
 
 namespace moemesh {
 

@@ -5,12 +5,12 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "router_service/router_server.h"
-#include "services/metrics_exposer.h"
-#include "services/ucx_transport.h"
-#include "services/allocator.h"
-#include "services/signals.h"
-#include "services/status_macros.h"
-#include "tools/cli_args.h"
+#include "services/metrics/exposer.h"
+#include "services/transport/ucx/ucx_transport.h"
+#include "services/runtime/allocator.h"
+#include "services/runtime/signals.h"
+#include "services/base/status_macros.h"
+#include "services/runtime/flags.h"
 
 namespace moemesh {
 

@@ -1,7 +1,7 @@
 #include "router_service/router_metrics.h"
 
 #include "absl/strings/str_cat.h"
-#include "services/status_macros.h"
+#include "services/base/status_macros.h"
 
 namespace moemesh {
 

@@ -12,9 +12,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "services/load_stats.h"
-#include "services/metrics.h"
-#include "services/model_config.h"
+#include "services/mesh/load_stats.h"
+#include "services/metrics/metrics.h"
+#include "services/model/model_config.h"
 
 namespace moemesh {
 

@@ -7,9 +7,9 @@
 #include "absl/strings/str_cat.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "router_control.grpc.pb.h"
-#include "services/grpc_server.h"
-#include "services/status_macros.h"
-#include "services/wire.h"
+#include "services/rpc/grpc_server.h"
+#include "services/base/status_macros.h"
+#include "services/rpc/wire.h"
 
 namespace moemesh {
 namespace {

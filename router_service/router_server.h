@@ -27,7 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "router_service/router.h"
-#include "services/concurrency_limit.h"
+#include "services/runtime/concurrency_limit.h"
 
 namespace moemesh {
 

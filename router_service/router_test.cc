@@ -15,9 +15,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
-#include "services/metrics_testing.h"
-#include "services/model_generator.h"
-#include "services/wire.h"
+#include "services/metrics/testing.h"
+#include "services/model/model_generator.h"
+#include "services/rpc/wire.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "router_control.grpc.pb.h"
 

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "services/safetensors.h"
+#include "services/model/safetensors.h"
 
 #ifndef MOEMESH_BINARY
 #error "MOEMESH_BINARY must name the moemesh executable"

@@ -8,10 +8,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "services/checkpoint.h"
-#include "services/model_config.h"
-#include "services/moe_layer.h"
-#include "services/safetensors.h"
+#include "services/model/checkpoint.h"
+#include "services/model/model_config.h"
+#include "services/moe/moe_layer.h"
+#include "services/model/safetensors.h"
 
 namespace moemesh {
 namespace {

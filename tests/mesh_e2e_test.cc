@@ -17,11 +17,11 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "services/checkpoint.h"
-#include "services/grpc_server.h"
-#include "services/model_generator.h"
-#include "services/moe_layer.h"
-#include "services/safetensors.h"
+#include "services/model/checkpoint.h"
+#include "services/rpc/grpc_server.h"
+#include "services/model/model_generator.h"
+#include "services/moe/moe_layer.h"
+#include "services/model/safetensors.h"
 #include "tools/local_mesh.h"
 #include "tools/process.h"
 

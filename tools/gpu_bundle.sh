@@ -14,11 +14,12 @@ ninja -C "$BUILD" "${targets[@]}"
 rm -rf .gpu
 BUNDLE=../shared/tools/gpu-bundle
 [[ -x "$BUNDLE" ]] || BUNDLE=/work/shared/tools/gpu-bundle
-"$BUNDLE" .gpu "$(find "$BUILD" -name cuda_convert_test -type f)" \
-  "$(find "$BUILD" -name cuda_routing_test -type f)" "$(find "$BUILD" -name cuda_permute_test -type f)" \
-  "$(find "$BUILD" -name cuda_grouped_ffn_test -type f)" "$BUILD/expert_service/gpu_experts_test" \
-  "$BUILD/services/gpu_gate_test" "$BUILD/services/ucx_device_test" "$BUILD/services/nccl_node_test" \
-  "$BUILD/bench/moe_gpu_bench" \
+tests=()
+for t in cuda_convert_test cuda_routing_test cuda_permute_test cuda_grouped_ffn_test gpu_experts_test \
+         gpu_gate_test ucx_device_test nccl_node_test; do
+  tests+=("$(find "$BUILD" -name "$t" -type f -perm -u+x | head -1)")
+done
+"$BUNDLE" .gpu "${tests[@]}" "$BUILD/bench/moe_gpu_bench" \
   "$BUILD/tools/moemesh" "$BUILD/lib/libmoemesh_cuda.so"  # the plugin beside the binaries
 strip --strip-unneeded .gpu/bin/* .gpu/lib/*.so* 2>/dev/null || true
 tar -C .gpu -cf - bin lib | xz -T0 -6 > .gpu/bundle.tar.xz

@@ -8,10 +8,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "services/checkpoint.h"
-#include "services/grpc_server.h"
-#include "services/status_macros.h"
-#include "services/wire.h"
+#include "services/model/checkpoint.h"
+#include "services/rpc/grpc_server.h"
+#include "services/base/status_macros.h"
+#include "services/rpc/wire.h"
 
 namespace moemesh {
 

@@ -15,7 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "services/signals.h"
+#include "services/runtime/signals.h"
 
 extern char** environ;
 
@@ -43,7 +43,7 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(const std::vec
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
-  // The child stops when this process dies (services/signals.h, StopWithParent).
+  // The child stops when this process dies (services/runtime/signals.h, StopWithParent).
   const std::string parent = absl::StrCat(kParentPidEnv, "=", ::getpid());
   std::vector<char*> env;
   for (char** e = environ; *e != nullptr; ++e) {

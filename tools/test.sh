@@ -26,7 +26,7 @@ CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWit
 ninja -C build-fuzz safetensors_header_fuzzer
 corpus=$(mktemp -d)
 cp tests/fuzz_corpus/safetensors/* "$corpus"/
-build-fuzz/services/safetensors_header_fuzzer -max_total_time="${FUZZ_SECONDS:-60}" \
+build-fuzz/services/model/safetensors_header_fuzzer -max_total_time="${FUZZ_SECONDS:-60}" \
   -max_len=4096 -print_final_stats=1 "$corpus" 2>&1 | tail -n 12
 rm -rf "$corpus"
 echo "all test stages passed"

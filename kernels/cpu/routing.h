@@ -1,7 +1,7 @@
 // Token-choice routing on the CPU: router logits -> (expert ids, weights) per token.
 //
 // One parameterised routine covers every family in MODEL_FAMILIES.md: the family
-// code (services/model_config.h) only fills RoutingParams. Logits arrive in float32
+// code (services/model/model_config.h) only fills RoutingParams. Logits arrive in float32
 // (x·Wgᵀ + bias, computed by the caller's GEMM), as HF computes them.
 //
 // Selection order: each token's k choices come out in descending order of the

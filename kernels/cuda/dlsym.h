@@ -1,5 +1,5 @@
 // Resolving the calls of a library loaded with dlopen on first use (cuBLAS in
-// kernels/cuda/cublas.cc, NCCL in services/nccl_node.cc).
+// kernels/cuda/cublas.cc, NCCL in services/cuda/nccl_node.cc).
 #pragma once
 
 #include <dlfcn.h>

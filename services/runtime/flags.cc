@@ -1,0 +1,96 @@
+#include "services/runtime/flags.h"
+
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+
+namespace moemesh {
+
+absl::StatusOr<CliArgs> CliArgs::Parse(const std::vector<std::string>& args,
+                                       const std::set<std::string>& known,
+                                       const std::set<std::string>& switches) {
+  CliArgs out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a.rfind("--", 0) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", a, "'"));
+    }
+    std::string name = a.substr(2), value;
+    const size_t eq = name.find('=');
+    const bool inline_value = eq != std::string::npos;
+    if (inline_value) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    }
+    if (!known.count(name)) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name, "; known: --",
+                                                     absl::StrJoin(known, ", --")));
+    }
+    if (switches.count(name)) {
+      value = inline_value ? value : "true";
+    } else if (!inline_value) {
+      if (i + 1 >= args.size()) {
+        return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+      }
+      value = args[++i];
+    }
+    out.values_[name] = value;
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> CliArgs::Required(const std::string& name) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return absl::InvalidArgumentError(absl::StrCat("missing --", name));
+  return it->second;
+}
+
+std::string CliArgs::String(const std::string& name, const std::string& fallback) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? fallback : it->second;
+}
+
+absl::StatusOr<int64_t> CliArgs::Int(const std::string& name, int64_t fallback) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  int64_t v;
+  if (!absl::SimpleAtoi(it->second, &v)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " wants an integer, got '", it->second, "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<double> CliArgs::Double(const std::string& name, double fallback) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  double v;
+  if (!absl::SimpleAtod(it->second, &v)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " wants a number, got '", it->second, "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args) {
+  const std::string device = args.String("device", "cpu");
+  if (device != "cpu" && device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
+  std::vector<int> gpus;
+  for (absl::string_view s : absl::StrSplit(args.String("gpu", "0"), ',')) {
+    int gpu;
+    if (!absl::SimpleAtoi(s, &gpu) || gpu < 0 || gpu > 1023) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--gpu wants GPU numbers in [0, 1023], comma-separated; got '", s, "'"));
+    }
+    if (std::find(gpus.begin(), gpus.end(), gpu) != gpus.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("--gpu names GPU ", gpu, " twice"));
+    }
+    gpus.push_back(gpu);
+  }
+  if (device == "cpu") gpus.clear();
+  return gpus;
+}
+
+}  // namespace moemesh
