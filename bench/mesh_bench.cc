@@ -30,11 +30,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "services/runtime/allocator.h"
+#include "services/runtime/serving_settings.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_generator.h"
 #include "services/moe/moe_layer.h"
 #include "services/base/status_macros.h"
+#include "services/transport/grpc_transport.h"
 #include "services/transport/transport.h"
 #include "services/runtime/flags.h"
 #include "tools/http_client.h"
@@ -276,7 +277,7 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
-  moemesh::ConfigureAllocatorForServing();  // as the services do: both sides alike
+  moemesh::ConfigureForServing();  // as the services do: both sides alike
   const absl::Status s = moemesh::Run(argc, argv);
   if (!s.ok()) {
     std::fprintf(stderr, "mesh_bench: %s\n", std::string(s.ToString()).c_str());

@@ -49,6 +49,7 @@
 #include "services/model/safetensors.h"
 #include "services/base/status_macros.h"
 #include "services/runtime/flags.h"
+#include "services/runtime/serving_settings.h"
 
 namespace moemesh {
 namespace {
@@ -364,6 +365,7 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
+  moemesh::ConfigureForServing();  // as the services run the same layer
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
       std::fputs(moemesh::kUsage, stdout);

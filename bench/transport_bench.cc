@@ -29,14 +29,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
-#include "services/runtime/allocator.h"
+#include "services/runtime/serving_settings.h"
 #include "services/rpc/grpc_server.h"
 #include "services/runtime/signals.h"
 #include "services/base/status_macros.h"
+#include "services/transport/grpc_transport.h"
 #include "services/transport/transport.h"
 #include "services/rpc/wire.h"
 #include "services/transport/ucx/testing.h"
-#include "services/transport/ucx/ucx_transport.h"
+#include "services/transport/ucx/client.h"
+#include "services/transport/ucx/compute_server.h"
+#include "services/transport/ucx/protocol.h"
 #include "services/runtime/flags.h"
 #include "tools/process.h"
 
@@ -46,7 +49,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kSinkLayer = 1;  // answered with an empty reply
 
-absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+absl::Status Echo(const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
   if (req.layer() == kSinkLayer) return absl::OkStatus();
   return EchoRows(req, rows, resp);
 }
@@ -252,7 +255,7 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
-  moemesh::ConfigureAllocatorForServing();  // as the services do: both sides alike
+  moemesh::ConfigureForServing();  // as the services do: both sides alike
   const absl::Status s = moemesh::Run(argc, argv);
   if (!s.ok()) {
     std::fprintf(stderr, "transport_bench: %s\n", s.ToString().c_str());

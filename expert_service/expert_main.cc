@@ -4,10 +4,9 @@
 #include <memory>
 
 #include "expert_service/expert_server.h"
-#include "services/runtime/allocator.h"
 #include "services/model/checkpoint.h"
 #include "services/metrics/exposer.h"
-#include "services/runtime/signals.h"
+#include "services/runtime/service_main.h"
 #include "services/base/status_macros.h"
 #include "services/runtime/flags.h"
 
@@ -33,9 +32,6 @@ constexpr char kUsage[] =
     "    (--gpu 0,1,2,3): the experts spread over them, moved between them over NCCL every\n"
     "    --gpu-rebalance-s seconds (default 5; 0: never) when their load is uneven\n";
 
-// How long a stop signal leaves in-flight calls to finish.
-constexpr auto kDrainTime = std::chrono::seconds(10);
-
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
                                                        "max-message-mb", "threads",
@@ -46,20 +42,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
   o.service_id = args.String("service-id", o.service_id);
-  ASSIGN_OR_RETURN(int64_t mb, args.Int("max-message-mb", o.max_message_bytes >> 20));
-  if (mb <= 0 || mb > 2047)
-    return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
-  o.max_message_bytes = static_cast<int>(mb << 20);
-  const std::string transport = args.String("transport", "grpc");
-  if (transport != "grpc" && transport != "ucx") {
-    return absl::InvalidArgumentError("--transport must be grpc or ucx");
-  }
-  o.ucx = transport == "ucx";
-  ASSIGN_OR_RETURN(int64_t spin_us, args.Int("ucx-spin-us", o.ucx_spin.count()));
-  if (spin_us < 0 || spin_us > 1000000) {
-    return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
-  }
-  o.ucx_spin = std::chrono::microseconds(spin_us);
+  ASSIGN_OR_RETURN(o.max_message_bytes, ParseMessageLimit(args, o.max_message_bytes));
+  ASSIGN_OR_RETURN(const TransportFlags transport, ParseTransportFlags(args, o.ucx_spin));
+  o.ucx = transport.ucx;
+  o.ucx_spin = transport.ucx_spin;
   ASSIGN_OR_RETURN(o.gpus, ParseDeviceFlags(args));
   ASSIGN_OR_RETURN(double rebalance_s, args.Double("gpu-rebalance-s", 5.0));
   if (!(rebalance_s >= 0 && rebalance_s <= 86400)) {
@@ -77,10 +63,6 @@ absl::Status Run(const std::vector<std::string>& argv) {
     ASSIGN_OR_RETURN(o.experts, ParseExpertSpec(args.String("experts", "all"), config));
   }
 
-  // Before any thread starts, so that every thread inherits the mask and the signal
-  // reaches only WaitForStopSignal: no work happens inside a signal handler.
-  BlockStopSignals();
-  StopWithParent();
   std::unique_ptr<ThreadPool> pool;
   if (threads > 0) {
     pool = std::make_unique<ThreadPool>(static_cast<int>(threads));
@@ -102,28 +84,14 @@ absl::Status Run(const std::vector<std::string>& argv) {
   std::fprintf(stderr, "expert service %s: %lld experts, %.1f MiB of weights\n",
                o.service_id.c_str(), static_cast<long long>(server->store().size()),
                server->store().weight_bytes() / 1048576.0);
-  const std::string host = o.listen.substr(0, o.listen.rfind(':'));
-  std::printf("listening on %s:%d\n", host.c_str(), server->port());
-  std::fflush(stdout);
-
-  const int sig = WaitForStopSignal();
-  std::fprintf(stderr, "expert service %s: signal %d, draining %lld in-flight calls\n",
-               o.service_id.c_str(), sig, static_cast<long long>(server->in_flight()));
-  server->Shutdown(std::chrono::system_clock::now() + kDrainTime);
-  server->Wait();
+  ServeUntilStopSignal("expert service", o.listen, *server);
   return absl::OkStatus();
 }
 
 }  // namespace
 
 int ExpertServiceMain(const std::vector<std::string>& args) {
-  ConfigureAllocatorForServing();
-  const absl::Status s = Run(args);
-  if (!s.ok()) {
-    std::fprintf(stderr, "moemesh expert: %s\n%s", std::string(s.ToString()).c_str(), kUsage);
-    return 1;
-  }
-  return 0;
+  return RunServiceMain("expert", kUsage, [&] { return Run(args); });
 }
 
 }  // namespace moemesh

@@ -12,7 +12,7 @@
 #include "kernels/cpu/expert_ffn.h"
 #include "services/runtime/concurrency_limit.h"
 #include "services/rpc/grpc_server.h"
-#include "services/moe/moe_gate.h"
+#include "services/base/scratch.h"
 #include "services/base/status_macros.h"
 #include "services/rpc/wire.h"
 
@@ -207,37 +207,29 @@ absl::StatusOr<std::vector<ExpertKey>> ParseExpertSpec(absl::string_view spec,
   return keys;
 }
 
-absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows& row_bytes,
-                                   v1::ComputeResponse* resp) {
-  const auto start = std::chrono::steady_clock::now();
-  const MoeModelConfig& config = store_->config();
-  const int64_t layer = req.layer(), H = config.hidden_size;
-  RETURN_IF_ERROR(config.CheckMoeLayer(layer));
-  const absl::StatusOr<DType> out_dtype = FromProtoDType(req.output_dtype());
-  if (!out_dtype.ok() || (*out_dtype != DType::kF32 && *out_dtype != DType::kBF16)) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": output_dtype ",
+absl::StatusOr<DType> ExpertServer::CheckOutputDType(const v1::ComputeRequest& req) const {
+  RETURN_IF_ERROR(store_->config().CheckMoeLayer(req.layer()));
+  const absl::StatusOr<DType> dtype = FromProtoDType(req.output_dtype());
+  if (!dtype.ok() || (*dtype != DType::kF32 && *dtype != DType::kBF16)) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", req.layer(), ": output_dtype ",
                                                    static_cast<int>(req.output_dtype()),
                                                    " is not F32 (1) or BF16 (2)"));
   }
+  return *dtype;
+}
 
-  // Everything is checked before anything is computed. Each batch gets its place in
-  // the per-call buffers: rows [row, row + n) of x and y, its own gate/up and h scratch.
-  struct Batch {
-    // Keeps the expert alive even if it is unloaded while this call computes.
-    std::shared_ptr<const ExpertWeights> weights;
-    ExpertFfnWeights view;
-    int32_t expert;
-    Tensor rows;  // a view of the request's bytes
-    int64_t n, row, gu_offset, h_offset;
-  };
+absl::StatusOr<std::vector<ExpertServer::Batch>> ExpertServer::CheckBatches(
+    const v1::ComputeRequest& req, const RowSegments& row_bytes) const {
+  const MoeModelConfig& config = store_->config();
+  const int64_t layer = req.layer(), H = config.hidden_size;
+  if (!row_bytes.empty() && static_cast<int>(row_bytes.size()) != req.batches_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", layer, ": ", row_bytes.size(), " row segments for ", req.batches_size(), " batches"));
+  }
   std::vector<Batch> batches;
   batches.reserve(req.batches_size());
   std::vector<bool> seen(config.num_experts, false);
-  int64_t total_rows = 0, gu_floats = 0, h_floats = 0;
-  if (!row_bytes.empty() && static_cast<int>(row_bytes.size()) != req.batches_size()) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": ", row_bytes.size(),
-                                                   " row segments for ", req.batches_size(), " batches"));
-  }
+  int64_t row = 0;
   for (const v1::ExpertRows& b : req.batches()) {
     const int32_t e = b.expert();
     const std::string what = absl::StrCat("layer ", layer, " expert ", e);
@@ -246,8 +238,7 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
           absl::StrCat(what, ": expert out of range [0, ", config.num_experts, ")"));
     }
     if (seen[e]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": expert appears twice in the request"));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": expert appears twice in the request"));
     }
     seen[e] = true;
     ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> weights, store_->Get(layer, e));
@@ -263,94 +254,73 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
       return absl::InvalidArgumentError(absl::StrCat(
           what, ": rows have dtype ", DTypeName(rows.dtype()), ", expected F32 or BF16"));
     }
-    const ExpertFfnWeights view = weights->View(config);
     const int64_t n = rows.dim(0);
-    batches.push_back(
-        {std::move(weights), view, e, std::move(rows), n, total_rows, gu_floats, h_floats});
-    total_rows += n;
-    gu_floats += GateUpScratch(view, n);
-    h_floats += HiddenScratch(view, n);
+    batches.push_back({std::move(weights), e, std::move(rows), n, row});
+    row += n;
   }
+  return batches;
+}
 
-  // Scratch is reused across calls and only ever grown: fresh buffers of this size
-  // (hundreds of MB at large T) would be page-faulted in on every call, which cost more
-  // than the GEMMs. One more float keeps the pointers valid when every batch is empty.
-  // A LIFO free list hands the most recently used (hottest) scratch to the next call.
-  std::unique_ptr<Scratch> scratch;
-  {
-    std::lock_guard<std::mutex> lock(scratch_mu_);
-    if (!free_scratch_.empty()) {
-      scratch = std::move(free_scratch_.back());
-      free_scratch_.pop_back();
-    }
+void ExpertServer::RunOnCpu(const std::vector<Batch>& batches, Scratch& scratch, float* y) {
+  const MoeModelConfig& config = store_->config();
+  const int64_t H = config.hidden_size, n = static_cast<int64_t>(batches.size());
+  const int64_t rows = batches.empty() ? 0 : batches.back().row + batches.back().n;
+  float* const x = Sized(scratch.x, rows * H + 1);
+  pool_->ParallelFor(n, [&](int64_t i) {
+    const Batch& b = batches[i];
+    // Checked: F32 and BF16 always convert.
+    ConvertToF32(b.rows.dtype(), b.rows.raw(), b.n * H, x + b.row * H);
+  });
+  scratch.batches.clear();
+  for (const Batch& b : batches) {
+    scratch.batches.push_back({b.weights->View(config), x + b.row * H, b.n, y + b.row * H});
   }
-  if (!scratch) scratch = std::make_unique<Scratch>();
-  struct GiveBack {
-    ExpertServer* server;
-    std::unique_ptr<Scratch>& scratch;
-    ~GiveBack() {
-      std::lock_guard<std::mutex> lock(server->scratch_mu_);
-      server->free_scratch_.push_back(std::move(scratch));
-    }
-  } give_back{this, scratch};
-  float* const y = Sized(scratch->y, total_rows * H + 1);
-  const int64_t num_batches = static_cast<int64_t>(batches.size());
-  if (gpu_ != nullptr) {
-    // Every batch in one grouped launch per stage on the GPU; y in request order.
-    std::vector<GpuBatch> on_gpu;
-    on_gpu.reserve(batches.size());
-    for (const Batch& b : batches) on_gpu.push_back({b.expert, b.rows.raw(), b.rows.dtype(), b.n});
-    RETURN_IF_ERROR(gpu_->Compute(layer, on_gpu, y));
-  } else {
-    float* const x = Sized(scratch->x, total_rows * H + 1);
-    float* const gu = Sized(scratch->gu, gu_floats + 1);
-    float* const h = Sized(scratch->h, h_floats + 1);
-    pool_->ParallelFor(num_batches, [&](int64_t i) {
-      const Batch& b = batches[i];
-      // Checked above: F32 and BF16 always convert.
-      ConvertToF32(b.rows.dtype(), b.rows.raw(), b.n * H, x + b.row * H);
-    });
+  const ExpertScratchSize size = ScratchFor(scratch.batches);
+  // One more float keeps the pointers valid when every batch is empty.
+  AssignScratch(scratch.batches, Sized(scratch.gu, size.gate_up + 1),
+                Sized(scratch.h, size.hidden + 1));
+  RunExpertBatches(*pool_, scratch.batches, scratch.tasks);
+}
 
-    // The kernels' canonical tasks over every batch: all gate/up tasks in one
-    // ParallelFor, then all down tasks, as MoeLayer::RunExperts runs them.
-    struct Task {
-      int64_t batch, index;
-    };
-    std::vector<Task> tasks;
-    for (int64_t i = 0; i < num_batches; ++i) {
-      if (batches[i].n == 0) continue;
-      for (int64_t t = 0; t < NumGateUpTasks(batches[i].view); ++t) tasks.push_back({i, t});
-    }
-    pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-      const Batch& b = batches[tasks[k].batch];
-      ExpertGateUpTask(b.view, x + b.row * H, b.n, tasks[k].index, gu + b.gu_offset,
-                       h + b.h_offset);
-    });
-    tasks.clear();
-    for (int64_t i = 0; i < num_batches; ++i) {
-      if (batches[i].n == 0) continue;
-      for (int64_t t = 0; t < NumDownTasks(batches[i].view); ++t) tasks.push_back({i, t});
-    }
-    pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-      const Batch& b = batches[tasks[k].batch];
-      ExpertDownTask(b.view, h + b.h_offset, b.n, tasks[k].index, y + b.row * H);
-    });
-  }
+absl::Status ExpertServer::RunOnGpu(int64_t layer, const std::vector<Batch>& batches, float* y) {
+  std::vector<GpuBatch> on_gpu;
+  on_gpu.reserve(batches.size());
+  for (const Batch& b : batches) on_gpu.push_back({b.expert, b.rows.raw(), b.rows.dtype(), b.n});
+  return gpu_->Compute(layer, on_gpu, y);
+}
 
-  // Outputs in request order; the entries exist before the parallel writes fill them.
-  for (const v1::ExpertRows& b : req.batches()) resp->add_outputs()->set_expert(b.expert());
+absl::Status ExpertServer::WriteOutputs(const std::vector<Batch>& batches, DType dtype,
+                                        const float* y, v1::ComputeResponse* resp) {
+  const int64_t H = store_->config().hidden_size;
+  // The entries exist before the parallel writes fill them, in request order.
+  for (const Batch& b : batches) resp->add_outputs()->set_expert(b.expert);
   std::vector<absl::Status> written(batches.size());
-  pool_->ParallelFor(num_batches, [&](int64_t i) {
+  pool_->ParallelFor(static_cast<int64_t>(batches.size()), [&](int64_t i) {
     const Batch& b = batches[i];
     const Tensor out = Tensor::View(DType::kF32, {b.n, H}, y + b.row * H, nullptr);
-    written[i] = ToProto(out, *out_dtype, resp->mutable_outputs(i)->mutable_rows());
+    written[i] = ToProto(out, dtype, resp->mutable_outputs(static_cast<int>(i))->mutable_rows());
   });
   for (const absl::Status& s : written) RETURN_IF_ERROR(s);
+  return absl::OkStatus();
+}
+
+absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const RowSegments& row_bytes,
+                                   v1::ComputeResponse* resp) {
+  const auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(const DType out_dtype, CheckOutputDType(req));
+  ASSIGN_OR_RETURN(const std::vector<Batch> batches, CheckBatches(req, row_bytes));
+  const int64_t rows = batches.empty() ? 0 : batches.back().row + batches.back().n;
+  FreeList<Scratch>::Lease scratch = scratch_.Take();
+  float* const y = Sized(scratch->y, rows * store_->config().hidden_size + 1);
+  if (gpu_ != nullptr) {
+    RETURN_IF_ERROR(RunOnGpu(req.layer(), batches, y));
+  } else {
+    RunOnCpu(batches, *scratch, y);
+  }
+  RETURN_IF_ERROR(WriteOutputs(batches, out_dtype, y, resp));
   if (metrics_ != nullptr) {
-    metrics_->batch_tokens->Observe(static_cast<double>(total_rows));
-    for (int64_t i = 0; i < num_batches; ++i) {
-      metrics_->CountRows(layer, req.batches(static_cast<int>(i)).expert(), batches[i].n);
-    }
+    metrics_->batch_tokens->Observe(static_cast<double>(rows));
+    for (const Batch& b : batches) metrics_->CountRows(req.layer(), b.expert, b.n);
   }
   resp->set_compute_micros(std::chrono::duration_cast<std::chrono::microseconds>(
                                std::chrono::steady_clock::now() - start)
@@ -360,11 +330,11 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const UcxRows&
 
 absl::Status ExpertServer::SyncGpu() {
   if (gpu_ == nullptr) return absl::OkStatus();
-  std::lock_guard<std::mutex> lock(gpu_sync_mu_);
+  absl::MutexLock lock(&gpu_sync_mu_);
   return gpu_->Sync(*store_);
 }
 
-absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, const UcxRows& rows,
+absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, const RowSegments& rows,
                                        v1::ComputeResponse* resp,
                                        const std::function<bool()>& cancelled) {
   const auto received = std::chrono::steady_clock::now();
@@ -488,7 +458,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   SetBlasThreads(1);
   if (s->options_.ucx) {
     ASSIGN_OR_RETURN(s->ucx_, UcxComputeServer::Create(
-                                  [raw = s.get()](const v1::ComputeRequest& req, const UcxRows& rows,
+                                  [raw = s.get()](const v1::ComputeRequest& req, const RowSegments& rows,
                                                   v1::ComputeResponse* resp) {
                                     return raw->ServeCompute(req, rows, resp, [] { return false; });
                                   },

@@ -1,14 +1,13 @@
 // ExpertServer: the expert service's gRPC server — moemesh.v1.ExpertService (Compute,
 // LoadExperts, UnloadExperts, Info), plus grpc.health.v1 and server reflection.
 //
-// Compute runs every batch of a request in float32 with the kernels' canonical task
-// split (kernels/cpu/expert_ffn.h) on a ThreadPool, exactly as MoeLayer::RunExperts
-// does, so its rows are bit-identical to the in-process layer's. Concurrent calls
-// (several routers) share the pool; no lock is held while computing.
-// With --device cuda (options.gpu >= 0) the batches run on a GPU instead
-// (expert_service/gpu_experts.h: BF16 weights resident there, one grouped launch per
-// stage), within BF16 tolerance of the CPU; LoadExperts/UnloadExperts keep the GPU in
-// step and Info reports its memory.
+// Compute runs every batch of a request in float32 with the expert task schedule MoeLayer
+// runs (services/moe/expert_tasks.h), so its rows are bit-identical to the in-process
+// layer's. Concurrent calls (several routers) share the pool; no lock is held while
+// computing. With --device cuda (options.gpus) the batches run on GPUs instead
+// (gpu_experts.h), within BF16 tolerance of the CPU; LoadExperts/UnloadExperts keep the
+// GPUs in step and Info reports their memory. Compute is served over gRPC and, with
+// options.ucx, over UCX too (services/transport/ucx/compute_server.h).
 //
 // Compute errors, each naming the layer and expert and what is wrong; the call fails,
 // the server stays up:
@@ -28,26 +27,29 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/string_view.h"
 #include "expert_service.grpc.pb.h"
 #include "expert_service/expert_store.h"
 #include "expert_service/gpu_experts.h"
 #include "kernels/cpu/thread_pool.h"
+#include "services/base/scratch.h"
+#include "services/moe/expert_tasks.h"
 #include "services/runtime/concurrency_limit.h"
 #include "services/mesh/load_stats.h"
 #include "services/metrics/metrics.h"
-#include "services/transport/ucx/ucx_transport.h"
+#include "services/transport/transport.h"
+#include "services/transport/ucx/compute_server.h"
+#include "services/transport/ucx/protocol.h"
 
 namespace moemesh {
 
@@ -72,7 +74,7 @@ struct ExpertServerOptions {
   metrics::Registry* registry = nullptr;
   // Which per-expert series to export (ExpertSeriesSelection::Parse).
   std::string expert_metrics = "auto";
-  // Also serve Compute over UCX (services/transport/ucx/ucx_transport.h); Info then carries the
+  // Also serve Compute over UCX (services/transport/ucx/compute_server.h); Info then carries the
   // worker address. gRPC serves every call either way.
   bool ucx = false;
   // How long the UCX worker polls after its last message before it sleeps.
@@ -125,13 +127,38 @@ class ExpertServer {
   ExpertServer();
   absl::Status RegisterMetrics();
 
+  // One batch of a Compute call, checked: its expert's weights (alive even if the expert
+  // is unloaded meanwhile), its rows (a view of the request's bytes) and where its rows go
+  // in the call's buffers ([row, row + n)).
+  struct Batch {
+    std::shared_ptr<const ExpertWeights> weights;
+    int32_t expert;
+    Tensor rows;
+    int64_t n, row;
+  };
+  // Compute's buffers, reused through a free list and only ever grown.
+  struct Scratch {
+    std::vector<float> x, y, gu, h;
+    std::vector<ExpertBatch> batches;
+    std::vector<ExpertTask> tasks;
+  };
+
   // The body of the Compute RPC. `rows`, when not empty, holds each batch's row bytes
-  // (which then travelled outside the message: the UCX data plane).
-  absl::Status Compute(const v1::ComputeRequest& request, const UcxRows& rows,
+  // (which then travelled outside the message: the UCX data plane). Steps: check
+  // everything, compute on the CPU or the GPU, write the outputs, count.
+  absl::Status Compute(const v1::ComputeRequest& request, const RowSegments& rows,
                        v1::ComputeResponse* response);
+  absl::StatusOr<DType> CheckOutputDType(const v1::ComputeRequest& request) const;
+  absl::StatusOr<std::vector<Batch>> CheckBatches(const v1::ComputeRequest& request,
+                                                  const RowSegments& rows) const;
+  // Float32 and bit-identical to MoeLayer (services/moe/expert_tasks.h): y [Σn, H].
+  void RunOnCpu(const std::vector<Batch>& batches, Scratch& scratch, float* y);
+  absl::Status RunOnGpu(int64_t layer, const std::vector<Batch>& batches, float* y);
+  absl::Status WriteOutputs(const std::vector<Batch>& batches, DType dtype, const float* y,
+                            v1::ComputeResponse* response);
   // Compute with the accounting every transport shares: in-flight count, the
   // compute_threads limit, metrics.
-  absl::Status ServeCompute(const v1::ComputeRequest& request, const UcxRows& rows,
+  absl::Status ServeCompute(const v1::ComputeRequest& request, const RowSegments& rows,
                             v1::ComputeResponse* response, const std::function<bool()>& cancelled);
 
   ExpertServerOptions options_;
@@ -148,17 +175,12 @@ class ExpertServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 
-  // Compute scratch, reused through a free list (see Compute).
-  struct Scratch {
-    std::vector<float> x, y, gu, h;
-  };
-  std::mutex scratch_mu_;
-  std::vector<std::unique_ptr<Scratch>> free_scratch_;  // guarded by scratch_mu_
+  FreeList<Scratch> scratch_;
 
   // --device cuda: the experts on the GPU (kept in step with store_ by SyncGpu).
   std::unique_ptr<GpuExperts> gpu_;
-  std::mutex gpu_sync_mu_;  // one SyncGpu at a time
-  absl::Status SyncGpu();
+  absl::Mutex gpu_sync_mu_;  // one SyncGpu at a time
+  absl::Status SyncGpu() ABSL_LOCKS_EXCLUDED(gpu_sync_mu_);
 
   // Last: destroyed first, while everything its computing threads use is still there.
   std::unique_ptr<UcxComputeServer> ucx_;

@@ -1,8 +1,8 @@
 #include "expert_service/expert_store.h"
 
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "services/base/status_macros.h"
 
 namespace moemesh {
@@ -33,7 +33,7 @@ absl::Status ExpertStore::Load(const std::vector<ExpertKey>& experts) {
   for (const ExpertKey& key : experts) RETURN_IF_ERROR(Check(key));
   std::map<ExpertKey, std::shared_ptr<const ExpertWeights>> fresh;
   {
-    std::shared_lock<std::shared_mutex> lock(mu_);
+    absl::ReaderMutexLock lock(&mu_);
     for (const ExpertKey& key : experts) {
       if (!experts_.count(key)) fresh[key] = nullptr;
     }
@@ -43,7 +43,7 @@ absl::Status ExpertStore::Load(const std::vector<ExpertKey>& experts) {
     ASSIGN_OR_RETURN(ExpertWeights w, LoadExpert(*ckpt_, config_, key.first, key.second));
     weights = std::make_shared<const ExpertWeights>(std::move(w));
   }
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (auto& [key, weights] : fresh) {
     // A concurrent Load may have published the same pair meanwhile; keep its copy.
     const int64_t bytes = weights->bytes();
@@ -54,7 +54,7 @@ absl::Status ExpertStore::Load(const std::vector<ExpertKey>& experts) {
 
 absl::Status ExpertStore::Unload(const std::vector<ExpertKey>& experts) {
   for (const ExpertKey& key : experts) RETURN_IF_ERROR(Check(key));
-  std::unique_lock<std::shared_mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (const ExpertKey& key : experts) {
     auto it = experts_.find(key);
     if (it == experts_.end()) continue;
@@ -66,7 +66,7 @@ absl::Status ExpertStore::Unload(const std::vector<ExpertKey>& experts) {
 
 absl::StatusOr<std::shared_ptr<const ExpertWeights>> ExpertStore::Get(int64_t layer,
                                                                       int32_t expert) const {
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   auto it = experts_.find({layer, expert});
   if (it == experts_.end()) {
     return absl::NotFoundError(
@@ -76,7 +76,7 @@ absl::StatusOr<std::shared_ptr<const ExpertWeights>> ExpertStore::Get(int64_t la
 }
 
 std::vector<ExpertKey> ExpertStore::List() const {
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   std::vector<ExpertKey> keys;
   keys.reserve(experts_.size());
   for (const auto& [key, weights] : experts_) keys.push_back(key);
@@ -84,12 +84,12 @@ std::vector<ExpertKey> ExpertStore::List() const {
 }
 
 int64_t ExpertStore::size() const {
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   return static_cast<int64_t>(experts_.size());
 }
 
 int64_t ExpertStore::weight_bytes() const {
-  std::shared_lock<std::shared_mutex> lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   return weight_bytes_;
 }
 

@@ -2,7 +2,7 @@
 // expert), all from one checkpoint.
 //
 // Thread safety: every method may be called from any thread at any time. A
-// shared_mutex guards the map and nothing else: weights are read from the checkpoint
+// reader/writer mutex guards the map and nothing else: weights are read from the checkpoint
 // outside it, and Get hands out shared_ptrs, so a compute never holds the lock,
 // concurrent computes never serialise on it, and an Unload while a compute runs is safe
 // (the weights live until the compute drops its pointer).
@@ -16,12 +16,13 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <shared_mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/moe_weights.h"
@@ -61,9 +62,9 @@ class ExpertStore {
   std::unique_ptr<Checkpoint> ckpt_;
   MoeModelConfig config_;
 
-  mutable std::shared_mutex mu_;
-  std::map<ExpertKey, std::shared_ptr<const ExpertWeights>> experts_;  // guarded by mu_
-  int64_t weight_bytes_ = 0;                                           // guarded by mu_
+  mutable absl::Mutex mu_;
+  std::map<ExpertKey, std::shared_ptr<const ExpertWeights>> experts_ ABSL_GUARDED_BY(mu_);
+  int64_t weight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace moemesh

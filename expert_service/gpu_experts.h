@@ -1,33 +1,15 @@
-// The expert service's experts on a GPU (`--device cuda`): the held experts of each MoE
-// layer resident in device memory in BF16, stacked as kernels/cuda/grouped_ffn takes them,
-// and a request's batches computed there, every expert of the request in one grouped
-// launch per stage (gate/up with the activation fused, then down; FP32 accumulation).
+// GpuExperts: the expert service's experts on GPUs (`--device cuda --gpu N[,N...]`): each
+// MoE layer's held experts resident in BF16, stacked as kernels/cuda/grouped_ffn takes
+// them, spread over the service's GPUs (gpu_placement.h), and a request's batches
+// computed there, every expert of a GPU in one grouped launch per stage. How (lanes, group
+// commit, NCCL moves between GPUs): docs/architecture.md, "The mesh".
 //
-// Per launch: the rows are packed (BF16, converted on the host from F32 when they came
-// as F32) into a pinned host buffer in the stack's expert order, copied to the GPU on a
-// stream of the launch's own, computed, and the FP32 result copied back into pinned
-// memory. Calls for one layer that arrive while its launch runs are batched into the
-// next one (a group commit: one grouped launch per stage for all of them); launches for
-// different layers each have their own stream and buffers (a lane), so one's copies
-// overlap another's kernels. Lanes are kept and reused.
+// Threads: every method may be called from any thread. Calls for one layer that arrive
+// while its launch runs are batched into the next; Sync and Rebalance are serialised with
+// each other, and replace a layer's stacks whole, so calls on the old ones finish on them.
 //
-// Loading: Sync uploads what the ExpertStore holds and drops what it no longer holds,
-// one layer at a time; a layer's stack is immutable once built and replaced as a whole,
-// so calls computing on the old one keep it until they finish.
-//
-// Several local GPUs (--gpu 0,1,...): each layer's experts are spread over them
-// (expert_service/gpu_placement.h: an even spread, new experts to the GPU with fewest),
-// and a call's batches go to the GPUs that hold their experts, each GPU's rows copied to
-// it straight from pinned host memory (over its own PCIe link, all GPUs at once: rows
-// arrive in host memory, so staging them on one GPU first would only add a hop) and
-// computed there while the others compute theirs. The load each expert sees is counted,
-// and every rebalance interval the experts of a layer whose GPUs are unevenly loaded are
-// swapped or moved between the GPUs, their weights copied GPU to GPU over NCCL
-// (services/cuda/nccl_node.h; NVLink where the node has it), never re-read from the host; the
-// new layout takes over whole, as after a Sync. Written for eight GPUs; runs with one.
-//
-// Built without CUDA (or with no device), Create fails with UNIMPLEMENTED /
-// FAILED_PRECONDITION naming why; nothing else changes.
+// Errors: Create fails with UNIMPLEMENTED without CUDA, FAILED_PRECONDITION without a
+// device (or NCCL, for several), naming why; nothing else changes then.
 #pragma once
 
 #include <chrono>

@@ -5,22 +5,23 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <future>
-#include <mutex>
 #include <set>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "expert_service/gpu_placement.h"
 #include "kernels/cuda/grouped_ffn.cuh"
 #include "kernels/dtype.h"
 #include "services/cuda/memory.h"
 #include "services/cuda/nccl_node.h"
+#include "services/base/scratch.h"
 #include "services/base/status_macros.h"
 
 namespace moemesh {
@@ -58,17 +59,27 @@ struct NodeLayer {
   std::vector<int> rank_of;                                // by expert id, -1 when not held
 };
 
-// One launch's stream and buffers.
+// One launch's stream and buffers; the stream is made on first use, on the calling
+// thread's current device.
 struct Lane {
-  int device = 0;
+  int device = -1;
   cudaStream_t stream = nullptr;
   PinnedBuffer x_host, y_host;
   PinnedBuffer offsets_host;
   DeviceBuffer x, h, y, offsets;
   ~Lane() {
+    if (stream == nullptr) return;
     cudaSetDevice(device);
-    if (stream != nullptr) cudaStreamDestroy(stream);
+    cudaStreamDestroy(stream);
   }
+  absl::Status Ready(int on_device) {
+    if (stream != nullptr) return absl::OkStatus();
+    device = on_device;
+    CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    return absl::OkStatus();
+  }
+  int64_t device_bytes() const { return static_cast<int64_t>(x.bytes + h.bytes + y.bytes + offsets.bytes); }
+  int64_t pinned_bytes() const { return static_cast<int64_t>(x_host.bytes + y_host.bytes + offsets_host.bytes); }
 };
 
 // A thread that runs what it is given in order (a GPU's part of a launch, several GPUs).
@@ -82,46 +93,41 @@ class Worker {
   }
   ~Worker() {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       stop_ = true;
     }
-    cv_.notify_all();
     thread_.join();
   }
   void Run(std::function<void()> fn) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(std::move(fn));
-    }
-    cv_.notify_one();
+    absl::MutexLock lock(&mu_);
+    queue_.push_back(std::move(fn));
   }
 
  private:
+  bool HasWork() const ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); }
   void Loop() {
-    std::unique_lock<std::mutex> lock(mu_);
     while (true) {
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopped, nothing left
-      std::function<void()> fn = std::move(queue_.front());
-      queue_.pop_front();
-      lock.unlock();
+      std::function<void()> fn;
+      {
+        absl::MutexLock lock(&mu_, absl::Condition(this, &Worker::HasWork));
+        if (queue_.empty()) return;  // stopped, nothing left
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
       fn();
-      lock.lock();
     }
   }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;  // guarded by mu_
-  bool stop_ = false;                        // guarded by mu_
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 
 // One GPU of the node.
 struct Gpu {
   int device = 0, rank = 0;
-  std::mutex mu;
-  std::vector<std::unique_ptr<Lane>> lanes;  // idle; guarded by mu
-  std::unique_ptr<Worker> worker;            // several GPUs: runs this GPU's part of a launch
+  FreeList<Lane> lanes;
+  std::unique_ptr<Worker> worker;  // several GPUs: runs this GPU's part of a launch
 };
 
 class CudaGpuExperts final : public GpuExperts {
@@ -150,19 +156,21 @@ class CudaGpuExperts final : public GpuExperts {
 
   ~CudaGpuExperts() override {
     {
-      std::lock_guard<std::mutex> lock(balance_mu_);
+      absl::MutexLock lock(&balance_mu_);
       balance_stop_ = true;
     }
-    balance_cv_.notify_all();
     if (balancer_.joinable()) balancer_.join();
     for (auto& gpu : gpus_) gpu->worker.reset();  // no launch runs now: the callers are gone
-    layers_.clear();
-    for (auto& gpu : gpus_) gpu->lanes.clear();
+    {
+      absl::MutexLock lock(&mu_);
+      layers_.clear();
+    }
+    gpus_.clear();  // their lanes go now, before the NCCL communicators
     comm_.reset();
   }
 
   absl::Status Sync(const ExpertStore& store) override {
-    std::lock_guard<std::mutex> sync(sync_mu_);
+    absl::MutexLock sync(&sync_mu_);
     std::map<int64_t, std::vector<int32_t>> held;
     for (const auto& [layer, expert] : store.List()) held[layer].push_back(expert);
     std::map<int64_t, std::shared_ptr<const NodeLayer>> next;
@@ -177,7 +185,7 @@ class CudaGpuExperts final : public GpuExperts {
       ASSIGN_OR_RETURN(next[layer], Relayout(&store, layer, shape, prev.get(), experts,
                                              AssignLocalExperts(current, static_cast<int>(gpus_.size()))));
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     layers_ = std::move(next);
     return absl::OkStatus();
   }
@@ -194,32 +202,33 @@ class CudaGpuExperts final : public GpuExperts {
       out += b.n;
     }
     LayerQueue& q = QueueOf(layer);
-    std::unique_lock<std::mutex> lock(q.mu);
+    q.mu.Lock();
     q.waiting.push_back(&me);
     while (!me.done) {
       if (q.busy) {
-        q.cv.wait(lock);
+        q.cv.Wait(&q.mu);
         continue;
       }
       q.busy = true;
       std::vector<Call*> group;
       group.swap(q.waiting);
-      lock.unlock();
+      q.mu.Unlock();
       RunGroup(layer, group);
-      lock.lock();
+      q.mu.Lock();
       for (Call* c : group) c->done = true;
       q.busy = false;
-      q.cv.notify_all();
+      q.cv.SignalAll();
     }
+    q.mu.Unlock();
     return me.status;
   }
 
   absl::StatusOr<int64_t> Rebalance() override {
     if (gpus_.size() < 2) return 0;
-    std::lock_guard<std::mutex> sync(sync_mu_);
+    absl::MutexLock sync(&sync_mu_);
     std::map<int64_t, std::vector<double>> load;
     {
-      std::lock_guard<std::mutex> lock(load_mu_);
+      absl::MutexLock lock(&load_mu_);
       load = load_;
       for (auto& [layer, rows] : load_) {
         for (double& r : rows) r *= 0.5;
@@ -227,7 +236,7 @@ class CudaGpuExperts final : public GpuExperts {
     }
     std::map<int64_t, std::shared_ptr<const NodeLayer>> layers;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       layers = layers_;
     }
     int64_t moved = 0;
@@ -258,7 +267,7 @@ class CudaGpuExperts final : public GpuExperts {
       ASSIGN_OR_RETURN(std::shared_ptr<const NodeLayer> next,
                        Relayout(nullptr, layer, any->shape, node.get(), experts, after));
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);
         layers_[layer] = std::move(next);
       }
       moved += changed;
@@ -280,7 +289,7 @@ class CudaGpuExperts final : public GpuExperts {
   std::vector<GpuDeviceMemory> Memory() const override {
     std::vector<GpuDeviceMemory> report(gpus_.size());
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       for (const auto& [layer, node] : layers_) {
         for (const auto& stack : node->stacks) {
           if (stack == nullptr) continue;
@@ -293,13 +302,10 @@ class CudaGpuExperts final : public GpuExperts {
       GpuDeviceMemory& m = report[r];
       Gpu& gpu = *gpus_[r];
       m.device = gpu.device;
-      {
-        std::lock_guard<std::mutex> lock(gpu.mu);
-        for (const auto& lane : gpu.lanes) {
-          m.workspace_bytes += lane->x.bytes + lane->h.bytes + lane->y.bytes + lane->offsets.bytes;
-          m.pinned_bytes += lane->x_host.bytes + lane->y_host.bytes + lane->offsets_host.bytes;
-        }
-      }
+      gpu.lanes.ForEachKept([&](const Lane& lane) {
+        m.workspace_bytes += lane.device_bytes();
+        m.pinned_bytes += lane.pinned_bytes();
+      });
       size_t free = 0, total = 0;
       if (cudaSetDevice(gpu.device) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
         m.device_free_bytes = static_cast<int64_t>(free);
@@ -319,14 +325,14 @@ class CudaGpuExperts final : public GpuExperts {
   };
   struct Call {
     std::vector<Item> items;
-    absl::Status status;
-    bool done = false;  // guarded by the layer queue's mu
+    absl::Status status;  // set by the group's runner before `done`
+    bool done = false;    // written and read holding the layer queue's mu
   };
   struct LayerQueue {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::vector<Call*> waiting;  // guarded by mu
-    bool busy = false;           // a launch for the layer is running; guarded by mu
+    absl::Mutex mu;
+    absl::CondVar cv;
+    std::vector<Call*> waiting ABSL_GUARDED_BY(mu);
+    bool busy ABSL_GUARDED_BY(mu) = false;  // a launch for the layer is running
   };
   // Where a slot of a new stack comes from: an expert already on a GPU (`stack`), or the
   // host store (nullptr).
@@ -336,13 +342,13 @@ class CudaGpuExperts final : public GpuExperts {
   };
 
   std::shared_ptr<const NodeLayer> LayerOf(int64_t layer) const {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     auto it = layers_.find(layer);
     return it == layers_.end() ? nullptr : it->second;
   }
 
   LayerQueue& QueueOf(int64_t layer) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     std::unique_ptr<LayerQueue>& q = queues_[layer];
     if (q == nullptr) q = std::make_unique<LayerQueue>();
     return *q;
@@ -392,7 +398,7 @@ class CudaGpuExperts final : public GpuExperts {
   }
 
   void CountLoad(int64_t layer, const std::vector<std::vector<Item>>& items) {
-    std::lock_guard<std::mutex> lock(load_mu_);
+    absl::MutexLock lock(&load_mu_);
     std::vector<double>& rows = load_[layer];
     rows.resize(config_.num_experts, 0.0);
     for (const auto& part : items) {
@@ -421,17 +427,8 @@ class CudaGpuExperts final : public GpuExperts {
 
     // This thread's current device: the lane's stream and buffers live there.
     CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(gpu.device));
-    std::unique_ptr<Lane> lane;
-    ASSIGN_OR_RETURN(lane, TakeLane(gpu));
-    struct GiveBack {
-      Gpu& gpu;
-      std::unique_ptr<Lane>& lane;
-      ~GiveBack() {
-        if (lane == nullptr) return;
-        std::lock_guard<std::mutex> lock(gpu.mu);
-        gpu.lanes.push_back(std::move(lane));
-      }
-    } give_back{gpu, lane};
+    FreeList<Lane>::Lease lane = gpu.lanes.Take();
+    RETURN_IF_ERROR(lane->Ready(gpu.device));
     RETURN_IF_ERROR(lane->x_host.Reserve(rows * H * 2, "pinned rows"));
     RETURN_IF_ERROR(lane->y_host.Reserve(rows * H * 4, "pinned output"));
     RETURN_IF_ERROR(lane->offsets_host.Reserve((E + 1) * sizeof(int64_t), "pinned offsets"));
@@ -472,21 +469,6 @@ class CudaGpuExperts final : public GpuExperts {
       std::memcpy(items[i].out, y_host + start[i] * H, items[i].batch.n * H * sizeof(float));
     }
     return absl::OkStatus();
-  }
-
-  absl::StatusOr<std::unique_ptr<Lane>> TakeLane(Gpu& gpu) {
-    {
-      std::lock_guard<std::mutex> lock(gpu.mu);
-      if (!gpu.lanes.empty()) {
-        std::unique_ptr<Lane> lane = std::move(gpu.lanes.back());
-        gpu.lanes.pop_back();
-        return lane;
-      }
-    }
-    auto lane = std::make_unique<Lane>();
-    lane->device = gpu.device;
-    CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
-    return lane;
   }
 
   // The kernels' view of a layer's experts, from the store (every expert of a layer has
@@ -639,13 +621,17 @@ class CudaGpuExperts final : public GpuExperts {
   }
 
   void BalanceLoop() {
-    std::unique_lock<std::mutex> lock(balance_mu_);
-    while (!balance_cv_.wait_for(lock, options_.rebalance_interval, [&] { return balance_stop_; })) {
-      lock.unlock();
+    while (true) {
+      {
+        absl::MutexLock lock(&balance_mu_);
+        if (balance_mu_.AwaitWithTimeout(absl::Condition(&balance_stop_),
+                                         absl::FromChrono(options_.rebalance_interval))) {
+          return;
+        }
+      }
       const absl::StatusOr<int64_t> moved = Rebalance();
       if (!moved.ok()) std::fprintf(stderr, "GPU rebalancing failed (the layout stays): %s\n",
                                     moved.status().ToString().c_str());
-      lock.lock();
     }
   }
 
@@ -653,16 +639,16 @@ class CudaGpuExperts final : public GpuExperts {
   const GpuExpertsOptions options_;
   std::vector<std::unique_ptr<Gpu>> gpus_;  // by rank
   std::unique_ptr<nccl::NodeComm> comm_;     // several GPUs
-  std::mutex sync_mu_;                       // one Sync or Rebalance at a time
-  mutable std::mutex mu_;
-  std::map<int64_t, std::shared_ptr<const NodeLayer>> layers_;  // guarded by mu_
-  std::map<int64_t, std::unique_ptr<LayerQueue>> queues_;       // by layer; guarded by mu_
-  std::mutex load_mu_;
-  std::map<int64_t, std::vector<double>> load_;  // rows per expert id, decaying; guarded by load_mu_
+  absl::Mutex sync_mu_;  // one Sync or Rebalance at a time
+  mutable absl::Mutex mu_;
+  std::map<int64_t, std::shared_ptr<const NodeLayer>> layers_ ABSL_GUARDED_BY(mu_);
+  std::map<int64_t, std::unique_ptr<LayerQueue>> queues_ ABSL_GUARDED_BY(mu_);  // by layer
+  absl::Mutex load_mu_;
+  // Rows per expert id, decaying.
+  std::map<int64_t, std::vector<double>> load_ ABSL_GUARDED_BY(load_mu_);
   std::atomic<int64_t> moves_{0};
-  std::mutex balance_mu_;
-  std::condition_variable balance_cv_;
-  bool balance_stop_ = false;  // guarded by balance_mu_
+  absl::Mutex balance_mu_;
+  bool balance_stop_ ABSL_GUARDED_BY(balance_mu_) = false;
   std::thread balancer_;
 };
 

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "services/base/scratch.h"
 #include "services/base/status_macros.h"
 #include "services/rpc/wire.h"
 
@@ -55,7 +56,10 @@ absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
     router->windows_[layer] = std::make_unique<ExpertLoadWindow>(
         static_cast<int>(config.num_experts), router->options_.load_window);
   }
-  router->placement_ = std::make_shared<const PlacementTable>(std::move(table));
+  {
+    absl::MutexLock lock(&router->placement_mu_);
+    router->placement_ = std::make_shared<const PlacementTable>(std::move(table));
+  }
   if (router->metrics_ != nullptr) RETURN_IF_ERROR(router->RegisterGauges());
   return router;
 }
@@ -124,12 +128,12 @@ absl::Status MoeRouter::RegisterGauges() {
 }
 
 std::shared_ptr<const PlacementTable> MoeRouter::placement() const {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  absl::MutexLock lock(&placement_mu_);
   return placement_;
 }
 
 absl::Status MoeRouter::SetPlacement(PlacementTable table) {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  absl::MutexLock lock(&placement_mu_);
   if (table.epoch() <= placement_->epoch()) {
     return absl::FailedPreconditionError(absl::StrCat("placement epoch ", table.epoch(),
                                                       " is not newer than the current ",
@@ -155,11 +159,11 @@ ExpertLoadWindow::Stats MoeRouter::LoadStats(int64_t layer) const {
 
 MoeRouter::Destination& MoeRouter::DestinationOf(const std::string& endpoint) {
   {
-    std::shared_lock<std::shared_mutex> lock(destinations_mu_);
+    absl::ReaderMutexLock lock(&destinations_mu_);
     auto it = destinations_.find(endpoint);
     if (it != destinations_.end()) return *it->second;
   }
-  std::unique_lock<std::shared_mutex> lock(destinations_mu_);
+  absl::MutexLock lock(&destinations_mu_);
   auto& slot = destinations_[endpoint];
   if (!slot) {
     slot = std::make_unique<Destination>();
@@ -194,21 +198,15 @@ struct MoeRouter::Call {
   Clock::time_point deadline;
   const float* x = nullptr;
   int64_t tokens = 0;
-  std::unique_ptr<CallBuffers> buf;  // from the router's free list, returned after
+  FreeList<CallBuffers>::Lease buf;  // back to the router's free list however the call ends
 };
 
-std::unique_ptr<MoeRouter::CallBuffers> MoeRouter::TakeBuffers() {
-  std::lock_guard<std::mutex> lock(buffers_mu_);
-  if (free_buffers_.empty()) return std::make_unique<CallBuffers>();
-  auto b = std::move(free_buffers_.back());
-  free_buffers_.pop_back();
-  return b;
-}
-
-void MoeRouter::ReturnBuffers(std::unique_ptr<CallBuffers> b) {
-  std::lock_guard<std::mutex> lock(buffers_mu_);
-  free_buffers_.push_back(std::move(b));
-}
+// Which replicas failed which experts in this call, and why.
+struct MoeRouter::Failures {
+  explicit Failures(int64_t num_experts) : replicas(num_experts) {}
+  std::vector<std::set<int32_t>> replicas;  // per expert: endpoint indices that failed it
+  std::map<int32_t, std::string> errors;    // endpoint index -> its last error
+};
 
 // Checks a destination's whole reply before any of its rows lands in grouped_y.
 absl::Status MoeRouter::TakeReply(Call& c, const std::string& endpoint,
@@ -242,105 +240,146 @@ absl::Status MoeRouter::TakeReply(Call& c, const std::string& endpoint,
   return absl::OkStatus();
 }
 
+absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(
+    const Call& c, const std::vector<int32_t>& pending, const Failures& failures) {
+  const auto& endpoints = c.table->endpoints();
+  Assignment by_dest;
+  for (int32_t e : pending) {
+    int32_t best = -1;
+    int64_t best_load = 0;
+    for (int32_t r : c.table->Replicas(c.layer, e)) {
+      if (failures.replicas[e].count(r)) continue;
+      const int64_t load = DestinationOf(endpoints[r]).outstanding.load(std::memory_order_relaxed);
+      if (best < 0 || load < best_load) {
+        best = r;
+        best_load = load;
+      }
+    }
+    if (best < 0) {
+      std::vector<std::string> why;
+      for (int32_t r : c.table->Replicas(c.layer, e)) {
+        const auto it = failures.errors.find(r);
+        why.push_back(absl::StrCat(endpoints[r], ": ", it == failures.errors.end() ? "" : it->second));
+      }
+      return absl::UnavailableError(absl::StrCat("layer ", c.layer, " expert ", e,
+                                                 ": every replica failed (",
+                                                 absl::StrJoin(why, "; "), ")"));
+    }
+    by_dest[best].push_back(e);
+  }
+  return by_dest;
+}
+
+absl::Status MoeRouter::SendTo(Call& c, ExpertTransport::Exchange& exchange, int32_t dest,
+                               const std::vector<int32_t>& experts,
+                               std::map<int32_t, absl::Status>& outcomes) {
+  const DispatchPlan& plan = c.buf->ws.plan;
+  const int64_t H = config_.hidden_size;
+  const std::string& endpoint = c.table->endpoints()[dest];
+  // Built where the transport sends it from: each expert's rows converted to the wire dtype
+  // once, straight into the outgoing buffer.
+  int64_t tokens = 0;
+  for (int32_t e : experts) tokens += plan.rows_of(e);
+  auto request = exchange.NewRequest(static_cast<size_t>(tokens * H) * DTypeSize(options_.wire_dtype),
+                                     static_cast<int>(experts.size()));
+  request->request().set_layer(c.layer);
+  request->request().set_placement_epoch(c.table->epoch());
+  request->request().set_output_dtype(ToProtoDType(options_.wire_dtype));
+  for (int32_t e : experts) {
+    const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
+    char* out = request->AddRows(e, options_.wire_dtype, {n, H});
+    if (out == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(endpoint, ": no memory for a request of ", tokens, " rows"));
+    }
+    const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
+    RETURN_IF_ERROR(ToWire(rows, options_.wire_dtype, out));
+  }
+  Destination& d = DestinationOf(endpoint);
+  d.outstanding.fetch_add(tokens, std::memory_order_relaxed);
+  // The reply is checked and converted on this thread, inside the exchange's Wait.
+  exchange.Send(endpoint, std::move(request),
+                [this, &c, &d, &endpoint, &outcomes, dest, sent = &experts, tokens,
+                 start = std::chrono::steady_clock::now()](const absl::Status& status,
+                                                            v1::ComputeResponse* response) {
+                  d.outstanding.fetch_sub(tokens, std::memory_order_relaxed);
+                  if (d.latency != nullptr) {
+                    d.latency->Observe(
+                        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+                    if (!status.ok()) metrics_->CountDispatchFailure(endpoint, status.code());
+                  }
+                  outcomes[dest] = status.ok() ? TakeReply(c, endpoint, *sent, response) : status;
+                });
+  return absl::OkStatus();
+}
+
+absl::Status MoeRouter::CollectRetries(const Call& c, const Assignment& by_dest,
+                                       const std::map<int32_t, absl::Status>& outcomes,
+                                       Failures& failures, std::vector<int32_t>* pending) {
+  pending->clear();
+  for (const auto& [dest, status] : outcomes) {
+    if (status.ok()) continue;
+    // Only an unreachable service is worth another replica; anything else (a bad request,
+    // an expired deadline) would fail the same way there.
+    if (status.code() != absl::StatusCode::kUnavailable) {
+      return absl::Status(status.code(),
+                          absl::StrCat(c.table->endpoints()[dest], ": ", status.message()));
+    }
+    failures.errors[dest] = std::string(status.message());
+    for (int32_t e : by_dest.at(dest)) {
+      failures.replicas[e].insert(dest);
+      pending->push_back(e);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MoeRouter::Dispatch(Call& c) {
   const DispatchPlan& plan = c.buf->ws.plan;
-  const int64_t H = config_.hidden_size, E = config_.num_experts;
+  const int64_t E = config_.num_experts;
   std::vector<int32_t> pending;  // experts whose rows still need computing
   for (int64_t e = 0; e < E; ++e) {
     if (plan.rows_of(static_cast<int>(e)) > 0) pending.push_back(static_cast<int32_t>(e));
   }
-  std::vector<std::set<int32_t>> failed_replicas(E);  // endpoint indices that failed per expert
-  std::map<int32_t, std::string> errors;              // endpoint -> last error
-  const auto& endpoints = c.table->endpoints();
+  Failures failures(E);
   bool shared_done = false;
-
   while (!pending.empty()) {
-    // Choose a replica per expert: the least-loaded one that has not failed it.
-    std::map<int32_t, std::vector<int32_t>> by_dest;
-    for (int32_t e : pending) {
-      int32_t best = -1;
-      int64_t best_load = 0;
-      for (int32_t r : c.table->Replicas(c.layer, e)) {
-        if (failed_replicas[e].count(r)) continue;
-        const int64_t load = DestinationOf(endpoints[r]).outstanding.load(std::memory_order_relaxed);
-        if (best < 0 || load < best_load) {
-          best = r;
-          best_load = load;
-        }
-      }
-      if (best < 0) {
-        std::vector<std::string> why;
-        for (int32_t r : c.table->Replicas(c.layer, e)) {
-          why.push_back(absl::StrCat(endpoints[r], ": ", errors[r]));
-        }
-        return absl::UnavailableError(absl::StrCat("layer ", c.layer, " expert ", e,
-                                                   ": every replica failed (",
-                                                   absl::StrJoin(why, "; "), ")"));
-      }
-      by_dest[best].push_back(e);
-    }
-
-    // Each request goes out as soon as it is built. Replies are checked and converted on
-    // this thread, inside Wait; the shared expert runs here meanwhile (first round only).
+    ASSIGN_OR_RETURN(const Assignment by_dest, ChooseReplicas(c, pending, failures));
+    // Declared before the exchange: its destructor waits for the calls that write them.
     std::map<int32_t, absl::Status> outcomes;
     auto exchange = transport_->NewExchange(c.deadline);
     for (const auto& [dest, experts] : by_dest) {
-      // Built where the transport sends it from: each expert's rows converted to the
-      // wire dtype once, straight into the outgoing buffer.
-      int64_t tokens = 0;
-      for (int32_t e : experts) tokens += plan.rows_of(e);
-      auto request = exchange->NewRequest(
-          static_cast<size_t>(tokens * H) * DTypeSize(options_.wire_dtype), static_cast<int>(experts.size()));
-      request->request().set_layer(c.layer);
-      request->request().set_placement_epoch(c.table->epoch());
-      request->request().set_output_dtype(ToProtoDType(options_.wire_dtype));
-      for (int32_t e : experts) {
-        const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
-        char* out = request->AddRows(e, options_.wire_dtype, {n, H});
-        if (out == nullptr) {
-          return absl::ResourceExhaustedError(
-              absl::StrCat(endpoints[dest], ": no memory for a request of ", tokens, " rows"));
-        }
-        const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
-        RETURN_IF_ERROR(ToWire(rows, options_.wire_dtype, out));
-      }
-      Destination& d = DestinationOf(endpoints[dest]);
-      d.outstanding.fetch_add(tokens, std::memory_order_relaxed);
-      exchange->Send(
-          endpoints[dest], std::move(request),
-          [&, dest = dest, sent = &experts, tokens, start = std::chrono::steady_clock::now()](
-              const absl::Status& status, v1::ComputeResponse* response) {
-            d.outstanding.fetch_sub(tokens, std::memory_order_relaxed);
-            if (d.latency != nullptr) {
-              d.latency->Observe(
-                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-              if (!status.ok()) metrics_->CountDispatchFailure(endpoints[dest], status.code());
-            }
-            outcomes[dest] = status.ok() ? TakeReply(c, endpoints[dest], *sent, response) : status;
-          });
+      RETURN_IF_ERROR(SendTo(c, *exchange, dest, experts, outcomes));
     }
-    if (!shared_done) {
-      c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);
-      shared_done = true;
-    }
+    // The shared expert runs here while the calls fly (first round only).
+    if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);
+    shared_done = true;
     exchange->Wait();
-    pending.clear();
-    for (const auto& [dest, status] : outcomes) {
-      if (status.ok()) continue;
-      // Only an unreachable service is worth another replica; anything else (a bad
-      // request, an expired deadline) would fail the same way there.
-      if (status.code() != absl::StatusCode::kUnavailable) {
-        return absl::Status(status.code(), absl::StrCat(endpoints[dest], ": ", status.message()));
-      }
-      errors[dest] = std::string(status.message());
-      for (int32_t e : by_dest[dest]) {
-        failed_replicas[e].insert(dest);
-        pending.push_back(e);
-      }
-    }
+    RETURN_IF_ERROR(CollectRetries(c, by_dest, outcomes, failures, &pending));
   }
   if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);  // no routed rows at all
   return absl::OkStatus();
+}
+
+void MoeRouter::Route(Call& c, MoeLayerOutput& out) {
+  const int64_t H = config_.hidden_size, T = c.tokens;
+  c.buf->ws.want_prob_sums = true;
+  c.gate->Route(c.x, T, out.topk_ids.mutable_data<int32_t>(),
+                out.topk_weights.mutable_data<float>(), &c.buf->ws);
+  const DispatchPlan& plan = c.buf->ws.plan;
+  const int64_t R = plan.num_rows();
+  Sized(c.buf->grouped_y, R * H);
+  GatherRows(c.x, H, plan, 0, R, Sized(c.buf->grouped_x, R * H));
+  auto& load = load_.at(c.layer);
+  std::vector<int64_t>& counts = c.buf->counts;
+  counts.resize(config_.num_experts);
+  for (int64_t e = 0; e < config_.num_experts; ++e) {
+    counts[e] = plan.rows_of(static_cast<int>(e));
+    load[e].fetch_add(counts[e], std::memory_order_relaxed);
+  }
+  windows_.at(c.layer)->Add(T, counts.data(), c.buf->ws.prob_sums.data());
+  if (metrics_ != nullptr) metrics_->CountRouted(c.layer, T, counts, plan.dropped);
+  out.dropped = plan.dropped;
 }
 
 absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& hidden,
@@ -354,50 +393,15 @@ absl::StatusOr<MoeLayerOutput> MoeRouter::Forward(int64_t layer, const Tensor& h
   ASSIGN_OR_RETURN(const Tensor x, HiddenStatesAsF32(hidden, H));
   const int64_t T = x.dim(0);
   const auto started = std::chrono::steady_clock::now();
-
-  Call c;
-  c.layer = layer;
-  c.gate = gate->second.get();
-  c.table = placement();
-  c.deadline = deadline;
-  c.x = x.data<float>();
-  c.tokens = T;
-  // Buffers go back to the free list however this call ends.
-  c.buf = TakeBuffers();
-  struct Return {
-    MoeRouter* router;
-    Call* call;
-    ~Return() { router->ReturnBuffers(std::move(call->buf)); }
-  } give_back{this, &c};
+  Call c{layer, gate->second.get(), placement(), deadline, x.data<float>(), T, buffers_.Take()};
   MoeLayerOutput out;
   out.topk_ids = Tensor::Empty(DType::kI32, {T, k});
   out.topk_weights = Tensor::Empty(DType::kF32, {T, k});
-  c.buf->ws.want_prob_sums = true;
-  c.gate->Route(c.x, T, out.topk_ids.mutable_data<int32_t>(), out.topk_weights.mutable_data<float>(), &c.buf->ws);
-  const DispatchPlan& plan = c.buf->ws.plan;
-  const int64_t R = plan.num_rows();
-  Sized(c.buf->grouped_x, R * H);
-  Sized(c.buf->grouped_y, R * H);
-  GatherRows(c.x, H, plan, 0, R, c.buf->grouped_x.data());
-  auto& load = load_.at(layer);
-  std::vector<int64_t>& counts = c.buf->counts;
-  counts.resize(config_.num_experts);
-  for (int64_t e = 0; e < config_.num_experts; ++e) {
-    counts[e] = plan.rows_of(static_cast<int>(e));
-    load[e].fetch_add(counts[e], std::memory_order_relaxed);
-  }
-  windows_.at(layer)->Add(T, counts.data(), c.buf->ws.prob_sums.data());
-  if (metrics_ != nullptr) metrics_->CountRouted(layer, T, counts, plan.dropped);
+  Route(c, out);
   RETURN_IF_ERROR(Dispatch(c));
-
   Tensor y = Tensor::Empty(DType::kF32, {T, H});
   c.gate->Combine(c.buf->grouped_y.data(), c.x, T, c.buf->ws, y.mutable_data<float>());
-  out.dropped = plan.dropped;
-  if (hidden.dtype() == DType::kF32) {
-    out.output = std::move(y);
-  } else {
-    ASSIGN_OR_RETURN(out.output, y.FromF32(hidden.dtype()));
-  }
+  ASSIGN_OR_RETURN(out.output, OutputAs(std::move(y), hidden.dtype()));
   if (metrics_ != nullptr) {
     metrics_->ObserveLayer(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());

@@ -18,18 +18,19 @@
 #include <chrono>
 #include <map>
 #include <memory>
-#include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "services/base/scratch.h"
 #include "router_service/router_metrics.h"
 #include "services/model/checkpoint.h"
 #include "services/mesh/load_stats.h"
 #include "services/model/model_config.h"
 #include "services/moe/moe_gate.h"
-#include "services/moe/moe_layer.h"
+#include "services/moe/layer_io.h"
 #include "services/mesh/placement.h"
 #include "services/transport/transport.h"
 
@@ -85,16 +86,17 @@ class MoeRouter {
   absl::Status CheckReady(Clock::time_point deadline) const;
 
  private:
-  struct Call;  // one Forward's state
-  // Scratch of one call, reused through a free list: fresh buffers of this size would be
-  // page-faulted in on every call.
+  struct Call;      // one Forward's state
+  struct Failures;  // which replicas failed which experts in a call
+  // Scratch of one call, reused through a free list.
   struct CallBuffers {
     MoeGate::Workspace ws;
     std::vector<float> grouped_x, grouped_y;
     std::vector<int64_t> counts;  // rows per expert
   };
-  std::unique_ptr<CallBuffers> TakeBuffers();
-  void ReturnBuffers(std::unique_ptr<CallBuffers> b);
+  // Endpoint index -> the experts sent there in one round.
+  using Assignment = std::map<int32_t, std::vector<int32_t>>;
+
   MoeRouter(RouterOptions options, MoeModelConfig config, std::shared_ptr<ExpertTransport> t,
             std::shared_ptr<RouterMetrics> metrics)
       : options_(std::move(options)),
@@ -108,9 +110,29 @@ class MoeRouter {
     std::atomic<int64_t> outstanding{0};
     metrics::Histogram* latency = nullptr;
   };
-  Destination& DestinationOf(const std::string& endpoint);
+  Destination& DestinationOf(const std::string& endpoint) ABSL_LOCKS_EXCLUDED(destinations_mu_);
   absl::Status RegisterGauges();
+
+  // A Forward's steps: route (gates, plan, gather, load counts), dispatch, combine.
+  void Route(Call& call, MoeLayerOutput& out);
+  // Rounds of: choose a replica per expert, send each destination its request, run the
+  // shared expert meanwhile (first round), wait; UNAVAILABLE destinations' experts are
+  // retried on other replicas while the deadline allows.
   absl::Status Dispatch(Call& call);
+  // For each pending expert, the replica with the fewest outstanding tokens among those
+  // that have not failed it; UNAVAILABLE naming the expert when none is left.
+  absl::StatusOr<Assignment> ChooseReplicas(const Call& call, const std::vector<int32_t>& pending,
+                                            const Failures& failures);
+  // Builds destination `dest`'s request in place and sends it; the reply's outcome goes to
+  // outcomes[dest] inside the exchange's Wait.
+  absl::Status SendTo(Call& call, ExpertTransport::Exchange& exchange, int32_t dest,
+                      const std::vector<int32_t>& experts,
+                      std::map<int32_t, absl::Status>& outcomes);
+  // After a round: the experts of destinations that failed UNAVAILABLE go back to
+  // `pending`; any other error ends the call.
+  absl::Status CollectRetries(const Call& call, const Assignment& by_dest,
+                              const std::map<int32_t, absl::Status>& outcomes, Failures& failures,
+                              std::vector<int32_t>* pending);
   absl::Status TakeReply(Call& call, const std::string& endpoint,
                          const std::vector<int32_t>& sent, v1::ComputeResponse* response);
 
@@ -123,14 +145,14 @@ class MoeRouter {
   std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;  // routed tokens per expert
   std::map<int64_t, std::unique_ptr<ExpertLoadWindow>> windows_;  // per MoE layer
 
-  mutable std::mutex placement_mu_;
-  std::shared_ptr<const PlacementTable> placement_;  // guarded by placement_mu_
+  mutable absl::Mutex placement_mu_;
+  std::shared_ptr<const PlacementTable> placement_ ABSL_GUARDED_BY(placement_mu_);
 
-  std::mutex buffers_mu_;
-  std::vector<std::unique_ptr<CallBuffers>> free_buffers_;  // guarded by buffers_mu_
+  FreeList<CallBuffers> buffers_;
 
-  mutable std::shared_mutex destinations_mu_;
-  std::map<std::string, std::unique_ptr<Destination>> destinations_;  // guarded
+  mutable absl::Mutex destinations_mu_;
+  std::map<std::string, std::unique_ptr<Destination>> destinations_
+      ABSL_GUARDED_BY(destinations_mu_);
 };
 
 }  // namespace moemesh

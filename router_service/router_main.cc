@@ -6,9 +6,10 @@
 #include "absl/strings/str_split.h"
 #include "router_service/router_server.h"
 #include "services/metrics/exposer.h"
-#include "services/transport/ucx/ucx_transport.h"
-#include "services/runtime/allocator.h"
-#include "services/runtime/signals.h"
+#include "services/transport/grpc_transport.h"
+#include "services/transport/ucx/client.h"
+#include "services/transport/ucx/protocol.h"
+#include "services/runtime/service_main.h"
 #include "services/base/status_macros.h"
 #include "services/runtime/flags.h"
 
@@ -73,12 +74,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
   RouterServerOptions so;
   so.listen = args.String("listen", "127.0.0.1:0");
   so.model_name = args.String("model-name", "moe");
-  ASSIGN_OR_RETURN(int64_t mb, args.Int("max-message-mb", 256));
-  if (mb <= 0 || mb > 2047) return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
-  so.max_message_bytes = static_cast<int>(mb << 20);
+  ASSIGN_OR_RETURN(so.max_message_bytes, ParseMessageLimit(args, so.max_message_bytes));
 
-  BlockStopSignals();
-  StopWithParent();
   // Declared before the router: its gauges read the router, so the exposer (declared
   // after) goes first.
   metrics::Registry registry;
@@ -93,16 +90,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
   }
   std::shared_ptr<ExpertTransport> transport =
       std::make_shared<GrpcExpertTransport>(GrpcTransportOptions{so.max_message_bytes});
-  const std::string transport_name = args.String("transport", "grpc");
-  ASSIGN_OR_RETURN(int64_t spin_us, args.Int("ucx-spin-us", kUcxDefaultSpin.count()));
-  if (spin_us < 0 || spin_us > 1000000) {
-    return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
-  }
-  if (transport_name == "ucx") {
+  ASSIGN_OR_RETURN(const TransportFlags transport_flags, ParseTransportFlags(args, kUcxDefaultSpin));
+  if (transport_flags.ucx) {
     ASSIGN_OR_RETURN(transport, UcxExpertTransport::Create(transport, so.max_message_bytes,
-                                                           std::chrono::microseconds(spin_us)));
-  } else if (transport_name != "grpc") {
-    return absl::InvalidArgumentError("--transport must be grpc or ucx");
+                                                           transport_flags.ucx_spin));
   }
   ASSIGN_OR_RETURN(auto router, MoeRouter::Create(ro, transport, router_metrics));
   ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));
@@ -110,26 +101,14 @@ absl::Status Run(const std::vector<std::string>& argv) {
   if (!metrics_listen.empty()) {
     ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
   }
-  const std::string host = so.listen.substr(0, so.listen.rfind(':'));
-  std::printf("listening on %s:%d\n", host.c_str(), server->port());
-  std::fflush(stdout);
-  const int sig = WaitForStopSignal();
-  std::fprintf(stderr, "router: signal %d, draining\n", sig);
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  server->Wait();
+  ServeUntilStopSignal("router", so.listen, *server);
   return absl::OkStatus();
 }
 
 }  // namespace
 
 int RouterMain(const std::vector<std::string>& args) {
-  ConfigureAllocatorForServing();
-  const absl::Status s = Run(args);
-  if (!s.ok()) {
-    std::fprintf(stderr, "moemesh router: %s\n%s", std::string(s.ToString()).c_str(), kRouterUsage);
-    return 1;
-  }
-  return 0;
+  return RunServiceMain("router", kRouterUsage, [&] { return Run(args); });
 }
 
 }  // namespace moemesh

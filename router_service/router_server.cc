@@ -2,6 +2,7 @@
 
 #include <grpcpp/health_check_service_interface.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -70,6 +71,77 @@ void AddOutput(const std::string& name, const Tensor& t, ModelInferResponse* res
   out->set_datatype(KServeDatatype(t.dtype()));
   for (int64_t d : t.shape()) out->add_shape(d);
   resp->add_raw_output_contents(std::string(static_cast<const char*>(t.raw()), t.nbytes()));
+}
+
+// A ModelInfer request, parsed and checked: what to compute and what to answer.
+struct InferCall {
+  Tensor hidden;  // a view into the request
+  int64_t layer = 0;
+  bool want_output = false, want_ids = false, want_weights = false;
+};
+
+// The `layer` input: INT32 or INT64 of shape [1].
+absl::StatusOr<int64_t> LayerInput(const ModelInferRequest& req, int i) {
+  ASSIGN_OR_RETURN(Tensor t, InputTensor(req, i));
+  if (t.numel() != 1 || (t.dtype() != DType::kI32 && t.dtype() != DType::kI64)) {
+    return absl::InvalidArgumentError("input 'layer' must be INT32 or INT64 of shape [1]");
+  }
+  if (t.dtype() == DType::kI32) {
+    int32_t v32;
+    std::memcpy(&v32, t.raw(), 4);
+    return v32;
+  }
+  int64_t v;
+  std::memcpy(&v, t.raw(), 8);
+  return v;
+}
+
+absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeModelConfig& c) {
+  InferCall call;
+  int hidden_index = -1;
+  call.layer = c.MoeLayers().front();
+  for (int i = 0; i < req.inputs_size(); ++i) {
+    const auto& in = req.inputs(i);
+    if (in.name() == "hidden_states") {
+      hidden_index = i;
+    } else if (in.name() == "layer") {
+      ASSIGN_OR_RETURN(call.layer, LayerInput(req, i));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown input '", in.name(),
+                                                     "' (expected hidden_states, layer)"));
+    }
+  }
+  if (hidden_index < 0) return absl::InvalidArgumentError("missing input 'hidden_states'");
+  ASSIGN_OR_RETURN(call.hidden, InputTensor(req, hidden_index));
+  if (!IsFloatingActivation(call.hidden.dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat("input 'hidden_states' has datatype ",
+                                                   req.inputs(hidden_index).datatype(),
+                                                   ", expected FP32, FP16 or BF16"));
+  }
+  RETURN_IF_ERROR(c.CheckMoeLayer(call.layer));
+  call.want_output = req.outputs_size() == 0;
+  for (const auto& o : req.outputs()) {
+    if (o.name() == "output") {
+      call.want_output = true;
+    } else if (o.name() == "topk_ids") {
+      call.want_ids = true;
+    } else if (o.name() == "topk_weights") {
+      call.want_weights = true;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown output '", o.name(), "'"));
+    }
+  }
+  return call;
+}
+
+void WriteInfer(const ModelInferRequest& req, const InferCall& call, const MoeLayerOutput& out,
+                const std::string& model_name, ModelInferResponse* resp) {
+  resp->set_model_name(model_name);
+  resp->set_model_version("1");
+  resp->set_id(req.id());
+  if (call.want_output) AddOutput("output", out.output, resp);
+  if (call.want_ids) AddOutput("topk_ids", out.topk_ids, resp);
+  if (call.want_weights) AddOutput("topk_weights", out.topk_weights, resp);
 }
 
 }  // namespace
@@ -145,62 +217,17 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
   }
 
  private:
+  // Parse, run, write.
   absl::Status Infer(grpc::ServerContext* ctx, const ModelInferRequest& req,
                      ModelInferResponse* resp) {
     if (req.model_name() != server_->options_.model_name) return UnknownModel(req.model_name());
     MoeRouter& router = *server_->router_;
-    const MoeModelConfig& c = router.config();
-    int hidden_index = -1;
-    int64_t layer = c.MoeLayers().front();
-    for (int i = 0; i < req.inputs_size(); ++i) {
-      const auto& in = req.inputs(i);
-      if (in.name() == "hidden_states") {
-        hidden_index = i;
-      } else if (in.name() == "layer") {
-        ASSIGN_OR_RETURN(Tensor t, InputTensor(req, i));
-        if (t.numel() != 1 || (t.dtype() != DType::kI32 && t.dtype() != DType::kI64)) {
-          return absl::InvalidArgumentError("input 'layer' must be INT32 or INT64 of shape [1]");
-        }
-        int64_t v = 0;
-        if (t.dtype() == DType::kI32) {
-          int32_t v32;
-          std::memcpy(&v32, t.raw(), 4);
-          v = v32;
-        } else {
-          std::memcpy(&v, t.raw(), 8);
-        }
-        layer = v;
-      } else {
-        return absl::InvalidArgumentError(absl::StrCat("unknown input '", in.name(),
-                                                       "' (expected hidden_states, layer)"));
-      }
-    }
-    if (hidden_index < 0) return absl::InvalidArgumentError("missing input 'hidden_states'");
-    ASSIGN_OR_RETURN(Tensor hidden, InputTensor(req, hidden_index));
-    if (!IsFloatingActivation(hidden.dtype())) {
-      return absl::InvalidArgumentError(absl::StrCat("input 'hidden_states' has datatype ",
-                                                     req.inputs(hidden_index).datatype(),
-                                                     ", expected FP32, FP16 or BF16"));
-    }
-    RETURN_IF_ERROR(c.CheckMoeLayer(layer));
-    bool want_ids = false, want_weights = false, want_output = req.outputs_size() == 0;
-    for (const auto& o : req.outputs()) {
-      if (o.name() == "output") want_output = true;
-      else if (o.name() == "topk_ids") want_ids = true;
-      else if (o.name() == "topk_weights") want_weights = true;
-      else return absl::InvalidArgumentError(absl::StrCat("unknown output '", o.name(), "'"));
-    }
-    // The caller's deadline bounds every outgoing call.
-    auto deadline = ctx->deadline();
-    const auto cap = std::chrono::system_clock::now() + router.options().default_timeout;
-    if (deadline > cap) deadline = cap;
-    ASSIGN_OR_RETURN(MoeLayerOutput out, router.Forward(layer, hidden, deadline));
-    resp->set_model_name(server_->options_.model_name);
-    resp->set_model_version("1");
-    resp->set_id(req.id());
-    if (want_output) AddOutput("output", out.output, resp);
-    if (want_ids) AddOutput("topk_ids", out.topk_ids, resp);
-    if (want_weights) AddOutput("topk_weights", out.topk_weights, resp);
+    ASSIGN_OR_RETURN(const InferCall call, ParseInfer(req, router.config()));
+    // The caller's deadline bounds every outgoing call, capped by the router's own.
+    const auto deadline =
+        std::min(ctx->deadline(), std::chrono::system_clock::now() + router.options().default_timeout);
+    ASSIGN_OR_RETURN(const MoeLayerOutput out, router.Forward(call.layer, call.hidden, deadline));
+    WriteInfer(req, call, out, server_->options_.model_name, resp);
     return absl::OkStatus();
   }
 
@@ -280,27 +307,27 @@ RouterServer::~RouterServer() {
 }
 
 void RouterServer::HealthLoop() {
-  std::unique_lock<std::mutex> lock(mu_);
+  mu_.Lock();
   while (!stopping_) {
-    lock.unlock();
+    mu_.Unlock();
     const bool ok = router_->CheckReady(std::chrono::system_clock::now() + options_.health_interval).ok();
-    lock.lock();
+    mu_.Lock();
     if (stopping_) break;
     ready_ = ok;
     server_->GetHealthCheckService()->SetServingStatus(ok);
-    stop_cv_.wait_for(lock, options_.health_interval, [&] { return stopping_; });
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::FromChrono(options_.health_interval));
   }
+  mu_.Unlock();
 }
 
 void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (stopping_) return;
     stopping_ = true;
     ready_ = false;
     server_->GetHealthCheckService()->SetServingStatus(false);
   }
-  stop_cv_.notify_all();
   server_->Shutdown(deadline);
 }
 

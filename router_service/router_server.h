@@ -12,20 +12,17 @@
 // (checked every `health_interval`). Shutdown: NOT_SERVING, refuse new calls, drain.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <functional>
-#include <vector>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
-#include <grpcpp/grpcpp.h>
-
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "router_service/router.h"
 #include "services/runtime/concurrency_limit.h"
 
@@ -59,7 +56,7 @@ class RouterServer {
   class InferenceService;
   class ControlService;
   RouterServer() = default;
-  void HealthLoop();
+  void HealthLoop() ABSL_LOCKS_EXCLUDED(mu_);
 
   RouterServerOptions options_;
   std::unique_ptr<MoeRouter> router_;
@@ -69,9 +66,8 @@ class RouterServer {
   int port_ = 0;
   std::atomic<bool> ready_{false};
 
-  std::mutex mu_;
-  std::condition_variable stop_cv_;
-  bool stopping_ = false;  // guarded by mu_
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread health_thread_;
   std::unique_ptr<ConcurrencyLimit> inferring_;  // max_concurrent_infers slots
 };

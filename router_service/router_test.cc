@@ -16,8 +16,10 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "services/metrics/testing.h"
+#include "services/moe/moe_layer.h"
 #include "services/model/model_generator.h"
 #include "services/rpc/wire.h"
+#include "services/transport/queued_exchange.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "router_control.grpc.pb.h"
 

@@ -7,7 +7,6 @@
 #include <chrono>
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <set>
 #include <thread>
 #include <cstdio>
@@ -21,7 +20,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "services/runtime/allocator.h"
+#include "absl/synchronization/mutex.h"
+#include "services/runtime/serving_settings.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/model_generator.h"
@@ -309,8 +309,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   const std::vector<int64_t> layers = c.MoeLayers();
   std::atomic<int64_t> next{0}, mismatches{0}, failures{0};
   std::vector<double> latencies(requests);
-  std::mutex err_mu;
-  std::string first_error;
+  absl::Mutex err_mu;
+  std::string first_error;  // written holding err_mu
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> clients;
   for (int64_t w = 0; w < concurrency; ++w) {
@@ -323,7 +323,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
         latencies[r] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s).count();
         if (!got.ok()) {
           ++failures;
-          std::lock_guard<std::mutex> lock(err_mu);
+          absl::MutexLock lock(&err_mu);
           if (first_error.empty()) first_error = got.status().ToString();
           continue;
         }
@@ -400,7 +400,7 @@ absl::Status RunDemo(const std::vector<std::string>& argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
-  moemesh::ConfigureAllocatorForServing();
+  moemesh::ConfigureForServing();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::fputs(moemesh::kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;

@@ -5,6 +5,8 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/routing_weights.h"
+
 namespace moemesh {
 
 std::string RoutingParams::Validate() const {
@@ -129,15 +131,7 @@ void RouteTopK(const RoutingParams& p, const float* logits, int64_t num_tokens,
     } else {
       for (int j = 0; j < k; ++j) w[j] = scores[ids[j]];
     }
-    if (p.normalize) {
-      float sum = 0.0f;
-      for (int j = 0; j < k; ++j) sum += w[j];
-      const float denom = sum + p.normalize_eps;
-      for (int j = 0; j < k; ++j) w[j] /= denom;
-    }
-    if (p.scaling != 1.0f) {
-      for (int j = 0; j < k; ++j) w[j] *= p.scaling;
-    }
+    NormalizeAndScale(p, w, k);
   }
 }
 

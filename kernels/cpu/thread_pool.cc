@@ -13,10 +13,10 @@ ThreadPool::ThreadPool(int num_threads) {
 
 ThreadPool::~ThreadPool() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stop_ = true;
   }
-  work_cv_.notify_all();
+  work_cv_.SignalAll();
   for (auto& t : workers_) t.join();
 }
 
@@ -36,24 +36,24 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
   job.fn = &fn;
   job.n = n;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     jobs_.push_back(&job);
   }
-  work_cv_.notify_all();
+  work_cv_.SignalAll();
   Drain(job);
   // Every item is claimed now. Unlist the job so no worker picks it up again, then wait
   // until the workers still running its items have left it.
-  std::unique_lock<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = std::find(jobs_.begin(), jobs_.end(), &job);
   if (it != jobs_.end()) jobs_.erase(it);
-  done_cv_.wait(lock, [&] { return job.active == 0; });
+  while (job.active.load(std::memory_order_relaxed) != 0) done_cv_.Wait(&mu_);
 }
 
 void ThreadPool::WorkerLoop() {
-  std::unique_lock<std::mutex> lock(mu_);
+  mu_.Lock();
   while (true) {
-    work_cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
-    if (stop_) return;
+    while (!stop_ && jobs_.empty()) work_cv_.Wait(&mu_);
+    if (stop_) break;
     Job* job = jobs_.front();
     if (job->next.load() >= job->n) {  // fully claimed: unlist it and look again
       jobs_.pop_front();
@@ -61,14 +61,15 @@ void ThreadPool::WorkerLoop() {
     }
     // `active` keeps the owner from returning (and destroying the job) while this
     // worker may still touch it; it changes only under mu_.
-    ++job->active;
-    lock.unlock();
+    job->active.fetch_add(1, std::memory_order_relaxed);
+    mu_.Unlock();
     Drain(*job);
-    lock.lock();
+    mu_.Lock();
     auto it = std::find(jobs_.begin(), jobs_.end(), job);
     if (it != jobs_.end()) jobs_.erase(it);  // Drain returned: nothing left to claim
-    if (--job->active == 0) done_cv_.notify_all();
+    if (job->active.fetch_sub(1, std::memory_order_relaxed) == 1) done_cv_.SignalAll();
   }
+  mu_.Unlock();
 }
 
 ThreadPool& ThreadPool::Default() {

@@ -5,13 +5,14 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moemesh {
 
@@ -37,17 +38,19 @@ class ThreadPool {
     const std::function<void(int64_t)>* fn;
     int64_t n;
     std::atomic<int64_t> next{0};
-    int active = 0;  // workers inside Drain (guarded by mu_); the owner waits for 0
+    // Workers inside Drain; changed holding mu_ (so the owner's wait sees every change),
+    // and the owner returns (destroying the job) only at 0.
+    std::atomic<int> active{0};
   };
   // Claims and runs items of `job` until none are left.
   static void Drain(Job& job);
-  void WorkerLoop();
+  void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_);
 
-  std::mutex mu_;
-  std::condition_variable work_cv_;   // workers wait for jobs
-  std::condition_variable done_cv_;   // callers wait for their job's last item
-  std::deque<Job*> jobs_;             // jobs with unclaimed items (guarded by mu_)
-  bool stop_ = false;                 // guarded by mu_
+  absl::Mutex mu_;
+  absl::CondVar work_cv_;  // workers wait for jobs
+  absl::CondVar done_cv_;  // callers wait for their job's last item
+  std::deque<Job*> jobs_ ABSL_GUARDED_BY(mu_);  // jobs with unclaimed items
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
 };
 

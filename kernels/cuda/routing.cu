@@ -1,5 +1,6 @@
 #include "kernels/cuda/routing.cuh"
 
+#include "kernels/cpu/routing_weights.h"
 #include "kernels/cuda/cublas.h"
 
 #include <math_constants.h>
@@ -195,15 +196,7 @@ __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
     } else {
       for (int j = 0; j < k; ++j) w[j] = scores[chosen[j]];
     }
-    if (p.normalize) {
-      float sum = 0.0f;
-      for (int j = 0; j < k; ++j) sum += w[j];
-      const float denom = sum + p.normalize_eps;
-      for (int j = 0; j < k; ++j) w[j] /= denom;
-    }
-    if (p.scaling != 1.0f) {
-      for (int j = 0; j < k; ++j) w[j] *= p.scaling;
-    }
+    NormalizeAndScale(p, w, k);
   }
 }
 

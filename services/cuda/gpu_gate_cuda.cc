@@ -4,9 +4,9 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "kernels/cuda/cublas.h"
 #include "kernels/cuda/routing.cuh"
 #include "services/cuda/memory.h"
@@ -51,7 +51,7 @@ class CudaGpuGate final : public GpuGate {
                      float* scores) override {
     if (T == 0) return absl::OkStatus();
     const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
     RETURN_IF_ERROR(x_.Reserve(T * H * sizeof(float), "hidden states"));
     RETURN_IF_ERROR(pinned_.Reserve(T * H * sizeof(float), "pinned hidden states"));
@@ -94,10 +94,10 @@ class CudaGpuGate final : public GpuGate {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   DeviceBuffer w_, bias_, correction_;  // the gate's weights; bias_ and correction_ may stay empty
-  std::mutex mu_;
-  // Per call, grown as T grows; guarded by mu_.
-  DeviceBuffer x_, logits_, scores_, ids_, weights_;
-  PinnedBuffer pinned_;
+  absl::Mutex mu_;  // one call at a time: the buffers below are per call, grown as T grows
+  DeviceBuffer x_ ABSL_GUARDED_BY(mu_), logits_ ABSL_GUARDED_BY(mu_), scores_ ABSL_GUARDED_BY(mu_);
+  DeviceBuffer ids_ ABSL_GUARDED_BY(mu_), weights_ ABSL_GUARDED_BY(mu_);
+  PinnedBuffer pinned_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::StatusOr<std::unique_ptr<GpuGate>> Create(const MoeModelConfig& config, const GateWeights& gate,

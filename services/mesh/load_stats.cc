@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moemesh {
 
@@ -31,7 +32,7 @@ int64_t ExpertLoadWindow::SliceId(Clock::time_point now) const {
 void ExpertLoadWindow::Add(int64_t tokens, const int64_t* counts, const double* prob_sums,
                            Clock::time_point now) {
   const int64_t id = SliceId(now);
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Slice& s = slices_[id % static_cast<int64_t>(slices_.size())];
   if (s.id != id) {
     s.id = id;
@@ -49,13 +50,14 @@ void ExpertLoadWindow::Add(int64_t tokens, const int64_t* counts, const double* 
 
 ExpertLoadWindow::Stats ExpertLoadWindow::Snapshot(Clock::time_point now) const {
   const int64_t id = SliceId(now);
-  const int64_t n = static_cast<int64_t>(slices_.size());
+  int64_t n = 0;  // slices in the ring
   Stats st;
   st.counts.assign(num_experts_, 0);
   std::vector<double> prob_sums(num_experts_, 0.0);
   int64_t prob_tokens = 0;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
+    n = static_cast<int64_t>(slices_.size());
     for (const Slice& s : slices_) {
       if (s.id < 0 || s.id > id || s.id <= id - n) continue;  // unused or out of the window
       st.tokens += s.tokens;

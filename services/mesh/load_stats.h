@@ -5,12 +5,13 @@
 
 #include <chrono>
 #include <cstdint>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/string_view.h"
 #include "services/model/model_config.h"
 
@@ -59,8 +60,8 @@ class ExpertLoadWindow {
   const std::chrono::milliseconds window_;
   const Clock::duration slice_;
   const Clock::time_point start_;
-  mutable std::mutex mu_;
-  std::vector<Slice> slices_;  // guarded by mu_
+  mutable absl::Mutex mu_;
+  std::vector<Slice> slices_ ABSL_GUARDED_BY(mu_);
 };
 
 // Which per-expert series (layer, expert) the metrics export: --expert-metrics.

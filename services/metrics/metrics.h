@@ -23,13 +23,14 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moemesh::metrics {
 
@@ -133,8 +134,8 @@ class Family final : public FamilyBase {
 
  private:
   const std::vector<double> bounds_;
-  mutable std::mutex mu_;
-  std::map<Labels, std::unique_ptr<T>> metrics_;  // guarded by mu_
+  mutable absl::Mutex mu_;
+  std::map<Labels, std::unique_ptr<T>> metrics_ ABSL_GUARDED_BY(mu_);
 };
 
 class Registry {
@@ -164,9 +165,9 @@ class Registry {
   absl::StatusOr<Family<T>*> AddFamily(absl::string_view name, absl::string_view help,
                                        std::vector<double> bounds = {});
 
-  mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<FamilyBase>> families_;  // guarded by mu_
-  std::vector<std::function<void()>> callbacks_;                 // guarded by mu_
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::unique_ptr<FamilyBase>> families_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::function<void()>> callbacks_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::StatusOr<Family<Counter>*> AddCounter(Registry& registry, absl::string_view name,

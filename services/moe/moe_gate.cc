@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "services/base/scratch.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "kernels/cpu/routing.h"
 #include "services/base/status_macros.h"

@@ -96,11 +96,4 @@ class MoeGate {
   mutable std::atomic<int64_t> gpu_failures_{0};
 };
 
-// Grows v to at least n elements (never shrinks) and returns its data.
-template <typename T>
-T* Sized(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
 }  // namespace moemesh

@@ -1,31 +1,27 @@
-// MoeLayer: one MoE block computed in-process — router and every expert local. It is
-// the reference the mesh must reproduce and the CPU compute path expert services reuse.
+// MoeLayer: one MoE block computed in-process, router and every expert local: the
+// reference the mesh must reproduce bit for bit.
 //
-// Forward(x) returns Σ_j w_j · expert_{e_j}(x) (+ the family's shared expert), without
-// the residual, exactly as the family's HF block computes it in float32.
+// Forward(x) returns Σ_j w_j · expert_{e_j}(x) (+ the family's shared expert), without the
+// residual, as the family's HF block computes it in float32. Steps (docs/architecture.md,
+// "MoeLayer data flow"): route (MoeGate), gather, the experts (expert_tasks.h), combine in
+// each token's top-k order; every split fixed by the shapes, never by the thread count.
 //
-// Steps: router logits (GEMM) + RouteTopK per token chunk -> DispatchPlan (tokens
-// grouped per expert) -> gather -> gate/up+activation tasks -> down tasks (the
-// kernel's canonical split, expert_ffn.h, for every expert with rows) -> combine in each token's top-k order
-// + shared expert. Each step is a ThreadPool ParallelFor with single-threaded BLAS
-// inside, so both small batches (many experts, few rows: weights streamed by every
-// core at once) and large ones use every core. The split is fixed by the shapes, never
-// by the thread count, so results are bit-identical on any machine.
-// Workspaces are kept between calls: a warm layer allocates only its output tensors.
-//
-// Thread safety: Forward may be called from several threads; calls on one layer are
-// serialised (its workspace is shared).
+// Threads: Forward may be called from several threads; calls on one layer are serialised
+// (its workspace, kept between calls, is shared).
 #pragma once
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "kernels/cpu/thread_pool.h"
+#include "services/moe/expert_tasks.h"
+#include "services/moe/layer_io.h"
 #include "services/moe/moe_gate.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
@@ -42,19 +38,6 @@ struct MoeLayerOptions : GateOptions {
 
   absl::Status Validate() const;
 };
-
-struct MoeLayerOutput {
-  Tensor output;        // [T, H], the input's dtype
-  Tensor topk_ids;      // I32 [T, k]; expert choice: the first k experts that took the
-                        // token, in expert order, padded with -1
-  Tensor topk_weights;  // F32 [T, k]; 0 where topk_ids is -1
-  int64_t dropped = 0;  // (token, choice) slots dropped by the capacity limit
-};
-
-// Checks hidden_states for a layer of width `hidden_size` — [T, hidden_size], T > 0, F32,
-// BF16 or F16 — and returns it as F32 (the same tensor when it already is). The error
-// (INVALID_ARGUMENT) names what is wrong. MoeLayer and the router both start here.
-absl::StatusOr<Tensor> HiddenStatesAsF32(const Tensor& hidden, int64_t hidden_size);
 
 class MoeLayer {
  public:
@@ -83,12 +66,8 @@ class MoeLayer {
   MoeLayer(const MoeModelConfig& config, int64_t layer, MoeLayerOptions options)
       : config_(config), layer_(layer), options_(options) {}
 
-  // One unit of FFN work: an expert and the index of one of the kernel's canonical tasks.
-  struct FfnTask {
-    int32_t expert;
-    int64_t index;
-  };
-  void RunExperts(const float* x);
+  // Gather, the experts' FFN (expert_tasks.h), BF16 rounding as the wire does.
+  void RunExperts(const float* x) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const MoeModelConfig config_;
   const int64_t layer_;
@@ -96,10 +75,12 @@ class MoeLayer {
   std::unique_ptr<MoeGate> gate_;
   std::vector<ExpertWeights> experts_;
 
-  std::mutex mu_;  // guards the workspace below
-  MoeGate::Workspace ws_;
-  std::vector<float> grouped_x_, grouped_y_, gate_up_, hidden_;
-  std::vector<FfnTask> tasks_;
+  absl::Mutex mu_;  // one call at a time: the workspace below is shared
+  MoeGate::Workspace ws_ ABSL_GUARDED_BY(mu_);
+  std::vector<float> grouped_x_ ABSL_GUARDED_BY(mu_), grouped_y_ ABSL_GUARDED_BY(mu_);
+  std::vector<float> gate_up_ ABSL_GUARDED_BY(mu_), hidden_ ABSL_GUARDED_BY(mu_);
+  std::vector<ExpertBatch> batches_ ABSL_GUARDED_BY(mu_);
+  std::vector<ExpertTask> tasks_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace moemesh

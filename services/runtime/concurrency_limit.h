@@ -1,9 +1,9 @@
-// ConcurrencyLimit: at most N holders at once; the others block until a slot frees.
-// The servers use it to bound how many calls compute (and hold scratch) at once.
+// ConcurrencyLimit: at most N holders at once; the others block until a slot frees. The
+// servers use it to bound how many calls compute (and hold scratch) at once. Thread-safe.
 #pragma once
 
-#include <condition_variable>
-#include <mutex>
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moemesh {
 
@@ -15,16 +15,13 @@ class ConcurrencyLimit {
   class Slot {
    public:
     explicit Slot(ConcurrencyLimit& l) : l_(l) {
-      std::unique_lock<std::mutex> lock(l_.mu_);
-      l_.cv_.wait(lock, [&] { return l_.held_ < l_.limit_; });
+      absl::MutexLock lock(&l_.mu_);
+      l_.mu_.Await(absl::Condition(&l_, &ConcurrencyLimit::HasFreeSlot));
       ++l_.held_;
     }
     ~Slot() {
-      {
-        std::lock_guard<std::mutex> lock(l_.mu_);
-        --l_.held_;
-      }
-      l_.cv_.notify_one();
+      absl::MutexLock lock(&l_.mu_);
+      --l_.held_;
     }
     Slot(const Slot&) = delete;
     Slot& operator=(const Slot&) = delete;
@@ -34,10 +31,11 @@ class ConcurrencyLimit {
   };
 
  private:
+  bool HasFreeSlot() const ABSL_SHARED_LOCKS_REQUIRED(mu_) { return held_ < limit_; }
+
   const int limit_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int held_ = 0;  // guarded by mu_
+  absl::Mutex mu_;
+  int held_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace moemesh

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "services/base/status_macros.h"
 
 namespace moemesh {
 
@@ -72,6 +73,28 @@ absl::StatusOr<double> CliArgs::Double(const std::string& name, double fallback)
     return absl::InvalidArgumentError(absl::StrCat("--", name, " wants a number, got '", it->second, "'"));
   }
   return v;
+}
+
+absl::StatusOr<int> ParseMessageLimit(const CliArgs& args, int default_bytes) {
+  ASSIGN_OR_RETURN(const int64_t mb, args.Int("max-message-mb", default_bytes >> 20));
+  if (mb <= 0 || mb > 2047) return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
+  return static_cast<int>(mb << 20);
+}
+
+absl::StatusOr<TransportFlags> ParseTransportFlags(const CliArgs& args,
+                                                   std::chrono::microseconds default_spin) {
+  TransportFlags flags;
+  const std::string transport = args.String("transport", "grpc");
+  if (transport != "grpc" && transport != "ucx") {
+    return absl::InvalidArgumentError("--transport must be grpc or ucx");
+  }
+  flags.ucx = transport == "ucx";
+  ASSIGN_OR_RETURN(const int64_t spin_us, args.Int("ucx-spin-us", default_spin.count()));
+  if (spin_us < 0 || spin_us > 1000000) {
+    return absl::InvalidArgumentError("--ucx-spin-us must be in [0, 1000000]");
+  }
+  flags.ucx_spin = std::chrono::microseconds(spin_us);
+  return flags;
 }
 
 absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args) {

@@ -2,6 +2,7 @@
 // parsed only in main programs; libraries take option structs.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <set>
@@ -29,6 +30,17 @@ class CliArgs {
  private:
   std::map<std::string, std::string> values_;
 };
+
+// --max-message-mb N (both services): the limit in bytes, N in [1, 2047].
+absl::StatusOr<int> ParseMessageLimit(const CliArgs& args, int default_bytes);
+
+// --transport grpc|ucx and --ucx-spin-us US (both services), US in [0, 1e6].
+struct TransportFlags {
+  bool ucx = false;
+  std::chrono::microseconds ucx_spin{0};
+};
+absl::StatusOr<TransportFlags> ParseTransportFlags(const CliArgs& args,
+                                                   std::chrono::microseconds default_spin);
 
 // The services' --device cpu|cuda and --gpu N[,N...] (default 0): the GPUs' numbers, none
 // for the CPU. INVALID_ARGUMENT naming the bad flag (a number out of range or twice).

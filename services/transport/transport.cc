@@ -1,11 +1,7 @@
 #include "services/transport/transport.h"
 
-#include <grpcpp/grpcpp.h>
-
-#include <vector>
-
-#include "services/rpc/grpc_server.h"
 #include "services/rpc/wire.h"
+#include "services/transport/queued_exchange.h"
 
 namespace moemesh {
 
@@ -48,95 +44,6 @@ std::unique_ptr<OutgoingRequest> ExpertTransport::Exchange::NewRequest(size_t, i
 void ExpertTransport::Exchange::Send(const std::string& endpoint,
                                      std::unique_ptr<OutgoingRequest> request, Done done) {
   Start(endpoint, request->TakeProto(), std::move(done));
-}
-
-namespace {
-
-class GrpcExchange : public ExpertTransport::Exchange {
- public:
-  GrpcExchange(GrpcExpertTransport* transport, ExpertTransport::Clock::time_point deadline)
-      : transport_(transport), deadline_(deadline) {}
-
-  ~GrpcExchange() override {
-    Wait();
-    cq_.Shutdown();
-    void* tag;
-    bool ok;
-    while (cq_.Next(&tag, &ok)) {
-    }
-  }
-
-  void Start(const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-             ExpertTransport::Done done) override {
-    auto call = std::make_unique<Call>();
-    call->context.set_deadline(deadline_);
-    call->request = std::move(request);
-    call->done = std::move(done);
-    call->reader = transport_->StubFor(endpoint)->AsyncCompute(&call->context, *call->request, &cq_);
-    call->reader->Finish(&call->response, &call->status, call.get());
-    calls_.push_back(std::move(call));
-    ++pending_;
-  }
-
-  void Wait() override {
-    while (pending_ > 0) {
-      void* tag = nullptr;
-      bool ok = false;
-      if (!cq_.Next(&tag, &ok)) break;  // only after Shutdown, which comes later
-      --pending_;
-      Call* call = static_cast<Call*>(tag);
-      call->done(FromGrpcStatus(call->status), &call->response);
-    }
-  }
-
- private:
-  struct Call {
-    grpc::ClientContext context;
-    std::unique_ptr<v1::ComputeRequest> request;
-    v1::ComputeResponse response;
-    grpc::Status status;
-    ExpertTransport::Done done;
-    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::ComputeResponse>> reader;
-  };
-
-  GrpcExpertTransport* const transport_;
-  const ExpertTransport::Clock::time_point deadline_;
-  grpc::CompletionQueue cq_;
-  std::vector<std::unique_ptr<Call>> calls_;
-  int pending_ = 0;
-};
-
-}  // namespace
-
-v1::ExpertService::Stub* GrpcExpertTransport::StubFor(const std::string& endpoint) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto& stub = stubs_[endpoint];
-  if (!stub) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(options_.max_message_bytes);
-    args.SetMaxSendMessageSize(options_.max_message_bytes);
-    for (const auto& [name, value] : BulkTransferChannelArgs(options_.max_message_bytes)) {
-      args.SetInt(name, value);
-    }
-    // Reconnect quickly when a restarted expert service comes back.
-    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    stub = v1::ExpertService::NewStub(
-        grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args));
-  }
-  return stub.get();
-}
-
-std::unique_ptr<ExpertTransport::Exchange> GrpcExpertTransport::NewExchange(
-    Clock::time_point deadline) {
-  return std::make_unique<GrpcExchange>(this, deadline);
-}
-
-absl::Status GrpcExpertTransport::Info(const std::string& endpoint, Clock::time_point deadline,
-                                       v1::InfoResponse* response) {
-  grpc::ClientContext context;
-  context.set_deadline(deadline);
-  return FromGrpcStatus(StubFor(endpoint)->Info(&context, v1::InfoRequest(), response));
 }
 
 }  // namespace moemesh

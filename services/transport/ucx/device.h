@@ -13,7 +13,9 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "services/transport/ucx/ucx_transport.h"
+#include "services/transport/transport.h"
+#include "services/transport/ucx/buffer_pool.h"
+#include "services/transport/ucx/client.h"
 
 namespace moemesh {
 

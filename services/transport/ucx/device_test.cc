@@ -2,6 +2,10 @@
 // reaches the service and comes back intact, staged through pinned host memory (the
 // path Debian's UCX takes) and, where UCX reads CUDA memory, directly. Needs a GPU.
 #include "services/transport/ucx/device.h"
+
+#include "services/transport/ucx/buffer_pool.h"
+#include "services/transport/ucx/client.h"
+#include "services/transport/ucx/compute_server.h"
 #include "services/transport/ucx/testing.h"
 
 #include <cuda_runtime.h>

@@ -4,11 +4,13 @@
 
 #include <string>
 
-#include "services/transport/ucx/ucx_transport.h"
+#include "absl/status/status.h"
+#include "expert_service.pb.h"
+#include "services/transport/transport.h"
 
 namespace moemesh {
 
-inline absl::Status EchoRows(const v1::ComputeRequest& req, const UcxRows& rows,
+inline absl::Status EchoRows(const v1::ComputeRequest& req, const RowSegments& rows,
                              v1::ComputeResponse* resp) {
   for (int i = 0; i < req.batches_size(); ++i) {
     const v1::ExpertRows& b = req.batches(i);

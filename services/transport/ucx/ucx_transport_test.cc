@@ -1,7 +1,5 @@
 // UcxExpertTransport against UcxComputeServer in one process (two UCP workers talking
 // over whatever UCX_TLS selects): replies, errors, deadlines, a dead peer.
-#include "services/transport/ucx/ucx_transport.h"
-
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -11,8 +9,13 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "services/transport/ucx/testing.h"
 #include "services/rpc/wire.h"
+#include "services/transport/ucx/buffer_pool.h"
+#include "services/transport/ucx/client.h"
+#include "services/transport/ucx/compute_server.h"
+#include "services/transport/ucx/protocol.h"
+#include "services/transport/ucx/testing.h"
+#include "services/transport/ucx/worker_thread.h"
 
 namespace moemesh {
 namespace {
@@ -53,7 +56,7 @@ class FakeControl : public ExpertTransport {
 };
 
 // Echoes each batch's expert and rows back, or fails with the layer as the code.
-absl::Status Echo(const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+absl::Status Echo(const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
   if (req.layer() >= 100) return absl::Status(static_cast<absl::StatusCode>(req.layer() - 100), "asked to fail");
   return EchoRows(req, rows, resp);
 }
@@ -129,7 +132,7 @@ TEST(UcxTransportTest, HungServiceGivesDeadlineExceededAndLateRepliesAreDropped)
   std::atomic<bool> hang{true};
   std::atomic<int> computed{0};
   auto server = UcxComputeServer::Create(
-      [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+      [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
         while (hang) std::this_thread::sleep_for(milliseconds(5));
         ++computed;
         return Echo(req, rows, resp);
@@ -184,7 +187,7 @@ TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
   auto control = std::make_shared<FakeControl>();
   std::atomic<bool> hang{true};
   auto old_server = UcxComputeServer::Create(
-                        [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+                        [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
                           while (hang) std::this_thread::sleep_for(milliseconds(5));
                           return Echo(req, rows, resp);
                         },
@@ -352,7 +355,7 @@ TEST(UcxTransportTest, SmallRequestsAreComputedOnTheWorkerThreadWhenTheComputeTh
   std::mutex mu;
   std::set<std::thread::id> computed_on;
   auto server = UcxComputeServer::Create(
-      [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+      [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
         std::lock_guard<std::mutex> lock(mu);
         computed_on.insert(std::this_thread::get_id());
         return Echo(req, rows, resp);
@@ -386,7 +389,7 @@ TEST(UcxTransportTest, AWaitLongerThanTheSpinAndNoSpinAtAllBothGetTheirReplies) 
     SCOPED_TRACE(absl::StrCat("spin ", spin.count(), " us"));
     auto control = std::make_shared<FakeControl>();
     auto server = UcxComputeServer::Create(
-        [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+        [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
           // Longer than the spin: the waiting thread gives up and the worker thread
           // (asleep until then) must take the reply.
           if (req.layer() % 2 == 1) std::this_thread::sleep_for(milliseconds(20));
@@ -412,7 +415,7 @@ TEST(UcxTransportTest, CallersPollOnlyWhileRepliesComeWithinTheSpin) {
   auto control = std::make_shared<FakeControl>();
   std::atomic<int> slow_ms{0};
   auto server = UcxComputeServer::Create(
-      [&](const v1::ComputeRequest& req, const UcxRows& rows, v1::ComputeResponse* resp) {
+      [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
         std::this_thread::sleep_for(milliseconds(slow_ms.load()));
         return Echo(req, rows, resp);
       },
@@ -455,12 +458,9 @@ TEST(UcxTransportTest, HostileSegmentedRequestsAreRefusedWithWhatIsWrong) {
     return m;
   };
   auto parse = [](std::string bytes) {
-    UcxBuffer b;
-    b.data = bytes.data();
-    b.size = bytes.size();
     v1::ComputeRequest req;
-    UcxRows rows;
-    absl::Status s = UcxComputeServer::ParseSegmented(b, &req, &rows);
+    RowSegments rows;
+    absl::Status s = ucx::ParseSegmented(bytes, &req, &rows);
     return std::make_pair(s, rows.size());
   };
   const uint32_t E = static_cast<uint32_t>(env.size());

@@ -1,0 +1,15 @@
+// Process-wide settings of the serving processes (the services, and the benchmarks and
+// demo that stand in for them). Call once at the start of main, before any thread starts.
+#pragma once
+
+namespace moemesh {
+
+// - glibc keeps freed memory mapped (mmap threshold at its maximum, 32 MB; trimming off),
+//   so that the next call's megabyte buffers reuse it instead of being page-faulted in
+//   anew (docs/architecture.md, "Transfer tuning").
+// - absl::Mutex without its deadlock detection, which Debian's abseil (built without
+//   NDEBUG) leaves on: it costs every lock a graph update (~0.2 µs against ~0.02 µs), and
+//   the UCX round trip over shared memory is ~5 µs. Tests keep it on.
+void ConfigureForServing();
+
+}  // namespace moemesh
