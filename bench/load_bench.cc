@@ -12,6 +12,8 @@
 //   gpt_oss shapes (H=2880, I=2880): BF16 fused [E, H, 2I] tensors  vs  MXFP4 _blocks and
 //     _scales (as OpenAI releases GPT-OSS).
 // Prints one JSON line per pair: median ms per expert and the ratio quantized / BF16.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,16 +23,14 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
 #include "absl/strings/str_cat.h"
 #include "kernels/dtype.h"
 #include "nlohmann/json.hpp"
+#include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/moe_weights.h"
 #include "services/model/safetensors.h"
-#include "services/base/status_macros.h"
 #include "services/runtime/flags.h"
 
 namespace moemesh {
@@ -76,17 +76,27 @@ absl::Status WriteCheckpoint(const fs::path& dir, const Json& config, const Name
 
 absl::Status WriteDeepseek(const fs::path& dir, int64_t E, bool fp8) {
   constexpr int64_t H = 7168, I = 2048;
-  Json c = {{"model_type", "deepseek_v3"}, {"hidden_size", H}, {"num_hidden_layers", 1},
-            {"hidden_act", "silu"}, {"n_routed_experts", E}, {"num_experts_per_tok", 1},
-            {"moe_intermediate_size", I}, {"n_shared_experts", 0}, {"n_group", 1},
-            {"topk_group", 1}, {"first_k_dense_replace", 0}, {"moe_layer_freq", 1},
-            {"routed_scaling_factor", 2.5}, {"norm_topk_prob", true}};
+  Json c = {{"model_type", "deepseek_v3"},
+            {"hidden_size", H},
+            {"num_hidden_layers", 1},
+            {"hidden_act", "silu"},
+            {"n_routed_experts", E},
+            {"num_experts_per_tok", 1},
+            {"moe_intermediate_size", I},
+            {"n_shared_experts", 0},
+            {"n_group", 1},
+            {"topk_group", 1},
+            {"first_k_dense_replace", 0},
+            {"moe_layer_freq", 1},
+            {"routed_scaling_factor", 2.5},
+            {"norm_topk_prob", true}};
   if (fp8) c["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
   Named t;
   for (int64_t e = 0; e < E; ++e) {
     const std::string p = absl::StrCat("model.layers.0.mlp.experts.", e, ".");
-    for (const auto& [name, rows, cols] : {std::tuple{"gate_proj", I, H}, std::tuple{"up_proj", I, H},
-                                           std::tuple{"down_proj", H, I}}) {
+    for (const auto& [name, rows, cols] :
+         {std::tuple{"gate_proj", I, H}, std::tuple{"up_proj", I, H},
+          std::tuple{"down_proj", H, I}}) {
       const std::string w = absl::StrCat(p, name, ".weight");
       if (!fp8) {
         t.emplace_back(w, RandomBf16({rows, cols}, 0.02f));
@@ -103,9 +113,9 @@ absl::Status WriteDeepseek(const fs::path& dir, int64_t E, bool fp8) {
 
 absl::Status WriteGptOss(const fs::path& dir, int64_t E, bool mxfp4) {
   constexpr int64_t H = 2880, I = 2880;
-  Json c = {{"model_type", "gpt_oss"}, {"hidden_size", H}, {"num_hidden_layers", 1},
-            {"hidden_act", "silu"}, {"num_local_experts", E}, {"num_experts_per_tok", 1},
-            {"intermediate_size", I}, {"swiglu_limit", 7.0}};
+  Json c = {{"model_type", "gpt_oss"}, {"hidden_size", H},       {"num_hidden_layers", 1},
+            {"hidden_act", "silu"},    {"num_local_experts", E}, {"num_experts_per_tok", 1},
+            {"intermediate_size", I},  {"swiglu_limit", 7.0}};
   const std::string p = "model.layers.0.mlp.experts.";
   Named t;
   if (mxfp4) {
@@ -141,10 +151,12 @@ double Median(std::vector<double> v) {
 absl::Status Run(const CliArgs& args) {
   ASSIGN_OR_RETURN(const int64_t experts, args.Int("experts", 4));
   ASSIGN_OR_RETURN(const int64_t repeats, args.Int("repeats", 5));
-  if (experts < 1 || repeats < 1) return absl::InvalidArgumentError("--experts and --repeats must be >= 1");
+  if (experts < 1 || repeats < 1)
+    return absl::InvalidArgumentError("--experts and --repeats must be >= 1");
   const bool own_dir = !args.Has("dir");
-  const fs::path root = own_dir ? fs::temp_directory_path() / absl::StrCat("load_bench_", ::getpid())
-                                : fs::path(args.String("dir", ""));
+  const fs::path root = own_dir
+                            ? fs::temp_directory_path() / absl::StrCat("load_bench_", ::getpid())
+                            : fs::path(args.String("dir", ""));
   struct Pair {
     const char* name;
     fs::path bf16, quantized;
@@ -166,9 +178,10 @@ absl::Status Run(const CliArgs& args) {
       quantized.push_back(q);
     }
     const double mb = Median(bf16), mq = Median(quantized);
-    std::printf("{\"pair\":\"%s\",\"experts\":%lld,\"bf16_ms_per_expert\":%.1f,"
-                "\"quantized_ms_per_expert\":%.1f,\"ratio_quantized_bf16\":%.2f}\n",
-                p.name, static_cast<long long>(experts), mb, mq, mq / mb);
+    std::printf(
+        "{\"pair\":\"%s\",\"experts\":%lld,\"bf16_ms_per_expert\":%.1f,"
+        "\"quantized_ms_per_expert\":%.1f,\"ratio_quantized_bf16\":%.2f}\n",
+        p.name, static_cast<long long>(experts), mb, mq, mq / mb);
   }
   if (own_dir) fs::remove_all(root);
   return absl::OkStatus();

@@ -30,14 +30,14 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "services/runtime/serving_settings.h"
+#include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_generator.h"
 #include "services/moe/moe_layer.h"
-#include "services/base/status_macros.h"
+#include "services/runtime/flags.h"
+#include "services/runtime/serving_settings.h"
 #include "services/transport/grpc_transport.h"
 #include "services/transport/transport.h"
-#include "services/runtime/flags.h"
 #include "tools/http_client.h"
 #include "tools/local_mesh.h"
 
@@ -61,9 +61,9 @@ Tensor RandomInput(int64_t T, int64_t H) {
 
 // A mesh of the model on loopback, ready: `services` expert services, each on all cores
 // as deployed; `edit` sets the rest.
-absl::StatusOr<std::unique_ptr<LocalMesh>> StartMesh(const std::string& binary, const std::string& dir,
-                                                     int64_t services,
-                                                     const std::function<void(LocalMeshOptions&)>& edit) {
+absl::StatusOr<std::unique_ptr<LocalMesh>> StartMesh(
+    const std::string& binary, const std::string& dir, int64_t services,
+    const std::function<void(LocalMeshOptions&)>& edit) {
   LocalMeshOptions mo;
   mo.moemesh_binary = binary;
   mo.model_dir = dir;
@@ -75,14 +75,13 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> StartMesh(const std::string& binary, 
   return mesh;
 }
 
-absl::Status MetricsCost(const std::string& binary, const std::string& dir,
-                         const MoeModelConfig& c, const std::vector<int64_t>& tokens,
-                         int64_t repeats, int64_t services) {
+absl::Status MetricsCost(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
+                         const std::vector<int64_t>& tokens, int64_t repeats, int64_t services) {
   const int64_t layer = c.MoeLayers().front();
   std::unique_ptr<LocalMesh> meshes[2];  // [0] metrics off, [1] on
   for (int on = 0; on < 2; ++on) {
-    ASSIGN_OR_RETURN(meshes[on],
-                     StartMesh(binary, dir, services, [&](LocalMeshOptions& mo) { mo.metrics = on == 1; }));
+    ASSIGN_OR_RETURN(meshes[on], StartMesh(binary, dir, services,
+                                           [&](LocalMeshOptions& mo) { mo.metrics = on == 1; }));
   }
   std::vector<std::string> urls = meshes[1]->expert_metrics_urls();
   urls.push_back(meshes[1]->router_metrics_url());
@@ -93,7 +92,8 @@ absl::Status MetricsCost(const std::string& binary, const std::string& dir,
       for (const std::string& url : urls) {
         if (HttpGet(url).ok()) ++scrapes;
       }
-      for (int i = 0; i < 20 && !done; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      for (int i = 0; i < 20 && !done; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   });
   KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
@@ -114,9 +114,10 @@ absl::Status MetricsCost(const std::string& binary, const std::string& dir,
     }
     if (!status.ok()) break;
     const double off = Median(ms[0]), on = Median(ms[1]);
-    std::printf("{\"T\":%lld,\"metrics_off_ms\":%.3f,\"metrics_on_ms\":%.3f,"
-                "\"throughput_ratio_on_off\":%.4f,\"repeats\":%lld,\"scrapes\":%lld}\n",
-                (long long)T, off, on, off / on, (long long)repeats, (long long)scrapes.load());
+    std::printf(
+        "{\"T\":%lld,\"metrics_off_ms\":%.3f,\"metrics_on_ms\":%.3f,"
+        "\"throughput_ratio_on_off\":%.4f,\"repeats\":%lld,\"scrapes\":%lld}\n",
+        (long long)T, off, on, off / on, (long long)repeats, (long long)scrapes.load());
     std::fflush(stdout);
   }
   done = true;
@@ -150,23 +151,27 @@ absl::Status CompareTransports(const std::string& binary, const std::string& dir
     for (int64_t r = -2; r < reps; ++r) {  // r < 0: warm-up
       auto t0 = Clock::now();
       ASSIGN_OR_RETURN(MoeLayerOutput want, moe.Forward(x));
-      if (r >= 0) local_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      if (r >= 0)
+        local_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       for (int k = 0; k < 2; ++k) {
         const int which = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
         t0 = Clock::now();
-        ASSIGN_OR_RETURN(auto got, clients[which].Infer(x, layer, std::chrono::seconds(120), false));
+        ASSIGN_OR_RETURN(auto got,
+                         clients[which].Infer(x, layer, std::chrono::seconds(120), false));
         const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
         if (std::memcmp(got.output.raw(), want.output.raw(), want.output.nbytes()) != 0) {
-          return absl::InternalError(absl::StrCat("the ", names[which], " mesh differs from MoeLayer at T=", T));
+          return absl::InternalError(
+              absl::StrCat("the ", names[which], " mesh differs from MoeLayer at T=", T));
         }
         if (r >= 0) ms[which].push_back(m);
       }
     }
     const double lm = Median(local_ms), g = Median(ms[0]), u = Median(ms[1]);
-    std::printf("{\"T\":%lld,\"inprocess_ms\":%.3f,\"grpc_mesh_ms\":%.3f,\"ucx_mesh_ms\":%.3f,"
-                "\"grpc_added_us\":%.0f,\"ucx_added_us\":%.0f,\"throughput_ratio_ucx_grpc\":%.3f,"
-                "\"repeats\":%lld}\n",
-                (long long)T, lm, g, u, (g - lm) * 1e3, (u - lm) * 1e3, g / u, (long long)reps);
+    std::printf(
+        "{\"T\":%lld,\"inprocess_ms\":%.3f,\"grpc_mesh_ms\":%.3f,\"ucx_mesh_ms\":%.3f,"
+        "\"grpc_added_us\":%.0f,\"ucx_added_us\":%.0f,\"throughput_ratio_ucx_grpc\":%.3f,"
+        "\"repeats\":%lld}\n",
+        (long long)T, lm, g, u, (g - lm) * 1e3, (u - lm) * 1e3, g / u, (long long)reps);
     std::fflush(stdout);
   }
   return absl::OkStatus();
@@ -192,7 +197,8 @@ absl::Status Run(int argc, char** argv) {
     }
   }
   std::vector<int64_t> tokens;
-  for (absl::string_view s : absl::StrSplit(args.String("tokens", args.Has("metrics-cost") ? "256" : "1,16,256,2048"), ',')) {
+  for (absl::string_view s : absl::StrSplit(
+           args.String("tokens", args.Has("metrics-cost") ? "256" : "1,16,256,2048"), ',')) {
     int64_t t;
     if (!absl::SimpleAtoi(s, &t) || t <= 0) return absl::InvalidArgumentError("bad --tokens");
     tokens.push_back(t);
@@ -234,9 +240,9 @@ absl::Status Run(int argc, char** argv) {
         router_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
         std::this_thread::sleep_for(std::chrono::milliseconds(2));
         t0 = Clock::now();
-        RETURN_IF_ERROR(expert_client.Info(mesh->expert_endpoints().front(),
-                                           std::chrono::system_clock::now() + std::chrono::seconds(5),
-                                           &info));
+        RETURN_IF_ERROR(
+            expert_client.Info(mesh->expert_endpoints().front(),
+                               std::chrono::system_clock::now() + std::chrono::seconds(5), &info));
         expert_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       }
       std::printf("{\"wire\":\"%s\",\"empty_rtt_router_us\":%.0f,\"empty_rtt_expert_us\":%.0f}\n",
@@ -264,9 +270,10 @@ absl::Status Run(int argc, char** argv) {
         mesh_ms.push_back(m);
       }
       const double lm = Median(local_ms), mm = Median(mesh_ms);
-      std::printf("{\"wire\":\"%s\",\"T\":%lld,\"inprocess_ms\":%.3f,\"mesh_ms\":%.3f,"
-                  "\"throughput_ratio\":%.3f,\"added_us\":%.0f,\"repeats\":%lld}\n",
-                  wire.c_str(), (long long)T, lm, mm, lm / mm, (mm - lm) * 1e3, (long long)reps);
+      std::printf(
+          "{\"wire\":\"%s\",\"T\":%lld,\"inprocess_ms\":%.3f,\"mesh_ms\":%.3f,"
+          "\"throughput_ratio\":%.3f,\"added_us\":%.0f,\"repeats\":%lld}\n",
+          wire.c_str(), (long long)T, lm, mm, lm / mm, (mm - lm) * 1e3, (long long)reps);
       std::fflush(stdout);
     }
   }

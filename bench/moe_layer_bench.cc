@@ -41,13 +41,13 @@
 #include "kernels/cpu/routing.h"
 #include "kernels/cpu/thread_pool.h"
 #include "nlohmann/json.hpp"
+#include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/model_generator.h"
-#include "services/moe/moe_layer.h"
 #include "services/model/moe_weights.h"
 #include "services/model/safetensors.h"
-#include "services/base/status_macros.h"
+#include "services/moe/moe_layer.h"
 #include "services/runtime/flags.h"
 #include "services/runtime/serving_settings.h"
 
@@ -93,11 +93,10 @@ struct BenchOptions {
 };
 
 absl::StatusOr<BenchOptions> ParseFlags(int argc, char** argv) {
-  ASSIGN_OR_RETURN(
-      CliArgs args,
-      CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
-                     {"model", "gen-dir", "hidden", "intermediate", "experts", "top-k", "layer",
-                      "tokens", "repeats", "warmup", "input-dir", "output-dir", "seed"}));
+  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
+                                                {"model", "gen-dir", "hidden", "intermediate",
+                                                 "experts", "top-k", "layer", "tokens", "repeats",
+                                                 "warmup", "input-dir", "output-dir", "seed"}));
   BenchOptions o;
   o.model_dir = args.String("model", "");
   o.gen_dir = args.String("gen-dir", "");
@@ -221,8 +220,8 @@ void MatMulT(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t r
   if (rows == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, ldw, x, 1, 0.0f, y, 1);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, 1.0f, x, ldx, w, ldw, 0.0f,
-                y, ldy);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, 1.0f, x, ldx, w, ldw, 0.0f, y,
+                ldy);
   }
 }
 
@@ -253,8 +252,8 @@ void GemmsOnly(const float* x, int64_t T, const MoeModelConfig& c, const GateWei
     const ExpertFfnWeights& ew = experts[e];
     const int64_t off = w.plan.expert_offsets[e], n = w.plan.rows_of(static_cast<int>(e));
     const int64_t c0 = task * kDownColsPerTask, c1 = std::min(H, c0 + kDownColsPerTask);
-    MatMulT(w.h.data() + off * I, I, ew.down + c0 * I, I, n, c1 - c0, I,
-            w.gy.data() + off * H + c0, H);
+    MatMulT(w.h.data() + off * I, I, ew.down + c0 * I, I, n, c1 - c0, I, w.gy.data() + off * H + c0,
+            H);
   });
 }
 
@@ -316,8 +315,8 @@ absl::Status BenchOne(const BenchOptions& o, MoeLayer& layer, const MoeModelConf
       "\"gemm_ms_min\":%s,\"overhead_ratio\":%s,\"repeats\":%lld,\"threads\":%d,"
       "\"rows_per_expert\":[%s]}\n",
       (long long)T, Fixed(lm).c_str(), Fixed(Min(layer_ms)).c_str(), Fixed(gm).c_str(),
-      Fixed(Min(gemm_ms)).c_str(), Fixed(lm / gm).c_str(), (long long)o.repeats,
-      pool.size(), absl::StrJoin(rows_per_expert, ",").c_str());
+      Fixed(Min(gemm_ms)).c_str(), Fixed(lm / gm).c_str(), (long long)o.repeats, pool.size(),
+      absl::StrJoin(rows_per_expert, ",").c_str());
   std::fflush(stdout);
   return absl::OkStatus();
 }
@@ -352,11 +351,10 @@ absl::Status Run(int argc, char** argv) {
       return absl::UnimplementedError("the GEMM-only breakdown covers experts without biases");
     }
   }
-  std::fprintf(stderr,
-               "model %s layer %lld: H=%lld I=%lld E=%lld k=%lld; OpenBLAS %s; %d threads\n",
-               dir.c_str(), (long long)layer, (long long)c.hidden_size,
-               (long long)c.expert_intermediate, (long long)c.num_experts, (long long)c.top_k,
-               openblas_get_config(), pool.size());
+  std::fprintf(
+      stderr, "model %s layer %lld: H=%lld I=%lld E=%lld k=%lld; OpenBLAS %s; %d threads\n",
+      dir.c_str(), (long long)layer, (long long)c.hidden_size, (long long)c.expert_intermediate,
+      (long long)c.num_experts, (long long)c.top_k, openblas_get_config(), pool.size());
   for (int64_t T : o.tokens) RETURN_IF_ERROR(BenchOne(o, *moe, c, gate, experts, pool, T));
   return absl::OkStatus();
 }

@@ -19,28 +19,28 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
-#include "services/runtime/serving_settings.h"
-#include "services/rpc/grpc_server.h"
-#include "services/runtime/signals.h"
 #include "services/base/status_macros.h"
+#include "services/rpc/grpc_server.h"
+#include "services/rpc/wire.h"
+#include "services/runtime/flags.h"
+#include "services/runtime/serving_settings.h"
+#include "services/runtime/signals.h"
 #include "services/transport/grpc_transport.h"
 #include "services/transport/transport.h"
-#include "services/rpc/wire.h"
-#include "services/transport/ucx/testing.h"
 #include "services/transport/ucx/client.h"
 #include "services/transport/ucx/compute_server.h"
 #include "services/transport/ucx/protocol.h"
-#include "services/runtime/flags.h"
+#include "services/transport/ucx/testing.h"
 #include "tools/process.h"
 
 namespace moemesh {
@@ -49,7 +49,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kSinkLayer = 1;  // answered with an empty reply
 
-absl::Status Echo(const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
+absl::Status Echo(const v1::ComputeRequest& req, const RowSegments& rows,
+                  v1::ComputeResponse* resp) {
   if (req.layer() == kSinkLayer) return absl::OkStatus();
   return EchoRows(req, rows, resp);
 }
@@ -114,9 +115,10 @@ absl::StatusOr<double> Exchange(ExpertTransport& t, const std::string& endpoint,
     const auto t0 = Clock::now();
     auto exchange = t.NewExchange(std::chrono::system_clock::now() + std::chrono::seconds(60));
     for (int i = 0; i < n; ++i) {
-      exchange->Start(endpoint, std::move(requests[i]), [&](const absl::Status& s, v1::ComputeResponse*) {
-        if (!s.ok()) status = s;
-      });
+      exchange->Start(endpoint, std::move(requests[i]),
+                      [&](const absl::Status& s, v1::ComputeResponse*) {
+                        if (!s.ok()) status = s;
+                      });
     }
     exchange->Wait();
     if (!status.ok()) return status;
@@ -130,7 +132,8 @@ absl::StatusOr<double> Exchange(ExpertTransport& t, const std::string& endpoint,
     auto r = exchange->NewRequest(bytes, request.batches_size());
     r->request().set_layer(request.layer());
     for (const auto& b : request.batches()) {
-      char* out = r->AddRows(b.expert(), DType::kBF16, {b.rows().shape().begin(), b.rows().shape().end()});
+      char* out =
+          r->AddRows(b.expert(), DType::kBF16, {b.rows().shape().begin(), b.rows().shape().end()});
       if (out == nullptr) return absl::ResourceExhaustedError("no memory for a request");
       std::memcpy(out, b.rows().data().data(), b.rows().data().size());
     }
@@ -162,8 +165,8 @@ double Percentile(std::vector<double> v, double p) {
 
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
-                                                {"tokens", "hidden", "repeats", "window", "serve", "only",
-                                                 "ucx-spin-us", "phases", "in-place"},
+                                                {"tokens", "hidden", "repeats", "window", "serve",
+                                                 "only", "ucx-spin-us", "phases", "in-place"},
                                                 {"serve"}));
   ASSIGN_OR_RETURN(int64_t spin_us, args.Int("ucx-spin-us", kUcxDefaultSpin.count()));
   const auto spin = std::chrono::microseconds(std::clamp<int64_t>(spin_us, 0, 1000000));
@@ -180,7 +183,8 @@ absl::Status Run(int argc, char** argv) {
   // --only grpc|ucx: one transport (for profiling); the other's figures read 0.
   const std::string only_name = args.String("only", "");
   const int only = only_name == "grpc" ? 0 : only_name == "ucx" ? 1 : -1;
-  if (!only_name.empty() && only < 0) return absl::InvalidArgumentError("--only must be grpc or ucx");
+  if (!only_name.empty() && only < 0)
+    return absl::InvalidArgumentError("--only must be grpc or ucx");
   ASSIGN_OR_RETURN(int64_t in_place_flag, args.Int("in-place", 1));
   in_place = in_place_flag != 0;
   // --phases rtt,bw (default both): one of them alone, for profiling.
@@ -201,7 +205,8 @@ absl::Status Run(int argc, char** argv) {
     const size_t bytes = static_cast<size_t>(T * H * 2);
     const v1::ComputeRequest echo = Request(0, T, H), sink = Request(kSinkLayer, T, H);
     // Round trips: fewer repeats for the big ones (16 MiB each way at T=2048, H=4096).
-    const int64_t reps = std::max<int64_t>(20, repeats * 8192 / std::max<int64_t>(8192, T * H * 2 / 64));
+    const int64_t reps =
+        std::max<int64_t>(20, repeats * 8192 / std::max<int64_t>(8192, T * H * 2 / 64));
     // In blocks of kBlock calls, alternating: both transports see the same noise, and
     // UCX's polling (a thread spinning for --ucx-spin-us after its last message) does not
     // run into the gRPC calls beyond a block's first few, which would slow them on a
@@ -222,7 +227,8 @@ absl::Status Run(int argc, char** argv) {
     }
     // One-way bandwidth: `window` requests in flight, empty replies. Each round is an
     // exchange of `window` calls; the figure is the median over rounds.
-    const int64_t rounds = window > 0 && run_bw ? std::max<int64_t>(10, reps / 4) : 0;  // --window 0: none
+    const int64_t rounds =
+        window > 0 && run_bw ? std::max<int64_t>(10, reps / 4) : 0;  // --window 0: none
     std::vector<double> gbps[2];
     for (int64_t r = -2; r < rounds; ++r) {
       for (int k = 0; k < 2; ++k) {
@@ -231,21 +237,23 @@ absl::Status Run(int argc, char** argv) {
           gbps[which].push_back(0);
           continue;
         }
-        ASSIGN_OR_RETURN(double s, Exchange(*transports[which], endpoint, sink,
-                                            static_cast<int>(window), 0));
-        if (r >= 0) gbps[which].push_back(static_cast<double>(bytes) * static_cast<double>(window) / s / 1e9);
+        ASSIGN_OR_RETURN(double s,
+                         Exchange(*transports[which], endpoint, sink, static_cast<int>(window), 0));
+        if (r >= 0)
+          gbps[which].push_back(static_cast<double>(bytes) * static_cast<double>(window) / s / 1e9);
       }
     }
     for (auto* v : {&gbps[0], &gbps[1], &rtt_us[0], &rtt_us[1]}) {
       if (v->empty()) v->push_back(0);
     }
     const double g50 = Percentile(rtt_us[0], 0.5), u50 = Percentile(rtt_us[1], 0.5);
-    std::printf("{\"T\":%lld,\"bytes\":%zu,\"grpc_rtt_p50_us\":%.1f,\"grpc_rtt_p99_us\":%.1f,"
-                "\"ucx_rtt_p50_us\":%.1f,\"ucx_rtt_p99_us\":%.1f,\"rtt_ratio_grpc_ucx\":%.2f,"
-                "\"grpc_bw_gbs\":%.3f,\"ucx_bw_gbs\":%.3f,\"window\":%lld,\"repeats\":%lld}\n",
-                (long long)T, bytes, g50, Percentile(rtt_us[0], 0.99), u50,
-                Percentile(rtt_us[1], 0.99), u50 > 0 ? g50 / u50 : 0.0, Percentile(gbps[0], 0.5),
-                Percentile(gbps[1], 0.5), (long long)window, (long long)reps);
+    std::printf(
+        "{\"T\":%lld,\"bytes\":%zu,\"grpc_rtt_p50_us\":%.1f,\"grpc_rtt_p99_us\":%.1f,"
+        "\"ucx_rtt_p50_us\":%.1f,\"ucx_rtt_p99_us\":%.1f,\"rtt_ratio_grpc_ucx\":%.2f,"
+        "\"grpc_bw_gbs\":%.3f,\"ucx_bw_gbs\":%.3f,\"window\":%lld,\"repeats\":%lld}\n",
+        (long long)T, bytes, g50, Percentile(rtt_us[0], 0.99), u50, Percentile(rtt_us[1], 0.99),
+        u50 > 0 ? g50 / u50 : 0.0, Percentile(gbps[0], 0.5), Percentile(gbps[1], 0.5),
+        (long long)window, (long long)reps);
     std::fflush(stdout);
   }
   return absl::OkStatus();

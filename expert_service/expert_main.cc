@@ -4,11 +4,11 @@
 #include <memory>
 
 #include "expert_service/expert_server.h"
-#include "services/model/checkpoint.h"
-#include "services/metrics/exposer.h"
-#include "services/runtime/service_main.h"
 #include "services/base/status_macros.h"
+#include "services/metrics/exposer.h"
+#include "services/model/checkpoint.h"
 #include "services/runtime/flags.h"
+#include "services/runtime/service_main.h"
 
 namespace moemesh {
 namespace {
@@ -33,11 +33,11 @@ constexpr char kUsage[] =
     "    --gpu-rebalance-s seconds (default 5; 0: never) when their load is uneven\n";
 
 absl::Status Run(const std::vector<std::string>& argv) {
-  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "listen", "service-id", "experts",
-                                                       "max-message-mb", "threads",
-                                                       "metrics-listen", "expert-metrics",
-                                                       "transport", "ucx-spin-us", "device", "gpu",
-                                                       "gpu-rebalance-s"}));
+  ASSIGN_OR_RETURN(
+      CliArgs args,
+      CliArgs::Parse(argv, {"model", "listen", "service-id", "experts", "max-message-mb", "threads",
+                            "metrics-listen", "expert-metrics", "transport", "ucx-spin-us",
+                            "device", "gpu", "gpu-rebalance-s"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);

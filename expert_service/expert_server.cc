@@ -10,11 +10,11 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "kernels/cpu/expert_ffn.h"
-#include "services/runtime/concurrency_limit.h"
-#include "services/rpc/grpc_server.h"
 #include "services/base/scratch.h"
 #include "services/base/status_macros.h"
+#include "services/rpc/grpc_server.h"
 #include "services/rpc/wire.h"
+#include "services/runtime/concurrency_limit.h"
 
 namespace moemesh {
 
@@ -72,10 +72,10 @@ absl::Status ExpertServer::RegisterMetrics() {
                    metrics::AddCounter(registry, "moemesh_expert_requests_total",
                                        "Compute calls answered, by gRPC status code."));
   m->requests = std::make_unique<metrics::StatusCodeCounters>(*requests);
-  ASSIGN_OR_RETURN(auto* latency,
-                   metrics::AddHistogram(registry, "moemesh_expert_compute_latency_seconds",
-                                         "One Compute call, received to answered.",
-                                         metrics::LatencyBuckets()));
+  ASSIGN_OR_RETURN(
+      auto* latency,
+      metrics::AddHistogram(registry, "moemesh_expert_compute_latency_seconds",
+                            "One Compute call, received to answered.", metrics::LatencyBuckets()));
   m->latency = &latency->Add();
   std::vector<double> rows;
   for (double b = 1; b <= 65536; b *= 2) rows.push_back(b);
@@ -108,24 +108,27 @@ absl::Status ExpertServer::RegisterMetrics() {
       const char* help;
       int64_t GpuDeviceMemory::*field;
     };
-    for (const PerGpu& g : {PerGpu{"moemesh_expert_gpu_experts", "(layer, expert) pairs resident on each GPU.",
-                                   &GpuDeviceMemory::experts},
-                            PerGpu{"moemesh_expert_gpu_weight_bytes", "Expert weight bytes (BF16) on each GPU.",
-                                   &GpuDeviceMemory::weight_bytes},
-                            PerGpu{"moemesh_expert_gpu_free_bytes", "Free device memory of each GPU.",
-                                   &GpuDeviceMemory::device_free_bytes}}) {
+    for (const PerGpu& g :
+         {PerGpu{"moemesh_expert_gpu_experts", "(layer, expert) pairs resident on each GPU.",
+                 &GpuDeviceMemory::experts},
+          PerGpu{"moemesh_expert_gpu_weight_bytes", "Expert weight bytes (BF16) on each GPU.",
+                 &GpuDeviceMemory::weight_bytes},
+          PerGpu{"moemesh_expert_gpu_free_bytes", "Free device memory of each GPU.",
+                 &GpuDeviceMemory::device_free_bytes}}) {
       RETURN_IF_ERROR(metrics::AddComputedGauge(
           registry, g.name, g.help, [this, field = g.field](std::vector<metrics::Sample>* out) {
             for (const GpuDeviceMemory& m : gpu_->Memory()) {
-              out->push_back({"", {{"gpu", std::to_string(m.device)}}, static_cast<double>(m.*field)});
+              out->push_back(
+                  {"", {{"gpu", std::to_string(m.device)}}, static_cast<double>(m.*field)});
             }
           }));
     }
-    RETURN_IF_ERROR(metrics::AddComputedGauge(
-        registry, "moemesh_expert_gpu_local_moves", "Experts moved between the service's GPUs so far.",
-        [this](std::vector<metrics::Sample>* out) {
-          out->push_back({"", {}, static_cast<double>(gpu_->moves())});
-        }));
+    RETURN_IF_ERROR(
+        metrics::AddComputedGauge(registry, "moemesh_expert_gpu_local_moves",
+                                  "Experts moved between the service's GPUs so far.",
+                                  [this](std::vector<metrics::Sample>* out) {
+                                    out->push_back({"", {}, static_cast<double>(gpu_->moves())});
+                                  }));
   }
   ASSIGN_OR_RETURN(auto* info, metrics::AddGauge(registry, "moemesh_expert_service_info",
                                                  "The service's id; the value is 1."));
@@ -223,8 +226,9 @@ absl::StatusOr<std::vector<ExpertServer::Batch>> ExpertServer::CheckBatches(
   const MoeModelConfig& config = store_->config();
   const int64_t layer = req.layer(), H = config.hidden_size;
   if (!row_bytes.empty() && static_cast<int>(row_bytes.size()) != req.batches_size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layer ", layer, ": ", row_bytes.size(), " row segments for ", req.batches_size(), " batches"));
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": ", row_bytes.size(),
+                                                   " row segments for ", req.batches_size(),
+                                                   " batches"));
   }
   std::vector<Batch> batches;
   batches.reserve(req.batches_size());
@@ -238,14 +242,14 @@ absl::StatusOr<std::vector<ExpertServer::Batch>> ExpertServer::CheckBatches(
           absl::StrCat(what, ": expert out of range [0, ", config.num_experts, ")"));
     }
     if (seen[e]) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": expert appears twice in the request"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": expert appears twice in the request"));
     }
     seen[e] = true;
     ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> weights, store_->Get(layer, e));
-    ASSIGN_OR_RETURN(Tensor rows,
-                     row_bytes.empty()
-                         ? FromProto(b.rows(), nullptr, what)
-                         : FromProto(b.rows(), row_bytes[batches.size()], nullptr, what));
+    ASSIGN_OR_RETURN(Tensor rows, row_bytes.empty() ? FromProto(b.rows(), nullptr, what)
+                                                    : FromProto(b.rows(), row_bytes[batches.size()],
+                                                                nullptr, what));
     if (rows.rank() != 2 || rows.dim(1) != H) {
       return absl::InvalidArgumentError(absl::StrCat(
           what, ": rows have shape ", ShapeString(rows.shape()), ", expected [n, ", H, "]"));
@@ -335,8 +339,8 @@ absl::Status ExpertServer::SyncGpu() {
 }
 
 absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, const RowSegments& rows,
-                                       v1::ComputeResponse* resp,
-                                       const std::function<bool()>& cancelled) {
+                                        v1::ComputeResponse* resp,
+                                        const std::function<bool()>& cancelled) {
   const auto received = std::chrono::steady_clock::now();
   ++in_flight_;
   absl::Status s;
@@ -365,7 +369,8 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status Compute(grpc::ServerContext* ctx, const v1::ComputeRequest* req,
                        v1::ComputeResponse* resp) override {
-    return ToGrpcStatus(server_->ServeCompute(*req, {}, resp, [ctx] { return ctx->IsCancelled(); }));
+    return ToGrpcStatus(
+        server_->ServeCompute(*req, {}, resp, [ctx] { return ctx->IsCancelled(); }));
   }
 
   grpc::Status LoadExperts(grpc::ServerContext*, const v1::LoadExpertsRequest* req,
@@ -386,8 +391,7 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     return ToGrpcStatus(s);
   }
 
-  grpc::Status Info(grpc::ServerContext*, const v1::InfoRequest*,
-                    v1::InfoResponse* resp) override {
+  grpc::Status Info(grpc::ServerContext*, const v1::InfoRequest*, v1::InfoResponse* resp) override {
     const MoeModelConfig& c = server_->store_->config();
     resp->set_model_type(FamilyName(c.family));
     resp->set_hidden_size(c.hidden_size);
@@ -457,18 +461,19 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   // oversubscribe the cores.
   SetBlasThreads(1);
   if (s->options_.ucx) {
-    ASSIGN_OR_RETURN(s->ucx_, UcxComputeServer::Create(
-                                  [raw = s.get()](const v1::ComputeRequest& req, const RowSegments& rows,
-                                                  v1::ComputeResponse* resp) {
-                                    return raw->ServeCompute(req, rows, resp, [] { return false; });
-                                  },
-                                  s->options_.compute_threads, s->options_.max_message_bytes,
-                                  s->options_.ucx_spin));
+    ASSIGN_OR_RETURN(
+        s->ucx_,
+        UcxComputeServer::Create(
+            [raw = s.get()](const v1::ComputeRequest& req, const RowSegments& rows,
+                            v1::ComputeResponse* resp) {
+              return raw->ServeCompute(req, rows, resp, [] { return false; });
+            },
+            s->options_.compute_threads, s->options_.max_message_bytes, s->options_.ucx_spin));
   }
   s->service_ = std::make_unique<Service>(s.get());
-  ASSIGN_OR_RETURN(StartedServer started,
-                   StartGrpcServer({s->options_.listen, s->options_.max_message_bytes},
-                                   {s->service_.get()}));
+  ASSIGN_OR_RETURN(
+      StartedServer started,
+      StartGrpcServer({s->options_.listen, s->options_.max_message_bytes}, {s->service_.get()}));
   s->server_ = std::move(started.server);
   s->port_ = started.port;
   // Only now: every initial expert is loaded and the port is open.
@@ -492,6 +497,5 @@ void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {
 }
 
 void ExpertServer::Wait() { server_->Wait(); }
-
 
 }  // namespace moemesh

@@ -10,8 +10,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -690,16 +690,22 @@ TEST(ExpertServerMetricsTest, CountsCallsRowsAndHeldExperts) {
   req.set_layer(0);
   req.set_output_dtype(v1::DATA_TYPE_F32);
   std::vector<float> seen;
-  SetRows(RandomRows(5, kHidden, 1), kHidden, DType::kF32, [&] {
-    auto* b = req.add_batches();
-    b->set_expert(1);
-    return b;
-  }(), &seen);
-  SetRows(RandomRows(7, kHidden, 2), kHidden, DType::kBF16, [&] {
-    auto* b = req.add_batches();
-    b->set_expert(2);
-    return b;
-  }(), &seen);
+  SetRows(
+      RandomRows(5, kHidden, 1), kHidden, DType::kF32,
+      [&] {
+        auto* b = req.add_batches();
+        b->set_expert(1);
+        return b;
+      }(),
+      &seen);
+  SetRows(
+      RandomRows(7, kHidden, 2), kHidden, DType::kBF16,
+      [&] {
+        auto* b = req.add_batches();
+        b->set_expert(2);
+        return b;
+      }(),
+      &seen);
   v1::ComputeResponse resp;
   ASSERT_TRUE(h.Compute(req, &resp).ok());
   ASSERT_TRUE(h.Compute(req, &resp).ok());

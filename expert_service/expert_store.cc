@@ -1,6 +1,5 @@
 #include "expert_service/expert_store.h"
 
-
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "services/base/status_macros.h"

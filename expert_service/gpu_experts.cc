@@ -11,7 +11,7 @@ int GpuExperts::DeviceCount() {
 }
 
 absl::StatusOr<std::unique_ptr<GpuExperts>> GpuExperts::Create(const MoeModelConfig& config,
-                                                            const GpuExpertsOptions& options) {
+                                                               const GpuExpertsOptions& options) {
   absl::StatusOr<const GpuExpertsEntry*> entry = CudaPluginTable<GpuExpertsEntry>(kGpuExpertsEntry);
   if (!entry.ok()) return entry.status();
   return (*entry)->create(config, options);

@@ -1,6 +1,4 @@
 // GpuExperts on CUDA: part of the CUDA plugin (services/cuda/plugin.h), loaded on --device cuda.
-#include "expert_service/gpu_experts.h"
-
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -16,13 +14,14 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "expert_service/gpu_experts.h"
 #include "expert_service/gpu_placement.h"
 #include "kernels/cuda/grouped_ffn.cuh"
 #include "kernels/dtype.h"
-#include "services/cuda/memory.h"
-#include "services/cuda/nccl_node.h"
 #include "services/base/scratch.h"
 #include "services/base/status_macros.h"
+#include "services/cuda/memory.h"
+#include "services/cuda/nccl_node.h"
 
 namespace moemesh {
 namespace {
@@ -40,8 +39,8 @@ struct StackShape {
 
 // The held experts of one layer on one GPU, stacked: expert `experts[j]` is slot j.
 struct LayerStack {
-  int device = 0;  // CUDA device number
-  int rank = 0;    // index into the node's GPUs
+  int device = 0;                // CUDA device number
+  int rank = 0;                  // index into the node's GPUs
   std::vector<int32_t> experts;  // ascending
   std::vector<int32_t> slot_of;  // by expert id, -1 when not here
   StackShape shape;
@@ -55,8 +54,9 @@ struct LayerStack {
 
 // One layer over the node's GPUs; immutable once built, replaced whole.
 struct NodeLayer {
-  std::vector<std::shared_ptr<const LayerStack>> stacks;  // by rank; nullptr: none of the layer's there
-  std::vector<int> rank_of;                                // by expert id, -1 when not held
+  std::vector<std::shared_ptr<const LayerStack>>
+      stacks;                // by rank; nullptr: none of the layer's there
+  std::vector<int> rank_of;  // by expert id, -1 when not held
 };
 
 // One launch's stream and buffers; the stream is made on first use, on the calling
@@ -75,11 +75,16 @@ struct Lane {
   absl::Status Ready(int on_device) {
     if (stream != nullptr) return absl::OkStatus();
     device = on_device;
-    CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUDA_RETURN_IF_ERROR("cudaStreamCreate",
+                         cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     return absl::OkStatus();
   }
-  int64_t device_bytes() const { return static_cast<int64_t>(x.bytes + h.bytes + y.bytes + offsets.bytes); }
-  int64_t pinned_bytes() const { return static_cast<int64_t>(x_host.bytes + y_host.bytes + offsets_host.bytes); }
+  int64_t device_bytes() const {
+    return static_cast<int64_t>(x.bytes + h.bytes + y.bytes + offsets.bytes);
+  }
+  int64_t pinned_bytes() const {
+    return static_cast<int64_t>(x_host.bytes + y_host.bytes + offsets_host.bytes);
+  }
 };
 
 // A thread that runs what it is given in order (a GPU's part of a launch, several GPUs).
@@ -132,14 +137,16 @@ struct Gpu {
 
 class CudaGpuExperts final : public GpuExperts {
  public:
-  CudaGpuExperts(const MoeModelConfig& config, const GpuExpertsOptions& options) : config_(config), options_(options) {}
+  CudaGpuExperts(const MoeModelConfig& config, const GpuExpertsOptions& options)
+      : config_(config), options_(options) {}
 
   absl::Status Start() {
     for (size_t r = 0; r < options_.devices.size(); ++r) {
       auto gpu = std::make_unique<Gpu>();
       gpu->device = options_.devices[r];
       gpu->rank = static_cast<int>(r);
-      if (options_.devices.size() > 1) gpu->worker = std::make_unique<Worker>(absl::StrCat("gpu-", gpu->device));
+      if (options_.devices.size() > 1)
+        gpu->worker = std::make_unique<Worker>(absl::StrCat("gpu-", gpu->device));
       gpus_.push_back(std::move(gpu));
     }
     if (gpus_.size() > 1) {
@@ -182,8 +189,9 @@ class CudaGpuExperts final : public GpuExperts {
         if (prev != nullptr) current[i] = prev->rank_of[experts[i]];
       }
       ASSIGN_OR_RETURN(const StackShape shape, ShapeOf(store, layer, experts.front()));
-      ASSIGN_OR_RETURN(next[layer], Relayout(&store, layer, shape, prev.get(), experts,
-                                             AssignLocalExperts(current, static_cast<int>(gpus_.size()))));
+      ASSIGN_OR_RETURN(next[layer],
+                       Relayout(&store, layer, shape, prev.get(), experts,
+                                AssignLocalExperts(current, static_cast<int>(gpus_.size()))));
     }
     absl::MutexLock lock(&mu_);
     layers_ = std::move(next);
@@ -252,8 +260,9 @@ class CudaGpuExperts final : public GpuExperts {
         rank.push_back(node->rank_of[e]);
         rows.push_back(it->second[e]);
       }
-      const std::vector<LocalMove> moves = BalanceLocalExperts(
-          rank, rows, static_cast<int>(gpus_.size()), options_.balance_tolerance, options_.max_moves_per_layer);
+      const std::vector<LocalMove> moves =
+          BalanceLocalExperts(rank, rows, static_cast<int>(gpus_.size()),
+                              options_.balance_tolerance, options_.max_moves_per_layer);
       if (moves.empty()) continue;
       std::vector<int> after = rank;
       for (const LocalMove& m : moves) after[m.expert] = m.to;
@@ -307,7 +316,8 @@ class CudaGpuExperts final : public GpuExperts {
         m.pinned_bytes += lane.pinned_bytes();
       });
       size_t free = 0, total = 0;
-      if (cudaSetDevice(gpu.device) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+      if (cudaSetDevice(gpu.device) == cudaSuccess &&
+          cudaMemGetInfo(&free, &total) == cudaSuccess) {
         m.device_free_bytes = static_cast<int64_t>(free);
         m.device_total_bytes = static_cast<int64_t>(total);
       }
@@ -364,8 +374,10 @@ class CudaGpuExperts final : public GpuExperts {
       c->status = absl::OkStatus();
       for (const Item& item : c->items) {
         const int32_t e = item.batch.expert;
-        if (node == nullptr || e < 0 || e >= static_cast<int32_t>(node->rank_of.size()) || node->rank_of[e] < 0) {
-          c->status = absl::NotFoundError(absl::StrCat("layer ", layer, " expert ", e, ": not on the GPU"));
+        if (node == nullptr || e < 0 || e >= static_cast<int32_t>(node->rank_of.size()) ||
+            node->rank_of[e] < 0) {
+          c->status =
+              absl::NotFoundError(absl::StrCat("layer ", layer, " expert ", e, ": not on the GPU"));
           break;
         }
       }
@@ -389,7 +401,8 @@ class CudaGpuExperts final : public GpuExperts {
       others.push_back(task->get_future());
       gpus_[r]->worker->Run([task] { (*task)(); });
     }
-    absl::Status s = here < 0 ? absl::OkStatus() : Launch(*gpus_[here], *node->stacks[here], items[here]);
+    absl::Status s =
+        here < 0 ? absl::OkStatus() : Launch(*gpus_[here], *node->stacks[here], items[here]);
     for (auto& f : others) {
       const absl::Status other = f.get();
       if (s.ok()) s = other;
@@ -444,25 +457,28 @@ class CudaGpuExperts final : public GpuExperts {
       if (b.dtype == DType::kBF16) {
         std::memcpy(dst, b.rows, b.n * H * 2);
       } else if (!ConvertFromF32(static_cast<const float*>(b.rows), b.n * H, DType::kBF16, dst)) {
-        return absl::InvalidArgumentError(absl::StrCat("expert ", b.expert, ": rows must be F32 or BF16"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("expert ", b.expert, ": rows must be F32 or BF16"));
       }
     }
     std::memcpy(lane->offsets_host.ptr, first.data(), (E + 1) * sizeof(int64_t));
     const cudaStream_t s = lane->stream;
-    CUDA_RETURN_IF_ERROR("rows to the GPU",
-                         cudaMemcpyAsync(lane->x.ptr, x_host, rows * H * 2, cudaMemcpyHostToDevice, s));
+    CUDA_RETURN_IF_ERROR("rows to the GPU", cudaMemcpyAsync(lane->x.ptr, x_host, rows * H * 2,
+                                                            cudaMemcpyHostToDevice, s));
     CUDA_RETURN_IF_ERROR("offsets to the GPU",
-                         cudaMemcpyAsync(lane->offsets.ptr, lane->offsets_host.ptr, (E + 1) * sizeof(int64_t),
-                                         cudaMemcpyHostToDevice, s));
+                         cudaMemcpyAsync(lane->offsets.ptr, lane->offsets_host.ptr,
+                                         (E + 1) * sizeof(int64_t), cudaMemcpyHostToDevice, s));
     const auto* offsets = static_cast<const int64_t*>(lane->offsets.ptr);
-    CUDA_RETURN_IF_ERROR("GroupedGateUpAct",
-                         cuda::GroupedGateUpAct(stack.weights, static_cast<const uint16_t*>(lane->x.ptr), offsets,
-                                                rows, static_cast<uint16_t*>(lane->h.ptr), s));
+    CUDA_RETURN_IF_ERROR(
+        "GroupedGateUpAct",
+        cuda::GroupedGateUpAct(stack.weights, static_cast<const uint16_t*>(lane->x.ptr), offsets,
+                               rows, static_cast<uint16_t*>(lane->h.ptr), s));
     CUDA_RETURN_IF_ERROR("GroupedDown",
-                         cuda::GroupedDown(stack.weights, static_cast<const uint16_t*>(lane->h.ptr), offsets, rows,
-                                           static_cast<float*>(lane->y.ptr), s));
-    CUDA_RETURN_IF_ERROR("output from the GPU",
-                         cudaMemcpyAsync(lane->y_host.ptr, lane->y.ptr, rows * H * 4, cudaMemcpyDeviceToHost, s));
+                         cuda::GroupedDown(stack.weights, static_cast<const uint16_t*>(lane->h.ptr),
+                                           offsets, rows, static_cast<float*>(lane->y.ptr), s));
+    CUDA_RETURN_IF_ERROR(
+        "output from the GPU",
+        cudaMemcpyAsync(lane->y_host.ptr, lane->y.ptr, rows * H * 4, cudaMemcpyDeviceToHost, s));
     CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(s));
     const auto* y_host = static_cast<const float*>(lane->y_host.ptr);
     for (size_t i = 0; i < items.size(); ++i) {
@@ -473,7 +489,8 @@ class CudaGpuExperts final : public GpuExperts {
 
   // The kernels' view of a layer's experts, from the store (every expert of a layer has
   // the same shape); FAILED_PRECONDITION for what the kernels do not take.
-  absl::StatusOr<StackShape> ShapeOf(const ExpertStore& store, int64_t layer, int32_t expert) const {
+  absl::StatusOr<StackShape> ShapeOf(const ExpertStore& store, int64_t layer,
+                                     int32_t expert) const {
     ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> w, store.Get(layer, expert));
     const ExpertFfnWeights view = w->View(config_);
     StackShape shape;
@@ -485,9 +502,10 @@ class CudaGpuExperts final : public GpuExperts {
     shape.down_biases = w->down_bias.raw() != nullptr;
     if (!view.gated() || config_.hidden_size % 16 != 0 || shape.intermediate % 16 != 0) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "layer ", layer, ": the GPU kernels take gated experts with hidden and intermediate sizes that are "
-          "multiples of 16 (H=", config_.hidden_size, ", I=", shape.intermediate, view.gated() ? "" : ", not gated",
-          ")"));
+          "layer ", layer,
+          ": the GPU kernels take gated experts with hidden and intermediate sizes that are "
+          "multiples of 16 (H=",
+          config_.hidden_size, ", I=", shape.intermediate, view.gated() ? "" : ", not gated", ")"));
     }
     return shape;
   }
@@ -497,9 +515,10 @@ class CudaGpuExperts final : public GpuExperts {
   // they are resident in `prev` (a copy on the GPU, or over NCCL from another), or else
   // converted from `store`.
   absl::StatusOr<std::shared_ptr<const NodeLayer>> Relayout(const ExpertStore* store, int64_t layer,
-                                                           const StackShape& shape, const NodeLayer* prev,
-                                                           const std::vector<int32_t>& experts,
-                                                           const std::vector<int>& rank) {
+                                                            const StackShape& shape,
+                                                            const NodeLayer* prev,
+                                                            const std::vector<int32_t>& experts,
+                                                            const std::vector<int>& rank) {
     auto node = std::make_shared<NodeLayer>();
     node->rank_of.assign(config_.num_experts, -1);
     node->stacks.resize(gpus_.size());
@@ -517,21 +536,25 @@ class CudaGpuExperts final : public GpuExperts {
       std::vector<Source> sources(want.size());
       for (size_t j = 0; j < want.size(); ++j) {
         const int32_t e = want[j];
-        if (prev == nullptr || e >= static_cast<int32_t>(prev->rank_of.size()) || prev->rank_of[e] < 0) continue;
+        if (prev == nullptr || e >= static_cast<int32_t>(prev->rank_of.size()) ||
+            prev->rank_of[e] < 0)
+          continue;
         const LayerStack* from = prev->stacks[prev->rank_of[e]].get();
         sources[j] = {from, from->slot_of[e]};
       }
-      ASSIGN_OR_RETURN(node->stacks[r], BuildStack(store, layer, shape, static_cast<int>(r), want, sources));
+      ASSIGN_OR_RETURN(node->stacks[r],
+                       BuildStack(store, layer, shape, static_cast<int>(r), want, sources));
     }
     return std::shared_ptr<const NodeLayer>(std::move(node));
   }
 
   // One layer's `experts` on GPU `rank` in BF16, stacked: each slot copied from its source
   // on the GPUs, or converted from the store (gate/up unpacked from the CPU layout).
-  absl::StatusOr<std::shared_ptr<const LayerStack>> BuildStack(const ExpertStore* store, int64_t layer,
-                                                              const StackShape& shape, int rank,
-                                                              const std::vector<int32_t>& experts,
-                                                              const std::vector<Source>& sources) {
+  absl::StatusOr<std::shared_ptr<const LayerStack>> BuildStack(const ExpertStore* store,
+                                                               int64_t layer,
+                                                               const StackShape& shape, int rank,
+                                                               const std::vector<int32_t>& experts,
+                                                               const std::vector<Source>& sources) {
     const Gpu& gpu = *gpus_[rank];
     CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(gpu.device));
     auto stack = std::make_shared<LayerStack>();
@@ -553,10 +576,13 @@ class CudaGpuExperts final : public GpuExperts {
     const Part parts[] = {
         {&LayerStack::gate_up, static_cast<size_t>(2 * I * H) * 2, "expert gate/up weights"},
         {&LayerStack::down, static_cast<size_t>(H * I) * 2, "expert down weights"},
-        {&LayerStack::gate_up_bias, shape.gate_up_biases ? static_cast<size_t>(2 * I) * 4 : 0, "gate/up biases"},
-        {&LayerStack::down_bias, shape.down_biases ? static_cast<size_t>(H) * 4 : 0, "down biases"}};
+        {&LayerStack::gate_up_bias, shape.gate_up_biases ? static_cast<size_t>(2 * I) * 4 : 0,
+         "gate/up biases"},
+        {&LayerStack::down_bias, shape.down_biases ? static_cast<size_t>(H) * 4 : 0,
+         "down biases"}};
     for (const Part& part : parts) {
-      if (part.slot > 0) RETURN_IF_ERROR((stack.get()->*part.buffer).Reserve(E * part.slot, part.what));
+      if (part.slot > 0)
+        RETURN_IF_ERROR((stack.get()->*part.buffer).Reserve(E * part.slot, part.what));
     }
     auto at = [](const LayerStack& s, const Part& part, int slot) {
       return (s.*part.buffer).as<char>() + slot * part.slot;
@@ -569,32 +595,36 @@ class CudaGpuExperts final : public GpuExperts {
       if (const Source& src = sources[j]; src.stack != nullptr) {
         for (const Part& part : parts) {
           if (part.slot == 0) continue;
-          copies.push_back({src.stack->rank, rank, at(*src.stack, part, src.slot), at(*stack, part, j),
-                            part.slot});
+          copies.push_back({src.stack->rank, rank, at(*src.stack, part, src.slot),
+                            at(*stack, part, j), part.slot});
         }
         continue;
       }
-      if (store == nullptr) return absl::InternalError("a GPU stack without a source for an expert");
+      if (store == nullptr)
+        return absl::InternalError("a GPU stack without a source for an expert");
       ASSIGN_OR_RETURN(std::shared_ptr<const ExpertWeights> w, store->Get(layer, experts[j]));
       if (w->intermediate != I) {
-        return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " expert ", experts[j],
-                                                          ": intermediate size differs from the layer's"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("layer ", layer, " expert ", experts[j],
+                         ": intermediate size differs from the layer's"));
       }
       gate_up_host.resize(2 * I * H);
       down_host.resize(H * I);
       gub_host.resize(shape.gate_up_biases ? 2 * I : 0);
       const float* packed = w->gate_up.data<float>();
       for (int64_t row = 0; row < 2 * I; ++row) {
-        ConvertFromF32(packed + PackedGateUpRow(row, I) * H, H, DType::kBF16, &gate_up_host[row * H]);
-        if (!gub_host.empty()) gub_host[row] = w->gate_up_bias.data<float>()[PackedGateUpRow(row, I)];
+        ConvertFromF32(packed + PackedGateUpRow(row, I) * H, H, DType::kBF16,
+                       &gate_up_host[row * H]);
+        if (!gub_host.empty())
+          gub_host[row] = w->gate_up_bias.data<float>()[PackedGateUpRow(row, I)];
       }
       ConvertFromF32(w->down.data<float>(), H * I, DType::kBF16, down_host.data());
       const void* host[] = {gate_up_host.data(), down_host.data(), gub_host.data(),
                             shape.down_biases ? w->down_bias.data<float>() : nullptr};
       for (int t = 0; t < 4; ++t) {
         if (parts[t].slot == 0) continue;
-        CUDA_RETURN_IF_ERROR(parts[t].what, cudaMemcpy(at(*stack, parts[t], j), host[t], parts[t].slot,
-                                                       cudaMemcpyHostToDevice));
+        CUDA_RETURN_IF_ERROR(parts[t].what, cudaMemcpy(at(*stack, parts[t], j), host[t],
+                                                       parts[t].slot, cudaMemcpyHostToDevice));
       }
     }
     if (!copies.empty()) {
@@ -602,7 +632,8 @@ class CudaGpuExperts final : public GpuExperts {
         RETURN_IF_ERROR(comm_->Copy(copies));
       } else {
         for (const auto& c : copies) {  // one GPU: all within it
-          CUDA_RETURN_IF_ERROR("copy within the GPU", cudaMemcpy(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice));
+          CUDA_RETURN_IF_ERROR("copy within the GPU",
+                               cudaMemcpy(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice));
         }
       }
     }
@@ -630,16 +661,17 @@ class CudaGpuExperts final : public GpuExperts {
         }
       }
       const absl::StatusOr<int64_t> moved = Rebalance();
-      if (!moved.ok()) std::fprintf(stderr, "GPU rebalancing failed (the layout stays): %s\n",
-                                    moved.status().ToString().c_str());
+      if (!moved.ok())
+        std::fprintf(stderr, "GPU rebalancing failed (the layout stays): %s\n",
+                     moved.status().ToString().c_str());
     }
   }
 
   const MoeModelConfig config_;
   const GpuExpertsOptions options_;
   std::vector<std::unique_ptr<Gpu>> gpus_;  // by rank
-  std::unique_ptr<nccl::NodeComm> comm_;     // several GPUs
-  absl::Mutex sync_mu_;  // one Sync or Rebalance at a time
+  std::unique_ptr<nccl::NodeComm> comm_;    // several GPUs
+  absl::Mutex sync_mu_;                     // one Sync or Rebalance at a time
   mutable absl::Mutex mu_;
   std::map<int64_t, std::shared_ptr<const NodeLayer>> layers_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::unique_ptr<LayerQueue>> queues_ ABSL_GUARDED_BY(mu_);  // by layer
@@ -652,15 +684,18 @@ class CudaGpuExperts final : public GpuExperts {
   std::thread balancer_;
 };
 
-absl::StatusOr<std::unique_ptr<GpuExperts>> Create(const MoeModelConfig& config, const GpuExpertsOptions& options) {
+absl::StatusOr<std::unique_ptr<GpuExperts>> Create(const MoeModelConfig& config,
+                                                   const GpuExpertsOptions& options) {
   if (options.devices.empty()) return absl::InvalidArgumentError("--device cuda: no GPU named");
-  if (std::set<int>(options.devices.begin(), options.devices.end()).size() != options.devices.size()) {
+  if (std::set<int>(options.devices.begin(), options.devices.end()).size() !=
+      options.devices.size()) {
     return absl::InvalidArgumentError("--gpu: a GPU is named twice");
   }
   for (int d : options.devices) RETURN_IF_ERROR(cuda_memory::CheckDevice(d));
   if (config.hidden_size % 16 != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--device cuda: hidden_size ", config.hidden_size, " is not a multiple of 16 (the GPU kernels' tile)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("--device cuda: hidden_size ", config.hidden_size,
+                     " is not a multiple of 16 (the GPU kernels' tile)"));
   }
   auto experts = std::make_unique<CudaGpuExperts>(config, options);
   RETURN_IF_ERROR(experts->Start());
@@ -672,6 +707,7 @@ const GpuExpertsEntry kEntry{GpuExpertsEntry::kVersion, &Create};
 }  // namespace
 }  // namespace moemesh
 
-extern "C" __attribute__((visibility("default"))) const moemesh::GpuExpertsEntry* moemesh_cuda_experts_v3() {
+extern "C" __attribute__((visibility("default"))) const moemesh::GpuExpertsEntry*
+moemesh_cuda_experts_v3() {
   return &moemesh::kEntry;
 }

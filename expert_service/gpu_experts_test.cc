@@ -14,8 +14,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
-#include "services/model/model_generator.h"
 #include "services/base/status_macros.h"
+#include "services/model/model_generator.h"
 #include "services/rpc/wire.h"
 
 namespace moemesh {
@@ -89,8 +89,8 @@ double OutputRelErr(const v1::ExpertRows& got, const v1::ExpertRows& want) {
 }
 
 // Appends a batch of n random rows for `expert`, as `wire` carries them.
-absl::Status AddRandomRows(v1::ComputeRequest* req, int32_t expert, int64_t n, int64_t H, DType wire,
-                           std::mt19937& rng) {
+absl::Status AddRandomRows(v1::ComputeRequest* req, int32_t expert, int64_t n, int64_t H,
+                           DType wire, std::mt19937& rng) {
   std::normal_distribution<float> nd;
   Tensor x = Tensor::Empty(DType::kF32, {n, H});
   for (int64_t i = 0; i < n * H; ++i) x.mutable_data<float>()[i] = nd(rng);
@@ -122,7 +122,8 @@ struct CpuAndGpu {
     ASSERT_EQ(got.outputs_size(), want.outputs_size());
     for (int i = 0; i < want.outputs_size(); ++i) {
       EXPECT_EQ(got.outputs(i).expert(), want.outputs(i).expert());
-      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2) << "expert " << want.outputs(i).expert();
+      EXPECT_LE(OutputRelErr(got.outputs(i), want.outputs(i)), 1e-2)
+          << "expert " << want.outputs(i).expert();
     }
   }
 };
@@ -173,7 +174,8 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
   EXPECT_EQ(info.gpus(0).experts(), info.experts_size());
   // The same in the service's metrics.
   const std::string text = s.gpu.registry->Serialize();
-  EXPECT_NE(text.find(absl::StrCat("moemesh_expert_gpu_experts{gpu=\"0\"} ", info.experts_size())), std::string::npos)
+  EXPECT_NE(text.find(absl::StrCat("moemesh_expert_gpu_experts{gpu=\"0\"} ", info.experts_size())),
+            std::string::npos)
       << text;
   EXPECT_NE(text.find("moemesh_expert_gpu_local_moves 0"), std::string::npos) << text;
 }
@@ -194,7 +196,8 @@ TEST(GpuExpertsTest, SeveralGpusShareTheExpertsAndAnswerTheSame) {
     v1::ComputeRequest req;
     req.set_layer(s.layer);
     req.set_output_dtype(v1::DATA_TYPE_F32);
-    for (int32_t e = 0; e < 8; ++e) ASSERT_TRUE(AddRandomRows(&req, e, 3 + 9 * e, s.hidden, DType::kBF16, rng).ok());
+    for (int32_t e = 0; e < 8; ++e)
+      ASSERT_TRUE(AddRandomRows(&req, e, 3 + 9 * e, s.hidden, DType::kBF16, rng).ok());
     s.ExpectSameAnswers(req);
     grpc::ClientContext ctx;
     v1::InfoResponse info;

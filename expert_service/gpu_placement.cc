@@ -24,8 +24,9 @@ std::vector<int> AssignLocalExperts(const std::vector<int>& current, int num_dev
   return device;
 }
 
-std::vector<LocalMove> BalanceLocalExperts(const std::vector<int>& device_in, const std::vector<double>& load,
-                                           int num_devices, double tolerance, int max_moves) {
+std::vector<LocalMove> BalanceLocalExperts(const std::vector<int>& device_in,
+                                           const std::vector<double>& load, int num_devices,
+                                           double tolerance, int max_moves) {
   std::vector<LocalMove> moves;
   const int n = static_cast<int>(device_in.size());
   if (num_devices <= 1 || n == 0 || load.size() != device_in.size()) return moves;

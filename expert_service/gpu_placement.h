@@ -32,7 +32,8 @@ struct LocalMove {
 // GPU goes over ceil(E / G) experts; at most `max_moves` experts change GPU (a swap is
 // two; an expert may move more than once: apply the moves in order). Empty when the load
 // is even enough or nothing helps.
-std::vector<LocalMove> BalanceLocalExperts(const std::vector<int>& device, const std::vector<double>& load,
-                                           int num_devices, double tolerance, int max_moves);
+std::vector<LocalMove> BalanceLocalExperts(const std::vector<int>& device,
+                                           const std::vector<double>& load, int num_devices,
+                                           double tolerance, int max_moves);
 
 }  // namespace moemesh

@@ -11,7 +11,8 @@
 namespace moemesh {
 namespace {
 
-std::vector<double> PerDevice(const std::vector<int>& device, const std::vector<double>& load, int g) {
+std::vector<double> PerDevice(const std::vector<int>& device, const std::vector<double>& load,
+                              int g) {
   std::vector<double> per(g, 0);
   for (size_t i = 0; i < device.size(); ++i) per[device[i]] += load[i];
   return per;
@@ -26,7 +27,8 @@ std::vector<int> Apply(std::vector<int> device, const std::vector<LocalMove>& mo
 }
 
 TEST(AssignLocalExpertsTest, NewExpertsSpreadEvenlyAndPlacedOnesStay) {
-  EXPECT_EQ(AssignLocalExperts({-1, -1, -1, -1, -1, -1, -1, -1}, 4), (std::vector<int>{0, 1, 2, 3, 0, 1, 2, 3}));
+  EXPECT_EQ(AssignLocalExperts({-1, -1, -1, -1, -1, -1, -1, -1}, 4),
+            (std::vector<int>{0, 1, 2, 3, 0, 1, 2, 3}));
   // GPU 0 holds three already: the new ones fill the others first.
   EXPECT_EQ(AssignLocalExperts({0, 0, 0, -1, -1, -1}, 3), (std::vector<int>{0, 0, 0, 1, 2, 1}));
   EXPECT_EQ(AssignLocalExperts({2, -1}, 3), (std::vector<int>{2, 0}));
@@ -67,7 +69,8 @@ TEST(BalanceLocalExpertsTest, RandomSkewsGetBetterWithinBudgetAndCap) {
     const std::vector<LocalMove> moves = BalanceLocalExperts(device, load, g, 0.05, budget);
     EXPECT_LE(static_cast<int>(moves.size()), budget);
     const std::vector<int> after = Apply(device, moves);
-    const std::vector<double> before_per = PerDevice(device, load, g), after_per = PerDevice(after, load, g);
+    const std::vector<double> before_per = PerDevice(device, load, g),
+                              after_per = PerDevice(after, load, g);
     const double before_max = *std::max_element(before_per.begin(), before_per.end());
     const double after_max = *std::max_element(after_per.begin(), after_per.end());
     EXPECT_LE(after_max, before_max + 1e-9);

@@ -84,7 +84,7 @@ uint16_t F32ToF16(float f) {
   std::memcpy(&bits, &f, sizeof bits);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf
   if (abs < 0x38800000u) {                        // subnormal or zero in half
     if (abs < 0x33000000u) return sign;           // below half of the smallest subnormal

@@ -16,7 +16,19 @@ namespace moemesh {
 
 // Every element type the safetensors format defines; only the floating ones convert.
 enum class DType : uint8_t {
-  kF32, kBF16, kF16, kF64, kI64, kI32, kI16, kI8, kU64, kU32, kU16, kU8, kBool,
+  kF32,
+  kBF16,
+  kF16,
+  kF64,
+  kI64,
+  kI32,
+  kI16,
+  kI8,
+  kU64,
+  kU32,
+  kU16,
+  kU8,
+  kBool,
   kF8E4M3,  // float8 e4m3fn (DeepSeek-V3 release weights, with block scales)
   kF8E5M2,
 };

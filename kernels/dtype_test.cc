@@ -63,8 +63,8 @@ TEST(DTypeTest, F16RoundingMatchesCompiler) {
 }
 
 TEST(DTypeTest, F8E4M3) {
-  EXPECT_EQ(F8E4M3ToF32(0x38), 1.0f);     // 0.0111.000
-  EXPECT_EQ(F8E4M3ToF32(0x7e), 448.0f);   // largest finite
+  EXPECT_EQ(F8E4M3ToF32(0x38), 1.0f);          // 0.0111.000
+  EXPECT_EQ(F8E4M3ToF32(0x7e), 448.0f);        // largest finite
   EXPECT_EQ(F8E4M3ToF32(0x01), 0.001953125f);  // smallest subnormal 2^-9
   EXPECT_EQ(F8E4M3ToF32(0xb8), -1.0f);
   EXPECT_TRUE(std::isnan(F8E4M3ToF32(0x7f)));
@@ -95,7 +95,7 @@ TEST(DTypeTest, Mxfp4LowNibbleFirstScaledByBlock) {
           << b << " " << j;
     }
   }
-  EXPECT_EQ(out[32 + 2 * 7], 12.0f);   // code 7 (6.0) in a 2^1 block
+  EXPECT_EQ(out[32 + 2 * 7], 12.0f);      // code 7 (6.0) in a 2^1 block
   EXPECT_EQ(out[96 + 2 * 2], 0x1p-127f);  // code 2 (1.0) in a 2^-127 block: subnormal, exact
 }
 

@@ -21,7 +21,8 @@ absl::Status RouterOptions::Validate() const {
   if (wire_dtype != DType::kF32 && wire_dtype != DType::kBF16) {
     return absl::InvalidArgumentError("wire_dtype must be F32 or BF16");
   }
-  if (default_timeout.count() <= 0) return absl::InvalidArgumentError("default_timeout must be positive");
+  if (default_timeout.count() <= 0)
+    return absl::InvalidArgumentError("default_timeout must be positive");
   if (load_window.count() <= 0) return absl::InvalidArgumentError("load_window must be positive");
   return gate.Validate();
 }
@@ -43,8 +44,8 @@ absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
     }
     ASSIGN_OR_RETURN(table, PlacementTable::FromJson(json, config));
   } else {
-    ASSIGN_OR_RETURN(table, PlacementTable::Build(config, options.policy, options.endpoints,
-                                                  options.replicas));
+    ASSIGN_OR_RETURN(
+        table, PlacementTable::Build(config, options.policy, options.endpoints, options.replicas));
   }
   auto router = std::unique_ptr<MoeRouter>(
       new MoeRouter(std::move(options), config, std::move(transport), std::move(metrics)));
@@ -135,9 +136,8 @@ std::shared_ptr<const PlacementTable> MoeRouter::placement() const {
 absl::Status MoeRouter::SetPlacement(PlacementTable table) {
   absl::MutexLock lock(&placement_mu_);
   if (table.epoch() <= placement_->epoch()) {
-    return absl::FailedPreconditionError(absl::StrCat("placement epoch ", table.epoch(),
-                                                      " is not newer than the current ",
-                                                      placement_->epoch()));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "placement epoch ", table.epoch(), " is not newer than the current ", placement_->epoch()));
   }
   placement_ = std::make_shared<const PlacementTable>(std::move(table));
   return absl::OkStatus();
@@ -182,8 +182,8 @@ absl::Status MoeRouter::CheckReady(Clock::time_point deadline) const {
     for (const auto& e : info.experts()) held.insert({e.layer(), e.expert()});
     for (const auto& want : table->ExpertsOf(endpoint)) {
       if (!held.count(want)) {
-        return absl::UnavailableError(absl::StrCat(endpoint, " does not hold layer ", want.first,
-                                                   " expert ", want.second));
+        return absl::UnavailableError(
+            absl::StrCat(endpoint, " does not hold layer ", want.first, " expert ", want.second));
       }
     }
   }
@@ -240,8 +240,9 @@ absl::Status MoeRouter::TakeReply(Call& c, const std::string& endpoint,
   return absl::OkStatus();
 }
 
-absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(
-    const Call& c, const std::vector<int32_t>& pending, const Failures& failures) {
+absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(const Call& c,
+                                                                const std::vector<int32_t>& pending,
+                                                                const Failures& failures) {
   const auto& endpoints = c.table->endpoints();
   Assignment by_dest;
   for (int32_t e : pending) {
@@ -259,7 +260,8 @@ absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(
       std::vector<std::string> why;
       for (int32_t r : c.table->Replicas(c.layer, e)) {
         const auto it = failures.errors.find(r);
-        why.push_back(absl::StrCat(endpoints[r], ": ", it == failures.errors.end() ? "" : it->second));
+        why.push_back(
+            absl::StrCat(endpoints[r], ": ", it == failures.errors.end() ? "" : it->second));
       }
       return absl::UnavailableError(absl::StrCat("layer ", c.layer, " expert ", e,
                                                  ": every replica failed (",
@@ -280,8 +282,9 @@ absl::Status MoeRouter::SendTo(Call& c, ExpertTransport::Exchange& exchange, int
   // once, straight into the outgoing buffer.
   int64_t tokens = 0;
   for (int32_t e : experts) tokens += plan.rows_of(e);
-  auto request = exchange.NewRequest(static_cast<size_t>(tokens * H) * DTypeSize(options_.wire_dtype),
-                                     static_cast<int>(experts.size()));
+  auto request =
+      exchange.NewRequest(static_cast<size_t>(tokens * H) * DTypeSize(options_.wire_dtype),
+                          static_cast<int>(experts.size()));
   request->request().set_layer(c.layer);
   request->request().set_placement_epoch(c.table->epoch());
   request->request().set_output_dtype(ToProtoDType(options_.wire_dtype));
@@ -292,24 +295,26 @@ absl::Status MoeRouter::SendTo(Call& c, ExpertTransport::Exchange& exchange, int
       return absl::ResourceExhaustedError(
           absl::StrCat(endpoint, ": no memory for a request of ", tokens, " rows"));
     }
-    const Tensor rows = Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
+    const Tensor rows =
+        Tensor::View(DType::kF32, {n, H}, c.buf->grouped_x.data() + off * H, nullptr);
     RETURN_IF_ERROR(ToWire(rows, options_.wire_dtype, out));
   }
   Destination& d = DestinationOf(endpoint);
   d.outstanding.fetch_add(tokens, std::memory_order_relaxed);
   // The reply is checked and converted on this thread, inside the exchange's Wait.
-  exchange.Send(endpoint, std::move(request),
-                [this, &c, &d, &endpoint, &outcomes, dest, sent = &experts, tokens,
-                 start = std::chrono::steady_clock::now()](const absl::Status& status,
-                                                            v1::ComputeResponse* response) {
-                  d.outstanding.fetch_sub(tokens, std::memory_order_relaxed);
-                  if (d.latency != nullptr) {
-                    d.latency->Observe(
-                        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-                    if (!status.ok()) metrics_->CountDispatchFailure(endpoint, status.code());
-                  }
-                  outcomes[dest] = status.ok() ? TakeReply(c, endpoint, *sent, response) : status;
-                });
+  exchange.Send(
+      endpoint, std::move(request),
+      [this, &c, &d, &endpoint, &outcomes, dest, sent = &experts, tokens,
+       start = std::chrono::steady_clock::now()](const absl::Status& status,
+                                                 v1::ComputeResponse* response) {
+        d.outstanding.fetch_sub(tokens, std::memory_order_relaxed);
+        if (d.latency != nullptr) {
+          d.latency->Observe(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+          if (!status.ok()) metrics_->CountDispatchFailure(endpoint, status.code());
+        }
+        outcomes[dest] = status.ok() ? TakeReply(c, endpoint, *sent, response) : status;
+      });
   return absl::OkStatus();
 }
 

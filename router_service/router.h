@@ -24,14 +24,14 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "services/base/scratch.h"
 #include "router_service/router_metrics.h"
-#include "services/model/checkpoint.h"
+#include "services/base/scratch.h"
 #include "services/mesh/load_stats.h"
-#include "services/model/model_config.h"
-#include "services/moe/moe_gate.h"
-#include "services/moe/layer_io.h"
 #include "services/mesh/placement.h"
+#include "services/model/checkpoint.h"
+#include "services/model/model_config.h"
+#include "services/moe/layer_io.h"
+#include "services/moe/moe_gate.h"
 #include "services/transport/transport.h"
 
 namespace moemesh {
@@ -133,8 +133,8 @@ class MoeRouter {
   absl::Status CollectRetries(const Call& call, const Assignment& by_dest,
                               const std::map<int32_t, absl::Status>& outcomes, Failures& failures,
                               std::vector<int32_t>* pending);
-  absl::Status TakeReply(Call& call, const std::string& endpoint,
-                         const std::vector<int32_t>& sent, v1::ComputeResponse* response);
+  absl::Status TakeReply(Call& call, const std::string& endpoint, const std::vector<int32_t>& sent,
+                         v1::ComputeResponse* response);
 
   const RouterOptions options_;
   const MoeModelConfig config_;
@@ -142,7 +142,7 @@ class MoeRouter {
   const std::shared_ptr<RouterMetrics> metrics_;
   std::unique_ptr<Checkpoint> ckpt_;
   std::map<int64_t, std::unique_ptr<MoeGate>> gates_;  // per MoE layer; immutable after Create
-  std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;  // routed tokens per expert
+  std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;     // routed tokens per expert
   std::map<int64_t, std::unique_ptr<ExpertLoadWindow>> windows_;  // per MoE layer
 
   mutable absl::Mutex placement_mu_;

@@ -5,13 +5,13 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "router_service/router_server.h"
+#include "services/base/status_macros.h"
 #include "services/metrics/exposer.h"
+#include "services/runtime/flags.h"
+#include "services/runtime/service_main.h"
 #include "services/transport/grpc_transport.h"
 #include "services/transport/ucx/client.h"
 #include "services/transport/ucx/protocol.h"
-#include "services/runtime/service_main.h"
-#include "services/base/status_macros.h"
-#include "services/runtime/flags.h"
 
 namespace moemesh {
 
@@ -20,7 +20,8 @@ const char kRouterUsage[] =
     "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
     "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
-    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US] [--device cpu|cuda] [--gpu N]\n"
+    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US] [--device cpu|cuda] [--gpu "
+    "N]\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n"
@@ -35,12 +36,12 @@ const char kRouterUsage[] =
 namespace {
 
 absl::Status Run(const std::vector<std::string>& argv) {
-  ASSIGN_OR_RETURN(CliArgs args,
-                   CliArgs::Parse(argv, {"model", "endpoints", "placement-file", "listen",
-                                         "placement", "replicas", "wire", "model-name",
-                                         "max-message-mb", "timeout-ms", "capacity-factor",
-                                         "metrics-listen", "expert-metrics", "load-window-s",
-                                         "transport", "ucx-spin-us", "device", "gpu"}));
+  ASSIGN_OR_RETURN(
+      CliArgs args,
+      CliArgs::Parse(
+          argv, {"model", "endpoints", "placement-file", "listen", "placement", "replicas", "wire",
+                 "model-name", "max-message-mb", "timeout-ms", "capacity-factor", "metrics-listen",
+                 "expert-metrics", "load-window-s", "transport", "ucx-spin-us", "device", "gpu"}));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
@@ -62,7 +63,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ro.default_timeout = std::chrono::milliseconds(timeout_ms);
   ASSIGN_OR_RETURN(ro.gate.capacity_factor, args.Double("capacity-factor", 0.0));
   ASSIGN_OR_RETURN(std::vector<int> gpus, ParseDeviceFlags(args));
-  if (gpus.size() > 1) return absl::InvalidArgumentError("--gpu: the router's gating runs on one GPU");
+  if (gpus.size() > 1)
+    return absl::InvalidArgumentError("--gpu: the router's gating runs on one GPU");
   ro.gate.gpu = gpus.empty() ? -1 : gpus[0];
   ASSIGN_OR_RETURN(double window_s, args.Double("load-window-s", 60.0));
   if (!(window_s >= 1 && window_s <= 86400)) {
@@ -90,7 +92,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
   }
   std::shared_ptr<ExpertTransport> transport =
       std::make_shared<GrpcExpertTransport>(GrpcTransportOptions{so.max_message_bytes});
-  ASSIGN_OR_RETURN(const TransportFlags transport_flags, ParseTransportFlags(args, kUcxDefaultSpin));
+  ASSIGN_OR_RETURN(const TransportFlags transport_flags,
+                   ParseTransportFlags(args, kUcxDefaultSpin));
   if (transport_flags.ucx) {
     ASSIGN_OR_RETURN(transport, UcxExpertTransport::Create(transport, so.max_message_bytes,
                                                            transport_flags.ucx_spin));

@@ -69,8 +69,10 @@ void RouterMetrics::CountRouted(int64_t layer, int64_t tokens, const std::vector
 metrics::Histogram* RouterMetrics::DispatchLatency(const std::string& destination) {
   // The failures an operator alerts on exist from the first call, at 0, so that rate()
   // and increase() see the first one.
-  for (absl::StatusCode code : {absl::StatusCode::kUnavailable, absl::StatusCode::kDeadlineExceeded}) {
-    dispatch_failures_->Add({{"destination", destination}, {"code", absl::StatusCodeToString(code)}});
+  for (absl::StatusCode code :
+       {absl::StatusCode::kUnavailable, absl::StatusCode::kDeadlineExceeded}) {
+    dispatch_failures_->Add(
+        {{"destination", destination}, {"code", absl::StatusCodeToString(code)}});
   }
   return &dispatch_latency_->Add({{"destination", destination}});
 }

@@ -8,8 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "router_control.grpc.pb.h"
-#include "services/rpc/grpc_server.h"
 #include "services/base/status_macros.h"
+#include "services/rpc/grpc_server.h"
 #include "services/rpc/wire.h"
 
 namespace moemesh {
@@ -26,8 +26,8 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
   uint64_t numel = 1;
   for (int64_t d : shape) {
     if (d < 0 || (d > 0 && numel > (uint64_t{1} << 40) / static_cast<uint64_t>(d))) {
-      return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "' has invalid shape ",
-                                                     ShapeString(shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("input '", in.name(), "' has invalid shape ", ShapeString(shape)));
     }
     numel *= static_cast<uint64_t>(d);
   }
@@ -35,8 +35,8 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
   if (req.raw_input_contents_size() > 0) {
     if (req.raw_input_contents_size() != req.inputs_size()) {
       return absl::InvalidArgumentError(absl::StrCat("raw_input_contents has ",
-                                                     req.raw_input_contents_size(),
-                                                     " entries for ", req.inputs_size(), " inputs"));
+                                                     req.raw_input_contents_size(), " entries for ",
+                                                     req.inputs_size(), " inputs"));
     }
     const std::string& raw = req.raw_input_contents(i);
     if (raw.size() != bytes) {
@@ -56,9 +56,9 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
   if (dtype == DType::kI64 && static_cast<uint64_t>(c.int64_contents_size()) == numel) {
     return Tensor::View(dtype, shape, c.int64_contents().data(), nullptr);
   }
-  return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "': ", in.datatype(),
-                                                 ShapeString(shape), " needs ", numel,
-                                                 " elements in raw_input_contents or typed contents"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("input '", in.name(), "': ", in.datatype(), ShapeString(shape), " needs ", numel,
+                   " elements in raw_input_contents or typed contents"));
 }
 
 absl::Status UnknownModel(const std::string& name) {
@@ -107,8 +107,8 @@ absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeMode
     } else if (in.name() == "layer") {
       ASSIGN_OR_RETURN(call.layer, LayerInput(req, i));
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown input '", in.name(),
-                                                     "' (expected hidden_states, layer)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown input '", in.name(), "' (expected hidden_states, layer)"));
     }
   }
   if (hidden_index < 0) return absl::InvalidArgumentError("missing input 'hidden_states'");
@@ -149,7 +149,8 @@ void WriteInfer(const ModelInferRequest& req, const InferCall& call, const MoeLa
 absl::Status RouterServerOptions::Validate() const {
   if (listen.empty()) return absl::InvalidArgumentError("listen address is required");
   if (model_name.empty()) return absl::InvalidArgumentError("model_name is required");
-  if (max_message_bytes <= 0) return absl::InvalidArgumentError("max_message_bytes must be positive");
+  if (max_message_bytes <= 0)
+    return absl::InvalidArgumentError("max_message_bytes must be positive");
   if (max_concurrent_infers <= 0) {
     return absl::InvalidArgumentError("max_concurrent_infers must be positive");
   }
@@ -224,8 +225,8 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
     MoeRouter& router = *server_->router_;
     ASSIGN_OR_RETURN(const InferCall call, ParseInfer(req, router.config()));
     // The caller's deadline bounds every outgoing call, capped by the router's own.
-    const auto deadline =
-        std::min(ctx->deadline(), std::chrono::system_clock::now() + router.options().default_timeout);
+    const auto deadline = std::min(
+        ctx->deadline(), std::chrono::system_clock::now() + router.options().default_timeout);
     ASSIGN_OR_RETURN(const MoeLayerOutput out, router.Forward(call.layer, call.hidden, deadline));
     WriteInfer(req, call, out, server_->options_.model_name, resp);
     return absl::OkStatus();
@@ -310,7 +311,8 @@ void RouterServer::HealthLoop() {
   mu_.Lock();
   while (!stopping_) {
     mu_.Unlock();
-    const bool ok = router_->CheckReady(std::chrono::system_clock::now() + options_.health_interval).ok();
+    const bool ok =
+        router_->CheckReady(std::chrono::system_clock::now() + options_.health_interval).ok();
     mu_.Lock();
     if (stopping_) break;
     ready_ = ok;
@@ -332,6 +334,5 @@ void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
 }
 
 void RouterServer::Wait() { server_->Wait(); }
-
 
 }  // namespace moemesh

@@ -2,7 +2,6 @@
 // kernels in this process, replies arrive from other threads in scrambled order, and
 // chosen endpoints can be made to fail.
 #include "router_service/router.h"
-#include "router_service/router_server.h"
 
 #include <gtest/gtest.h>
 
@@ -14,14 +13,15 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "grpc_predict_v2.grpc.pb.h"
 #include "kernels/cpu/expert_ffn.h"
+#include "router_control.grpc.pb.h"
+#include "router_service/router_server.h"
 #include "services/metrics/testing.h"
-#include "services/moe/moe_layer.h"
 #include "services/model/model_generator.h"
+#include "services/moe/moe_layer.h"
 #include "services/rpc/wire.h"
 #include "services/transport/queued_exchange.h"
-#include "grpc_predict_v2.grpc.pb.h"
-#include "router_control.grpc.pb.h"
 
 namespace moemesh {
 namespace {
@@ -37,7 +37,9 @@ class FakeTransport : public ExpertTransport {
   std::unique_ptr<Exchange> NewExchange(Clock::time_point) override {
     return std::make_unique<ResponseExchange>(
         [this](const std::string& endpoint, std::unique_ptr<v1::ComputeRequest> request,
-               ResponseExchange::Complete done) { Send(endpoint, std::move(request), std::move(done)); },
+               ResponseExchange::Complete done) {
+          Send(endpoint, std::move(request), std::move(done));
+        },
         &TakeResponse);
   }
 
@@ -60,7 +62,8 @@ class FakeTransport : public ExpertTransport {
       for (const auto& batch : request->batches()) {
         const Tensor rows = FromProto(batch.rows(), nullptr, "rows").value().ToF32().value();
         const int64_t n = rows.dim(0), H = config_.hidden_size;
-        const ExpertWeights w = LoadExpert(ckpt_, config_, request->layer(), batch.expert()).value();
+        const ExpertWeights w =
+            LoadExpert(ckpt_, config_, request->layer(), batch.expert()).value();
         const ExpertFfnWeights v = w.View(config_);
         std::vector<float> scratch(ExpertFfnScratch(v, n));
         Tensor y = Tensor::Empty(DType::kF32, {corrupt ? n + 1 : n, H});
@@ -76,9 +79,18 @@ class FakeTransport : public ExpertTransport {
     return absl::OkStatus();
   }
 
-  void SetDown(const std::string& e) { std::lock_guard<std::mutex> l(mu_); down_.insert(e); }
-  void SetCorrupt(const std::string& e) { std::lock_guard<std::mutex> l(mu_); corrupt_.insert(e); }
-  int Calls(const std::string& e) { std::lock_guard<std::mutex> l(mu_); return calls_[e]; }
+  void SetDown(const std::string& e) {
+    std::lock_guard<std::mutex> l(mu_);
+    down_.insert(e);
+  }
+  void SetCorrupt(const std::string& e) {
+    std::lock_guard<std::mutex> l(mu_);
+    corrupt_.insert(e);
+  }
+  int Calls(const std::string& e) {
+    std::lock_guard<std::mutex> l(mu_);
+    return calls_[e];
+  }
 
  private:
   const Checkpoint& ckpt_;
@@ -179,7 +191,8 @@ TEST(RouterFailureTest, FailsOverToAReplicaAndNamesExpertsWithNone) {
   auto none = router->Forward(0, x, Deadline());
   ASSERT_FALSE(none.ok());
   EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(none.status().message().find("every replica failed"), std::string::npos) << none.status();
+  EXPECT_NE(none.status().message().find("every replica failed"), std::string::npos)
+      << none.status();
 }
 
 TEST(RouterFailureTest, CorruptReplyIsAnErrorNotAWrongAnswer) {
@@ -271,8 +284,9 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
     const std::vector<int64_t> load = router->ExpertLoad(layer);
     double sum = 0;
     for (int64_t e = 0; e < E; ++e) {
-      const double v = SampleValue(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
-                                                 "\",layer=\"", layer, "\"}"));
+      const double v =
+          SampleValue(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
+                                         "\",layer=\"", layer, "\"}"));
       // Only experts that got rows have a non-zero counter, but every one has a series.
       EXPECT_EQ(v, static_cast<double>(load[e])) << "layer " << layer << " expert " << e;
       sum += v;
@@ -281,15 +295,20 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
   }
   EXPECT_EQ(SampleValue(text, "moemesh_router_tokens_total"), 100);
   EXPECT_EQ(SampleValue(text, "moemesh_router_layer_latency_seconds_count"), 3);
-  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"a:1\"}"), 3);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"a:1\"}"),
+            3);
   EXPECT_EQ(SampleValue(text, "moemesh_router_placement_epoch"), 1);
-  EXPECT_EQ(SampleValue(text, "moemesh_router_destination_experts{destination=\"a:1\"}"), E);  // 2 layers × E/2
-  EXPECT_EQ(SampleValue(text, "moemesh_router_placement_info{expert=\"0\",layer=\"1\",replicas=\"a:1\"}"), 1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_destination_experts{destination=\"a:1\"}"),
+            E);  // 2 layers × E/2
+  EXPECT_EQ(
+      SampleValue(text, "moemesh_router_placement_info{expert=\"0\",layer=\"1\",replicas=\"a:1\"}"),
+      1);
   EXPECT_EQ(SampleValue(text, "moemesh_router_dropped_tokens_total{layer=\"0\"}"), 0);
   // The gauges are the router's windowed statistics.
   const ExpertLoadWindow::Stats st = router->LoadStats(0);
   EXPECT_EQ(SampleValue(text, "moemesh_router_expert_imbalance{layer=\"0\"}"), st.imbalance);
-  EXPECT_EQ(SampleValue(text, "moemesh_router_balance_statistic{layer=\"0\"}"), st.balance_statistic);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_balance_statistic{layer=\"0\"}"),
+            st.balance_statistic);
   EXPECT_EQ(st.tokens, 80);
   EXPECT_EQ(st.counts, router->ExpertLoad(0));
   double p = 0;
@@ -303,8 +322,12 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
   EXPECT_EQ(router->Forward(0, Input(10, H), Deadline()).status().code(),
             absl::StatusCode::kUnavailable);
   text = registry.Serialize();
-  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"b:2\"}"), 1);
-  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"b:2\"}"), 4);
+  EXPECT_EQ(
+      SampleValue(
+          text, "moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"b:2\"}"),
+      1);
+  EXPECT_EQ(SampleValue(text, "moemesh_router_dispatch_latency_seconds_count{destination=\"b:2\"}"),
+            4);
 }
 
 TEST(RouterMetricsTest, SummedSelectionAddsLayersTogether) {
@@ -312,7 +335,8 @@ TEST(RouterMetricsTest, SummedSelectionAddsLayersTogether) {
   auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
   metrics::Registry registry;
   auto m = RouterMetrics::Create(registry, f.config,
-                                 ExpertSeriesSelection::Parse("sum", f.config).value()).value();
+                                 ExpertSeriesSelection::Parse("sum", f.config).value())
+               .value();
   RouterOptions ro;
   ro.model_dir = f.dir;
   ro.endpoints = {"a:1"};
@@ -323,13 +347,15 @@ TEST(RouterMetricsTest, SummedSelectionAddsLayersTogether) {
   const std::string text = registry.Serialize();
   for (int64_t e = 0; e < f.config.num_experts; ++e) {
     double want = 0;
-    for (int64_t layer : f.config.MoeLayers()) want += static_cast<double>(router->ExpertLoad(layer)[e]);
+    for (int64_t layer : f.config.MoeLayers())
+      want += static_cast<double>(router->ExpertLoad(layer)[e]);
     EXPECT_EQ(SampleValue(text, absl::StrCat("moemesh_router_expert_tokens_total{expert=\"", e,
-                                        "\",layer=\"all\"}")),
+                                             "\",layer=\"all\"}")),
               want);
   }
   EXPECT_EQ(text.find("layer=\"0\",replicas"), std::string::npos);  // no per-layer info when summed
-  EXPECT_EQ(text.find("moemesh_router_expert_tokens_total{expert=\"0\",layer=\"0\"}"), std::string::npos);
+  EXPECT_EQ(text.find("moemesh_router_expert_tokens_total{expert=\"0\",layer=\"0\"}"),
+            std::string::npos);
 }
 
 TEST(RouterServerTest, ControlApiReportsWindowedLoadAndRequestCodes) {
@@ -337,11 +363,13 @@ TEST(RouterServerTest, ControlApiReportsWindowedLoadAndRequestCodes) {
   auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
   metrics::Registry registry;
   auto m = RouterMetrics::Create(registry, f.config,
-                                 ExpertSeriesSelection::Parse("auto", f.config).value()).value();
+                                 ExpertSeriesSelection::Parse("auto", f.config).value())
+               .value();
   RouterOptions ro;
   ro.model_dir = f.dir;
   ro.endpoints = {"a:1"};
-  auto server = RouterServer::Create({}, MoeRouter::Create(ro, transport, std::move(m)).value()).value();
+  auto server =
+      RouterServer::Create({}, MoeRouter::Create(ro, transport, std::move(m)).value()).value();
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
                                      grpc::InsecureChannelCredentials());
   auto infer = inference::GRPCInferenceService::NewStub(channel);

@@ -43,7 +43,7 @@ std::string Tmp(const std::string& name) {
 TEST(CliTest, LayerWritesOutputTopkIdsAndWeights) {
   const std::string out = Tmp("cli_layer_out.safetensors");
   CliRun r = Moemesh(absl::StrCat("layer --model tests/fixtures/deepseek_v3 --layer 2 --input ",
-                               "tests/fixtures/deepseek_v3/input.safetensors --output ", out));
+                                  "tests/fixtures/deepseek_v3/input.safetensors --output ", out));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto file = SafetensorsFile::Open(out);
   ASSERT_TRUE(file.ok()) << file.status();
@@ -66,22 +66,25 @@ TEST(CliTest, LayerWritesOutputTopkIdsAndWeights) {
 
 TEST(CliTest, Bf16InputGivesBf16Output) {
   const std::string out = Tmp("cli_bf16_out.safetensors");
-  CliRun r = Moemesh(absl::StrCat("layer --model tests/fixtures/mixtral_bf16 --layer 1 --input ",
-                               "tests/fixtures/mixtral_bf16/input_bf16.safetensors --output ", out));
+  CliRun r =
+      Moemesh(absl::StrCat("layer --model tests/fixtures/mixtral_bf16 --layer 1 --input ",
+                           "tests/fixtures/mixtral_bf16/input_bf16.safetensors --output ", out));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(SafetensorsFile::Open(out).value()->Get("output").value().dtype(), DType::kBF16);
 }
 
 TEST(CliTest, GenModelThenLayerRoundTrip) {
   const std::string dir = Tmp("cli_gen_gptoss");
-  CliRun g = Moemesh(absl::StrCat("gen-model --family gpt_oss --out ", dir,
-                               " --hidden 32 --intermediate 16 --experts 4 --top-k 2 --layers 1 --shards 2"));
+  CliRun g = Moemesh(
+      absl::StrCat("gen-model --family gpt_oss --out ", dir,
+                   " --hidden 32 --intermediate 16 --experts 4 --top-k 2 --layers 1 --shards 2"));
   ASSERT_EQ(g.exit_code, 0) << g.output;
   EXPECT_TRUE(std::filesystem::exists(dir + "/model.safetensors.index.json"));
   Tensor x = Tensor::Zeros(DType::kF16, {3, 32});
   const std::string in = Tmp("cli_gen_in.safetensors"), out = Tmp("cli_gen_out.safetensors");
   ASSERT_TRUE(WriteSafetensors(in, {{"hidden_states", x}}).ok());
-  CliRun r = Moemesh(absl::StrCat("layer --model ", dir, " --layer 0 --input ", in, " --output ", out));
+  CliRun r =
+      Moemesh(absl::StrCat("layer --model ", dir, " --layer 0 --input ", in, " --output ", out));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(SafetensorsFile::Open(out).value()->Get("output").value().dtype(), DType::kF16);
 }
@@ -94,9 +97,11 @@ TEST(CliTest, BadInputsFailWithAMessageNamingTheProblem) {
     std::string needle;
   };
   const std::string wrong_h = Tmp("cli_wrong_h.safetensors");
-  ASSERT_TRUE(WriteSafetensors(wrong_h, {{"hidden_states", Tensor::Zeros(DType::kF32, {2, 63})}}).ok());
+  ASSERT_TRUE(
+      WriteSafetensors(wrong_h, {{"hidden_states", Tensor::Zeros(DType::kF32, {2, 63})}}).ok());
   const std::string ints = Tmp("cli_ints.safetensors");
-  ASSERT_TRUE(WriteSafetensors(ints, {{"hidden_states", Tensor::Zeros(DType::kI32, {2, 64})}}).ok());
+  ASSERT_TRUE(
+      WriteSafetensors(ints, {{"hidden_states", Tensor::Zeros(DType::kI32, {2, 64})}}).ok());
   const std::string no_hidden = Tmp("cli_nohidden.safetensors");
   ASSERT_TRUE(WriteSafetensors(no_hidden, {{"x", Tensor::Zeros(DType::kF32, {2, 64})}}).ok());
   const std::string in = " --input tests/fixtures/mixtral/input.safetensors";
@@ -122,7 +127,8 @@ TEST(CliTest, BadInputsFailWithAMessageNamingTheProblem) {
   }
   CliRun unknown = Moemesh("gen-model --family llama --out " + Tmp("x"));
   EXPECT_EQ(unknown.exit_code, 1);
-  EXPECT_NE(unknown.output.find("unsupported model_type 'llama'"), std::string::npos) << unknown.output;
+  EXPECT_NE(unknown.output.find("unsupported model_type 'llama'"), std::string::npos)
+      << unknown.output;
   EXPECT_EQ(Moemesh("frobnicate").exit_code, 2);
 }
 
@@ -153,8 +159,10 @@ TEST(CliTest, DeviceFlagsFailWithAMessage) {
       {"expert " + m + " --device cuda --gpu -1", "--gpu wants GPU numbers"},
       {"expert " + m + " --device cuda --gpu 0,x", "got 'x'"},
       {"expert " + m + " --device cuda --gpu 0,1,0", "--gpu names GPU 0 twice"},
-      {"expert " + m + " --device cuda --gpu 0,1 --gpu-rebalance-s -1", "--gpu-rebalance-s must be in"},
-      {"router " + m + " --endpoints a:1 --device cuda --gpu 0,1", "the router's gating runs on one GPU"},
+      {"expert " + m + " --device cuda --gpu 0,1 --gpu-rebalance-s -1",
+       "--gpu-rebalance-s must be in"},
+      {"router " + m + " --endpoints a:1 --device cuda --gpu 0,1",
+       "the router's gating runs on one GPU"},
   };
   for (const auto& [args, needle] : cases) {
     CliRun r = Moemesh(args);
@@ -162,7 +170,8 @@ TEST(CliTest, DeviceFlagsFailWithAMessage) {
     EXPECT_NE(r.output.find(needle), std::string::npos) << args << "\n" << r.output;
   }
   if (std::filesystem::exists("/dev/nvidia0")) return;  // a GPU machine: they would serve
-  for (const std::string& args : {"expert " + m + " --device cuda", "router " + m + " --endpoints a:1 --device cuda"}) {
+  for (const std::string& args :
+       {"expert " + m + " --device cuda", "router " + m + " --endpoints a:1 --device cuda"}) {
     CliRun r = Moemesh(args + " --listen 127.0.0.1:0");
     EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
     EXPECT_NE(r.output.find("--device cuda"), std::string::npos) << args << "\n" << r.output;
@@ -170,8 +179,9 @@ TEST(CliTest, DeviceFlagsFailWithAMessage) {
 }
 
 TEST(CliTest, DemoRunsEveryMoeLayer) {
-  CliRun r = Moemesh("demo --in-process --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
-                  "--layers 3 --tokens 16 --iters 1");
+  CliRun r = Moemesh(
+      "demo --in-process --family deepseek_v3 --hidden 64 --intermediate 32 --experts 8 --top-k 2 "
+      "--layers 3 --tokens 16 --iters 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(r.output.find("layer 0:"), std::string::npos) << "layer 0 is dense";
   EXPECT_NE(r.output.find("layer 1:"), std::string::npos) << r.output;

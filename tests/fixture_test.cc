@@ -10,8 +10,8 @@
 #include "absl/strings/str_cat.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
-#include "services/moe/moe_layer.h"
 #include "services/model/safetensors.h"
+#include "services/moe/moe_layer.h"
 
 namespace moemesh {
 namespace {

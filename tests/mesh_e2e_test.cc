@@ -8,20 +8,20 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <functional>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "services/model/checkpoint.h"
-#include "services/rpc/grpc_server.h"
 #include "services/model/model_generator.h"
-#include "services/moe/moe_layer.h"
 #include "services/model/safetensors.h"
+#include "services/moe/moe_layer.h"
+#include "services/rpc/grpc_server.h"
 #include "tools/local_mesh.h"
 #include "tools/process.h"
 
@@ -37,13 +37,14 @@ using std::chrono::seconds;
 using Model = GeneratedModel;
 
 Model Generate(ModelFamily family) {
-  const std::string dir = (std::filesystem::path(::testing::TempDir()) /
-                           absl::StrCat("mesh_e2e_", FamilyName(family)))
-                              .string();
+  const std::string dir =
+      (std::filesystem::path(::testing::TempDir()) / absl::StrCat("mesh_e2e_", FamilyName(family)))
+          .string();
   return GenerateAndOpen(dir, SmallModelOptions(family)).value();
 }
 
-std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas, const std::string& wire,
+std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas,
+                                     const std::string& wire,
                                      const std::function<void(LocalMeshOptions*)>& edit = nullptr) {
   LocalMeshOptions o;
   o.moemesh_binary = MOEMESH_BINARY;
@@ -102,7 +103,8 @@ TEST_P(MeshFamilyTest, BitIdenticalToMoeLayerOnBothWireDtypes) {
     for (int64_t layer : m.config.MoeLayers()) {
       auto ref = MoeLayer::Create(*m.ckpt, m.config, layer, lo).value();
       for (DType in_dtype : {DType::kF32, DType::kBF16}) {
-        const Tensor x = Input(37, m.config.hidden_size, static_cast<uint32_t>(layer) + 1, in_dtype);
+        const Tensor x =
+            Input(37, m.config.hidden_size, static_cast<uint32_t>(layer) + 1, in_dtype);
         auto got = client.Infer(x, layer, seconds(30));
         ASSERT_TRUE(got.ok()) << got.status();
         const MoeLayerOutput want = ref->Forward(x).value();
@@ -114,8 +116,7 @@ TEST_P(MeshFamilyTest, BitIdenticalToMoeLayerOnBothWireDtypes) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, MeshFamilyTest,
-                         ::testing::ValuesIn(kAllFamilies),
+INSTANTIATE_TEST_SUITE_P(Families, MeshFamilyTest, ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 // Quantized releases (DeepSeek-V3's block-scaled FP8, GPT-OSS's MXFP4) served by real
@@ -133,12 +134,15 @@ TEST(MeshTest, QuantizedReleasesServeTheReferenceAnswers) {
     ASSERT_NE(mesh, nullptr);
     KServeClient client(mesh->router_endpoint());
     const Tensor x = SafetensorsFile::Open((dir / "input.safetensors").string())
-                         .value()->Get("hidden_states").value();
+                         .value()
+                         ->Get("hidden_states")
+                         .value();
     auto expected = SafetensorsFile::Open((dir / "expected.safetensors").string()).value();
     for (int64_t layer : m.config.MoeLayers()) {
       auto got = client.Infer(x, layer, seconds(30));
       ASSERT_TRUE(got.ok()) << got.status();
-      const MoeLayerOutput want = MoeLayer::Create(*m.ckpt, m.config, layer).value()->Forward(x).value();
+      const MoeLayerOutput want =
+          MoeLayer::Create(*m.ckpt, m.config, layer).value()->Forward(x).value();
       EXPECT_TRUE(SameBits(got->output, want.output)) << "layer " << layer;
       EXPECT_TRUE(SameBits(got->topk_ids, want.topk_ids)) << "layer " << layer;
       const Tensor ref = expected->Get(absl::StrCat("output.", layer)).value();
@@ -189,13 +193,17 @@ TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
   };
   const std::vector<Bad> bads = {
       {[&](auto* r) { r->set_model_name("nope"); }, grpc::StatusCode::NOT_FOUND, "unknown model"},
-      {[&](auto* r) { r->mutable_inputs(0)->set_shape(1, H + 1); }, grpc::StatusCode::INVALID_ARGUMENT, "bytes"},
-      {[&](auto* r) { r->mutable_inputs(0)->set_datatype("INT32"); }, grpc::StatusCode::INVALID_ARGUMENT, "INT32"},
-      {[&](auto* r) { r->mutable_raw_input_contents(0)->resize(7); }, grpc::StatusCode::INVALID_ARGUMENT, "bytes"},
+      {[&](auto* r) { r->mutable_inputs(0)->set_shape(1, H + 1); },
+       grpc::StatusCode::INVALID_ARGUMENT, "bytes"},
+      {[&](auto* r) { r->mutable_inputs(0)->set_datatype("INT32"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "INT32"},
+      {[&](auto* r) { r->mutable_raw_input_contents(0)->resize(7); },
+       grpc::StatusCode::INVALID_ARGUMENT, "bytes"},
       {[&](auto* r) {
          r->mutable_inputs(0)->set_shape(0, 0);
          r->mutable_raw_input_contents(0)->clear();
-       }, grpc::StatusCode::INVALID_ARGUMENT, "T = 0"},
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "T = 0"},
       {[&](auto* r) {
          auto* l = r->add_inputs();
          l->set_name("layer");
@@ -203,9 +211,12 @@ TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
          l->add_shape(1);
          int64_t v = 17;
          r->add_raw_input_contents(std::string(reinterpret_cast<char*>(&v), 8));
-       }, grpc::StatusCode::INVALID_ARGUMENT, "layer 17"},
-      {[&](auto* r) { r->mutable_inputs(0)->set_name("x"); }, grpc::StatusCode::INVALID_ARGUMENT, "unknown input"},
-      {[&](auto* r) { r->mutable_raw_input_contents(0)->resize(300u << 20); }, grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "layer 17"},
+      {[&](auto* r) { r->mutable_inputs(0)->set_name("x"); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "unknown input"},
+      {[&](auto* r) { r->mutable_raw_input_contents(0)->resize(300u << 20); },
+       grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
   };
   for (const Bad& b : bads) {
     inference::ModelInferRequest req;
@@ -225,7 +236,8 @@ TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
   // Load statistics saw every routed token.
   auto load = client.ExpertLoad().value();
   int64_t routed = 0;
-  for (const auto& l : load.layers()) for (int64_t v : l.tokens()) routed += v;
+  for (const auto& l : load.layers())
+    for (int64_t v : l.tokens()) routed += v;
   EXPECT_GE(routed, 60 * m.config.top_k);
 }
 
@@ -267,8 +279,9 @@ TEST(MeshTest, HungExpertGivesDeadlineExceededWithinTheDeadlineAndRecovers) {
   auto ref = MoeLayer::Create(*m.ckpt, m.config, 0).value();
   const Tensor x = Input(64, H, 7);  // reaches every expert, so every service
   // The router's own limit for callers that set no deadline.
-  auto mesh = StartMesh(m, 3, 1, "f32",
-                        [](LocalMeshOptions* o) { o->router_flags = {"--timeout-ms", "1500"}; });
+  auto mesh = StartMesh(m, 3, 1, "f32", [](LocalMeshOptions* o) {
+    o->router_flags = {"--timeout-ms", "1500"};
+  });
   ASSERT_NE(mesh, nullptr);
   KServeClient client(mesh->router_endpoint());
   ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
@@ -354,7 +367,8 @@ TEST(MeshTest, EndpointsAsNamesTheResolverLooksUp) {
   Model m = Generate(ModelFamily::kDeepseekV3);
   const int64_t H = m.config.hidden_size;
   auto ref = MoeLayer::Create(*m.ckpt, m.config, 1).value();
-  auto mesh = StartMesh(m, 3, 1, "f32", [](LocalMeshOptions* o) { o->endpoint_host = "localhost"; });
+  auto mesh =
+      StartMesh(m, 3, 1, "f32", [](LocalMeshOptions* o) { o->endpoint_host = "localhost"; });
   ASSERT_NE(mesh, nullptr);
   for (const std::string& ep : mesh->placement().endpoints()) {
     EXPECT_EQ(ep.rfind("localhost:", 0), 0u) << ep;
@@ -369,9 +383,9 @@ TEST(MeshTest, EndpointsAsNamesTheResolverLooksUp) {
 // The services of a launcher that dies (here SIGKILLed, so it cannot clean up) stop by
 // themselves: nothing is left holding ports and memory.
 TEST(MeshTest, ServicesStopWhenTheirLauncherIsKilled) {
-  auto demo = ChildProcess::Start({MOEMESH_BINARY, "demo", "--serve", "--expert-services", "2",
-                                   "--hidden", "64", "--intermediate", "48", "--experts", "8",
-                                   "--requests", "2"});
+  auto demo =
+      ChildProcess::Start({MOEMESH_BINARY, "demo", "--serve", "--expert-services", "2", "--hidden",
+                           "64", "--intermediate", "48", "--experts", "8", "--requests", "2"});
   ASSERT_TRUE(demo.ok()) << demo.status();
   ASSERT_TRUE((*demo)->WaitForLine("serving:", seconds(120)).ok());
   // Its children: every process whose parent is the launcher.

@@ -13,10 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -168,7 +167,8 @@ class PrometheusE2eTest : public ::testing::Test {
     }
     std::vector<std::string> rules;
     for (const auto& f : fs::directory_iterator("deploy/prometheus/rules")) {
-      if (f.path().extension() == ".yml") rules.push_back(absl::StrCat("'", fs::absolute(f.path()).string(), "'"));
+      if (f.path().extension() == ".yml")
+        rules.push_back(absl::StrCat("'", fs::absolute(f.path()).string(), "'"));
     }
     ASSERT_FALSE(rules.empty()) << "no deploy/prometheus/rules/*.yml (run from the source root)";
     const std::string config = (fs::path(dir_) / "prometheus.yml").string();
@@ -255,14 +255,16 @@ class PrometheusE2eTest : public ::testing::Test {
 TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
   const Prometheus& prom = *prometheus_;
   // Every target scraped and up.
-  ASSERT_TRUE(prom.WaitFor("count(up{job=~\"moemesh-.*\"} == 1)",
-                           [](const Series& s) { return s.value == 3; }, seconds(30)))
+  ASSERT_TRUE(prom.WaitFor(
+      "count(up{job=~\"moemesh-.*\"} == 1)", [](const Series& s) { return s.value == 3; },
+      seconds(30)))
       << "router and both expert services are not all up in Prometheus";
 
   // Phase 1, balanced load: the imbalance gauge stays near 1.
   Drive(/*skewed=*/false, seconds(7), /*bad=*/false);
-  ASSERT_TRUE(prom.WaitFor("moemesh_router_expert_imbalance{layer=\"0\"}",
-                           [](const Series& s) { return s.value > 0; }, seconds(10)));
+  ASSERT_TRUE(prom.WaitFor(
+      "moemesh_router_expert_imbalance{layer=\"0\"}", [](const Series& s) { return s.value > 0; },
+      seconds(10)));
   const double balanced_time = NowSeconds();
   const double balanced = prom.Value("moemesh_router_expert_imbalance{layer=\"0\"}", balanced_time);
   EXPECT_GT(balanced, 0.99);
@@ -276,12 +278,14 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
     SCOPED_TRACE(absl::StrCat("layer ", layer));
     // The gauge moved: top-2 of 8 with one expert in every token's choice gives
     // max/mean = 1 / (2/8) = 4 over a window of skewed calls only.
-    const double skewed = prom.Value(absl::StrCat("moemesh_router_expert_imbalance{layer=\"", layer, "\"}"));
+    const double skewed =
+        prom.Value(absl::StrCat("moemesh_router_expert_imbalance{layer=\"", layer, "\"}"));
     EXPECT_GT(skewed, 3.0);
     if (layer == 0) {
       EXPECT_GT(skewed, balanced + 1.5);
     }
-    EXPECT_GT(prom.Value(absl::StrCat("moemesh_router_balance_statistic{layer=\"", layer, "\"}")), 1.5);
+    EXPECT_GT(prom.Value(absl::StrCat("moemesh_router_balance_statistic{layer=\"", layer, "\"}")),
+              1.5);
 
     // The hottest expert by routed-token rate is the one the inputs were built for.
     auto top = prom.Query(absl::StrCat("topk(1, rate(moemesh_router_expert_tokens_total{layer=\"",
@@ -290,10 +294,10 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
     ASSERT_EQ(top->size(), 1u);
     EXPECT_EQ(top->front().labels["expert"], absl::StrCat(hot));
     // At ≥ 3× the layer's mean rate.
-    const double ratio = prom.Value(absl::StrCat(
-        "max(rate(moemesh_router_expert_tokens_total{layer=\"", layer, "\"}[", kRateWindow,
-        "])) / avg(rate(moemesh_router_expert_tokens_total{layer=\"", layer, "\"}[", kRateWindow,
-        "]))"));
+    const double ratio = prom.Value(
+        absl::StrCat("max(rate(moemesh_router_expert_tokens_total{layer=\"", layer, "\"}[",
+                     kRateWindow, "])) / avg(rate(moemesh_router_expert_tokens_total{layer=\"",
+                     layer, "\"}[", kRateWindow, "]))"));
     EXPECT_GT(ratio, 3.0);
 
     // The shipped recording rule sees it too (its 1 m window also holds the balanced
@@ -303,7 +307,8 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
               1.5);
 
     // The expert service that holds it computed its rows: its per-expert counter leads.
-    auto served = prom.Query(absl::StrCat("topk(1, moemesh_expert_tokens_total{layer=\"", layer, "\"})"));
+    auto served =
+        prom.Query(absl::StrCat("topk(1, moemesh_expert_tokens_total{layer=\"", layer, "\"})"));
     ASSERT_TRUE(served.ok()) << served.status();
     ASSERT_EQ(served->size(), 1u);
     EXPECT_EQ(served->front().labels["expert"], absl::StrCat(hot));
@@ -314,7 +319,8 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
   EXPECT_GT(prom.Value("sum(moemesh_router_requests_total{code=\"INVALID_ARGUMENT\"})"), 0);
   EXPECT_GT(prom.Value("sum(moemesh_router_requests_total{code=\"OK\"})"), 20);
   // A dispatch latency histogram per expert service.
-  auto destinations = prom.Query("count by (destination) (moemesh_router_dispatch_latency_seconds_count)");
+  auto destinations =
+      prom.Query("count by (destination) (moemesh_router_dispatch_latency_seconds_count)");
   ASSERT_TRUE(destinations.ok());
   EXPECT_EQ(destinations->size(), 2u);
   EXPECT_EQ(prom.Value("max(moemesh_router_placement_epoch)"), 1);
@@ -327,7 +333,8 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
   for (const auto& g : groups) {
     for (const auto& r : g["rules"]) {
       ++num_rules;
-      EXPECT_EQ(r.value("health", ""), "ok") << r.value("name", "") << ": " << r.value("lastError", "");
+      EXPECT_EQ(r.value("health", ""), "ok")
+          << r.value("name", "") << ": " << r.value("lastError", "");
     }
   }
   EXPECT_GT(num_rules, 4);
@@ -366,20 +373,21 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
     }
     EXPECT_EQ(unavailable, 10) << "64 random tokens reach every expert, half of them on " << dead;
   }
-  EXPECT_TRUE(prom.WaitFor(absl::StrCat("up{job=\"moemesh-expert\",instance=\"",
-                                        MetricsTarget(mesh_->expert_metrics_urls()[1]), "\"}"),
-                           [](const Series& s) { return s.value == 0; }, seconds(15)));
-  EXPECT_TRUE(prom.WaitFor(absl::StrCat("moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"",
-                                        dead, "\"}"),
-                           [](const Series& s) { return s.value >= 10; }, seconds(15)));
-  EXPECT_TRUE(prom.WaitFor("moemesh_router_requests_total{code=\"UNAVAILABLE\"}",
-                           [](const Series& s) { return s.value >= 10; }, seconds(15)));
+  EXPECT_TRUE(prom.WaitFor(
+      absl::StrCat("up{job=\"moemesh-expert\",instance=\"",
+                   MetricsTarget(mesh_->expert_metrics_urls()[1]), "\"}"),
+      [](const Series& s) { return s.value == 0; }, seconds(15)));
+  EXPECT_TRUE(prom.WaitFor(
+      absl::StrCat("moemesh_router_dispatch_failures_total{code=\"UNAVAILABLE\",destination=\"",
+                   dead, "\"}"),
+      [](const Series& s) { return s.value >= 10; }, seconds(15)));
+  EXPECT_TRUE(prom.WaitFor(
+      "moemesh_router_requests_total{code=\"UNAVAILABLE\"}",
+      [](const Series& s) { return s.value >= 10; }, seconds(15)));
   for (const std::string alert : {"MoeMeshExpertServiceDown", "MoeMeshExpertUnreachable"}) {
-    EXPECT_TRUE(prom.WaitFor(absl::StrCat("ALERTS{alertname=\"", alert, "\"}"),
-                             [](const Series& s) {
-                               return s.labels.count("alertstate") > 0;
-                             },
-                             seconds(20)))
+    EXPECT_TRUE(prom.WaitFor(
+        absl::StrCat("ALERTS{alertname=\"", alert, "\"}"),
+        [](const Series& s) { return s.labels.count("alertstate") > 0; }, seconds(20)))
         << alert << " did not go pending";
   }
 }

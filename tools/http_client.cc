@@ -125,7 +125,8 @@ absl::StatusOr<HttpReply> HttpGet(const std::string& url, std::chrono::milliseco
     const std::string name = absl::AsciiStrToLower(lines[i].substr(0, c));
     const std::string value(absl::StripAsciiWhitespace(lines[i].substr(c + 1)));
     if (name == "content-type") reply.content_type = value;
-    if (name == "transfer-encoding" && absl::StrContains(absl::AsciiStrToLower(value), "chunked")) chunked = true;
+    if (name == "transfer-encoding" && absl::StrContains(absl::AsciiStrToLower(value), "chunked"))
+      chunked = true;
     if (name == "content-length" && !absl::SimpleAtoi(value, &length)) {
       return absl::DataLossError(absl::StrCat(authority, " sent a bad Content-Length: ", value));
     }

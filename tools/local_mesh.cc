@@ -8,19 +8,27 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/rpc/grpc_server.h"
-#include "services/base/status_macros.h"
 #include "services/rpc/wire.h"
 
 namespace moemesh {
 
 std::vector<std::string> LocalMesh::ExpertArgs(int i, const std::string& listen,
                                                const std::string& metrics_listen) const {
-  std::vector<std::string> args = {
-      options_.moemesh_binary, "expert", "--model", options_.model_dir, "--listen", listen,
-      "--service-id", absl::StrCat("expert-", i), "--experts", specs_[i], "--threads",
-      absl::StrCat(options_.expert_threads)};
+  std::vector<std::string> args = {options_.moemesh_binary,
+                                   "expert",
+                                   "--model",
+                                   options_.model_dir,
+                                   "--listen",
+                                   listen,
+                                   "--service-id",
+                                   absl::StrCat("expert-", i),
+                                   "--experts",
+                                   specs_[i],
+                                   "--threads",
+                                   absl::StrCat(options_.expert_threads)};
   if (options_.metrics) {
     args.push_back("--metrics-listen");
     args.push_back(metrics_listen);
@@ -61,7 +69,8 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
     mesh->specs_.push_back(parts.empty() ? "none" : absl::StrJoin(parts, ";"));
   }
   for (int i = 0; i < options.num_expert_services; ++i) {
-    ASSIGN_OR_RETURN(auto p, ChildProcess::Start(mesh->ExpertArgs(i, "127.0.0.1:0", "127.0.0.1:0")));
+    ASSIGN_OR_RETURN(auto p,
+                     ChildProcess::Start(mesh->ExpertArgs(i, "127.0.0.1:0", "127.0.0.1:0")));
     mesh->experts_.push_back(std::move(p));
   }
   for (auto& p : mesh->experts_) {
@@ -80,21 +89,27 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
     }
   }
   ASSIGN_OR_RETURN(mesh->placement_, PlacementTable::FromJson(json, config));
-  const std::string work = options.work_dir.empty()
-                               ? std::filesystem::temp_directory_path().string()
-                               : options.work_dir;
+  const std::string work =
+      options.work_dir.empty() ? std::filesystem::temp_directory_path().string() : options.work_dir;
   const std::string placement_file =
-      (std::filesystem::path(work) / absl::StrCat("placement-", ::getpid(), "-", reinterpret_cast<uintptr_t>(mesh.get()), ".json"))
+      (std::filesystem::path(work) / absl::StrCat("placement-", ::getpid(), "-",
+                                                  reinterpret_cast<uintptr_t>(mesh.get()), ".json"))
           .string();
   mesh->placement_file_ = placement_file;
   {
     std::ofstream f(placement_file);
     f << json.dump(2);
   }
-  std::vector<std::string> router_args = {
-      options.moemesh_binary, "router", "--model", options.model_dir, "--placement-file",
-      placement_file, "--listen", absl::StrCat("127.0.0.1:", options.router_port), "--wire",
-      options.wire};
+  std::vector<std::string> router_args = {options.moemesh_binary,
+                                          "router",
+                                          "--model",
+                                          options.model_dir,
+                                          "--placement-file",
+                                          placement_file,
+                                          "--listen",
+                                          absl::StrCat("127.0.0.1:", options.router_port),
+                                          "--wire",
+                                          options.wire};
   if (options.metrics) {
     router_args.push_back("--metrics-listen");
     router_args.push_back("127.0.0.1:0");
@@ -103,8 +118,8 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> LocalMesh::Start(const LocalMeshOptio
   router_args.push_back(options.transport);
   router_args.insert(router_args.end(), options.router_flags.begin(), options.router_flags.end());
   ASSIGN_OR_RETURN(mesh->router_, ChildProcess::Start(router_args));
-  RETURN_IF_ERROR(WaitStarted(options, *mesh->router_, &mesh->router_endpoint_,
-                              &mesh->router_metrics_url_));
+  RETURN_IF_ERROR(
+      WaitStarted(options, *mesh->router_, &mesh->router_endpoint_, &mesh->router_metrics_url_));
   return mesh;
 }
 

@@ -12,8 +12,8 @@
 #include "absl/status/statusor.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "router_control.grpc.pb.h"
-#include "services/mesh/placement.h"
 #include "services/base/tensor.h"
+#include "services/mesh/placement.h"
 #include "tools/process.h"
 
 namespace moemesh {

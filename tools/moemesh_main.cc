@@ -5,15 +5,15 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstring>
-#include <map>
-#include <set>
-#include <thread>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <random>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -21,17 +21,17 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
-#include "services/runtime/serving_settings.h"
+#include "expert_service/expert_main.h"
+#include "router_service/router_main.h"
+#include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/model_generator.h"
-#include "services/moe/moe_layer.h"
 #include "services/model/safetensors.h"
-#include "services/base/status_macros.h"
-#include "expert_service/expert_main.h"
-#include "router_service/router_main.h"
-#include "services/runtime/signals.h"
+#include "services/moe/moe_layer.h"
 #include "services/runtime/flags.h"
+#include "services/runtime/serving_settings.h"
+#include "services/runtime/signals.h"
 #include "tools/local_mesh.h"
 #include "tools/process.h"
 
@@ -100,8 +100,9 @@ absl::StatusOr<MoeLayerOptions> LayerOptions(const CliArgs& args) {
 }
 
 absl::Status RunLayer(const std::vector<std::string>& argv) {
-  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, {"model", "layer", "input", "output",
-                                                       "capacity-factor", "expert-choice"},
+  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv,
+                                                {"model", "layer", "input", "output",
+                                                 "capacity-factor", "expert-choice"},
                                                 {"expert-choice"}));
   ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
   ASSIGN_OR_RETURN(std::string input, args.Required("input"));
@@ -117,12 +118,12 @@ absl::Status RunLayer(const std::vector<std::string>& argv) {
   if (!out.ok()) {
     return absl::Status(out.status().code(), absl::StrCat(input, ": ", out.status().message()));
   }
-  RETURN_IF_ERROR(WriteSafetensors(output, {{"output", out->output},
-                                            {"topk_ids", out->topk_ids},
-                                            {"topk_weights", out->topk_weights}}));
+  RETURN_IF_ERROR(WriteSafetensors(
+      output,
+      {{"output", out->output}, {"topk_ids", out->topk_ids}, {"topk_weights", out->topk_weights}}));
   std::fprintf(stderr, "layer %lld: %lld tokens -> %s (%lld slots dropped)\n",
-               static_cast<long long>(layer), static_cast<long long>(hidden.dim(0)),
-               output.c_str(), static_cast<long long>(out->dropped));
+               static_cast<long long>(layer), static_cast<long long>(hidden.dim(0)), output.c_str(),
+               static_cast<long long>(out->dropped));
   return absl::OkStatus();
 }
 
@@ -147,16 +148,18 @@ absl::StatusOr<GenModelOptions> GenOptions(const CliArgs& args) {
   return o;
 }
 
-const std::set<std::string> kGenFlags = {"family", "out", "hidden", "intermediate", "experts",
-                                         "top-k", "layers", "shared-intermediate", "groups",
-                                         "topk-groups", "dtype", "shards", "seed"};
+const std::set<std::string> kGenFlags = {"family",  "out",         "hidden", "intermediate",
+                                         "experts", "top-k",       "layers", "shared-intermediate",
+                                         "groups",  "topk-groups", "dtype",  "shards",
+                                         "seed"};
 
 absl::Status RunGenModel(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, kGenFlags));
   ASSIGN_OR_RETURN(std::string out, args.Required("out"));
   ASSIGN_OR_RETURN(GenModelOptions o, GenOptions(args));
   RETURN_IF_ERROR(GenerateModel(out, o));
-  std::printf("wrote %s checkpoint to %s\n", std::string(FamilyName(o.family)).c_str(), out.c_str());
+  std::printf("wrote %s checkpoint to %s\n", std::string(FamilyName(o.family)).c_str(),
+              out.c_str());
   return absl::OkStatus();
 }
 
@@ -168,13 +171,15 @@ absl::Status RunInProcessDemo(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, flags, {"expert-choice", "in-process"}));
   ASSIGN_OR_RETURN(int64_t tokens, args.Int("tokens", 64));
   ASSIGN_OR_RETURN(int64_t iters, args.Int("iters", 5));
-  if (tokens <= 0 || iters <= 0) return absl::InvalidArgumentError("--tokens and --iters must be positive");
+  if (tokens <= 0 || iters <= 0)
+    return absl::InvalidArgumentError("--tokens and --iters must be positive");
   ASSIGN_OR_RETURN(MoeLayerOptions options, LayerOptions(args));
   std::string dir = args.String("model", "");
   RemovedAtExit generated;  // a model generated here goes however the demo ends
   if (dir.empty()) {
     if (!args.Has("family")) with_family.push_back("--family=mixtral");
-    ASSIGN_OR_RETURN(CliArgs gen_args, CliArgs::Parse(with_family, flags, {"expert-choice", "in-process"}));
+    ASSIGN_OR_RETURN(CliArgs gen_args,
+                     CliArgs::Parse(with_family, flags, {"expert-choice", "in-process"}));
     ASSIGN_OR_RETURN(GenModelOptions o, GenOptions(gen_args));
     dir = (std::filesystem::temp_directory_path() /
            absl::StrCat("moemesh-demo-", FamilyName(o.family), "-", ::getpid()))
@@ -200,8 +205,9 @@ absl::Status RunInProcessDemo(const std::vector<std::string>& argv) {
     for (int64_t it = 0; it < iters; ++it) {
       const auto t0 = std::chrono::steady_clock::now();
       ASSIGN_OR_RETURN(MoeLayerOutput out, moe->Forward(x));
-      best_ms = std::min(best_ms, std::chrono::duration<double, std::milli>(
-                                      std::chrono::steady_clock::now() - t0).count());
+      best_ms = std::min(
+          best_ms,
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       if (it == 0) {
         for (int64_t i = 0; i < out.topk_ids.numel(); ++i) {
           const int32_t e = out.topk_ids.data<int32_t>()[i];
@@ -210,9 +216,10 @@ absl::Status RunInProcessDemo(const std::vector<std::string>& argv) {
         dropped = out.dropped;
       }
     }
-    std::printf("layer %lld: %lld tokens in %.3f ms (%.0f tokens/s), weights %.1f MiB, %lld dropped\n",
-                (long long)layer, (long long)tokens, best_ms, tokens / (best_ms / 1e3),
-                moe->weight_bytes() / 1048576.0, (long long)dropped);
+    std::printf(
+        "layer %lld: %lld tokens in %.3f ms (%.0f tokens/s), weights %.1f MiB, %lld dropped\n",
+        (long long)layer, (long long)tokens, best_ms, tokens / (best_ms / 1e3),
+        moe->weight_bytes() / 1048576.0, (long long)dropped);
     std::printf("  load per expert:");
     for (int64_t e = 0; e < c.num_experts; ++e) std::printf(" %lld", (long long)load[e]);
     std::printf("\n");
@@ -231,8 +238,8 @@ double Percentile(std::vector<double> v, double p) {
 absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   std::set<std::string> flags = kGenFlags;
   flags.erase("out");
-  flags.insert({"model", "expert-services", "replicas", "placement", "wire", "tokens",
-                "requests", "concurrency", "serve", "port", "in-process", "transport"});
+  flags.insert({"model", "expert-services", "replicas", "placement", "wire", "tokens", "requests",
+                "concurrency", "serve", "port", "in-process", "transport"});
   ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, flags, {"serve", "in-process"}));
   LocalMeshOptions mo;
   mo.transport = args.String("transport", "grpc");
@@ -258,7 +265,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   mo.router_port = static_cast<int>(port);
   ASSIGN_OR_RETURN(mo.policy, ParsePlacementPolicy(args.String("placement", "contiguous")));
   mo.wire = absl::AsciiStrToLower(args.String("wire", "f32"));
-  if (mo.wire != "f32" && mo.wire != "bf16") return absl::InvalidArgumentError("--wire must be f32 or bf16");
+  if (mo.wire != "f32" && mo.wire != "bf16")
+    return absl::InvalidArgumentError("--wire must be f32 or bf16");
 
   std::string dir = args.String("model", "");
   RemovedAtExit generated;  // a model generated here goes however the demo ends
@@ -268,7 +276,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
     ASSIGN_OR_RETURN(CliArgs gen_args, CliArgs::Parse(gen, flags, {"serve", "in-process"}));
     ASSIGN_OR_RETURN(GenModelOptions o, GenOptions(gen_args));
     dir = (std::filesystem::temp_directory_path() /
-           absl::StrCat("moemesh-demo-", FamilyName(o.family), "-", ::getpid())).string();
+           absl::StrCat("moemesh-demo-", FamilyName(o.family), "-", ::getpid()))
+              .string();
     RETURN_IF_ERROR(GenerateModel(dir, o));
     generated.dir = dir;
     std::printf("generated a %s model in %s (H=%lld I=%lld E=%lld k=%lld, %lld layers)\n",
@@ -292,7 +301,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
               mo.wire.c_str());
   ASSIGN_OR_RETURN(auto mesh, LocalMesh::Start(mo));
   RETURN_IF_ERROR(mesh->WaitReady(std::chrono::seconds(60)));
-  std::printf("router (KServe v2 gRPC) at %s; expert services at %s\n", mesh->router_endpoint().c_str(),
+  std::printf("router (KServe v2 gRPC) at %s; expert services at %s\n",
+              mesh->router_endpoint().c_str(),
               absl::StrJoin(mesh->expert_endpoints(), ", ").c_str());
   std::printf("metrics: router %s; expert services %s\n", mesh->router_metrics_url().c_str(),
               absl::StrJoin(mesh->expert_metrics_urls(), ", ").c_str());
@@ -320,7 +330,8 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
         const int64_t layer = layers[r % layers.size()];
         const auto s = std::chrono::steady_clock::now();
         auto got = client.Infer(inputs[r], layer, std::chrono::seconds(30), /*want_topk=*/false);
-        latencies[r] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s).count();
+        latencies[r] =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s).count();
         if (!got.ok()) {
           ++failures;
           absl::MutexLock lock(&err_mu);
@@ -338,11 +349,15 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   for (auto& t : clients) t.join();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // The reference runs inside the timed loop, so this is a lower bound on mesh speed.
-  std::printf("\n%lld requests x %lld tokens, %lld clients: %.0f tokens/s (including the in-process check)\n",
-              (long long)requests, (long long)tokens, (long long)concurrency, requests * tokens / secs);
-  std::printf("latency p50 %.0f us, p99 %.0f us\n", Percentile(latencies, 0.5), Percentile(latencies, 0.99));
+  std::printf(
+      "\n%lld requests x %lld tokens, %lld clients: %.0f tokens/s (including the in-process "
+      "check)\n",
+      (long long)requests, (long long)tokens, (long long)concurrency, requests * tokens / secs);
+  std::printf("latency p50 %.0f us, p99 %.0f us\n", Percentile(latencies, 0.5),
+              Percentile(latencies, 0.99));
   std::printf("answers identical to MoeLayer: %lld of %lld (%lld failed)\n",
-              (long long)(requests - mismatches - failures), (long long)requests, (long long)failures.load());
+              (long long)(requests - mismatches - failures), (long long)requests,
+              (long long)failures.load());
   if (!first_error.empty()) std::printf("first error: %s\n", first_error.c_str());
 
   KServeClient control(mesh->router_endpoint());
@@ -369,22 +384,25 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
     auto target = [](const std::string& url) { return absl::StrCat("'", MetricsTarget(url), "'"); };
     std::vector<std::string> experts;
     for (const std::string& url : mesh->expert_metrics_urls()) experts.push_back(target(url));
-    std::printf("metrics (Prometheus text format):\n  router  %s\n", mesh->router_metrics_url().c_str());
-    for (const std::string& url : mesh->expert_metrics_urls()) std::printf("  expert  %s\n", url.c_str());
-    std::printf("scrape them with this prometheus.yml (see deploy/README.md for Grafana):\n"
-                "  scrape_configs:\n"
-                "    - job_name: moemesh-router\n"
-                "      static_configs: [{targets: [%s]}]\n"
-                "    - job_name: moemesh-expert\n"
-                "      static_configs: [{targets: [%s]}]\n",
-                target(mesh->router_metrics_url()).c_str(), absl::StrJoin(experts, ", ").c_str());
+    std::printf("metrics (Prometheus text format):\n  router  %s\n",
+                mesh->router_metrics_url().c_str());
+    for (const std::string& url : mesh->expert_metrics_urls())
+      std::printf("  expert  %s\n", url.c_str());
+    std::printf(
+        "scrape them with this prometheus.yml (see deploy/README.md for Grafana):\n"
+        "  scrape_configs:\n"
+        "    - job_name: moemesh-router\n"
+        "      static_configs: [{targets: [%s]}]\n"
+        "    - job_name: moemesh-expert\n"
+        "      static_configs: [{targets: [%s]}]\n",
+        target(mesh->router_metrics_url()).c_str(), absl::StrJoin(experts, ", ").c_str());
     std::fflush(stdout);
     BlockStopSignals();
     WaitForStopSignal();
   }
   if (mismatches > 0 || failures > 0) {
-    return absl::InternalError(absl::StrCat(mismatches.load(), " answers differed from MoeLayer and ",
-                                            failures.load(), " failed"));
+    return absl::InternalError(absl::StrCat(
+        mismatches.load(), " answers differed from MoeLayer and ", failures.load(), " failed"));
   }
   return absl::OkStatus();
 }

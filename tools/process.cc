@@ -27,9 +27,11 @@ std::string SelfExecutable() {
   return n > 0 ? std::string(buf, n) : std::string();
 }
 
-absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(const std::vector<std::string>& argv) {
+absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(
+    const std::vector<std::string>& argv) {
   int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+  if (::pipe2(fds, O_CLOEXEC) != 0)
+    return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
@@ -84,13 +86,18 @@ absl::StatusOr<std::string> ChildProcess::WaitForLine(const std::string& prefix,
       if (line.rfind(prefix, 0) == 0) return line.substr(prefix.size());
       continue;
     }
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return absl::DeadlineExceededError(absl::StrCat("pid ", pid_, " did not print '", prefix, "' in time"));
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        end - std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return absl::DeadlineExceededError(
+          absl::StrCat("pid ", pid_, " did not print '", prefix, "' in time"));
     pollfd pfd{stdout_fd_, POLLIN, 0};
     if (::poll(&pfd, 1, static_cast<int>(left.count())) <= 0) continue;
     char buf[4096];
     const ssize_t n = ::read(stdout_fd_, buf, sizeof buf);
-    if (n <= 0) return absl::UnavailableError(absl::StrCat("pid ", pid_, " exited before printing '", prefix, "'"));
+    if (n <= 0)
+      return absl::UnavailableError(
+          absl::StrCat("pid ", pid_, " exited before printing '", prefix, "'"));
     buffer_.append(buf, n);
   }
 }
@@ -117,7 +124,8 @@ bool ChildProcess::Stop() {
       std::getline(in, line);
       // "tid (comm) S ...": the state follows the last ')'.
       const size_t paren = line.rfind(')');
-      if (paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'T') all = false;
+      if (paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'T')
+        all = false;
     }
     if (all && !ec) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));

@@ -24,7 +24,8 @@ class ChildProcess {
   // Reads stdout until "listening on HOST:PORT"; returns "HOST:PORT".
   absl::StatusOr<std::string> WaitListening(std::chrono::milliseconds timeout);
   // Reads stdout until a line starting with `prefix`; returns the rest of that line.
-  absl::StatusOr<std::string> WaitForLine(const std::string& prefix, std::chrono::milliseconds timeout);
+  absl::StatusOr<std::string> WaitForLine(const std::string& prefix,
+                                          std::chrono::milliseconds timeout);
   pid_t pid() const { return pid_; }
   // Sends `sig`; with wait, reaps the child and returns its exit code (128+sig if killed).
   int Signal(int sig, bool wait);

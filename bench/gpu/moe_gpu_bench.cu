@@ -94,14 +94,15 @@ std::string Where(const char* expr, const char* file, int line) {
 
 void CheckCuda(cudaError_t e, const char* expr, const char* file, int line) {
   if (e != cudaSuccess) {
-    throw std::runtime_error(std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ") from " +
-                             Where(expr, file, line));
+    throw std::runtime_error(std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) +
+                             ") from " + Where(expr, file, line));
   }
 }
 
 void CheckCublas(cublasStatus_t s, const char* expr, const char* file, int line) {
   if (s != CUBLAS_STATUS_SUCCESS) {
-    throw std::runtime_error(std::string(cublasGetStatusName(s)) + " from " + Where(expr, file, line));
+    throw std::runtime_error(std::string(cublasGetStatusName(s)) + " from " +
+                             Where(expr, file, line));
   }
 }
 
@@ -120,7 +121,8 @@ class DeviceBuffer {
   explicit DeviceBuffer(size_t n) : n_(n) {
     CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<size_t>(n, 1) * sizeof(T)));
   }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), n_(std::exchange(o.n_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     if (this != &o) {
       Reset();
@@ -144,7 +146,8 @@ class DeviceBuffer {
 
   std::vector<T> Download(size_t offset, size_t count) const {
     std::vector<T> h(count);
-    if (count > 0) CUDA_OK(cudaMemcpy(h.data(), ptr_ + offset, count * sizeof(T), cudaMemcpyDeviceToHost));
+    if (count > 0)
+      CUDA_OK(cudaMemcpy(h.data(), ptr_ + offset, count * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
   }
   std::vector<T> Download() const { return Download(0, n_); }
@@ -174,25 +177,30 @@ __device__ __forceinline__ float Normal(uint64_t seed, int64_t i, float stddev) 
 }
 
 __global__ void FillNormalBf16(uint16_t* __restrict__ out, int64_t n, float stddev, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
     const float v = Normal(seed, i, stddev);
     out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
   }
 }
 
 __global__ void FillNormalF32(float* __restrict__ out, int64_t n, float stddev, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
     out[i] = Normal(seed, i, stddev);
   }
 }
 
 __global__ void AddInto(float* __restrict__ out, const float* __restrict__ add, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
     out[i] += add[i];
   }
 }
 
-unsigned GridFor(int64_t n) { return static_cast<unsigned>(std::clamp<int64_t>((n + 255) / 256, 1, 8192)); }
+unsigned GridFor(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + 255) / 256, 1, 8192));
+}
 
 uint64_t g_seed = 0;
 uint64_t g_tensor = 0;  // every random tensor gets its own stream of numbers
@@ -324,7 +332,8 @@ std::vector<Shape> AllShapes() {
       // HF DeepseekV3: sigmoid, + e_score_correction_bias for choosing, groups by the sum of
       // their top-2, weights / (sum + 1e-20) · routed_scaling_factor.
       {"deepseek_v3", 7168, 2048, 256, 8,
-       MakeRouting(256, 8, Scoring::kSigmoid, true, 2.5f, 8, 4, GroupScore::kTop2Sum, 1e-20f), true, 2048},
+       MakeRouting(256, 8, Scoring::kSigmoid, true, 2.5f, 8, 4, GroupScore::kTop2Sum, 1e-20f), true,
+       2048},
   };
 }
 
@@ -387,13 +396,13 @@ struct Buffers {
   DeviceBuffer<int64_t> offsets;          // [E+1]
   DeviceBuffer<int32_t> row_token, slot_row;
   DeviceBuffer<unsigned char> workspace;
-  DeviceBuffer<uint16_t> xg;              // [T·k, H] grouped rows
-  DeviceBuffer<uint16_t> h;               // [T·k, I]
-  DeviceBuffer<float> y;                  // [T·k, H]
-  DeviceBuffer<float> out;                // [T, H]
-  DeviceBuffer<int64_t> shared_offsets;   // {0, T}
-  DeviceBuffer<uint16_t> shared_h;        // [T, Is]
-  DeviceBuffer<float> shared_y;           // [T, H]
+  DeviceBuffer<uint16_t> xg;             // [T·k, H] grouped rows
+  DeviceBuffer<uint16_t> h;              // [T·k, I]
+  DeviceBuffer<float> y;                 // [T·k, H]
+  DeviceBuffer<float> out;               // [T, H]
+  DeviceBuffer<int64_t> shared_offsets;  // {0, T}
+  DeviceBuffer<uint16_t> shared_h;       // [T, Is]
+  DeviceBuffer<float> shared_y;          // [T, H]
   // Per input set, made once, untimed.
   std::vector<DeviceBuffer<int32_t>> set_ids;
   std::vector<DeviceBuffer<float>> set_weights;
@@ -407,7 +416,8 @@ struct Buffers {
 Buffers MakeBuffers(const Shape& s, int64_t T, cudaStream_t stream) {
   Buffers b;
   b.T = T;
-  const size_t H = static_cast<size_t>(s.H), I = static_cast<size_t>(s.I), E = static_cast<size_t>(s.E);
+  const size_t H = static_cast<size_t>(s.H), I = static_cast<size_t>(s.I),
+               E = static_cast<size_t>(s.E);
   const size_t rows = static_cast<size_t>(T) * static_cast<size_t>(s.k), t = static_cast<size_t>(T);
   for (int i = 0; i < kInputSets; ++i) {
     b.x.emplace_back(t * H);
@@ -419,7 +429,8 @@ Buffers MakeBuffers(const Shape& s, int64_t T, cudaStream_t stream) {
   b.offsets = DeviceBuffer<int64_t>(E + 1);
   b.row_token = DeviceBuffer<int32_t>(rows);
   b.slot_row = DeviceBuffer<int32_t>(rows);
-  b.workspace = DeviceBuffer<unsigned char>(cuda::PermutationWorkspaceBytes(static_cast<int64_t>(rows), s.E));
+  b.workspace =
+      DeviceBuffer<unsigned char>(cuda::PermutationWorkspaceBytes(static_cast<int64_t>(rows), s.E));
   b.xg = DeviceBuffer<uint16_t>(rows * H);
   b.h = DeviceBuffer<uint16_t>(rows * I);
   b.y = DeviceBuffer<float>(rows * H);
@@ -427,7 +438,8 @@ Buffers MakeBuffers(const Shape& s, int64_t T, cudaStream_t stream) {
   if (s.I_shared > 0) {
     const std::vector<int64_t> so = {0, T};
     b.shared_offsets = DeviceBuffer<int64_t>(2);
-    CUDA_OK(cudaMemcpy(b.shared_offsets.get(), so.data(), sizeof(int64_t) * 2, cudaMemcpyHostToDevice));
+    CUDA_OK(
+        cudaMemcpy(b.shared_offsets.get(), so.data(), sizeof(int64_t) * 2, cudaMemcpyHostToDevice));
     b.shared_h = DeviceBuffer<uint16_t>(t * static_cast<size_t>(s.I_shared));
     b.shared_y = DeviceBuffer<float>(t * H);
   }
@@ -446,28 +458,32 @@ struct Context {
 void Route(const Context& c, const Model& m, const uint16_t* x, int64_t T, Buffers& b, int32_t* ids,
            float* weights) {
   const Shape& s = m.shape;
-  CUBLAS_OK(cuda::RouterLogits(c.cublas, cuda::RouterDType::kBF16, x, m.router.get(), nullptr, T, s.H, s.E,
-                               b.logits.get()));
-  CUDA_OK(cuda::RouteTopK(s.routing, b.logits.get(), T, s.correction_bias ? m.correction_bias.get() : nullptr,
-                          ids, weights, nullptr, c.stream));
+  CUBLAS_OK(cuda::RouterLogits(c.cublas, cuda::RouterDType::kBF16, x, m.router.get(), nullptr, T,
+                               s.H, s.E, b.logits.get()));
+  CUDA_OK(cuda::RouteTopK(s.routing, b.logits.get(), T,
+                          s.correction_bias ? m.correction_bias.get() : nullptr, ids, weights,
+                          nullptr, c.stream));
 }
 
 // Grouped FFN over rows grouped by `offsets`: xg -> b.y.
-void Ffn(const Context& c, const Model& m, const uint16_t* xg, const int64_t* offsets, int64_t rows, Buffers& b) {
+void Ffn(const Context& c, const Model& m, const uint16_t* xg, const int64_t* offsets, int64_t rows,
+         Buffers& b) {
   CUDA_OK(cuda::GroupedGateUpAct(m.experts, xg, offsets, rows, b.h.get(), c.stream));
   CUDA_OK(cuda::GroupedDown(m.experts, b.h.get(), offsets, rows, b.y.get(), c.stream));
 }
 
 // x, ids, weights -> b.out (routed experts only), as HF's experts module.
-void Dispatch(const Context& c, const Model& m, const uint16_t* x, const int32_t* ids, const float* weights,
-              Buffers& b) {
+void Dispatch(const Context& c, const Model& m, const uint16_t* x, const int32_t* ids,
+              const float* weights, Buffers& b) {
   const Shape& s = m.shape;
   const int64_t rows = b.T * s.k;
-  CUDA_OK(cuda::BuildPermutation(ids, b.T, s.k, s.E, b.workspace.get(), b.workspace.bytes(), b.Perm(), c.stream));
-  CUDA_OK(cuda::GatherRows(cuda::RowDType::kBF16, x, s.H, b.row_token.get(), rows, b.xg.get(), c.stream));
+  CUDA_OK(cuda::BuildPermutation(ids, b.T, s.k, s.E, b.workspace.get(), b.workspace.bytes(),
+                                 b.Perm(), c.stream));
+  CUDA_OK(cuda::GatherRows(cuda::RowDType::kBF16, x, s.H, b.row_token.get(), rows, b.xg.get(),
+                           c.stream));
   Ffn(c, m, b.xg.get(), b.offsets.get(), rows, b);
-  CUDA_OK(cuda::CombineRows(cuda::RowDType::kF32, b.y.get(), s.H, b.slot_row.get(), weights, b.T, s.k,
-                            b.out.get(), c.stream));
+  CUDA_OK(cuda::CombineRows(cuda::RowDType::kF32, b.y.get(), s.H, b.slot_row.get(), weights, b.T,
+                            s.k, b.out.get(), c.stream));
 }
 
 void Layer(const Context& c, const Model& m, int set, Buffers& b) {
@@ -476,8 +492,10 @@ void Layer(const Context& c, const Model& m, int set, Buffers& b) {
   Route(c, m, x, b.T, b, b.ids.get(), b.weights.get());
   Dispatch(c, m, x, b.ids.get(), b.weights.get(), b);
   if (s.I_shared > 0) {
-    CUDA_OK(cuda::GroupedGateUpAct(m.shared, x, b.shared_offsets.get(), b.T, b.shared_h.get(), c.stream));
-    CUDA_OK(cuda::GroupedDown(m.shared, b.shared_h.get(), b.shared_offsets.get(), b.T, b.shared_y.get(), c.stream));
+    CUDA_OK(cuda::GroupedGateUpAct(m.shared, x, b.shared_offsets.get(), b.T, b.shared_h.get(),
+                                   c.stream));
+    CUDA_OK(cuda::GroupedDown(m.shared, b.shared_h.get(), b.shared_offsets.get(), b.T,
+                              b.shared_y.get(), c.stream));
     const int64_t n = b.T * s.H;
     AddInto<<<GridFor(n), 256, 0, c.stream>>>(b.out.get(), b.shared_y.get(), n);
     LAUNCH_OK();
@@ -494,8 +512,8 @@ void PrepareSets(const Context& c, const Model& m, Buffers& b) {
     b.set_offsets.emplace_back(static_cast<size_t>(s.E) + 1);
     b.set_xg.emplace_back(rows * static_cast<size_t>(s.H));
     Route(c, m, b.x[i].get(), b.T, b, b.set_ids[i].get(), b.set_weights[i].get());
-    CUDA_OK(cuda::BuildPermutation(b.set_ids[i].get(), b.T, s.k, s.E, b.workspace.get(), b.workspace.bytes(),
-                                   b.Perm(), c.stream));
+    CUDA_OK(cuda::BuildPermutation(b.set_ids[i].get(), b.T, s.k, s.E, b.workspace.get(),
+                                   b.workspace.bytes(), b.Perm(), c.stream));
     CUDA_OK(cuda::GatherRows(cuda::RowDType::kBF16, b.x[i].get(), s.H, b.row_token.get(),
                              static_cast<int64_t>(rows), b.set_xg[i].get(), c.stream));
     CUDA_OK(cudaMemcpyAsync(b.set_offsets[i].get(), b.offsets.get(), b.set_offsets[i].bytes(),
@@ -504,7 +522,8 @@ void PrepareSets(const Context& c, const Model& m, Buffers& b) {
     const std::vector<int32_t> ids = b.set_ids[i].Download();
     std::set<int32_t> distinct;
     for (int32_t e : ids) {
-      if (e < 0 || e >= s.E) throw std::runtime_error("RouteTopK returned expert id " + std::to_string(e));
+      if (e < 0 || e >= s.E)
+        throw std::runtime_error("RouteTopK returned expert id " + std::to_string(e));
       distinct.insert(e);
     }
     b.set_touched.push_back(static_cast<int>(distinct.size()));
@@ -536,7 +555,8 @@ std::string CaptureLayer(const Context& c, const Model& m, Buffers& b, Graphs* g
       error = e.what();
     }
     const cudaError_t end = cudaStreamEndCapture(c.stream, &graph);
-    if (error.empty() && end != cudaSuccess) error = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(end);
+    if (error.empty() && end != cudaSuccess)
+      error = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(end);
     if (!error.empty()) {
       if (graph != nullptr) cudaGraphDestroy(graph);
       (void)cudaGetLastError();  // a failed capture's error is not sticky
@@ -560,8 +580,8 @@ std::string CaptureLayer(const Context& c, const Model& m, Buffers& b, Graphs* g
 double Silu(double g) { return g / (1.0 + std::exp(-g)); }
 
 // y += scale · down(silu(gate x) · up(x)) for one expert in double; gu [2I, H], dn [H, I] BF16.
-void ExpertRef(const std::vector<uint16_t>& gu, const std::vector<uint16_t>& dn, int64_t H, int64_t I,
-               const std::vector<double>& x, double scale, std::vector<double>* y) {
+void ExpertRef(const std::vector<uint16_t>& gu, const std::vector<uint16_t>& dn, int64_t H,
+               int64_t I, const std::vector<double>& x, double scale, std::vector<double>* y) {
   std::vector<double> h(static_cast<size_t>(I));
   for (int64_t i = 0; i < I; ++i) {
     const uint16_t* g = gu.data() + i * H;
@@ -595,11 +615,13 @@ bool CheckLayer(const Context& c, const Model& m, bool with_graph) {
   const std::vector<float> weights = b.weights.Download();
   const std::vector<uint16_t> x = b.x[0].Download();
   const std::vector<uint16_t> router = m.router.Download();
-  const std::vector<float> bias = s.correction_bias ? m.correction_bias.Download() : std::vector<float>();
+  const std::vector<float> bias =
+      s.correction_bias ? m.correction_bias.Download() : std::vector<float>();
 
   const std::vector<int64_t> tokens = {0, 21, 42, 63};
   const int64_t n = static_cast<int64_t>(tokens.size());
-  std::vector<std::vector<double>> xs(n, std::vector<double>(H)), ref(n, std::vector<double>(H, 0.0));
+  std::vector<std::vector<double>> xs(n, std::vector<double>(H)),
+      ref(n, std::vector<double>(H, 0.0));
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t col = 0; col < H; ++col) xs[j][col] = Bf16ToF32(x[tokens[j] * H + col]);
   }
@@ -620,14 +642,15 @@ bool CheckLayer(const Context& c, const Model& m, bool with_graph) {
   const double logits_rel_err = std::sqrt(lg_err / lg_norm);
   std::vector<int32_t> cpu_ids(n * k);
   std::vector<float> cpu_w(n * k);
-  RouteTopK(s.routing, tok_logits.data(), n, s.correction_bias ? bias.data() : nullptr, cpu_ids.data(),
-            cpu_w.data(), nullptr);
+  RouteTopK(s.routing, tok_logits.data(), n, s.correction_bias ? bias.data() : nullptr,
+            cpu_ids.data(), cpu_w.data(), nullptr);
   bool ids_match = true;
   double w_err = 0.0;
   for (int64_t j = 0; j < n; ++j) {
     for (int q = 0; q < k; ++q) {
       ids_match &= cpu_ids[j * k + q] == ids[tokens[j] * k + q];
-      w_err = std::max(w_err, std::abs(static_cast<double>(cpu_w[j * k + q]) - weights[tokens[j] * k + q]));
+      w_err = std::max(
+          w_err, std::abs(static_cast<double>(cpu_w[j * k + q]) - weights[tokens[j] * k + q]));
     }
   }
 
@@ -638,11 +661,13 @@ bool CheckLayer(const Context& c, const Model& m, bool with_graph) {
   }
   for (int32_t e : experts) {
     if (e < 0 || e >= E) throw std::runtime_error("routed to expert id " + std::to_string(e));
-    const std::vector<uint16_t> gu = m.gate_up.Download(static_cast<size_t>(e) * 2 * I * H, 2 * I * H);
+    const std::vector<uint16_t> gu =
+        m.gate_up.Download(static_cast<size_t>(e) * 2 * I * H, 2 * I * H);
     const std::vector<uint16_t> dn = m.down.Download(static_cast<size_t>(e) * H * I, H * I);
     for (int64_t j = 0; j < n; ++j) {
       for (int q = 0; q < k; ++q) {
-        if (ids[tokens[j] * k + q] == e) ExpertRef(gu, dn, H, I, xs[j], weights[tokens[j] * k + q], &ref[j]);
+        if (ids[tokens[j] * k + q] == e)
+          ExpertRef(gu, dn, H, I, xs[j], weights[tokens[j] * k + q], &ref[j]);
       }
     }
   }
@@ -660,24 +685,26 @@ bool CheckLayer(const Context& c, const Model& m, bool with_graph) {
     }
   }
   const double rel_err = std::sqrt(err / norm);
-  const bool ok = std::isfinite(rel_err) && rel_err <= kMaxRelErr && std::isfinite(logits_rel_err) &&
-                  logits_rel_err <= kMaxLogitsRelErr;
+  const bool ok = std::isfinite(rel_err) && rel_err <= kMaxRelErr &&
+                  std::isfinite(logits_rel_err) && logits_rel_err <= kMaxLogitsRelErr;
   Emit("{\"shape\": " + Str(s.name) + ", \"check\": \"layer_vs_cpu\", \"T\": " + std::to_string(T) +
        ", \"tokens_checked\": " + std::to_string(n) + ", \"rel_err\": " + Num(rel_err, -1) +
        ", \"logits_rel_err\": " + Num(logits_rel_err, -1) + ", \"routing_ids_match_cpu\": " +
        (ids_match ? "true" : "false") + ", \"routing_weights_max_abs_err\": " + Num(w_err, -1) +
        ", \"ok\": " + (ok ? "true" : "false") + "}");
   if (!ids_match) {
-    std::fprintf(stderr, "warning: %s: the GPU's top-k ids differ from the CPU RouteTopK on the same logits\n",
-                 s.name.c_str());
+    std::fprintf(
+        stderr,
+        "warning: %s: the GPU's top-k ids differ from the CPU RouteTopK on the same logits\n",
+        s.name.c_str());
   }
 
   if (with_graph) {  // the graph's replay against the eager run, input set 0
     Graphs graphs;
     const std::string error = CaptureLayer(c, m, b, &graphs);
     if (!error.empty()) {
-      Emit("{\"shape\": " + Str(s.name) + ", \"check\": \"graph_vs_eager\", \"T\": " + std::to_string(T) +
-           ", \"error\": " + Str(error) + "}");
+      Emit("{\"shape\": " + Str(s.name) + ", \"check\": \"graph_vs_eager\", \"T\": " +
+           std::to_string(T) + ", \"error\": " + Str(error) + "}");
     } else {
       CUDA_OK(cudaMemsetAsync(b.out.get(), 0xff, b.out.bytes(), c.stream));
       CUDA_OK(cudaGraphLaunch(graphs.exec[0], c.stream));
@@ -689,8 +716,8 @@ bool CheckLayer(const Context& c, const Model& m, bool with_graph) {
         diff = std::isnan(d) ? d : std::max(diff, d);
         if (std::isnan(d)) break;
       }
-      Emit("{\"shape\": " + Str(s.name) + ", \"check\": \"graph_vs_eager\", \"T\": " + std::to_string(T) +
-           ", \"max_abs_diff\": " + Num(diff, -1) + "}");
+      Emit("{\"shape\": " + Str(s.name) + ", \"check\": \"graph_vs_eager\", \"T\": " +
+           std::to_string(T) + ", \"max_abs_diff\": " + Num(diff, -1) + "}");
     }
   }
   return ok;
@@ -709,14 +736,15 @@ void Ceilings(const Context& c, double warmup_ms, double rep_ms) {
     const float alpha = 1.0f, beta = 0.0f;
     const double ms = BenchMs(
         [&](int) {
-          CUBLAS_OK(cublasGemmEx(c.cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(), CUDA_R_16BF, n,
-                                 bm.get(), CUDA_R_16BF, n, &beta, cm.get(), CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
-                                 CUBLAS_GEMM_DEFAULT));
+          CUBLAS_OK(cublasGemmEx(c.cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(),
+                                 CUDA_R_16BF, n, bm.get(), CUDA_R_16BF, n, &beta, cm.get(),
+                                 CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         },
         c.stream, warmup_ms, rep_ms);
     const double flops = 2.0 * n * static_cast<double>(n) * n;
-    Emit("{\"ceiling\": \"matmul_bf16_tflops\", \"value\": " + Num(Tflops(flops, ms), 1) + ", \"ms\": " +
-         Num(ms, 4) + ", \"mnk\": " + std::to_string(n) + ", \"impl\": \"cublasGemmEx\"}");
+    Emit("{\"ceiling\": \"matmul_bf16_tflops\", \"value\": " + Num(Tflops(flops, ms), 1) +
+         ", \"ms\": " + Num(ms, 4) + ", \"mnk\": " + std::to_string(n) +
+         ", \"impl\": \"cublasGemmEx\"}");
   }
   {
     const size_t bytes = size_t{1} << 30;
@@ -727,9 +755,9 @@ void Ceilings(const Context& c, double warmup_ms, double rep_ms) {
           CUDA_OK(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, c.stream));
         },
         c.stream, warmup_ms, rep_ms);
-    Emit("{\"ceiling\": \"d2d_copy_gbs\", \"value\": " + Num(Gbs(2.0 * static_cast<double>(bytes), ms), 1) +
-         ", \"ms\": " + Num(ms, 4) + ", \"bytes_copied\": " + std::to_string(bytes) +
-         ", \"impl\": \"cudaMemcpyAsync\"}");
+    Emit("{\"ceiling\": \"d2d_copy_gbs\", \"value\": " +
+         Num(Gbs(2.0 * static_cast<double>(bytes), ms), 1) + ", \"ms\": " + Num(ms, 4) +
+         ", \"bytes_copied\": " + std::to_string(bytes) + ", \"impl\": \"cudaMemcpyAsync\"}");
   }
 }
 
@@ -756,15 +784,16 @@ void EmitPart(const Shape& s, const char* part, int64_t T, double ms, double tou
     flops += 2.0 * static_cast<double>(T) * 3.0 * H * is;
     bytes += 3.0 * H * is * 2.0;
   }
-  Emit("{\"shape\": " + Str(s.name) + ", \"impl\": \"moemesh\", \"part\": \"" + part + "\", \"T\": " +
-       std::to_string(T) + ", \"ms\": " + Num(ms, 4) + ", \"tflops\": " + Num(Tflops(flops, ms), 2) +
-       ", \"weight_gbs\": " + Num(Gbs(bytes, ms), 1) + ", \"experts_touched\": " + Num(touched, -1) + "}");
+  Emit("{\"shape\": " + Str(s.name) + ", \"impl\": \"moemesh\", \"part\": \"" + part +
+       "\", \"T\": " + std::to_string(T) + ", \"ms\": " + Num(ms, 4) + ", \"tflops\": " +
+       Num(Tflops(flops, ms), 2) + ", \"weight_gbs\": " + Num(Gbs(bytes, ms), 1) +
+       ", \"experts_touched\": " + Num(touched, -1) + "}");
 }
 
 bool RunShape(const Context& c, const Shape& s, const Options& o) {
-  Emit("{\"shape\": " + Str(s.name) + ", \"H\": " + std::to_string(s.H) + ", \"I\": " + std::to_string(s.I) +
-       ", \"E\": " + std::to_string(s.E) + ", \"k\": " + std::to_string(s.k) + ", \"I_shared\": " +
-       std::to_string(s.I_shared) + ", \"expert_weight_gb\": " +
+  Emit("{\"shape\": " + Str(s.name) + ", \"H\": " + std::to_string(s.H) + ", \"I\": " +
+       std::to_string(s.I) + ", \"E\": " + std::to_string(s.E) + ", \"k\": " + std::to_string(s.k) +
+       ", \"I_shared\": " + std::to_string(s.I_shared) + ", \"expert_weight_gb\": " +
        Num(3.0 * static_cast<double>(s.H) * static_cast<double>(s.I) * 2.0 * s.E / 1e9, 2) + "}");
   Model m(s, c.stream);
   const bool ok = CheckLayer(c, m, o.graph);
@@ -777,7 +806,9 @@ bool RunShape(const Context& c, const Shape& s, const Options& o) {
     const int64_t rows = T * s.k;
 
     double ms = BenchMs(
-        [&](int i) { Ffn(c, m, b.set_xg[i % kInputSets].get(), b.set_offsets[i % kInputSets].get(), rows, b); },
+        [&](int i) {
+          Ffn(c, m, b.set_xg[i % kInputSets].get(), b.set_offsets[i % kInputSets].get(), rows, b);
+        },
         c.stream, o.warmup_ms, o.rep_ms);
     EmitPart(s, "experts", T, ms, touched, false);
 
@@ -796,11 +827,13 @@ bool RunShape(const Context& c, const Shape& s, const Options& o) {
       Graphs graphs;
       const std::string error = CaptureLayer(c, m, b, &graphs);
       if (!error.empty()) {
-        Emit("{\"shape\": " + Str(s.name) + ", \"impl\": \"moemesh\", \"part\": \"layer_graph\", \"T\": " +
-             std::to_string(T) + ", \"error\": " + Str(error) + "}");
+        Emit("{\"shape\": " + Str(s.name) +
+             ", \"impl\": \"moemesh\", \"part\": \"layer_graph\", \"T\": " + std::to_string(T) +
+             ", \"error\": " + Str(error) + "}");
       } else {
-        ms = BenchMs([&](int i) { CUDA_OK(cudaGraphLaunch(graphs.exec[i % kInputSets], c.stream)); }, c.stream,
-                     o.warmup_ms, o.rep_ms);
+        ms =
+            BenchMs([&](int i) { CUDA_OK(cudaGraphLaunch(graphs.exec[i % kInputSets], c.stream)); },
+                    c.stream, o.warmup_ms, o.rep_ms);
         EmitPart(s, "layer_graph", T, ms, touched, true);
       }
     }
@@ -819,10 +852,11 @@ std::vector<std::string> Split(const std::string& s) {
 }
 
 [[noreturn]] void Usage(const std::string& error) {
-  std::fprintf(stderr,
-               "%s\nusage: moe_gpu_bench [--shapes mixtral,qwen3,deepseek_v3] [--tokens 1,8,64,512,4096]\n"
-               "                     [--warmup-ms 25] [--rep-ms 200] [--seed N] [--no-graph] [--out FILE]\n",
-               error.c_str());
+  std::fprintf(
+      stderr,
+      "%s\nusage: moe_gpu_bench [--shapes mixtral,qwen3,deepseek_v3] [--tokens 1,8,64,512,4096]\n"
+      "                     [--warmup-ms 25] [--rep-ms 200] [--seed N] [--no-graph] [--out FILE]\n",
+      error.c_str());
   std::exit(2);
 }
 
@@ -892,21 +926,26 @@ int Main(int argc, char** argv) {
   int devices = 0;
   const cudaError_t probe = cudaGetDeviceCount(&devices);
   if (probe != cudaSuccess || devices == 0) {
-    const std::string why = probe != cudaSuccess ? std::string(cudaGetErrorString(probe)) : "0 devices";
+    const std::string why =
+        probe != cudaSuccess ? std::string(cudaGetErrorString(probe)) : "0 devices";
     // With an NVIDIA driver loaded, no usable device is a failure (e.g. a driver older than
     // this CUDA runtime needs), not a machine without a GPU.
     std::ifstream driver("/proc/driver/nvidia/version");
     std::string driver_line;
     if (driver && std::getline(driver, driver_line)) {
       Emit("{\"device\": null, \"error\": " +
-           Str("an NVIDIA driver is loaded but no CUDA device is usable (" + why + "); driver: " + driver_line) +
+           Str("an NVIDIA driver is loaded but no CUDA device is usable (" + why +
+               "); driver: " + driver_line) +
            "}");
       return 1;
     }
-    Emit("{\"device\": null, \"skipped\": " + Str("no CUDA device (" + why + "): nothing measured") + "}");
+    Emit("{\"device\": null, \"skipped\": " +
+         Str("no CUDA device (" + why + "): nothing measured") + "}");
     return 0;
   }
-  g_seed = o.seed_given ? o.seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  g_seed = o.seed_given
+               ? o.seed
+               : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
 
   Context c;
   cudaDeviceProp prop{};
@@ -915,12 +954,14 @@ int Main(int argc, char** argv) {
   int runtime = 0, driver = 0;
   CUDA_OK(cudaRuntimeGetVersion(&runtime));
   CUDA_OK(cudaDriverGetVersion(&driver));
-  Emit("{\"device\": " + Str(prop.name) + ", \"sm\": " + std::to_string(prop.major * 10 + prop.minor) +
-       ", \"multiprocessors\": " + std::to_string(prop.multiProcessorCount) + ", \"memory_gib\": " +
-       Num(static_cast<double>(prop.totalGlobalMem) / (1u << 30), 1) + ", \"cuda_runtime\": " +
-       std::to_string(runtime) + ", \"cuda_driver\": " + std::to_string(driver) + ", \"impl\": \"moemesh\"" +
-       ", \"warmup_ms\": " + Num(o.warmup_ms, -1) + ", \"rep_ms\": " + Num(o.rep_ms, -1) + ", \"seed\": " +
-       std::to_string(g_seed) + "}");
+  Emit("{\"device\": " + Str(prop.name) +
+       ", \"sm\": " + std::to_string(prop.major * 10 + prop.minor) +
+       ", \"multiprocessors\": " + std::to_string(prop.multiProcessorCount) +
+       ", \"memory_gib\": " + Num(static_cast<double>(prop.totalGlobalMem) / (1u << 30), 1) +
+       ", \"cuda_runtime\": " + std::to_string(runtime) +
+       ", \"cuda_driver\": " + std::to_string(driver) + ", \"impl\": \"moemesh\"" +
+       ", \"warmup_ms\": " + Num(o.warmup_ms, -1) + ", \"rep_ms\": " + Num(o.rep_ms, -1) +
+       ", \"seed\": " + std::to_string(g_seed) + "}");
 
   CUDA_OK(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking));
   CUBLAS_OK(cublasCreate(&c.cublas));
@@ -939,7 +980,8 @@ int Main(int argc, char** argv) {
   }
   const std::vector<Shape> all = AllShapes();
   for (const std::string& name : o.shapes) {
-    const Shape& s = *std::find_if(all.begin(), all.end(), [&](const Shape& x) { return x.name == name; });
+    const Shape& s =
+        *std::find_if(all.begin(), all.end(), [&](const Shape& x) { return x.name == name; });
     try {
       ok &= RunShape(c, s, o);  // the shape's buffers are freed when it returns or throws
     } catch (const std::exception& e) {
@@ -947,7 +989,8 @@ int Main(int argc, char** argv) {
       ok = false;
       const cudaError_t sticky = cudaDeviceSynchronize();
       if (sticky != cudaSuccess) {  // the context is gone: nothing more can run
-        Emit("{\"error\": " + Str(std::string("CUDA context lost: ") + cudaGetErrorString(sticky)) + "}");
+        Emit("{\"error\": " + Str(std::string("CUDA context lost: ") + cudaGetErrorString(sticky)) +
+             "}");
         break;
       }
     }

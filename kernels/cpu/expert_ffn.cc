@@ -37,10 +37,9 @@ inline float Sigmoid(float x) { return 1.0f / (1.0f + FastExp(-x)); }
 
 // target_clones gives AVX-512 and AVX2 bodies picked at load time, so one binary runs
 // anywhere and still vectorises 16 or 8 lanes wide.
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
-void SwiGlu(const float* __restrict gate, const float* __restrict up,
-            const float* __restrict bg, const float* __restrict bu, int64_t n,
-            float* __restrict h) {
+[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]] void SwiGlu(
+    const float* __restrict gate, const float* __restrict up, const float* __restrict bg,
+    const float* __restrict bu, int64_t n, float* __restrict h) {
   if (bg == nullptr) {
     for (int64_t i = 0; i < n; ++i) h[i] = gate[i] * Sigmoid(gate[i]) * up[i];
   } else {
@@ -51,10 +50,9 @@ void SwiGlu(const float* __restrict gate, const float* __restrict up,
   }
 }
 
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
-void ClampedSwiGlu(const float* __restrict gate, const float* __restrict up,
-                   const float* __restrict bg, const float* __restrict bu, int64_t n,
-                   float limit, float alpha, float* __restrict h) {
+[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]] void ClampedSwiGlu(
+    const float* __restrict gate, const float* __restrict up, const float* __restrict bg,
+    const float* __restrict bu, int64_t n, float limit, float alpha, float* __restrict h) {
   for (int64_t i = 0; i < n; ++i) {
     float g = gate[i] + (bg ? bg[i] : 0.0f);
     float u = up[i] + (bu ? bu[i] : 0.0f);
@@ -64,8 +62,8 @@ void ClampedSwiGlu(const float* __restrict gate, const float* __restrict up,
   }
 }
 
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
-void Relu(const float* __restrict up, const float* __restrict bu, int64_t n, float* __restrict h) {
+[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]] void Relu(
+    const float* __restrict up, const float* __restrict bu, int64_t n, float* __restrict h) {
   for (int64_t i = 0; i < n; ++i) {
     const float u = up[i] + (bu ? bu[i] : 0.0f);
     h[i] = u > 0.0f ? u : 0.0f;
@@ -78,8 +76,8 @@ void MatMulT(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t r
   if (rows == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, ldw, x, 1, beta, y, 1);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, 1.0f, x, ldx, w, ldw, beta,
-                y, ldy);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, 1.0f, x, ldx, w, ldw, beta, y,
+                ldy);
   }
 }
 
@@ -106,8 +104,8 @@ int64_t PackedGateUpRow(int64_t r, int64_t inter) {
   return 2 * b0 + (up ? len : 0) + (j - b0);
 }
 
-void ExpertGateUpAct(const ExpertFfnWeights& w, const float* x, int64_t rows,
-                     int64_t block_begin, int64_t block_end, float* gu, float* h) {
+void ExpertGateUpAct(const ExpertFfnWeights& w, const float* x, int64_t rows, int64_t block_begin,
+                     int64_t block_end, float* gu, float* h) {
   if (rows == 0 || block_begin >= block_end) return;
   const int64_t H = w.hidden, I = w.intermediate, ld = w.gate_up_rows();
   const int64_t per = w.gated() ? 2 : 1;
@@ -164,8 +162,7 @@ void ExpertDownTask(const ExpertFfnWeights& w, const float* h, int64_t rows, int
   ExpertDown(w, h, rows, c0, std::min(w.hidden, c0 + kDownColsPerTask), y);
 }
 
-void ExpertFfn(const ExpertFfnWeights& w, const float* x, int64_t rows, float* scratch,
-               float* y) {
+void ExpertFfn(const ExpertFfnWeights& w, const float* x, int64_t rows, float* scratch, float* y) {
   if (rows == 0) return;
   float* h = scratch + GateUpScratch(w, rows);
   for (int64_t t = 0; t < NumGateUpTasks(w); ++t) ExpertGateUpTask(w, x, rows, t, scratch, h);

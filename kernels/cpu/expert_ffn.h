@@ -36,8 +36,8 @@ inline constexpr int64_t kGateUpBlocksPerTask = 8;  // 512 intermediate columns
 inline constexpr int64_t kDownColsPerTask = 512;
 
 struct ExpertFfnWeights {
-  int64_t hidden = 0;                   // H
-  int64_t intermediate = 0;             // I
+  int64_t hidden = 0;        // H
+  int64_t intermediate = 0;  // I
   Activation activation = Activation::kSwiGlu;
   float clamp_limit = 7.0f;             // kClampedSwiGlu only
   float alpha = 1.702f;                 // kClampedSwiGlu only
@@ -82,8 +82,8 @@ void ExpertDownTask(const ExpertFfnWeights& w, const float* h, int64_t rows, int
 
 // Blocks [block_begin, block_end): gu (rows × gate_up_rows, ld gate_up_rows) receives the
 // GEMM output of those blocks' columns; h (rows × I, ld I) receives act() of them.
-void ExpertGateUpAct(const ExpertFfnWeights& w, const float* x, int64_t rows,
-                     int64_t block_begin, int64_t block_end, float* gu, float* h);
+void ExpertGateUpAct(const ExpertFfnWeights& w, const float* x, int64_t rows, int64_t block_begin,
+                     int64_t block_end, float* gu, float* h);
 
 // Output columns [col_begin, col_end) of y (rows × H, ld H) from h.
 void ExpertDown(const ExpertFfnWeights& w, const float* h, int64_t rows, int64_t col_begin,
@@ -93,7 +93,6 @@ void ExpertDown(const ExpertFfnWeights& w, const float* h, int64_t rows, int64_t
 inline int64_t ExpertFfnScratch(const ExpertFfnWeights& w, int64_t rows) {
   return GateUpScratch(w, rows) + HiddenScratch(w, rows);
 }
-void ExpertFfn(const ExpertFfnWeights& w, const float* x, int64_t rows, float* scratch,
-               float* y);
+void ExpertFfn(const ExpertFfnWeights& w, const float* x, int64_t rows, float* scratch, float* y);
 
 }  // namespace moemesh

@@ -59,7 +59,8 @@ class ExpertFfnTest : public ::testing::TestWithParam<FfnCase> {};
 
 TEST_P(ExpertFfnTest, MatchesReference) {
   const FfnCase c = GetParam();
-  const int64_t H = 700, I = 600;  // 10 packed blocks: 2 gate/up tasks (the last partial); 2 down tasks
+  const int64_t H = 700,
+                I = 600;  // 10 packed blocks: 2 gate/up tasks (the last partial); 2 down tasks
   ExpertFfnWeights w;
   w.hidden = H;
   w.intermediate = I;
@@ -112,7 +113,8 @@ TEST_P(ExpertFfnTest, MatchesReference) {
   for (int64_t t = NumGateUpTasks(w) - 1; t >= 0; --t) {
     ExpertGateUpTask(w, x.data(), c.rows, t, gu_buf.data(), h.data());
   }
-  for (int64_t t = NumDownTasks(w) - 1; t >= 0; --t) ExpertDownTask(w, h.data(), c.rows, t, y2.data());
+  for (int64_t t = NumDownTasks(w) - 1; t >= 0; --t)
+    ExpertDownTask(w, h.data(), c.rows, t, y2.data());
   EXPECT_EQ(std::memcmp(y.data(), y2.data(), y.size() * sizeof(float)), 0);
 
   // Any other split agrees to rounding.
@@ -130,14 +132,15 @@ TEST_P(ExpertFfnTest, MatchesReference) {
   EXPECT_LE(std::sqrt(diff / std::max(ynorm, 1e-30)), 1e-6);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Activations, ExpertFfnTest,
-    ::testing::Values(FfnCase{Activation::kSwiGlu, false, 1}, FfnCase{Activation::kSwiGlu, false, 37},
-                      FfnCase{Activation::kSwiGlu, true, 5},
-                      FfnCase{Activation::kClampedSwiGlu, true, 1},
-                      FfnCase{Activation::kClampedSwiGlu, true, 64},
-                      FfnCase{Activation::kClampedSwiGlu, false, 9},
-                      FfnCase{Activation::kRelu, false, 12}, FfnCase{Activation::kRelu, true, 3}));
+INSTANTIATE_TEST_SUITE_P(Activations, ExpertFfnTest,
+                         ::testing::Values(FfnCase{Activation::kSwiGlu, false, 1},
+                                           FfnCase{Activation::kSwiGlu, false, 37},
+                                           FfnCase{Activation::kSwiGlu, true, 5},
+                                           FfnCase{Activation::kClampedSwiGlu, true, 1},
+                                           FfnCase{Activation::kClampedSwiGlu, true, 64},
+                                           FfnCase{Activation::kClampedSwiGlu, false, 9},
+                                           FfnCase{Activation::kRelu, false, 12},
+                                           FfnCase{Activation::kRelu, true, 3}));
 
 // PackedGateUpRow inverts PackGateUp's row order, for sizes below, at and across the
 // 64-row blocks.

@@ -53,7 +53,6 @@ struct RoutingParams {
 //                   for kSoftmaxOverTopK the softmax over all logits), for load statistics.
 // params must be valid.
 void RouteTopK(const RoutingParams& params, const float* logits, int64_t num_tokens,
-               const float* correction_bias, int32_t* topk_ids, float* topk_weights,
-               float* scores);
+               const float* correction_bias, int32_t* topk_ids, float* topk_weights, float* scores);
 
 }  // namespace moemesh

@@ -101,10 +101,8 @@ TEST_P(RoutingTest, MatchesReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Families, RoutingTest,
-    ::testing::ValuesIn(FamilyRoutingCases()),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Families, RoutingTest, ::testing::ValuesIn(FamilyRoutingCases()),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TEST(RoutingParamsTest, ValidateNamesTheField) {
   EXPECT_NE(MakeRouting(8, 9, Scoring::kSoftmax, true).Validate().find("top_k"), std::string::npos);

@@ -47,8 +47,8 @@ class ThreadPool {
   void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_);
 
   absl::Mutex mu_;
-  absl::CondVar work_cv_;  // workers wait for jobs
-  absl::CondVar done_cv_;  // callers wait for their job's last item
+  absl::CondVar work_cv_;                       // workers wait for jobs
+  absl::CondVar done_cv_;                       // callers wait for their job's last item
   std::deque<Job*> jobs_ ABSL_GUARDED_BY(mu_);  // jobs with unclaimed items
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;

@@ -17,7 +17,8 @@ const Cublas* Load() {
   if (!ResolveSymbol(lib, "cublasCreate_v2", &api.create) ||
       !ResolveSymbol(lib, "cublasDestroy_v2", &api.destroy) ||
       !ResolveSymbol(lib, "cublasSetStream_v2", &api.set_stream) ||
-      !ResolveSymbol(lib, "cublasGetStream_v2", &api.get_stream) || !ResolveSymbol(lib, "cublasGemmEx", &api.gemm_ex)) {
+      !ResolveSymbol(lib, "cublasGetStream_v2", &api.get_stream) ||
+      !ResolveSymbol(lib, "cublasGemmEx", &api.gemm_ex)) {
     return nullptr;
   }
   return &api;

@@ -1,9 +1,9 @@
-#include "kernels/cuda/grouped_ffn.cuh"
-
 #include <cuda_bf16.h>
 #include <mma.h>
 
 #include <algorithm>
+
+#include "kernels/cuda/grouped_ffn.cuh"
 
 namespace moemesh::cuda {
 namespace {
@@ -37,8 +37,8 @@ __device__ Tile FindTile(const int64_t* offsets, int num_experts, int64_t tile) 
 
 // Stages rows [row0, row0 + 64) ∩ [.., row_end) × k [k0, k0 + 32) of `src` (row-major,
 // ld = K) into dst [64][kLdAB], zeros outside; 8-element (16-byte) vectors, K % 16 == 0.
-__device__ void Stage(const __nv_bfloat16* src, int64_t row0, int64_t row_end, int64_t K, int64_t k0,
-                      __nv_bfloat16* dst) {
+__device__ void Stage(const __nv_bfloat16* src, int64_t row0, int64_t row_end, int64_t K,
+                      int64_t k0, __nv_bfloat16* dst) {
   constexpr int kVectors = kBM * kBK / 8;
   for (int v = threadIdx.x; v < kVectors; v += kThreads) {
     const int r = v / (kBK / 8), c = (v % (kBK / 8)) * 8;
@@ -61,8 +61,8 @@ __device__ __forceinline__ float Activate(const GroupedFfnWeights& w, float g, f
 // kGateUp: out = h (BF16) = act(A·gateᵀ, A·upᵀ); else out = y (float) = A·downᵀ.
 template <bool kGateUp>
 __global__ void __launch_bounds__(kThreads)
-    GroupedGemm(GroupedFfnWeights w, const __nv_bfloat16* __restrict__ a, const int64_t* __restrict__ offsets,
-                void* __restrict__ out) {
+    GroupedGemm(GroupedFfnWeights w, const __nv_bfloat16* __restrict__ a,
+                const int64_t* __restrict__ offsets, void* __restrict__ out) {
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
   __shared__ Tile tile;
   if (threadIdx.x == 0) tile = FindTile(offsets, w.num_experts, blockIdx.x);
@@ -73,8 +73,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t N = kGateUp ? I : H, K = kGateUp ? H : I;
   const int64_t n0 = int64_t{blockIdx.y} * kBN;
   const auto* weights = reinterpret_cast<const __nv_bfloat16*>(kGateUp ? w.gate_up : w.down);
-  const __nv_bfloat16* b0 = weights + tile.expert * (kGateUp ? 2 * I * H : H * I);  // gate / down rows
-  const __nv_bfloat16* b1 = kGateUp ? b0 + I * H : nullptr;                       // up rows
+  const __nv_bfloat16* b0 =
+      weights + tile.expert * (kGateUp ? 2 * I * H : H * I);  // gate / down rows
+  const __nv_bfloat16* b1 = kGateUp ? b0 + I * H : nullptr;   // up rows
 
   auto* As = reinterpret_cast<__nv_bfloat16*>(smem);
   __nv_bfloat16* Bs0 = As + kBM * kLdAB;
@@ -114,7 +115,8 @@ __global__ void __launch_bounds__(kThreads)
   float* C1 = C0 + kBM * kLdC;
   for (int j = 0; j < 4; ++j) {
     wmma::store_matrix_sync(C0 + warp * 16 * kLdC + j * 16, acc0[j], kLdC, wmma::mem_row_major);
-    if (kGateUp) wmma::store_matrix_sync(C1 + warp * 16 * kLdC + j * 16, acc1[j], kLdC, wmma::mem_row_major);
+    if (kGateUp)
+      wmma::store_matrix_sync(C1 + warp * 16 * kLdC + j * 16, acc1[j], kLdC, wmma::mem_row_major);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kBM * kBN; i += kThreads) {
@@ -142,8 +144,8 @@ bool Supported(const GroupedFfnWeights& w) {
 }
 
 template <bool kGateUp>
-cudaError_t Launch(const GroupedFfnWeights& w, const uint16_t* a, const int64_t* offsets, int64_t rows,
-                   void* out, cudaStream_t stream) {
+cudaError_t Launch(const GroupedFfnWeights& w, const uint16_t* a, const int64_t* offsets,
+                   int64_t rows, void* out, cudaStream_t stream) {
   if (!Supported(w) || rows < 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   // An upper bound on the tiles: each expert adds at most one partial tile.
@@ -151,20 +153,22 @@ cudaError_t Launch(const GroupedFfnWeights& w, const uint16_t* a, const int64_t*
   const int64_t n = kGateUp ? w.intermediate : w.hidden;
   if (m_tiles > INT32_MAX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>((n + kBN - 1) / kBN));
-  GroupedGemm<kGateUp><<<grid, kThreads, 0, stream>>>(w, reinterpret_cast<const __nv_bfloat16*>(a),
-                                                      offsets, out);
+  GroupedGemm<kGateUp>
+      <<<grid, kThreads, 0, stream>>>(w, reinterpret_cast<const __nv_bfloat16*>(a), offsets, out);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t GroupedGateUpAct(const GroupedFfnWeights& w, const uint16_t* x, const int64_t* expert_offsets,
-                             int64_t rows, uint16_t* h, cudaStream_t stream) {
+cudaError_t GroupedGateUpAct(const GroupedFfnWeights& w, const uint16_t* x,
+                             const int64_t* expert_offsets, int64_t rows, uint16_t* h,
+                             cudaStream_t stream) {
   return Launch<true>(w, x, expert_offsets, rows, h, stream);
 }
 
-cudaError_t GroupedDown(const GroupedFfnWeights& w, const uint16_t* h, const int64_t* expert_offsets,
-                        int64_t rows, float* y, cudaStream_t stream) {
+cudaError_t GroupedDown(const GroupedFfnWeights& w, const uint16_t* h,
+                        const int64_t* expert_offsets, int64_t rows, float* y,
+                        cudaStream_t stream) {
   return Launch<false>(w, h, expert_offsets, rows, y, stream);
 }
 

@@ -24,7 +24,8 @@ using cuda_testing::Poisoned;
 using cuda_testing::Upload;
 
 // Random BF16 values: the bits, and the floats they are.
-void RandomBf16(std::mt19937& rng, float scale, std::vector<uint16_t>* bits, std::vector<float>* values) {
+void RandomBf16(std::mt19937& rng, float scale, std::vector<uint16_t>* bits,
+                std::vector<float>* values) {
   std::normal_distribution<float> nd(0.0f, scale);
   for (size_t i = 0; i < bits->size(); ++i) {
     (*bits)[i] = F32ToBf16(nd(rng));
@@ -97,19 +98,23 @@ TEST_P(CudaGroupedFfnTest, MatchesADoubleProductOfTheSameBf16Values) {
   for (int e = 0; e < E; ++e) {
     for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
       for (int64_t i = 0; i < I; ++i) {
-        double g = c.biases ? gu_bias[e * 2 * I + i] : 0.0, u = c.biases ? gu_bias[e * 2 * I + I + i] : 0.0;
+        double g = c.biases ? gu_bias[e * 2 * I + i] : 0.0,
+               u = c.biases ? gu_bias[e * 2 * I + I + i] : 0.0;
         for (int64_t k = 0; k < H; ++k) {
           g += double(x[r * H + k]) * gu[(e * 2 * I + i) * H + k];
           u += double(x[r * H + k]) * gu[(e * 2 * I + I + i) * H + k];
         }
         const double ref = Act(c.activation, g, u, w.clamp_limit, w.alpha);
         const double got = Bf16ToF32(hb[r * I + i]);
-        ASSERT_NEAR(got, ref, 1e-2 * std::max(1.0, std::abs(ref))) << c.name << " h row " << r << " col " << i;
+        ASSERT_NEAR(got, ref, 1e-2 * std::max(1.0, std::abs(ref)))
+            << c.name << " h row " << r << " col " << i;
       }
       for (int64_t col = 0; col < H; ++col) {
         double ref = c.biases ? down_bias[e * H + col] : 0.0;
-        for (int64_t i = 0; i < I; ++i) ref += double(Bf16ToF32(hb[r * I + i])) * down[(e * H + col) * I + i];
-        ASSERT_NEAR(y[r * H + col], ref, 1e-3 * std::max(1.0, std::abs(ref))) << c.name << " y row " << r << " col " << col;
+        for (int64_t i = 0; i < I; ++i)
+          ref += double(Bf16ToF32(hb[r * I + i])) * down[(e * H + col) * I + i];
+        ASSERT_NEAR(y[r * H + col], ref, 1e-3 * std::max(1.0, std::abs(ref)))
+            << c.name << " y row " << r << " col " << col;
       }
     }
   }
@@ -125,7 +130,8 @@ TEST(CudaGroupedFfnTest, RefusesShapesItDoesNotTake) {
   w.num_experts = 2;
   w.hidden = 100;  // not a multiple of 16
   w.intermediate = 64;
-  EXPECT_EQ(cuda::GroupedGateUpAct(w, nullptr, nullptr, 4, nullptr, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::GroupedGateUpAct(w, nullptr, nullptr, 4, nullptr, nullptr),
+            cudaErrorInvalidValue);
   w.hidden = 64;
   w.activation = Activation::kRelu;  // not gated
   EXPECT_EQ(cuda::GroupedDown(w, nullptr, nullptr, 4, nullptr, nullptr), cudaErrorInvalidValue);

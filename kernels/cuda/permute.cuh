@@ -30,9 +30,9 @@ size_t PermutationWorkspaceBytes(int64_t slots, int num_experts);
 
 // Fills `out` from topk_ids [T, k]. Ids must be in [0, E): the routing kernel's are;
 // validate ids that come from elsewhere (they are not checked on the device).
-cudaError_t BuildPermutation(const int32_t* topk_ids, int64_t num_tokens, int top_k, int num_experts,
-                             void* workspace, size_t workspace_bytes, const DevicePermutation& out,
-                             cudaStream_t stream);
+cudaError_t BuildPermutation(const int32_t* topk_ids, int64_t num_tokens, int top_k,
+                             int num_experts, void* workspace, size_t workspace_bytes,
+                             const DevicePermutation& out, cudaStream_t stream);
 
 // out[r, :] = x[row_token[r], :] for r in [0, rows); x and out of `dtype`, `hidden` wide.
 cudaError_t GatherRows(RowDType dtype, const void* x, int64_t hidden, const int32_t* row_token,

@@ -81,7 +81,8 @@ TEST_P(CudaPermuteTest, MatchesTheCpuPlanGatherAndCombine) {
   std::vector<float> grouped(rows * s.H), y(rows * s.H), out(s.T * s.H);
   GatherRows(x.data(), s.H, plan, 0, rows, grouped.data());
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < s.H; ++c) y[r * s.H + c] = grouped[r * s.H + c] * (1.0f + 0.25f * (r % 5));
+    for (int64_t c = 0; c < s.H; ++c)
+      y[r * s.H + c] = grouped[r * s.H + c] * (1.0f + 0.25f * (r % 5));
   }
   if (s.bf16) {
     for (float& v : y) v = Bf16ToF32(F32ToBf16(v));
@@ -107,7 +108,8 @@ TEST_P(CudaPermuteTest, MatchesTheCpuPlanGatherAndCombine) {
   }
   void* d_y = to_device_rows(y);
   float* d_out = Poisoned<float>(s.T * s.H);
-  ASSERT_EQ(cuda::CombineRows(dt, d_y, s.H, perm.slot_row, d_w, s.T, s.k, d_out, nullptr), cudaSuccess);
+  ASSERT_EQ(cuda::CombineRows(dt, d_y, s.H, perm.slot_row, d_w, s.T, s.k, d_out, nullptr),
+            cudaSuccess);
   const auto got = Download(d_out, s.T * s.H);
   for (int64_t i = 0; i < s.T * s.H; ++i) {
     ASSERT_NEAR(got[i], out[i], 1e-5f * std::max(1.0f, std::abs(out[i]))) << i;
@@ -122,8 +124,10 @@ TEST_P(CudaPermuteTest, MatchesTheCpuPlanGatherAndCombine) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaPermuteTest,
                          ::testing::Values(Shape{1, 8, 2, 64, false}, Shape{7, 8, 2, 4096, true},
-                                           Shape{300, 128, 8, 256, true}, Shape{300, 256, 8, 100, false},
-                                           Shape{1000, 60, 4, 64, true}, Shape{5, 32, 1, 2880, false}));
+                                           Shape{300, 128, 8, 256, true},
+                                           Shape{300, 256, 8, 100, false},
+                                           Shape{1000, 60, 4, 64, true},
+                                           Shape{5, 32, 1, 2880, false}));
 
 }  // namespace
 }  // namespace moemesh

@@ -1,12 +1,11 @@
-#include "kernels/cuda/routing.cuh"
-
-#include "kernels/cpu/routing_weights.h"
-#include "kernels/cuda/cublas.h"
-
 #include <math_constants.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "kernels/cpu/routing_weights.h"
+#include "kernels/cuda/cublas.h"
+#include "kernels/cuda/routing.cuh"
 
 namespace moemesh::cuda {
 namespace {
@@ -74,8 +73,9 @@ __device__ void BlockArgMax(float& v, int& i, float* redv, int* redi) {
 // One block per token. Shared memory: scores[E], choice[E], group scores[G], group
 // chosen flags[G], chosen ids and values[k], 32 + 32 reduction slots.
 __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
-                            const float* __restrict__ correction_bias, int32_t* __restrict__ topk_ids,
-                            float* __restrict__ topk_weights, float* __restrict__ scores_out) {
+                            const float* __restrict__ correction_bias,
+                            int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights,
+                            float* __restrict__ scores_out) {
   extern __shared__ float smem[];
   const int E = p.num_experts, k = p.top_k, G = p.num_groups;
   float* scores = smem;
@@ -200,9 +200,11 @@ __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
   }
 }
 
-__global__ void AddBias(float* __restrict__ out, const float* __restrict__ bias, int64_t rows, int cols) {
+__global__ void AddBias(float* __restrict__ out, const float* __restrict__ bias, int64_t rows,
+                        int cols) {
   const int64_t n = rows * cols;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
     out[i] += bias[i % cols];
   }
 }
@@ -213,7 +215,8 @@ cublasStatus_t RouterLogits(cublasHandle_t handle, RouterDType dtype, const void
                             const float* bias, int64_t num_tokens, int64_t hidden, int num_experts,
                             float* logits) {
   if (num_tokens <= 0) return CUBLAS_STATUS_SUCCESS;
-  if (num_tokens > INT32_MAX || hidden > INT32_MAX || num_experts <= 0) return CUBLAS_STATUS_INVALID_VALUE;
+  if (num_tokens > INT32_MAX || hidden > INT32_MAX || num_experts <= 0)
+    return CUBLAS_STATUS_INVALID_VALUE;
   const cudaDataType_t type = dtype == RouterDType::kBF16 ? CUDA_R_16BF : CUDA_R_32F;
   const float alpha = 1.0f, beta = 0.0f;
   // Row-major logits [T, E] = x [T, H] · W [E, H]ᵀ is column-major logitsᵀ [E, T] =
@@ -221,8 +224,8 @@ cublasStatus_t RouterLogits(cublasHandle_t handle, RouterDType dtype, const void
   const int T = static_cast<int>(num_tokens), H = static_cast<int>(hidden);
   const Cublas* cublas = LoadCublas();
   if (cublas == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
-  cublasStatus_t s = cublas->gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, num_experts, T, H, &alpha, w, type,
-                                     H, x, type, H, &beta, logits, CUDA_R_32F, num_experts,
+  cublasStatus_t s = cublas->gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, num_experts, T, H, &alpha, w,
+                                     type, H, x, type, H, &beta, logits, CUDA_R_32F, num_experts,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (s != CUBLAS_STATUS_SUCCESS || bias == nullptr) return s;
   cudaStream_t stream = nullptr;

@@ -74,12 +74,14 @@ TEST_P(CudaRoutingTest, NoScoresWantedAndNoTokens) {
   RouteTopK(c.params, logits.data(), T, nullptr, ids.data(), w.data(), nullptr);
   DeviceVector<float> d_logits(logits), d_w(T * k);
   DeviceVector<int32_t> d_ids(T * k);
-  ASSERT_EQ(cuda::RouteTopK(c.params, d_logits.ptr, T, nullptr, d_ids.ptr, d_w.ptr, nullptr, nullptr),
-            cudaSuccess);
+  ASSERT_EQ(
+      cuda::RouteTopK(c.params, d_logits.ptr, T, nullptr, d_ids.ptr, d_w.ptr, nullptr, nullptr),
+      cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_EQ(d_ids.Host(), ids);
-  ASSERT_EQ(cuda::RouteTopK(c.params, d_logits.ptr, 0, nullptr, d_ids.ptr, d_w.ptr, nullptr, nullptr),
-            cudaSuccess);
+  ASSERT_EQ(
+      cuda::RouteTopK(c.params, d_logits.ptr, 0, nullptr, d_ids.ptr, d_w.ptr, nullptr, nullptr),
+      cudaSuccess);
   RoutingParams bad = c.params;
   bad.top_k = E + 1;
   EXPECT_EQ(cuda::RouteTopK(bad, d_logits.ptr, T, nullptr, d_ids.ptr, d_w.ptr, nullptr, nullptr),
@@ -90,14 +92,13 @@ TEST_P(CudaRoutingTest, NoScoresWantedAndNoTokens) {
 std::vector<Case> Cases() {
   std::vector<Case> cases = FamilyRoutingCases();
   cases.push_back(
-      {"wide", MakeRouting(1024, 16, Scoring::kSigmoid, true, 1.0f, 16, 5, GroupScore::kTop2Sum), true});
+      {"wide", MakeRouting(1024, 16, Scoring::kSigmoid, true, 1.0f, 16, 5, GroupScore::kTop2Sum),
+       true});
   return cases;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Families, CudaRoutingTest,
-    ::testing::ValuesIn(Cases()),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Families, CudaRoutingTest, ::testing::ValuesIn(Cases()),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 class CudaRouterLogitsTest : public ::testing::TestWithParam<cuda::RouterDType> {};
 
@@ -123,10 +124,11 @@ TEST_P(CudaRouterLogitsTest, MatchesADoubleProduct) {
   const cuda::Cublas* cublas = cuda::LoadCublas();
   ASSERT_NE(cublas, nullptr) << "libcublas cannot be loaded";
   ASSERT_EQ(cublas->create(&handle), CUBLAS_STATUS_SUCCESS);
-  ASSERT_EQ(cuda::RouterLogits(handle, GetParam(), bf16 ? static_cast<const void*>(d_xb.ptr) : d_x.ptr,
-                               bf16 ? static_cast<const void*>(d_wb.ptr) : d_w.ptr, d_bias.ptr, T, H, E,
-                               d_out.ptr),
-            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(
+      cuda::RouterLogits(handle, GetParam(), bf16 ? static_cast<const void*>(d_xb.ptr) : d_x.ptr,
+                         bf16 ? static_cast<const void*>(d_wb.ptr) : d_w.ptr, d_bias.ptr, T, H, E,
+                         d_out.ptr),
+      CUBLAS_STATUS_SUCCESS);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   cublas->destroy(handle);
   const std::vector<float> got = d_out.Host();

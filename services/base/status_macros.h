@@ -10,10 +10,10 @@
 #define MOEMESH_STATUS_CONCAT_INNER(a, b) a##b
 #define MOEMESH_STATUS_CONCAT(a, b) MOEMESH_STATUS_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                                         \
-  do {                                                                \
-    ::absl::Status moemesh_status_ = (expr);                          \
-    if (!moemesh_status_.ok()) return moemesh_status_;                \
+#define RETURN_IF_ERROR(expr)                          \
+  do {                                                 \
+    ::absl::Status moemesh_status_ = (expr);           \
+    if (!moemesh_status_.ok()) return moemesh_status_; \
   } while (0)
 
 #define ASSIGN_OR_RETURN(lhs, rexpr) \

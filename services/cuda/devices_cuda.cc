@@ -3,7 +3,8 @@
 
 #include "services/cuda/plugin.h"
 
-extern "C" __attribute__((visibility("default"))) const char* moemesh_cuda_device_count_v3(int* count) {
+extern "C" __attribute__((visibility("default"))) const char* moemesh_cuda_device_count_v3(
+    int* count) {
   *count = 0;
   const cudaError_t e = cudaGetDeviceCount(count);
   if (e == cudaSuccess) return nullptr;

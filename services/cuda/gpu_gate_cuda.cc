@@ -1,6 +1,4 @@
 // GpuGate on CUDA: part of the CUDA plugin (services/cuda/plugin.h), loaded on --device cuda.
-#include "services/cuda/gpu_gate.h"
-
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -9,8 +7,9 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/cuda/cublas.h"
 #include "kernels/cuda/routing.cuh"
-#include "services/cuda/memory.h"
 #include "services/base/status_macros.h"
+#include "services/cuda/gpu_gate.h"
+#include "services/cuda/memory.h"
 
 namespace moemesh {
 namespace {
@@ -31,9 +30,11 @@ class CudaGpuGate final : public GpuGate {
   absl::Status Init(const GateWeights& gate) {
     const int64_t H = config_.hidden_size, E = config_.num_experts;
     CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
-    CUDA_RETURN_IF_ERROR("cudaStreamCreate", cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUDA_RETURN_IF_ERROR("cudaStreamCreate",
+                         cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     const cuda::Cublas* cublas = cuda::LoadCublas();
-    if (cublas == nullptr) return absl::FailedPreconditionError("--device cuda: libcublas cannot be loaded");
+    if (cublas == nullptr)
+      return absl::FailedPreconditionError("--device cuda: libcublas cannot be loaded");
     if (cublas->create(&handle_) != CUBLAS_STATUS_SUCCESS ||
         cublas->set_stream(handle_, stream_) != CUBLAS_STATUS_SUCCESS) {
       handle_ = nullptr;
@@ -60,23 +61,29 @@ class CudaGpuGate final : public GpuGate {
     RETURN_IF_ERROR(ids_.Reserve(T * k * sizeof(int32_t), "top-k ids"));
     RETURN_IF_ERROR(weights_.Reserve(T * k * sizeof(float), "top-k weights"));
     std::memcpy(pinned_.ptr, x, T * H * sizeof(float));
-    CUDA_RETURN_IF_ERROR("hidden states up", cudaMemcpyAsync(x_.ptr, pinned_.ptr, T * H * sizeof(float),
-                                                             cudaMemcpyHostToDevice, stream_));
-    if (cuda::RouterLogits(handle_, cuda::RouterDType::kF32, x_.ptr, w_.ptr, bias_.as<float>(), T, H,
-                           static_cast<int>(E), logits_.as<float>()) != CUBLAS_STATUS_SUCCESS) {
+    CUDA_RETURN_IF_ERROR("hidden states up",
+                         cudaMemcpyAsync(x_.ptr, pinned_.ptr, T * H * sizeof(float),
+                                         cudaMemcpyHostToDevice, stream_));
+    if (cuda::RouterLogits(handle_, cuda::RouterDType::kF32, x_.ptr, w_.ptr, bias_.as<float>(), T,
+                           H, static_cast<int>(E), logits_.as<float>()) != CUBLAS_STATUS_SUCCESS) {
       return absl::InternalError("GPU gate: the router logits' GEMM failed");
     }
-    CUDA_RETURN_IF_ERROR("RouteTopK", cuda::RouteTopK(config_.routing, logits_.as<float>(), T, correction_.as<float>(),
-                                                      ids_.as<int32_t>(), weights_.as<float>(),
-                                                      scores != nullptr ? scores_.as<float>() : nullptr, stream_));
+    CUDA_RETURN_IF_ERROR(
+        "RouteTopK",
+        cuda::RouteTopK(config_.routing, logits_.as<float>(), T, correction_.as<float>(),
+                        ids_.as<int32_t>(), weights_.as<float>(),
+                        scores != nullptr ? scores_.as<float>() : nullptr, stream_));
     // The results are small (T·k ids and weights): copied straight to the caller's memory.
-    CUDA_RETURN_IF_ERROR("top-k ids down", cudaMemcpyAsync(topk_ids, ids_.ptr, T * k * sizeof(int32_t),
-                                                           cudaMemcpyDeviceToHost, stream_));
-    CUDA_RETURN_IF_ERROR("top-k weights down", cudaMemcpyAsync(topk_weights, weights_.ptr, T * k * sizeof(float),
-                                                               cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR("top-k ids down",
+                         cudaMemcpyAsync(topk_ids, ids_.ptr, T * k * sizeof(int32_t),
+                                         cudaMemcpyDeviceToHost, stream_));
+    CUDA_RETURN_IF_ERROR("top-k weights down",
+                         cudaMemcpyAsync(topk_weights, weights_.ptr, T * k * sizeof(float),
+                                         cudaMemcpyDeviceToHost, stream_));
     if (scores != nullptr) {
-      CUDA_RETURN_IF_ERROR("scores down", cudaMemcpyAsync(scores, scores_.ptr, T * E * sizeof(float),
-                                                          cudaMemcpyDeviceToHost, stream_));
+      CUDA_RETURN_IF_ERROR("scores down",
+                           cudaMemcpyAsync(scores, scores_.ptr, T * E * sizeof(float),
+                                           cudaMemcpyDeviceToHost, stream_));
     }
     CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(stream_));
     return absl::OkStatus();
@@ -85,7 +92,8 @@ class CudaGpuGate final : public GpuGate {
  private:
   static absl::Status Upload(DeviceBuffer& dst, const float* src, int64_t n) {
     RETURN_IF_ERROR(dst.Reserve(n * sizeof(float), "gate weights"));
-    CUDA_RETURN_IF_ERROR("gate weights up", cudaMemcpy(dst.ptr, src, n * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_RETURN_IF_ERROR("gate weights up",
+                         cudaMemcpy(dst.ptr, src, n * sizeof(float), cudaMemcpyHostToDevice));
     return absl::OkStatus();
   }
 
@@ -100,8 +108,8 @@ class CudaGpuGate final : public GpuGate {
   PinnedBuffer pinned_ ABSL_GUARDED_BY(mu_);
 };
 
-absl::StatusOr<std::unique_ptr<GpuGate>> Create(const MoeModelConfig& config, const GateWeights& gate,
-                                                int device) {
+absl::StatusOr<std::unique_ptr<GpuGate>> Create(const MoeModelConfig& config,
+                                                const GateWeights& gate, int device) {
   RETURN_IF_ERROR(cuda_memory::CheckDevice(device));
   auto g = std::make_unique<CudaGpuGate>(config, device);
   if (absl::Status s = g->Init(gate); !s.ok()) return s;
@@ -113,6 +121,7 @@ const GpuGateEntry kEntry{GpuGateEntry::kVersion, &Create};
 }  // namespace
 }  // namespace moemesh
 
-extern "C" __attribute__((visibility("default"))) const moemesh::GpuGateEntry* moemesh_cuda_gate_v3() {
+extern "C" __attribute__((visibility("default"))) const moemesh::GpuGateEntry*
+moemesh_cuda_gate_v3() {
   return &moemesh::kEntry;
 }

@@ -1,6 +1,6 @@
-// For the CUDA plugin's host code (services/cuda/gpu_gate_cuda.cc, expert_service/gpu_experts_cuda.cc):
-// CUDA errors as absl::Status, the device check, and device / pinned host memory that
-// frees itself.
+// For the CUDA plugin's host code (services/cuda/gpu_gate_cuda.cc,
+// expert_service/gpu_experts_cuda.cc): CUDA errors as absl::Status, the device check, and device /
+// pinned host memory that frees itself.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,16 +14,17 @@ namespace moemesh::cuda_memory {
 
 // RESOURCE_EXHAUSTED for an allocation that failed, INTERNAL otherwise; names `what`.
 inline absl::Status CudaError(const char* what, cudaError_t e) {
-  const absl::StatusCode code = e == cudaErrorMemoryAllocation ? absl::StatusCode::kResourceExhausted
-                                                               : absl::StatusCode::kInternal;
+  const absl::StatusCode code = e == cudaErrorMemoryAllocation
+                                    ? absl::StatusCode::kResourceExhausted
+                                    : absl::StatusCode::kInternal;
   return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorString(e)));
 }
 
-#define CUDA_RETURN_IF_ERROR(what, call)                       \
-  do {                                                         \
-    if (cudaError_t e_ = (call); e_ != cudaSuccess) {          \
-      return ::moemesh::cuda_memory::CudaError((what), e_);    \
-    }                                                          \
+#define CUDA_RETURN_IF_ERROR(what, call)                    \
+  do {                                                      \
+    if (cudaError_t e_ = (call); e_ != cudaSuccess) {       \
+      return ::moemesh::cuda_memory::CudaError((what), e_); \
+    }                                                       \
   } while (0)
 
 // OK when `device` names a CUDA device here; FAILED_PRECONDITION without any (for
@@ -34,7 +35,8 @@ inline absl::Status CheckDevice(int device) {
     return absl::FailedPreconditionError("--device cuda: no CUDA device here");
   }
   if (device < 0 || device >= n) {
-    return absl::InvalidArgumentError(absl::StrCat("--gpu ", device, ": this machine has ", n, " CUDA device(s)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gpu ", device, ": this machine has ", n, " CUDA device(s)"));
   }
   return absl::OkStatus();
 }

@@ -42,7 +42,7 @@ class NodeComm {
   NodeComm& operator=(const NodeComm&) = delete;
 
   struct Transfer {
-    int from = 0, to = 0;  // ranks
+    int from = 0, to = 0;       // ranks
     const void* src = nullptr;  // device memory on `from`
     void* dst = nullptr;        // device memory on `to`
     size_t bytes = 0;

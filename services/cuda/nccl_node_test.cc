@@ -79,7 +79,8 @@ TEST(NcclNodeTest, CopiesArriveWholeWithinAndBetweenGpus) {
     EXPECT_EQ(Read(devices[t.to], t.dst, bytes), Read(devices[t.from], t.src, bytes))
         << "GPU " << t.from << " to GPU " << t.to;
   }
-  EXPECT_EQ((*comm)->Copy({{0, n, sources[0], targets[0], 1}}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*comm)->Copy({{0, n, sources[0], targets[0], 1}}).code(),
+            absl::StatusCode::kInvalidArgument);
   for (size_t i = 0; i < transfers.size(); ++i) {
     cudaSetDevice(devices[transfers[i].from]);
     cudaFree(sources[i]);

@@ -70,8 +70,8 @@ ExpertLoadWindow::Stats ExpertLoadWindow::Snapshot(Clock::time_point now) const 
   }
   // The window is the current slice so far plus the n - 1 before it, bounded by the
   // time since start.
-  const auto covered = std::min<Clock::duration>(
-      (n - 1) * slice_ + (now - start_ - id * slice_), std::max(now - start_, Clock::duration(0)));
+  const auto covered = std::min<Clock::duration>((n - 1) * slice_ + (now - start_ - id * slice_),
+                                                 std::max(now - start_, Clock::duration(0)));
   st.seconds = std::chrono::duration<double>(covered).count();
   st.rate.assign(num_experts_, 0.0);
   if (st.seconds > 0) {
@@ -122,8 +122,8 @@ absl::StatusOr<ExpertSeriesSelection> ExpertSeriesSelection::Parse(absl::string_
   for (absl::string_view word : absl::StrSplit(spec, ',')) {
     int64_t layer = 0;
     if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(word), &layer)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--expert-metrics: '", std::string(word), "' is not auto, all, sum or a layer index"));
+      return absl::InvalidArgumentError(absl::StrCat("--expert-metrics: '", std::string(word),
+                                                     "' is not auto, all, sum or a layer index"));
     }
     if (absl::Status st = config.CheckMoeLayer(layer); !st.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("--expert-metrics: ", st.message()));

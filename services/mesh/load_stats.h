@@ -11,8 +11,8 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "services/model/model_config.h"
 
 namespace moemesh {
@@ -34,13 +34,13 @@ class ExpertLoadWindow {
            Clock::time_point now = Clock::now());
 
   struct Stats {
-    double seconds = 0;                     // time the window covers (less just after start)
-    int64_t tokens = 0;                     // input rows in the window
-    std::vector<int64_t> counts;            // [E] assignments per expert
-    std::vector<double> rate;               // [E] assignments per second
-    std::vector<double> mean_probability;   // [E] P_i: mean router probability (sums to 1)
-    double imbalance = 0;                   // max/mean of counts; 0 when there are none
-    double balance_statistic = 0;           // E·Σ f_i·P_i, f_i = counts_i/Σcounts; 0 when empty
+    double seconds = 0;                    // time the window covers (less just after start)
+    int64_t tokens = 0;                    // input rows in the window
+    std::vector<int64_t> counts;           // [E] assignments per expert
+    std::vector<double> rate;              // [E] assignments per second
+    std::vector<double> mean_probability;  // [E] P_i: mean router probability (sums to 1)
+    double imbalance = 0;                  // max/mean of counts; 0 when there are none
+    double balance_statistic = 0;          // E·Σ f_i·P_i, f_i = counts_i/Σcounts; 0 when empty
   };
   Stats Snapshot(Clock::time_point now = Clock::now()) const;
 

@@ -47,7 +47,8 @@ absl::StatusOr<PlacementTable> PlacementTable::Build(const MoeModelConfig& confi
     experts.resize(E);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t primary = policy == PlacementPolicy::kContiguous ? e * n / E : e % n;
-      for (int r = 0; r < replicas; ++r) experts[e].push_back(static_cast<int32_t>((primary + r) % n));
+      for (int r = 0; r < replicas; ++r)
+        experts[e].push_back(static_cast<int32_t>((primary + r) % n));
     }
   }
   return t;
@@ -71,23 +72,24 @@ absl::StatusOr<PlacementTable> PlacementTable::FromJson(const nlohmann::json& js
     if (!entry.is_object() || !entry.contains("layer") || !entry.contains("expert") ||
         !entry.contains("replicas") || !entry["layer"].is_number_integer() ||
         !entry["expert"].is_number_integer() || !entry["replicas"].is_array()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("placement: entry ", entry.dump(), " needs integer layer, expert and a replicas list"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "placement: entry ", entry.dump(), " needs integer layer, expert and a replicas list"));
     }
     const int64_t layer = entry["layer"].get<int64_t>();
     const int64_t expert = entry["expert"].get<int64_t>();
     RETURN_IF_ERROR(config.CheckMoeLayer(layer));
     if (expert < 0 || expert >= config.num_experts) {
-      return absl::InvalidArgumentError(absl::StrCat("placement: expert ", expert, " of layer ", layer,
-                                                     " out of range [0, ", config.num_experts, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("placement: expert ", expert, " of layer ",
+                                                     layer, " out of range [0, ",
+                                                     config.num_experts, ")"));
     }
     auto& experts = t.replicas_[layer];
     experts.resize(config.num_experts);
     auto& reps = experts[expert];
     for (const auto& r : entry["replicas"]) {
       if (!r.is_string() || r.get<std::string>().empty()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("placement: layer ", layer, " expert ", expert, ": replicas must be endpoint strings"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "placement: layer ", layer, " expert ", expert, ": replicas must be endpoint strings"));
       }
       const int32_t idx = t.EndpointIndex(r.get<std::string>());
       if (std::find(reps.begin(), reps.end(), idx) == reps.end()) reps.push_back(idx);
@@ -101,9 +103,10 @@ absl::StatusOr<PlacementTable> PlacementTable::FromProto(const v1::Placement& pr
                                                          const MoeModelConfig& config) {
   nlohmann::json json = {{"epoch", proto.epoch()}, {"entries", nlohmann::json::array()}};
   for (const auto& e : proto.entries()) {
-    json["entries"].push_back({{"layer", e.layer()},
-                               {"expert", e.expert()},
-                               {"replicas", std::vector<std::string>(e.replicas().begin(), e.replicas().end())}});
+    json["entries"].push_back(
+        {{"layer", e.layer()},
+         {"expert", e.expert()},
+         {"replicas", std::vector<std::string>(e.replicas().begin(), e.replicas().end())}});
   }
   return FromJson(json, config);
 }
@@ -143,7 +146,8 @@ const std::vector<int32_t>& PlacementTable::Replicas(int64_t layer, int32_t expe
   return it->second[expert];
 }
 
-std::vector<std::pair<int64_t, int32_t>> PlacementTable::ExpertsOf(const std::string& endpoint) const {
+std::vector<std::pair<int64_t, int32_t>> PlacementTable::ExpertsOf(
+    const std::string& endpoint) const {
   std::vector<std::pair<int64_t, int32_t>> out;
   auto it = std::find(endpoints_.begin(), endpoints_.end(), endpoint);
   if (it == endpoints_.end()) return out;

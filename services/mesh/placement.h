@@ -31,8 +31,8 @@ class PlacementTable {
   // name such as a Kubernetes headless-service pod name). `replicas` copies of each
   // expert go on consecutive endpoints (replicas ≤ endpoints).
   static absl::StatusOr<PlacementTable> Build(const MoeModelConfig& config, PlacementPolicy policy,
-                                              std::vector<std::string> endpoints,
-                                              int replicas = 1, uint64_t epoch = 1);
+                                              std::vector<std::string> endpoints, int replicas = 1,
+                                              uint64_t epoch = 1);
   // {"epoch": N, "entries": [{"layer": L, "expert": e, "replicas": ["host:port", ...]}, ...]}
   static absl::StatusOr<PlacementTable> FromJson(const nlohmann::json& json,
                                                  const MoeModelConfig& config);

@@ -1,8 +1,7 @@
 #include "services/metrics/exposer.h"
 
-#include <civetweb.h>
-
 #include <arpa/inet.h>
+#include <civetweb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -53,7 +52,8 @@ int MetricsExposer::HandleRequest(struct mg_connection* connection) {
   // took 4 KB more and the scrape overflowed. A scrape a second can afford a thread.
   std::string body = std::async(std::launch::async, [self] {
                        std::string out;
-                       for (const Registry* registry : self->registries_) out += registry->Serialize();
+                       for (const Registry* registry : self->registries_)
+                         out += registry->Serialize();
                        return out;
                      }).get();
   mg_send_http_ok(connection, kContentType, static_cast<long long>(body.size()));
@@ -116,7 +116,8 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> ServeMetrics(const std::string& 
                                                              const Registry& registry) {
   MetricsExposerOptions options;
   options.listen = listen;
-  absl::StatusOr<std::unique_ptr<MetricsExposer>> exposer = MetricsExposer::Create(options, {&registry});
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> exposer =
+      MetricsExposer::Create(options, {&registry});
   if (!exposer.ok()) return exposer.status();
   std::printf("metrics on http://%s:%d/metrics\n", listen.substr(0, listen.rfind(':')).c_str(),
               (*exposer)->port());

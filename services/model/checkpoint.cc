@@ -21,8 +21,10 @@ absl::StatusOr<Json> ReadJson(const fs::path& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   Json json = Json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not valid JSON"));
-  if (!json.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
+  if (json.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not valid JSON"));
+  if (!json.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
   return json;
 }
 
@@ -46,7 +48,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     ASSIGN_OR_RETURN(Json index, ReadJson(index_path));
     const auto wm = index.find("weight_map");
     if (wm == index.end() || !wm->is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": missing weight_map object"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path.string(), ": missing weight_map object"));
     }
     for (auto it = wm->begin(); it != wm->end(); ++it) {
       if (!it.value().is_string()) {
@@ -57,7 +60,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
       // Shards must sit in the checkpoint folder: no paths that climb out of it.
       if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
         return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map entry '",
-                                                       it.key(), "' names an invalid shard '", shard, "'"));
+                                                       it.key(), "' names an invalid shard '",
+                                                       shard, "'"));
       }
       weight_map[it.key()] = shard;
     }
@@ -129,12 +133,11 @@ absl::StatusOr<Tensor> Checkpoint::Get(absl::string_view name) const {
   if (it == tensors_.end()) {
     std::string hint;
     if (!quant_method_.empty() && quant_method_ != "fp8" && quant_method_ != "mxfp4") {
-      hint = absl::StrCat(" (config.json declares quantization_config.quant_method '",
-                          quant_method_,
-                          "'; MoE Mesh reads F32/BF16/F16, block-scaled fp8 and mxfp4 checkpoints)");
+      hint =
+          absl::StrCat(" (config.json declares quantization_config.quant_method '", quant_method_,
+                       "'; MoE Mesh reads F32/BF16/F16, block-scaled fp8 and mxfp4 checkpoints)");
     }
-    return absl::NotFoundError(
-        absl::StrCat(dir_, ": checkpoint has no tensor '", name, "'", hint));
+    return absl::NotFoundError(absl::StrCat(dir_, ": checkpoint has no tensor '", name, "'", hint));
   }
   return files_[it->second.first]->View(*it->second.second);
 }
@@ -185,8 +188,8 @@ absl::StatusOr<Tensor> Checkpoint::GetSliceF32(absl::string_view name,
   ASSIGN_OR_RETURN(Tensor t, Get(name, shape));
   if (!IsFloatingActivation(t.dtype())) return WrongDType(name, t.dtype(), "F32, BF16 or F16");
   if (shape.empty() || index < 0 || index >= shape[0]) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': entry ", index, " of ",
-                                                   ShapeString(shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", name, "': entry ", index, " of ", ShapeString(shape)));
   }
   return t.Slice(index).ToF32();
 }
@@ -208,9 +211,9 @@ absl::Status Checkpoint::DequantizeFp8(absl::string_view name, const Tensor& wei
                                      (cols + fp8_block_[1] - 1) / fp8_block_[1]};
   auto scale = Get(scale_name, grid);
   if (!scale.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        scale.status().message(), " (", fp8_block_[0], "x", fp8_block_[1], " blocks of '", name,
-        "' ", ShapeString(weight.shape()), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(scale.status().message(), " (", fp8_block_[0],
+                                                   "x", fp8_block_[1], " blocks of '", name, "' ",
+                                                   ShapeString(weight.shape()), ")"));
   }
   if (!IsFloatingActivation(scale->dtype())) {
     return WrongDType(scale_name, scale->dtype(), "F32, BF16 or F16");
@@ -226,8 +229,8 @@ absl::StatusOr<Tensor> Checkpoint::GetMxfp4(absl::string_view stem, int64_t inde
   const std::string blocks_name = absl::StrCat(stem, "_blocks");
   const std::string scales_name = absl::StrCat(stem, "_scales");
   if (shape.size() != 3 || index < 0 || index >= shape[0]) {
-    return absl::InvalidArgumentError(absl::StrCat("MXFP4 '", stem, "': entry ", index,
-                                                   " of ", ShapeString(shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("MXFP4 '", stem, "': entry ", index, " of ", ShapeString(shape)));
   }
   const int64_t rows = shape[1], cols = shape[2];
   if (cols % 32 != 0) {

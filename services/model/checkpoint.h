@@ -19,8 +19,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
-#include "services/model/safetensors.h"
 #include "services/base/tensor.h"
+#include "services/model/safetensors.h"
 
 namespace moemesh {
 
@@ -64,8 +64,8 @@ class Checkpoint {
 
   std::string dir_;
   nlohmann::json config_;
-  std::string quant_method_;            // quantization_config.quant_method, "" when absent
-  int64_t fp8_block_[2] = {128, 128};   // quantization_config.weight_block_size
+  std::string quant_method_;           // quantization_config.quant_method, "" when absent
+  int64_t fp8_block_[2] = {128, 128};  // quantization_config.weight_block_size
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   // tensor name -> (file index, entry)
   std::map<std::string, std::pair<size_t, const SafetensorsEntry*>, std::less<>> tensors_;

@@ -574,7 +574,8 @@ TEST_F(CheckpointTest, UnsupportedQuantizationIsNamedWhenItsTensorsAreMissing) {
   Json config = ReadJson(dir / "config.json");
   config["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}};
   WriteText(dir / "config.json", config.dump());
-  EditModel(dir, [&](Named& t) { Remove(t, "model.layers.0.block_sparse_moe.experts.2.w1.weight"); });
+  EditModel(dir,
+            [&](Named& t) { Remove(t, "model.layers.0.block_sparse_moe.experts.2.w1.weight"); });
   std::unique_ptr<Checkpoint> ckpt = OpenOrDie(dir);
   ASSERT_NE(ckpt, nullptr);
   ExpectError(LoadExpert(*ckpt, ConfigOrDie(*ckpt), 0, 2).status(), absl::StatusCode::kNotFound,

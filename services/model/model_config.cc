@@ -5,8 +5,8 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/string_view.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "services/base/status_macros.h"
 
 namespace moemesh {
@@ -15,9 +15,9 @@ namespace {
 using Json = nlohmann::json;
 
 constexpr std::pair<ModelFamily, const char*> kFamilies[] = {
-    {ModelFamily::kMixtral, "mixtral"},         {ModelFamily::kQwen2Moe, "qwen2_moe"},
-    {ModelFamily::kQwen3Moe, "qwen3_moe"},      {ModelFamily::kDeepseekV2, "deepseek_v2"},
-    {ModelFamily::kDeepseekV3, "deepseek_v3"},  {ModelFamily::kGptOss, "gpt_oss"},
+    {ModelFamily::kMixtral, "mixtral"},        {ModelFamily::kQwen2Moe, "qwen2_moe"},
+    {ModelFamily::kQwen3Moe, "qwen3_moe"},     {ModelFamily::kDeepseekV2, "deepseek_v2"},
+    {ModelFamily::kDeepseekV3, "deepseek_v3"}, {ModelFamily::kGptOss, "gpt_oss"},
 };
 
 // Reads config keys with a family's context for messages.
@@ -32,8 +32,8 @@ class ConfigReader {
       auto it = json_.find(std::string(k));
       if (it == json_.end() || it->is_null()) continue;
       if (!it->is_number_integer()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("config.json: '", k, "' must be an integer (model_type ", model_type_, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "config.json: '", k, "' must be an integer (model_type ", model_type_, ")"));
       }
       return it->get<int64_t>();
     }
@@ -42,8 +42,8 @@ class ConfigReader {
   absl::StatusOr<int64_t> Positive(std::initializer_list<absl::string_view> keys) const {
     ASSIGN_OR_RETURN(int64_t v, Int(keys));
     if (v <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("config.json: '", *keys.begin(),
-                                                     "' must be positive, got ", v));
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.json: '", *keys.begin(), "' must be positive, got ", v));
     }
     return v;
   }
@@ -85,7 +85,8 @@ class ConfigReader {
     }
     for (const Json& v : *it) {
       if (!v.is_number_integer()) {
-        return absl::InvalidArgumentError(absl::StrCat("config.json: '", key, "' must hold integers"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("config.json: '", key, "' must hold integers"));
       }
       out.push_back(v.get<int64_t>());
     }
@@ -95,8 +96,8 @@ class ConfigReader {
  private:
   absl::Status Missing(std::initializer_list<absl::string_view> keys) const {
     return absl::InvalidArgumentError(absl::StrCat("config.json: missing '",
-                                                   absl::StrJoin(keys, "' or '"),
-                                                   "' (model_type ", model_type_, ")"));
+                                                   absl::StrJoin(keys, "' or '"), "' (model_type ",
+                                                   model_type_, ")"));
   }
   const Json& json_;
   absl::string_view model_type_;
@@ -115,8 +116,8 @@ absl::StatusOr<ModelFamily> FamilyFromName(absl::string_view model_type) {
   for (const auto& [f, name] : kFamilies) {
     if (model_type == name) return f;
   }
-  return absl::InvalidArgumentError(absl::StrCat("unsupported model_type '", model_type,
-                                                 "'; supported: ", SupportedFamilies()));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported model_type '", model_type, "'; supported: ", SupportedFamilies()));
 }
 
 std::string SupportedFamilies() {
@@ -173,7 +174,8 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
 
   ASSIGN_OR_RETURN(c.hidden_size, r.Positive({"hidden_size"}));
   ASSIGN_OR_RETURN(c.num_layers, r.Positive({"num_hidden_layers"}));
-  ASSIGN_OR_RETURN(c.num_experts, r.Positive({"num_local_experts", "num_experts", "n_routed_experts"}));
+  ASSIGN_OR_RETURN(c.num_experts,
+                   r.Positive({"num_local_experts", "num_experts", "n_routed_experts"}));
   // GPT-OSS's own config also spells it experts_per_token.
   ASSIGN_OR_RETURN(c.top_k, r.Positive({"num_experts_per_tok", "experts_per_token"}));
   ASSIGN_OR_RETURN(std::string act, r.StringOr("hidden_act", "silu"));
@@ -213,22 +215,21 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
       ASSIGN_OR_RETURN(double scale, r.NumberOr("routed_scaling_factor", 1.0));
       rp.scaling = static_cast<float>(scale);
       ASSIGN_OR_RETURN(std::string scoring, r.StringOr("scoring_func", v3 ? "sigmoid" : "softmax"));
-      ASSIGN_OR_RETURN(std::string method,
-                       r.StringOr("topk_method", v3 ? "noaux_tc" : "greedy"));
+      ASSIGN_OR_RETURN(std::string method, r.StringOr("topk_method", v3 ? "noaux_tc" : "greedy"));
       ASSIGN_OR_RETURN(const int64_t n_group, r.IntOr("n_group", 1));
       ASSIGN_OR_RETURN(const int64_t topk_group, r.IntOr("topk_group", n_group));
       // RoutingParams holds ints: larger values would wrap into plausible ones.
       if (n_group < 1 || n_group > c.num_experts || topk_group < 1 || topk_group > n_group) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "config.json: 'n_group' ", n_group, " must be in [1, ", c.num_experts,
-            "] and 'topk_group' ", topk_group, " in [1, n_group]"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("config.json: 'n_group' ", n_group, " must be in [1, ", c.num_experts,
+                         "] and 'topk_group' ", topk_group, " in [1, n_group]"));
       }
       if (v3) {
         // HF's DeepseekV3 router: sigmoid scores, corrected choice, top-2-sum groups,
         // normalise (+1e-20) when norm_topk_prob, then scale.
         if (scoring != "sigmoid") {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "config.json: deepseek_v3 scoring_func '", scoring, "' unsupported (want sigmoid)"));
+          return absl::InvalidArgumentError(absl::StrCat("config.json: deepseek_v3 scoring_func '",
+                                                         scoring, "' unsupported (want sigmoid)"));
         }
         rp.scoring = Scoring::kSigmoid;
         rp.group_score = GroupScore::kTop2Sum;
@@ -240,8 +241,8 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
         // HF's DeepseekV2 port: softmax scores, greedy or group-limited (group max),
         // weights scaled by routed_scaling_factor and never renormalised.
         if (scoring != "softmax") {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "config.json: deepseek_v2 scoring_func '", scoring, "' unsupported (want softmax)"));
+          return absl::InvalidArgumentError(absl::StrCat("config.json: deepseek_v2 scoring_func '",
+                                                         scoring, "' unsupported (want softmax)"));
         }
         rp.scoring = Scoring::kSoftmax;
         if (method == "group_limited_greedy") {
@@ -267,8 +268,8 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
     }
   }
   if (act != "silu" && act != "swish") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config.json: hidden_act '", act, "' unsupported (model_type ", model_type, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("config.json: hidden_act '", act,
+                                                   "' unsupported (model_type ", model_type, ")"));
   }
   if (c.shared_intermediate < 0) {
     return absl::InvalidArgumentError("config.json: shared expert size must not be negative");
@@ -294,9 +295,8 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
   rp.num_experts = static_cast<int>(c.num_experts);
   rp.top_k = static_cast<int>(c.top_k);
   if (std::string err = rp.Validate(); !err.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("config.json: routing: ", err,
-                                                   " (num_experts ", c.num_experts, ", top_k ",
-                                                   c.top_k, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("config.json: routing: ", err, " (num_experts ",
+                                                   c.num_experts, ", top_k ", c.top_k, ")"));
   }
   if (c.MoeLayers().empty()) {
     return absl::InvalidArgumentError("config.json: the model has no MoE layer");

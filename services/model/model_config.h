@@ -27,8 +27,8 @@ enum class ModelFamily : uint8_t {
 };
 
 // Every family, in declaration order.
-inline constexpr ModelFamily kAllFamilies[] = {ModelFamily::kMixtral,     ModelFamily::kQwen2Moe,
-                                               ModelFamily::kQwen3Moe,    ModelFamily::kDeepseekV2,
+inline constexpr ModelFamily kAllFamilies[] = {ModelFamily::kMixtral,    ModelFamily::kQwen2Moe,
+                                               ModelFamily::kQwen3Moe,   ModelFamily::kDeepseekV2,
                                                ModelFamily::kDeepseekV3, ModelFamily::kGptOss};
 
 // config.json's model_type for a family ("mixtral", ...).
@@ -54,9 +54,9 @@ struct MoeModelConfig {
   float alpha = 1.702f;      // GPT-OSS
 
   // Which layers are MoE (the rest are dense MLPs that the mesh does not serve).
-  int64_t first_k_dense_replace = 0;  // DeepSeek
-  int64_t moe_layer_freq = 1;         // DeepSeek
-  int64_t decoder_sparse_step = 1;    // Qwen2/3-MoE
+  int64_t first_k_dense_replace = 0;     // DeepSeek
+  int64_t moe_layer_freq = 1;            // DeepSeek
+  int64_t decoder_sparse_step = 1;       // Qwen2/3-MoE
   std::vector<int64_t> mlp_only_layers;  // Qwen2/3-MoE
 
   bool IsMoeLayer(int64_t layer) const;

@@ -78,10 +78,12 @@ INSTANTIATE_TEST_SUITE_P(
         FixtureExpectation{"deepseek_v2", ModelFamily::kDeepseekV2, 64, 2, 16, 4, 16, 32, {1}},
         FixtureExpectation{"deepseek_v3", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}},
         FixtureExpectation{"gpt_oss", ModelFamily::kGptOss, 64, 2, 8, 2, 16, 0, {0, 1}},
-        FixtureExpectation{"deepseek_v3_fp8", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}},
+        FixtureExpectation{
+            "deepseek_v3_fp8", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}},
         FixtureExpectation{"gpt_oss_mxfp4", ModelFamily::kGptOss, 64, 2, 8, 2, 32, 0, {0, 1}},
         FixtureExpectation{"mixtral_fused", ModelFamily::kMixtral, 64, 2, 8, 2, 16, 0, {0, 1}},
-        FixtureExpectation{"deepseek_v3_fused", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}}),
+        FixtureExpectation{
+            "deepseek_v3_fused", ModelFamily::kDeepseekV3, 64, 3, 16, 4, 16, 16, {1, 2}}),
     [](const auto& info) { return std::string(info.param.fixture); });
 
 TEST(ModelConfigTest, MixtralRouting) {

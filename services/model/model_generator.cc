@@ -10,9 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
-#include "services/model/safetensors.h"
 #include "services/base/status_macros.h"
 #include "services/base/tensor.h"
+#include "services/model/safetensors.h"
 
 namespace moemesh {
 namespace {
@@ -62,9 +62,12 @@ absl::Status GenModelOptions::Validate() const {
   if (hidden <= 0 || intermediate <= 0 || experts <= 0 || layers <= 0 || shared_intermediate < 0) {
     return absl::InvalidArgumentError("sizes must be positive");
   }
-  if (top_k <= 0 || top_k > experts) return absl::InvalidArgumentError("top_k must be in [1, experts]");
-  if (shards <= 0 || shards > 99999) return absl::InvalidArgumentError("shards must be in [1, 99999]");
-  if (!IsFloatingActivation(dtype)) return absl::InvalidArgumentError("dtype must be F32, BF16 or F16");
+  if (top_k <= 0 || top_k > experts)
+    return absl::InvalidArgumentError("top_k must be in [1, experts]");
+  if (shards <= 0 || shards > 99999)
+    return absl::InvalidArgumentError("shards must be in [1, 99999]");
+  if (!IsFloatingActivation(dtype))
+    return absl::InvalidArgumentError("dtype must be F32, BF16 or F16");
   if (family == ModelFamily::kDeepseekV3 || family == ModelFamily::kDeepseekV2) {
     if (num_groups <= 0 || experts % num_groups != 0 || topk_groups <= 0 ||
         topk_groups > num_groups || topk_groups * (experts / num_groups) < top_k) {
@@ -90,7 +93,8 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
               {"torch_dtype", o.dtype == DType::kF32   ? "float32"
                               : o.dtype == DType::kF16 ? "float16"
                                                        : "bfloat16"}};
-  const bool deepseek = o.family == ModelFamily::kDeepseekV2 || o.family == ModelFamily::kDeepseekV3;
+  const bool deepseek =
+      o.family == ModelFamily::kDeepseekV2 || o.family == ModelFamily::kDeepseekV3;
   const int64_t first_dense = deepseek && o.layers > 1 ? 1 : 0;
   switch (o.family) {
     case ModelFamily::kMixtral:
@@ -114,7 +118,8 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
       cfg["n_routed_experts"] = E;
       cfg["moe_intermediate_size"] = I;
       cfg["intermediate_size"] = 2 * I;
-      cfg["n_shared_experts"] = o.shared_intermediate > 0 ? std::max<int64_t>(1, o.shared_intermediate / I) : 0;
+      cfg["n_shared_experts"] =
+          o.shared_intermediate > 0 ? std::max<int64_t>(1, o.shared_intermediate / I) : 0;
       cfg["n_group"] = o.num_groups;
       cfg["topk_group"] = o.topk_groups;
       cfg["first_k_dense_replace"] = first_dense;
@@ -148,18 +153,22 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
       AddMlp(g, tensors, layer + ".mlp", "gate_proj", "up_proj", "down_proj", 2 * I, H);
       continue;
     }
-    const std::string p = absl::StrCat(layer, o.family == ModelFamily::kMixtral ? ".block_sparse_moe" : ".mlp");
+    const std::string p =
+        absl::StrCat(layer, o.family == ModelFamily::kMixtral ? ".block_sparse_moe" : ".mlp");
     switch (o.family) {
       case ModelFamily::kMixtral:
         tensors.emplace_back(p + ".gate.weight", g.Linear(E, H));
-        for (int64_t e = 0; e < E; ++e) AddMlp(g, tensors, absl::StrCat(p, ".experts.", e), "w1", "w3", "w2", I, H);
+        for (int64_t e = 0; e < E; ++e)
+          AddMlp(g, tensors, absl::StrCat(p, ".experts.", e), "w1", "w3", "w2", I, H);
         break;
       case ModelFamily::kGptOss:
         tensors.emplace_back(p + ".router.weight", g.Linear(E, H));
         tensors.emplace_back(p + ".router.bias", g.Random({E}, 0.1f));
-        tensors.emplace_back(p + ".experts.gate_up_proj", g.Random({E, H, 2 * I}, 1.0f / std::sqrt(float(H))));
+        tensors.emplace_back(p + ".experts.gate_up_proj",
+                             g.Random({E, H, 2 * I}, 1.0f / std::sqrt(float(H))));
         tensors.emplace_back(p + ".experts.gate_up_proj_bias", g.Random({E, 2 * I}, 0.1f));
-        tensors.emplace_back(p + ".experts.down_proj", g.Random({E, I, H}, 1.0f / std::sqrt(float(I))));
+        tensors.emplace_back(p + ".experts.down_proj",
+                             g.Random({E, I, H}, 1.0f / std::sqrt(float(I))));
         tensors.emplace_back(p + ".experts.down_proj_bias", g.Random({E, H}, 0.1f));
         break;
       default:
@@ -168,7 +177,8 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
           tensors.emplace_back(p + ".gate.e_score_correction_bias", g.RandomF32({E}, 0.1f));
         }
         for (int64_t e = 0; e < E; ++e) {
-          AddMlp(g, tensors, absl::StrCat(p, ".experts.", e), "gate_proj", "up_proj", "down_proj", I, H);
+          AddMlp(g, tensors, absl::StrCat(p, ".experts.", e), "gate_proj", "up_proj", "down_proj",
+                 I, H);
         }
         if (shared_I > 0) {
           const bool qwen = o.family == ModelFamily::kQwen2Moe;
@@ -188,7 +198,8 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
   }
   const std::map<std::string, std::string> meta = {{"format", "pt"}};
   if (o.shards == 1) {
-    return WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), tensors, meta);
+    return WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), tensors,
+                            meta);
   }
   // Contiguous runs of tensors per shard, HF's naming.
   Json weight_map = Json::object();
@@ -206,7 +217,8 @@ absl::Status GenerateModel(const std::string& dir, const GenModelOptions& o) {
   }
   std::ofstream f(std::filesystem::path(dir) / "model.safetensors.index.json");
   f << Json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2) << "\n";
-  if (!f) return absl::InternalError(absl::StrCat(dir, "/model.safetensors.index.json: write failed"));
+  if (!f)
+    return absl::InternalError(absl::StrCat(dir, "/model.safetensors.index.json: write failed"));
   return absl::OkStatus();
 }
 

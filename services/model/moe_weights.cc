@@ -23,7 +23,8 @@ absl::StatusOr<Tensor> StackGateUp(const Checkpoint& ckpt, const std::string& ga
   RETURN_IF_ERROR(ckpt.Get(up_name, {inter, hidden}).status());
   Tensor out = Tensor::Empty(DType::kF32, {2 * inter, hidden});
   RETURN_IF_ERROR(ckpt.ReadF32(gate_name, {inter, hidden}, out.mutable_data<float>()));
-  RETURN_IF_ERROR(ckpt.ReadF32(up_name, {inter, hidden}, out.mutable_data<float>() + inter * hidden));
+  RETURN_IF_ERROR(
+      ckpt.ReadF32(up_name, {inter, hidden}, out.mutable_data<float>() + inter * hidden));
   return out;
 }
 
@@ -38,7 +39,8 @@ absl::StatusOr<ExpertWeights> LoadSwiGluExpert(const Checkpoint& ckpt, const std
                    StackGateUp(ckpt, absl::StrCat(prefix, ".", gate, ".weight"),
                                absl::StrCat(prefix, ".", up, ".weight"), inter, hidden));
   w.gate_up = Pack(stacked, inter, hidden);
-  ASSIGN_OR_RETURN(w.down, ckpt.GetF32(absl::StrCat(prefix, ".", down, ".weight"), {hidden, inter}));
+  ASSIGN_OR_RETURN(w.down,
+                   ckpt.GetF32(absl::StrCat(prefix, ".", down, ".weight"), {hidden, inter}));
   return w;
 }
 

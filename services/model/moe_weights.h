@@ -14,9 +14,9 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/cpu/expert_ffn.h"
+#include "services/base/tensor.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
-#include "services/base/tensor.h"
 
 namespace moemesh {
 

@@ -49,13 +49,14 @@ bool AsCount(const Json& v, uint64_t limit, uint64_t* out) {
 absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* bytes, size_t size,
                                                          absl::string_view label) {
   if (size < 8) {
-    return Bad(label, absl::StrCat("file is ", size, " bytes, shorter than the 8-byte header length"));
+    return Bad(label,
+               absl::StrCat("file is ", size, " bytes, shorter than the 8-byte header length"));
   }
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];
   if (n > size - 8) {
-    return Bad(label, absl::StrCat("header length ", n, " runs past the end of the file (",
-                                   size, " bytes)"));
+    return Bad(label, absl::StrCat("header length ", n, " runs past the end of the file (", size,
+                                   " bytes)"));
   }
   if (n > kMaxSafetensorsHeaderBytes) {
     return Bad(label, absl::StrCat("header length ", n, " exceeds the limit of ",
@@ -101,8 +102,10 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* bytes, s
       if (!AsCount(d, std::numeric_limits<int64_t>::max(), &dim)) {
         return BadTensor(label, name, "shape has a negative or non-integer dimension");
       }
-      if (dim != 0 && numel > data_size / dim) numel = std::numeric_limits<uint64_t>::max();
-      else numel *= dim;
+      if (dim != 0 && numel > data_size / dim)
+        numel = std::numeric_limits<uint64_t>::max();
+      else
+        numel *= dim;
       e.shape.push_back(static_cast<int64_t>(dim));
     }
     const auto off = v.find("data_offsets");
@@ -137,8 +140,9 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* bytes, s
   // Overlapping tensors would alias each other's bytes: reject them.
   std::vector<const SafetensorsEntry*> by_offset;
   for (const auto& e : header.tensors) by_offset.push_back(&e);
-  std::sort(by_offset.begin(), by_offset.end(),
-            [](auto* a, auto* b) { return a->begin < b->begin || (a->begin == b->begin && a->end < b->end); });
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
+    return a->begin < b->begin || (a->begin == b->begin && a->end < b->end);
+  });
   for (size_t i = 1; i < by_offset.size(); ++i) {
     const auto* prev = by_offset[i - 1];
     const auto* cur = by_offset[i];
@@ -212,7 +216,8 @@ absl::Status WriteSafetensors(const std::string& path,
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     if (name == "__metadata__" || header.contains(name)) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": duplicate or reserved tensor name '", name, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": duplicate or reserved tensor name '", name, "'"));
     }
     if (!t.defined()) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' has no data"));
@@ -227,11 +232,13 @@ absl::Status WriteSafetensors(const std::string& path,
   const std::string tmp = path + ".tmp";
   FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) {
-    return absl::PermissionDeniedError(absl::StrCat(tmp, ": cannot create: ", std::strerror(errno)));
+    return absl::PermissionDeniedError(
+        absl::StrCat(tmp, ": cannot create: ", std::strerror(errno)));
   }
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(uint64_t{text.size()} >> (8 * i));
-  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  bool ok =
+      std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
   for (const auto& [name, t] : tensors) {
     if (!ok) break;
     ok = t.nbytes() == 0 || std::fwrite(t.raw(), 1, t.nbytes(), f) == t.nbytes();

@@ -35,7 +35,7 @@ struct SafetensorsEntry {
 };
 
 struct SafetensorsHeader {
-  uint64_t data_start = 0;  // absolute offset of the data section: 8 + N
+  uint64_t data_start = 0;                // absolute offset of the data section: 8 + N
   std::vector<SafetensorsEntry> tensors;  // in header order
   std::map<std::string, std::string> metadata;
 };

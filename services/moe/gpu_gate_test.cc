@@ -23,8 +23,10 @@ GeneratedModel Model(ModelFamily family) {
   o.top_k = 4;
   o.num_groups = 4;
   o.topk_groups = 2;
-  auto m = GenerateAndOpen(
-      (std::filesystem::path(::testing::TempDir()) / absl::StrCat("gpu_gate_test_", FamilyName(family))).string(), o);
+  auto m = GenerateAndOpen((std::filesystem::path(::testing::TempDir()) /
+                            absl::StrCat("gpu_gate_test_", FamilyName(family)))
+                               .string(),
+                           o);
   EXPECT_TRUE(m.ok()) << m.status();
   return std::move(m).value();
 }
@@ -80,8 +82,7 @@ TEST_P(GpuGateFamilyTest, RoutesAsTheCpuDoes) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, GpuGateFamilyTest,
-                         ::testing::ValuesIn(kAllFamilies),
+INSTANTIATE_TEST_SUITE_P(Families, GpuGateFamilyTest, ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 }  // namespace

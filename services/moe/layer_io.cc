@@ -13,9 +13,8 @@ absl::StatusOr<Tensor> HiddenStatesAsF32(const Tensor& hidden, int64_t hidden_si
                                                    hidden_size, "]"));
   }
   if (!IsFloatingActivation(hidden.dtype())) {
-    return absl::InvalidArgumentError(absl::StrCat("hidden_states has dtype ",
-                                                   DTypeName(hidden.dtype()),
-                                                   ", expected F32, BF16 or F16"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hidden_states has dtype ", DTypeName(hidden.dtype()), ", expected F32, BF16 or F16"));
   }
   if (hidden.dim(0) == 0) return absl::InvalidArgumentError("hidden_states has no tokens (T = 0)");
   if (hidden.dtype() == DType::kF32) return hidden;

@@ -7,9 +7,9 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
-#include "services/base/scratch.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "kernels/cpu/routing.h"
+#include "services/base/scratch.h"
 #include "services/base/status_macros.h"
 
 namespace moemesh {
@@ -69,22 +69,24 @@ void MoeGate::Route(const float* x, int64_t T, int32_t* topk_ids, float* topk_we
     const absl::Status s = gpu_->Route(x, T, topk_ids, topk_weights, scores);
     routed = s.ok();
     if (!routed && gpu_failures_.fetch_add(1) == 0) {
-      std::fprintf(stderr, "layer %lld: routing on the GPU failed, routing on the CPU instead: %s\n",
+      std::fprintf(stderr,
+                   "layer %lld: routing on the GPU failed, routing on the CPU instead: %s\n",
                    static_cast<long long>(layer_), s.ToString().c_str());
     }
   }
-  if (!routed) pool_->ParallelFor(Chunks(T, kTokensPerTask), [&](int64_t c) {
-    const int64_t t0 = c * kTokensPerTask, n = std::min(kTokensPerTask, T - t0);
-    float* lg = logits + t0 * E;
-    // Router logits in float32, as HF computes them: x·Wgᵀ (+ bias).
-    if (bias != nullptr) {
-      for (int64_t t = 0; t < n; ++t) std::copy_n(bias, E, lg + t * E);
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, x + t0 * H, H,
-                gate_.weight.data<float>(), H, bias ? 1.0f : 0.0f, lg, E);
-    RouteTopK(config_.routing, lg, n, correction, topk_ids + t0 * k, topk_weights + t0 * k,
-              scores ? scores + t0 * E : nullptr);
-  });
+  if (!routed)
+    pool_->ParallelFor(Chunks(T, kTokensPerTask), [&](int64_t c) {
+      const int64_t t0 = c * kTokensPerTask, n = std::min(kTokensPerTask, T - t0);
+      float* lg = logits + t0 * E;
+      // Router logits in float32, as HF computes them: x·Wgᵀ (+ bias).
+      if (bias != nullptr) {
+        for (int64_t t = 0; t < n; ++t) std::copy_n(bias, E, lg + t * E);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, E, H, 1.0f, x + t0 * H, H,
+                  gate_.weight.data<float>(), H, bias ? 1.0f : 0.0f, lg, E);
+      RouteTopK(config_.routing, lg, n, correction, topk_ids + t0 * k, topk_weights + t0 * k,
+                scores ? scores + t0 * E : nullptr);
+    });
 
   if (ws->want_prob_sums) {
     ws->prob_sums.assign(E, 0.0);

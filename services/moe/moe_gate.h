@@ -18,8 +18,8 @@
 #include "absl/status/statusor.h"
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/thread_pool.h"
-#include "services/model/checkpoint.h"
 #include "services/cuda/gpu_gate.h"
+#include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/moe_weights.h"
 

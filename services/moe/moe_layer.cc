@@ -19,8 +19,7 @@ absl::Status MoeLayerOptions::Validate() const {
 
 absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const Checkpoint& ckpt,
                                                            const MoeModelConfig& config,
-                                                           int64_t layer,
-                                                           MoeLayerOptions options) {
+                                                           int64_t layer, MoeLayerOptions options) {
   RETURN_IF_ERROR(options.Validate());
   auto l = std::unique_ptr<MoeLayer>(new MoeLayer(config, layer, options));
   ASSIGN_OR_RETURN(l->gate_, MoeGate::Create(ckpt, config, layer, options));
@@ -46,9 +45,9 @@ absl::StatusOr<MoeLayerOutput> MoeLayer::Forward(const Tensor& hidden) {
   Tensor y = Tensor::Empty(DType::kF32, {T, H});
   out.topk_ids = Tensor::Empty(DType::kI32, {T, k});
   out.topk_weights = Tensor::Empty(DType::kF32, {T, k});
-  out.dropped = ForwardF32(x.data<float>(), T, y.mutable_data<float>(),
-                           out.topk_ids.mutable_data<int32_t>(),
-                           out.topk_weights.mutable_data<float>());
+  out.dropped =
+      ForwardF32(x.data<float>(), T, y.mutable_data<float>(), out.topk_ids.mutable_data<int32_t>(),
+                 out.topk_weights.mutable_data<float>());
   ASSIGN_OR_RETURN(out.output, OutputAs(std::move(y), hidden.dtype()));
   return out;
 }

@@ -20,13 +20,13 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/cpu/thread_pool.h"
-#include "services/moe/expert_tasks.h"
-#include "services/moe/layer_io.h"
-#include "services/moe/moe_gate.h"
+#include "services/base/tensor.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/moe_weights.h"
-#include "services/base/tensor.h"
+#include "services/moe/expert_tasks.h"
+#include "services/moe/layer_io.h"
+#include "services/moe/moe_gate.h"
 
 namespace moemesh {
 

@@ -11,8 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "services/model/checkpoint.h"
-#include "services/moe/moe_gate.h"
 #include "services/model/model_generator.h"
+#include "services/moe/moe_gate.h"
 
 namespace moemesh {
 namespace {
@@ -170,8 +170,7 @@ TEST_P(FamilyTest, GateSumsRouterProbabilities) {
   EXPECT_NEAR(total, static_cast<double>(T), 1e-3);
 }
 
-INSTANTIATE_TEST_SUITE_P(Generated, FamilyTest,
-                         ::testing::ValuesIn(kAllFamilies),
+INSTANTIATE_TEST_SUITE_P(Generated, FamilyTest, ::testing::ValuesIn(kAllFamilies),
                          [](const auto& info) { return std::string(FamilyName(info.param)); });
 
 TEST(MoeLayerTest, CapacityDropsOverflowInTokenOrder) {

@@ -20,7 +20,8 @@ absl::StatusOr<DType> FromProtoDType(v1::DataType dtype) {
     case v1::DATA_TYPE_I64:
       return DType::kI64;
     default:
-      return absl::InvalidArgumentError(absl::StrCat("unsupported wire dtype ", static_cast<int>(dtype)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported wire dtype ", static_cast<int>(dtype)));
   }
 }
 
@@ -71,35 +72,47 @@ absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, std::shared_ptr<const voi
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& in, absl::string_view data,
                                  std::shared_ptr<const void> owner, absl::string_view what) {
   if (data.data() != in.data().data() && !in.data().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": bytes both inside and outside the message"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": bytes both inside and outside the message"));
   }
   auto dtype = FromProtoDType(in.dtype());
-  if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
+  if (!dtype.ok())
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
   std::vector<int64_t> shape(in.shape().begin(), in.shape().end());
   uint64_t numel = 1;
   for (int64_t d : shape) {
-    if (d < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": negative dimension in ", ShapeString(shape)));
+    if (d < 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": negative dimension in ", ShapeString(shape)));
     if (d != 0 && numel > std::numeric_limits<uint32_t>::max() * 4ull / static_cast<uint64_t>(d)) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": shape ", ShapeString(shape), " is too large"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": shape ", ShapeString(shape), " is too large"));
     }
     numel *= static_cast<uint64_t>(d);
   }
   const uint64_t want = numel * DTypeSize(*dtype);
   if (want != data.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", DTypeName(*dtype), ShapeString(shape),
-                                                   " needs ", want, " bytes, got ", data.size()));
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", DTypeName(*dtype),
+                                                   ShapeString(shape), " needs ", want,
+                                                   " bytes, got ", data.size()));
   }
   return Tensor::View(*dtype, std::move(shape), data.data(), std::move(owner));
 }
 
 const char* KServeDatatype(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "FP32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "FP16";
-    case DType::kI32: return "INT32";
-    case DType::kI64: return "INT64";
-    default: return "BYTES";
+    case DType::kF32:
+      return "FP32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "FP16";
+    case DType::kI32:
+      return "INT32";
+    case DType::kI64:
+      return "INT64";
+    default:
+      return "BYTES";
   }
 }
 

@@ -28,8 +28,8 @@ absl::StatusOr<CliArgs> CliArgs::Parse(const std::vector<std::string>& args,
       name = name.substr(0, eq);
     }
     if (!known.count(name)) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name, "; known: --",
-                                                     absl::StrJoin(known, ", --")));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag --", name, "; known: --", absl::StrJoin(known, ", --")));
     }
     if (switches.count(name)) {
       value = inline_value ? value : "true";
@@ -60,7 +60,8 @@ absl::StatusOr<int64_t> CliArgs::Int(const std::string& name, int64_t fallback) 
   if (it == values_.end()) return fallback;
   int64_t v;
   if (!absl::SimpleAtoi(it->second, &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " wants an integer, got '", it->second, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " wants an integer, got '", it->second, "'"));
   }
   return v;
 }
@@ -70,14 +71,16 @@ absl::StatusOr<double> CliArgs::Double(const std::string& name, double fallback)
   if (it == values_.end()) return fallback;
   double v;
   if (!absl::SimpleAtod(it->second, &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " wants a number, got '", it->second, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " wants a number, got '", it->second, "'"));
   }
   return v;
 }
 
 absl::StatusOr<int> ParseMessageLimit(const CliArgs& args, int default_bytes) {
   ASSIGN_OR_RETURN(const int64_t mb, args.Int("max-message-mb", default_bytes >> 20));
-  if (mb <= 0 || mb > 2047) return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
+  if (mb <= 0 || mb > 2047)
+    return absl::InvalidArgumentError("--max-message-mb must be in [1, 2047]");
   return static_cast<int>(mb << 20);
 }
 
@@ -99,7 +102,8 @@ absl::StatusOr<TransportFlags> ParseTransportFlags(const CliArgs& args,
 
 absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args) {
   const std::string device = args.String("device", "cpu");
-  if (device != "cpu" && device != "cuda") return absl::InvalidArgumentError("--device must be cpu or cuda");
+  if (device != "cpu" && device != "cuda")
+    return absl::InvalidArgumentError("--device must be cpu or cuda");
   std::vector<int> gpus;
   for (absl::string_view s : absl::StrSplit(args.String("gpu", "0"), ',')) {
     int gpu;

@@ -6,7 +6,8 @@
 
 namespace moemesh {
 
-int RunServiceMain(const char* command, const char* usage, const std::function<absl::Status()>& run) {
+int RunServiceMain(const char* command, const char* usage,
+                   const std::function<absl::Status()>& run) {
   ConfigureForServing();
   // Before any thread starts, so that every thread inherits the mask and the signal reaches
   // only WaitForStopSignal: no work happens inside a signal handler.

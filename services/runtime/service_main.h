@@ -25,7 +25,8 @@ inline constexpr std::chrono::seconds kDefaultDrainTime{10};
 // signals blocked in every thread before `run` starts any, and a stop when the launcher
 // that started the process dies (StopWithParent). Returns 0 when `run` returns OK; else
 // prints "moemesh COMMAND: ERROR" and `usage` on stderr and returns 1.
-int RunServiceMain(const char* command, const char* usage, const std::function<absl::Status()>& run);
+int RunServiceMain(const char* command, const char* usage,
+                   const std::function<absl::Status()>& run);
 
 // Prints "listening on HOST:PORT" on stdout (HOST from `listen`, PORT the bound `port`):
 // the line launchers and tests wait for before they call.

@@ -30,7 +30,8 @@ class GrpcExchange : public ExpertTransport::Exchange {
     call->context.set_deadline(deadline_);
     call->request = std::move(request);
     call->done = std::move(done);
-    call->reader = transport_->StubFor(endpoint)->AsyncCompute(&call->context, *call->request, &cq_);
+    call->reader =
+        transport_->StubFor(endpoint)->AsyncCompute(&call->context, *call->request, &cq_);
     call->reader->Finish(&call->response, &call->status, call.get());
     calls_.push_back(std::move(call));
     ++pending_;

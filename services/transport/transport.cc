@@ -5,7 +5,8 @@
 
 namespace moemesh {
 
-absl::Status TakeResponse(std::unique_ptr<v1::ComputeResponse>& reply, v1::ComputeResponse* response) {
+absl::Status TakeResponse(std::unique_ptr<v1::ComputeResponse>& reply,
+                          v1::ComputeResponse* response) {
   if (reply == nullptr) return absl::InternalError("an OK reply without a response");
   response->Swap(reply.get());
   return absl::OkStatus();
@@ -26,7 +27,8 @@ size_t OutgoingRequest::AddBatch(int32_t expert, DType dtype, const std::vector<
 
 char* OutgoingRequest::AddRows(int32_t expert, DType dtype, const std::vector<int64_t>& shape) {
   const size_t n = AddBatch(expert, dtype, shape);
-  std::string* data = request_.mutable_batches(request_.batches_size() - 1)->mutable_rows()->mutable_data();
+  std::string* data =
+      request_.mutable_batches(request_.batches_size() - 1)->mutable_rows()->mutable_data();
   data->resize(n);
   return data->data();
 }

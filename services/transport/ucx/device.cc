@@ -27,7 +27,8 @@ cudaStream_t ThreadStream() {
 absl::Status UcxDevice::Pin(UcxBufferPool& pool, UcxBuffer& b) {
   if (b.pinned) return absl::OkStatus();
   pool.SetUnpin([](UcxBuffer* buffer) { cudaHostUnregister(buffer->data); });
-  if (cudaError_t e = cudaHostRegister(b.data, b.capacity, cudaHostRegisterDefault); e != cudaSuccess) {
+  if (cudaError_t e = cudaHostRegister(b.data, b.capacity, cudaHostRegisterDefault);
+      e != cudaSuccess) {
     return CudaError("cudaHostRegister of a staging buffer", e);
   }
   b.pinned = true;
@@ -45,7 +46,8 @@ void UcxDevice::Send(UcxExpertTransport& transport, const std::string& endpoint,
   }
   UcxBufferPtr buffer = transport.buffers().Take(size);
   if (buffer == nullptr) {
-    complete(absl::ResourceExhaustedError(absl::StrCat("no staging buffer of ", size, " bytes")), nullptr);
+    complete(absl::ResourceExhaustedError(absl::StrCat("no staging buffer of ", size, " bytes")),
+             nullptr);
     return;
   }
   if (absl::Status s = Pin(transport.buffers(), *buffer); !s.ok()) {

@@ -3,15 +3,15 @@
 // path Debian's UCX takes) and, where UCX reads CUDA memory, directly. Needs a GPU.
 #include "services/transport/ucx/device.h"
 
-#include "services/transport/ucx/buffer_pool.h"
-#include "services/transport/ucx/client.h"
-#include "services/transport/ucx/compute_server.h"
-#include "services/transport/ucx/testing.h"
-
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <condition_variable>
+
+#include "services/transport/ucx/buffer_pool.h"
+#include "services/transport/ucx/client.h"
+#include "services/transport/ucx/compute_server.h"
+#include "services/transport/ucx/testing.h"
 
 namespace moemesh {
 namespace {
@@ -56,16 +56,17 @@ TEST(UcxDeviceTest, DevicePayloadArrivesIntactStagedAndDirect) {
       bool done = false;
       absl::Status status;
       UcxBufferPtr reply;
-      UcxDevice::Send(*t, "svc", keep, dev, wire.size(),
-                      ExpertTransport::Clock::now() + std::chrono::seconds(10),
-                      [&](absl::Status s, UcxBufferPtr r) {
-                        std::lock_guard<std::mutex> lock(mu);
-                        status = s;
-                        reply = std::move(r);
-                        done = true;
-                        cv.notify_all();
-                      },
-                      staged);
+      UcxDevice::Send(
+          *t, "svc", keep, dev, wire.size(),
+          ExpertTransport::Clock::now() + std::chrono::seconds(10),
+          [&](absl::Status s, UcxBufferPtr r) {
+            std::lock_guard<std::mutex> lock(mu);
+            status = s;
+            reply = std::move(r);
+            done = true;
+            cv.notify_all();
+          },
+          staged);
       std::unique_lock<std::mutex> lock(mu);
       cv.wait(lock, [&] { return done; });
       ASSERT_TRUE(status.ok()) << status << (staged ? " (staged)" : " (direct or staged)");

@@ -56,8 +56,10 @@ class FakeControl : public ExpertTransport {
 };
 
 // Echoes each batch's expert and rows back, or fails with the layer as the code.
-absl::Status Echo(const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
-  if (req.layer() >= 100) return absl::Status(static_cast<absl::StatusCode>(req.layer() - 100), "asked to fail");
+absl::Status Echo(const v1::ComputeRequest& req, const RowSegments& rows,
+                  v1::ComputeResponse* resp) {
+  if (req.layer() >= 100)
+    return absl::Status(static_cast<absl::StatusCode>(req.layer() - 100), "asked to fail");
   return EchoRows(req, rows, resp);
 }
 
@@ -77,7 +79,8 @@ struct Result {
   v1::ComputeResponse response;
 };
 
-std::vector<Result> Call(ExpertTransport& t, const std::vector<std::pair<std::string, v1::ComputeRequest>>& calls,
+std::vector<Result> Call(ExpertTransport& t,
+                         const std::vector<std::pair<std::string, v1::ComputeRequest>>& calls,
                          milliseconds timeout = milliseconds(10000)) {
   std::vector<Result> results(calls.size());
   auto exchange = t.NewExchange(ExpertTransport::Clock::now() + timeout);
@@ -94,7 +97,8 @@ std::vector<Result> Call(ExpertTransport& t, const std::vector<std::pair<std::st
 
 TEST(UcxTransportTest, SharedMemoryTuningOnlyWhereUcxTlsLeavesSharedMemoryIn) {
   EXPECT_TRUE(UcxTlsMayUseSharedMemory(nullptr));
-  for (const char* tls : {"all", "posix,cma,self", "sm", "shm,tcp", "rc, mm", "sysv", "^tcp", "^rc,ud"}) {
+  for (const char* tls :
+       {"all", "posix,cma,self", "sm", "shm,tcp", "rc, mm", "sysv", "^tcp", "^rc,ud"}) {
     EXPECT_TRUE(UcxTlsMayUseSharedMemory(tls)) << tls;
   }
   for (const char* tls : {"tcp", "rc,tcp", "self,cma", "^sm", "^posix,sysv", "^all", ""}) {
@@ -186,13 +190,14 @@ TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
   // the new worker address and ends the call; where it can, the deadline does.
   auto control = std::make_shared<FakeControl>();
   std::atomic<bool> hang{true};
-  auto old_server = UcxComputeServer::Create(
-                        [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
-                          while (hang) std::this_thread::sleep_for(milliseconds(5));
-                          return Echo(req, rows, resp);
-                        },
-                        1, 64 << 20)
-                        .value();
+  auto old_server =
+      UcxComputeServer::Create(
+          [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
+            while (hang) std::this_thread::sleep_for(milliseconds(5));
+            return Echo(req, rows, resp);
+          },
+          1, 64 << 20)
+          .value();
   control->Set("a", old_server->worker_address());
   auto t = UcxExpertTransport::Create(control).value();
   auto fresh = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
@@ -280,21 +285,24 @@ TEST(UcxTransportTest, RequestsBuiltInPlaceArriveWhole) {
   };
   const std::vector<std::pair<std::string, std::vector<Batch>>> cases = {
       {"one small", {{0, DType::kBF16, {3, 64}}}},
-      {"several, one empty", {{1, DType::kF32, {5, 128}}, {4, DType::kBF16, {0, 128}}, {7, DType::kBF16, {9, 128}}}},
+      {"several, one empty",
+       {{1, DType::kF32, {5, 128}}, {4, DType::kBF16, {0, 128}}, {7, DType::kBF16, {9, 128}}}},
       {"large", {{2, DType::kBF16, {256, 4096}}, {5, DType::kF32, {17, 4096}}}},
       {"more than announced", {{1, DType::kF32, {64, 1024}}, {2, DType::kF32, {300, 1024}}}},
       {"a head beyond its room",
-       {{3, DType::kBF16, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 8}}}},
+       {{3, DType::kBF16, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                           1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 8}}}},
   };
   for (const auto& [name, batches] : cases) {
     SCOPED_TRACE(name);
     auto exchange = t->NewExchange(ExpertTransport::Clock::now() + seconds(10));
     // Announced: the first batch's bytes only ("more than announced" then grows).
-    const size_t announced = batches[0].shape[0] * batches[0].shape[1] * DTypeSize(batches[0].dtype);
+    const size_t announced =
+        batches[0].shape[0] * batches[0].shape[1] * DTypeSize(batches[0].dtype);
     auto request = exchange->NewRequest(announced, static_cast<int>(batches.size()));
     request->request().set_layer(9);
     std::vector<std::string> sent;
@@ -354,13 +362,15 @@ TEST(UcxTransportTest, SmallRequestsAreComputedOnTheWorkerThreadWhenTheComputeTh
   auto control = std::make_shared<FakeControl>();
   std::mutex mu;
   std::set<std::thread::id> computed_on;
-  auto server = UcxComputeServer::Create(
-      [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
-        std::lock_guard<std::mutex> lock(mu);
-        computed_on.insert(std::this_thread::get_id());
-        return Echo(req, rows, resp);
-      },
-      2, 64 << 20).value();
+  auto server =
+      UcxComputeServer::Create(
+          [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
+            std::lock_guard<std::mutex> lock(mu);
+            computed_on.insert(std::this_thread::get_id());
+            return Echo(req, rows, resp);
+          },
+          2, 64 << 20)
+          .value();
   control->Set("a", server->worker_address());
   auto t = UcxExpertTransport::Create(control).value();
   for (int i = 0; i < 20; ++i) {  // one at a time: the compute threads are idle each time
@@ -388,14 +398,16 @@ TEST(UcxTransportTest, AWaitLongerThanTheSpinAndNoSpinAtAllBothGetTheirReplies) 
   for (auto spin : {std::chrono::microseconds(0), std::chrono::microseconds(200)}) {
     SCOPED_TRACE(absl::StrCat("spin ", spin.count(), " us"));
     auto control = std::make_shared<FakeControl>();
-    auto server = UcxComputeServer::Create(
-        [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
-          // Longer than the spin: the waiting thread gives up and the worker thread
-          // (asleep until then) must take the reply.
-          if (req.layer() % 2 == 1) std::this_thread::sleep_for(milliseconds(20));
-          return Echo(req, rows, resp);
-        },
-        1, 64 << 20, spin).value();
+    auto server =
+        UcxComputeServer::Create(
+            [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
+              // Longer than the spin: the waiting thread gives up and the worker thread
+              // (asleep until then) must take the reply.
+              if (req.layer() % 2 == 1) std::this_thread::sleep_for(milliseconds(20));
+              return Echo(req, rows, resp);
+            },
+            1, 64 << 20, spin)
+            .value();
     control->Set("a", server->worker_address());
     auto t = UcxExpertTransport::Create(control, 64 << 20, spin).value();
     for (int i = 0; i < 6; ++i) {
@@ -414,12 +426,14 @@ TEST(UcxTransportTest, AWaitLongerThanTheSpinAndNoSpinAtAllBothGetTheirReplies) 
 TEST(UcxTransportTest, CallersPollOnlyWhileRepliesComeWithinTheSpin) {
   auto control = std::make_shared<FakeControl>();
   std::atomic<int> slow_ms{0};
-  auto server = UcxComputeServer::Create(
-      [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
-        std::this_thread::sleep_for(milliseconds(slow_ms.load()));
-        return Echo(req, rows, resp);
-      },
-      1, 64 << 20).value();
+  auto server =
+      UcxComputeServer::Create(
+          [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
+            std::this_thread::sleep_for(milliseconds(slow_ms.load()));
+            return Echo(req, rows, resp);
+          },
+          1, 64 << 20)
+          .value();
   control->Set("a", server->worker_address());
   auto t = UcxExpertTransport::Create(control, 64 << 20, std::chrono::microseconds(2000)).value();
   auto calls = [&](int n) {
@@ -477,7 +491,8 @@ TEST(UcxTransportTest, HostileSegmentedRequestsAreRefusedWithWhatIsWrong) {
            {make(1, E, {~uint64_t{0}}, 5), "segment 0 runs past the end"}}) {
     auto got = parse(bytes);
     EXPECT_EQ(got.first.code(), absl::StatusCode::kInvalidArgument) << want;
-    EXPECT_NE(got.first.message().find(want), std::string::npos) << got.first << " wanted: " << want;
+    EXPECT_NE(got.first.message().find(want), std::string::npos)
+        << got.first << " wanted: " << want;
   }
 }
 
