@@ -20,6 +20,7 @@ constexpr char kUsage[] =
     "  none, the listed experts of every MoE layer, or per layer\n"
     "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L] [--transport grpc|ucx]\n"
     "  [--ucx-spin-us US] [--device cpu|cuda] [--gpu N[,N...]] [--gpu-rebalance-s S]\n"
+    "  [--fault-delay-ms MS]\n"
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
@@ -30,14 +31,16 @@ constexpr char kUsage[] =
     "  --device cuda: compute the experts on GPU N (--gpu, default 0), BF16 weights resident\n"
     "    there (default cpu: float32, bit-identical to the in-process layer); several GPUs\n"
     "    (--gpu 0,1,2,3): the experts spread over them, moved between them over NCCL every\n"
-    "    --gpu-rebalance-s seconds (default 5; 0: never) when their load is uneven\n";
+    "    --gpu-rebalance-s seconds (default 5; 0: never) when their load is uneven\n"
+    "  --fault-delay-ms MS: fault injection for drills and tests: every Compute waits MS\n"
+    "    before it computes (default 0)\n";
 
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(
       CliArgs args,
       CliArgs::Parse(argv, {"model", "listen", "service-id", "experts", "max-message-mb", "threads",
                             "metrics-listen", "expert-metrics", "transport", "ucx-spin-us",
-                            "device", "gpu", "gpu-rebalance-s"}));
+                            "device", "gpu", "gpu-rebalance-s", "fault-delay-ms"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -52,6 +55,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--gpu-rebalance-s must be in [0, 86400]");
   }
   o.gpu_rebalance_interval = std::chrono::milliseconds(static_cast<int64_t>(rebalance_s * 1000));
+  ASSIGN_OR_RETURN(const int64_t fault_delay_ms, args.Int("fault-delay-ms", 0));
+  if (fault_delay_ms < 0 || fault_delay_ms > 600000) {
+    return absl::InvalidArgumentError("--fault-delay-ms must be in [0, 600000]");
+  }
+  o.fault_delay = std::chrono::milliseconds(fault_delay_ms);
   ASSIGN_OR_RETURN(int64_t threads, args.Int("threads", 0));
   if (threads < 0 || threads > 1024)
     return absl::InvalidArgumentError("--threads must be in [0, 1024]");

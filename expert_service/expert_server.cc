@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <map>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -89,7 +90,7 @@ absl::Status ExpertServer::RegisterMetrics() {
   RETURN_IF_ERROR(metrics::AddComputedGauge(
       registry, "moemesh_expert_inflight_requests", "Compute calls accepted and not answered.",
       [this](std::vector<metrics::Sample>* out) {
-        out->push_back({"", {}, static_cast<double>(in_flight_.load())});
+        out->push_back({"", {}, static_cast<double>(drain_.in_flight())});
       }));
   RETURN_IF_ERROR(metrics::AddComputedGauge(
       registry, "moemesh_expert_experts_loaded", "(layer, expert) pairs held.",
@@ -142,6 +143,7 @@ absl::Status ExpertServerOptions::Validate() const {
   RETURN_IF_ERROR(ValidateGrpcServerOptions({listen, max_message_bytes}));
   if (service_id.empty()) return absl::InvalidArgumentError("service_id is required");
   if (compute_threads <= 0) return absl::InvalidArgumentError("compute_threads must be positive");
+  if (fault_delay.count() < 0) return absl::InvalidArgumentError("fault_delay must be >= 0");
   for (int gpu : gpus) {
     if (gpu < 0) return absl::InvalidArgumentError("gpus must be CUDA device numbers");
   }
@@ -334,7 +336,7 @@ absl::Status ExpertServer::Compute(const v1::ComputeRequest& req, const RowSegme
 
 absl::Status ExpertServer::SyncGpu() {
   if (gpu_ == nullptr) return absl::OkStatus();
-  absl::MutexLock lock(&gpu_sync_mu_);
+  MutexLock lock(&gpu_sync_mu_);
   return gpu_->Sync(*store_);
 }
 
@@ -342,22 +344,26 @@ absl::Status ExpertServer::ServeCompute(const v1::ComputeRequest& req, const Row
                                         v1::ComputeResponse* resp,
                                         const std::function<bool()>& cancelled) {
   const auto received = std::chrono::steady_clock::now();
-  ++in_flight_;
-  absl::Status s;
-  {
-    // At most compute_threads calls compute at once; the rest wait their turn here.
-    ConcurrencyLimit::Slot slot(*computing_);
-    s = cancelled() ? absl::CancelledError("the caller cancelled before the call ran")
-                    : Compute(req, rows, resp);
-  }
+  const absl::Status s = ComputeAdmitted(req, rows, resp, cancelled);
   if (!s.ok()) resp->Clear();
-  --in_flight_;
   if (Metrics* m = metrics_.get()) {
     m->requests->Increment(s.code());
     m->latency->Observe(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - received).count());
   }
   return s;
+}
+
+absl::Status ExpertServer::ComputeAdmitted(const v1::ComputeRequest& req, const RowSegments& rows,
+                                           v1::ComputeResponse* resp,
+                                           const std::function<bool()>& cancelled) {
+  // Refused with UNAVAILABLE once draining: the router retries on another replica.
+  ASSIGN_OR_RETURN(const DrainGate::Admission admission, drain_.Admit());
+  if (options_.fault_delay.count() > 0) std::this_thread::sleep_for(options_.fault_delay);
+  // At most compute_threads calls compute at once; the rest wait their turn here.
+  ConcurrencyLimit::Slot slot(*computing_);
+  if (cancelled()) return absl::CancelledError("the caller cancelled before the call ran");
+  return Compute(req, rows, resp);
 }
 
 // A synchronous service: each call runs on the gRPC thread that received it, so a
@@ -490,8 +496,11 @@ ExpertServer::~ExpertServer() {
 
 void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   std::call_once(shutdown_once_, [&] {
-    // Health first: watchers see NOT_SERVING rather than a refused connection.
+    // Health first: watchers see NOT_SERVING rather than a refused connection. Then new
+    // Compute calls are refused (UNAVAILABLE: the router takes another replica) while the
+    // ones in flight finish; only then does the server stop accepting.
     server_->GetHealthCheckService()->SetServingStatus(false);
+    drain_.Drain(deadline);
     server_->Shutdown(deadline);
   });
 }

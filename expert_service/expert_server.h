@@ -17,6 +17,7 @@
 //   NOT_FOUND         a valid expert this service does not hold (the router's
 //                     placement is stale)
 //   CANCELLED         the caller gave up before the call was computed
+//   UNAVAILABLE       the service is draining (after Shutdown began): try another replica
 // LoadExperts/UnloadExperts: ExpertStore's errors (INVALID_ARGUMENT naming the pair).
 //
 // Health: SERVING once the initial experts are loaded; Shutdown turns it NOT_SERVING,
@@ -37,16 +38,17 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "expert_service.grpc.pb.h"
 #include "expert_service/expert_store.h"
 #include "expert_service/gpu_experts.h"
-#include "kernels/cpu/thread_pool.h"
+#include "services/base/mutex.h"
 #include "services/base/scratch.h"
+#include "services/base/thread_pool.h"
 #include "services/mesh/load_stats.h"
 #include "services/metrics/metrics.h"
 #include "services/moe/expert_tasks.h"
 #include "services/runtime/concurrency_limit.h"
+#include "services/runtime/drain_gate.h"
 #include "services/transport/transport.h"
 #include "services/transport/ucx/compute_server.h"
 #include "services/transport/ucx/protocol.h"
@@ -85,6 +87,9 @@ struct ExpertServerOptions {
   std::vector<int> gpus;
   // Several GPUs: how often their load is evened out by moving experts between them.
   std::chrono::milliseconds gpu_rebalance_interval{5000};
+  // Fault injection, for drills and for tests of slow services: every Compute waits this
+  // long before it computes (counted in flight meanwhile). 0 in production.
+  std::chrono::milliseconds fault_delay{0};
 
   absl::Status Validate() const;
 };
@@ -113,7 +118,7 @@ class ExpertServer {
   int port() const { return port_; }
   ExpertStore& store() { return *store_; }
   // Compute calls accepted and not yet answered (queued or computing).
-  int64_t in_flight() const { return in_flight_.load(); }
+  int64_t in_flight() const { return drain_.in_flight(); }
 
   // Health NOT_SERVING, then stop accepting calls and wait for the ones in flight until
   // `deadline` (gRPC cancels what is left then). Idempotent; thread-safe.
@@ -156,15 +161,18 @@ class ExpertServer {
   absl::Status RunOnGpu(int64_t layer, const std::vector<Batch>& batches, float* y);
   absl::Status WriteOutputs(const std::vector<Batch>& batches, DType dtype, const float* y,
                             v1::ComputeResponse* response);
-  // Compute with the accounting every transport shares: in-flight count, the
+  // Compute with what every transport shares: admission (refused while draining), the
   // compute_threads limit, metrics.
   absl::Status ServeCompute(const v1::ComputeRequest& request, const RowSegments& rows,
                             v1::ComputeResponse* response, const std::function<bool()>& cancelled);
+  absl::Status ComputeAdmitted(const v1::ComputeRequest& request, const RowSegments& rows,
+                               v1::ComputeResponse* response,
+                               const std::function<bool()>& cancelled);
 
   ExpertServerOptions options_;
   std::unique_ptr<ExpertStore> store_;
   ThreadPool* pool_ = nullptr;
-  std::atomic<int64_t> in_flight_{0};
+  DrainGate drain_{"expert service"};
 
   std::unique_ptr<ConcurrencyLimit> computing_;  // compute_threads slots
   std::unique_ptr<Metrics> metrics_;             // null without options_.registry
@@ -179,7 +187,7 @@ class ExpertServer {
 
   // --device cuda: the experts on the GPU (kept in step with store_ by SyncGpu).
   std::unique_ptr<GpuExperts> gpu_;
-  absl::Mutex gpu_sync_mu_;  // one SyncGpu at a time
+  Mutex gpu_sync_mu_;  // one SyncGpu at a time
   absl::Status SyncGpu() ABSL_LOCKS_EXCLUDED(gpu_sync_mu_);
 
   // Last: destroyed first, while everything its computing threads use is still there.

@@ -624,7 +624,7 @@ TEST(ParseExpertSpecTest, ErrorsNameTheBadPart) {
 #ifdef MOEMESH_EXPERT_BINARY
 TEST(ExpertServiceProcessTest, ListensServesAndStopsOnSigterm) {
   if (!std::filesystem::exists(MOEMESH_EXPERT_BINARY)) {
-    GTEST_SKIP() << MOEMESH_EXPERT_BINARY << " is not built";
+    FAIL() << MOEMESH_EXPERT_BINARY << " is not built";
   }
   const std::string dir = Generate(SmallModel(ModelFamily::kMixtral), "process");
   auto p = ChildProcess::Start({MOEMESH_EXPERT_BINARY, "--model", dir, "--listen", "127.0.0.1:0",
@@ -658,7 +658,7 @@ TEST(ExpertServiceProcessTest, ListensServesAndStopsOnSigterm) {
 
 TEST(ExpertServiceProcessTest, BadFlagsExitNonZero) {
   if (!std::filesystem::exists(MOEMESH_EXPERT_BINARY)) {
-    GTEST_SKIP() << MOEMESH_EXPERT_BINARY << " is not built";
+    FAIL() << MOEMESH_EXPERT_BINARY << " is not built";
   }
   const std::string dir = Generate(SmallModel(ModelFamily::kMixtral), "process_bad");
   auto p = ChildProcess::Start({MOEMESH_EXPERT_BINARY, "--model", dir, "--experts", "9"}).value();

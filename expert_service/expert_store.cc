@@ -1,7 +1,7 @@
 #include "expert_service/expert_store.h"
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 #include "services/base/status_macros.h"
 
 namespace moemesh {
@@ -32,7 +32,7 @@ absl::Status ExpertStore::Load(const std::vector<ExpertKey>& experts) {
   for (const ExpertKey& key : experts) RETURN_IF_ERROR(Check(key));
   std::map<ExpertKey, std::shared_ptr<const ExpertWeights>> fresh;
   {
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     for (const ExpertKey& key : experts) {
       if (!experts_.count(key)) fresh[key] = nullptr;
     }
@@ -42,7 +42,7 @@ absl::Status ExpertStore::Load(const std::vector<ExpertKey>& experts) {
     ASSIGN_OR_RETURN(ExpertWeights w, LoadExpert(*ckpt_, config_, key.first, key.second));
     weights = std::make_shared<const ExpertWeights>(std::move(w));
   }
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (auto& [key, weights] : fresh) {
     // A concurrent Load may have published the same pair meanwhile; keep its copy.
     const int64_t bytes = weights->bytes();
@@ -53,7 +53,7 @@ absl::Status ExpertStore::Load(const std::vector<ExpertKey>& experts) {
 
 absl::Status ExpertStore::Unload(const std::vector<ExpertKey>& experts) {
   for (const ExpertKey& key : experts) RETURN_IF_ERROR(Check(key));
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (const ExpertKey& key : experts) {
     auto it = experts_.find(key);
     if (it == experts_.end()) continue;
@@ -65,7 +65,7 @@ absl::Status ExpertStore::Unload(const std::vector<ExpertKey>& experts) {
 
 absl::StatusOr<std::shared_ptr<const ExpertWeights>> ExpertStore::Get(int64_t layer,
                                                                       int32_t expert) const {
-  absl::ReaderMutexLock lock(&mu_);
+  ReaderMutexLock lock(&mu_);
   auto it = experts_.find({layer, expert});
   if (it == experts_.end()) {
     return absl::NotFoundError(
@@ -75,7 +75,7 @@ absl::StatusOr<std::shared_ptr<const ExpertWeights>> ExpertStore::Get(int64_t la
 }
 
 std::vector<ExpertKey> ExpertStore::List() const {
-  absl::ReaderMutexLock lock(&mu_);
+  ReaderMutexLock lock(&mu_);
   std::vector<ExpertKey> keys;
   keys.reserve(experts_.size());
   for (const auto& [key, weights] : experts_) keys.push_back(key);
@@ -83,12 +83,12 @@ std::vector<ExpertKey> ExpertStore::List() const {
 }
 
 int64_t ExpertStore::size() const {
-  absl::ReaderMutexLock lock(&mu_);
+  ReaderMutexLock lock(&mu_);
   return static_cast<int64_t>(experts_.size());
 }
 
 int64_t ExpertStore::weight_bytes() const {
-  absl::ReaderMutexLock lock(&mu_);
+  ReaderMutexLock lock(&mu_);
   return weight_bytes_;
 }
 

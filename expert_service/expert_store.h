@@ -22,7 +22,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/moe_weights.h"
@@ -62,7 +62,7 @@ class ExpertStore {
   std::unique_ptr<Checkpoint> ckpt_;
   MoeModelConfig config_;
 
-  mutable absl::Mutex mu_;
+  mutable SharedMutex mu_;
   std::map<ExpertKey, std::shared_ptr<const ExpertWeights>> experts_ ABSL_GUARDED_BY(mu_);
   int64_t weight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };

@@ -1,14 +1,9 @@
-// GpuExperts::DeviceCount and Create: through the CUDA plugin (services/cuda/plugin.h).
+// GpuExperts::Create: through the CUDA plugin (services/cuda/plugin.h).
 #include "expert_service/gpu_experts.h"
 
 #include "services/cuda/plugin.h"
 
 namespace moemesh {
-
-int GpuExperts::DeviceCount() {
-  const absl::StatusOr<int> n = CudaDeviceCount();
-  return n.ok() ? *n : 0;
-}
 
 absl::StatusOr<std::unique_ptr<GpuExperts>> GpuExperts::Create(const MoeModelConfig& config,
                                                                const GpuExpertsOptions& options) {

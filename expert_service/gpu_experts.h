@@ -54,9 +54,6 @@ struct GpuDeviceMemory {
 
 class GpuExperts {
  public:
-  // Whether this build has CUDA and the machine a device; how many devices (0 on any error).
-  static bool Available() { return DeviceCount() > 0; }
-  static int DeviceCount();
   // On `options.devices`. FAILED_PRECONDITION for a model the kernels do not take (H not a
   // multiple of 16), without a device, or with several devices and no NCCL;
   // INVALID_ARGUMENT for a device that is not here or named twice.

@@ -13,11 +13,11 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "expert_service/gpu_experts.h"
 #include "expert_service/gpu_placement.h"
 #include "kernels/cuda/grouped_ffn.cuh"
 #include "kernels/dtype.h"
+#include "services/base/mutex.h"
 #include "services/base/scratch.h"
 #include "services/base/status_macros.h"
 #include "services/cuda/memory.h"
@@ -98,13 +98,13 @@ class Worker {
   }
   ~Worker() {
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       stop_ = true;
     }
     thread_.join();
   }
   void Run(std::function<void()> fn) {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     queue_.push_back(std::move(fn));
   }
 
@@ -114,7 +114,8 @@ class Worker {
     while (true) {
       std::function<void()> fn;
       {
-        absl::MutexLock lock(&mu_, absl::Condition(this, &Worker::HasWork));
+        MutexLock lock(&mu_);
+        mu_.Await(this, &Worker::HasWork);
         if (queue_.empty()) return;  // stopped, nothing left
         fn = std::move(queue_.front());
         queue_.pop_front();
@@ -122,7 +123,7 @@ class Worker {
       fn();
     }
   }
-  absl::Mutex mu_;
+  Mutex mu_;
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
@@ -163,13 +164,13 @@ class CudaGpuExperts final : public GpuExperts {
 
   ~CudaGpuExperts() override {
     {
-      absl::MutexLock lock(&balance_mu_);
+      MutexLock lock(&balance_mu_);
       balance_stop_ = true;
     }
     if (balancer_.joinable()) balancer_.join();
     for (auto& gpu : gpus_) gpu->worker.reset();  // no launch runs now: the callers are gone
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       layers_.clear();
     }
     gpus_.clear();  // their lanes go now, before the NCCL communicators
@@ -177,7 +178,7 @@ class CudaGpuExperts final : public GpuExperts {
   }
 
   absl::Status Sync(const ExpertStore& store) override {
-    absl::MutexLock sync(&sync_mu_);
+    MutexLock sync(&sync_mu_);
     std::map<int64_t, std::vector<int32_t>> held;
     for (const auto& [layer, expert] : store.List()) held[layer].push_back(expert);
     std::map<int64_t, std::shared_ptr<const NodeLayer>> next;
@@ -193,7 +194,7 @@ class CudaGpuExperts final : public GpuExperts {
                        Relayout(&store, layer, shape, prev.get(), experts,
                                 AssignLocalExperts(current, static_cast<int>(gpus_.size()))));
     }
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     layers_ = std::move(next);
     return absl::OkStatus();
   }
@@ -233,10 +234,10 @@ class CudaGpuExperts final : public GpuExperts {
 
   absl::StatusOr<int64_t> Rebalance() override {
     if (gpus_.size() < 2) return 0;
-    absl::MutexLock sync(&sync_mu_);
+    MutexLock sync(&sync_mu_);
     std::map<int64_t, std::vector<double>> load;
     {
-      absl::MutexLock lock(&load_mu_);
+      MutexLock lock(&load_mu_);
       load = load_;
       for (auto& [layer, rows] : load_) {
         for (double& r : rows) r *= 0.5;
@@ -244,7 +245,7 @@ class CudaGpuExperts final : public GpuExperts {
     }
     std::map<int64_t, std::shared_ptr<const NodeLayer>> layers;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       layers = layers_;
     }
     int64_t moved = 0;
@@ -276,7 +277,7 @@ class CudaGpuExperts final : public GpuExperts {
       ASSIGN_OR_RETURN(std::shared_ptr<const NodeLayer> next,
                        Relayout(nullptr, layer, any->shape, node.get(), experts, after));
       {
-        absl::MutexLock lock(&mu_);
+        MutexLock lock(&mu_);
         layers_[layer] = std::move(next);
       }
       moved += changed;
@@ -298,7 +299,7 @@ class CudaGpuExperts final : public GpuExperts {
   std::vector<GpuDeviceMemory> Memory() const override {
     std::vector<GpuDeviceMemory> report(gpus_.size());
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       for (const auto& [layer, node] : layers_) {
         for (const auto& stack : node->stacks) {
           if (stack == nullptr) continue;
@@ -339,8 +340,8 @@ class CudaGpuExperts final : public GpuExperts {
     bool done = false;    // written and read holding the layer queue's mu
   };
   struct LayerQueue {
-    absl::Mutex mu;
-    absl::CondVar cv;
+    Mutex mu;
+    CondVar cv;
     std::vector<Call*> waiting ABSL_GUARDED_BY(mu);
     bool busy ABSL_GUARDED_BY(mu) = false;  // a launch for the layer is running
   };
@@ -352,13 +353,13 @@ class CudaGpuExperts final : public GpuExperts {
   };
 
   std::shared_ptr<const NodeLayer> LayerOf(int64_t layer) const {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     auto it = layers_.find(layer);
     return it == layers_.end() ? nullptr : it->second;
   }
 
   LayerQueue& QueueOf(int64_t layer) {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     std::unique_ptr<LayerQueue>& q = queues_[layer];
     if (q == nullptr) q = std::make_unique<LayerQueue>();
     return *q;
@@ -411,7 +412,7 @@ class CudaGpuExperts final : public GpuExperts {
   }
 
   void CountLoad(int64_t layer, const std::vector<std::vector<Item>>& items) {
-    absl::MutexLock lock(&load_mu_);
+    MutexLock lock(&load_mu_);
     std::vector<double>& rows = load_[layer];
     rows.resize(config_.num_experts, 0.0);
     for (const auto& part : items) {
@@ -456,34 +457,51 @@ class CudaGpuExperts final : public GpuExperts {
       uint16_t* dst = x_host + start[i] * H;
       if (b.dtype == DType::kBF16) {
         std::memcpy(dst, b.rows, b.n * H * 2);
-      } else if (!ConvertFromF32(static_cast<const float*>(b.rows), b.n * H, DType::kBF16, dst)) {
+      } else if (b.dtype != DType::kF32 ||
+                 !ConvertFromF32(static_cast<const float*>(b.rows), b.n * H, DType::kBF16, dst)) {
         return absl::InvalidArgumentError(
             absl::StrCat("expert ", b.expert, ": rows must be F32 or BF16"));
       }
     }
     std::memcpy(lane->offsets_host.ptr, first.data(), (E + 1) * sizeof(int64_t));
-    const cudaStream_t s = lane->stream;
-    CUDA_RETURN_IF_ERROR("rows to the GPU", cudaMemcpyAsync(lane->x.ptr, x_host, rows * H * 2,
-                                                            cudaMemcpyHostToDevice, s));
-    CUDA_RETURN_IF_ERROR("offsets to the GPU",
-                         cudaMemcpyAsync(lane->offsets.ptr, lane->offsets_host.ptr,
-                                         (E + 1) * sizeof(int64_t), cudaMemcpyHostToDevice, s));
-    const auto* offsets = static_cast<const int64_t*>(lane->offsets.ptr);
-    CUDA_RETURN_IF_ERROR(
-        "GroupedGateUpAct",
-        cuda::GroupedGateUpAct(stack.weights, static_cast<const uint16_t*>(lane->x.ptr), offsets,
-                               rows, static_cast<uint16_t*>(lane->h.ptr), s));
-    CUDA_RETURN_IF_ERROR("GroupedDown",
-                         cuda::GroupedDown(stack.weights, static_cast<const uint16_t*>(lane->h.ptr),
-                                           offsets, rows, static_cast<float*>(lane->y.ptr), s));
-    CUDA_RETURN_IF_ERROR(
-        "output from the GPU",
-        cudaMemcpyAsync(lane->y_host.ptr, lane->y.ptr, rows * H * 4, cudaMemcpyDeviceToHost, s));
-    CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(s));
+    if (absl::Status s = RunOnLane(*lane, stack, rows); !s.ok()) {
+      // The lane goes back to the free list only once nothing of this launch still reads
+      // or writes its buffers: the next launch on it rewrites them.
+      cudaStreamSynchronize(lane->stream);
+      cudaGetLastError();
+      return s;
+    }
     const auto* y_host = static_cast<const float*>(lane->y_host.ptr);
     for (size_t i = 0; i < items.size(); ++i) {
       std::memcpy(items[i].out, y_host + start[i] * H, items[i].batch.n * H * sizeof(float));
     }
+    return absl::OkStatus();
+  }
+
+  // One launch's copies and kernels on `lane`'s stream, the lane's pinned rows and offsets
+  // filled: rows in, both stages, the output back; returns once the output is in y_host.
+  static absl::Status RunOnLane(Lane& lane, const LayerStack& stack, int64_t rows) {
+    const int64_t H = stack.weights.hidden;
+    const int E = stack.weights.num_experts;
+    const cudaStream_t s = lane.stream;
+    CUDA_RETURN_IF_ERROR(
+        "rows to the GPU",
+        cudaMemcpyAsync(lane.x.ptr, lane.x_host.ptr, rows * H * 2, cudaMemcpyHostToDevice, s));
+    CUDA_RETURN_IF_ERROR("offsets to the GPU",
+                         cudaMemcpyAsync(lane.offsets.ptr, lane.offsets_host.ptr,
+                                         (E + 1) * sizeof(int64_t), cudaMemcpyHostToDevice, s));
+    const auto* offsets = static_cast<const int64_t*>(lane.offsets.ptr);
+    CUDA_RETURN_IF_ERROR(
+        "GroupedGateUpAct",
+        cuda::GroupedGateUpAct(stack.weights, static_cast<const uint16_t*>(lane.x.ptr), offsets,
+                               rows, static_cast<uint16_t*>(lane.h.ptr), s));
+    CUDA_RETURN_IF_ERROR("GroupedDown",
+                         cuda::GroupedDown(stack.weights, static_cast<const uint16_t*>(lane.h.ptr),
+                                           offsets, rows, static_cast<float*>(lane.y.ptr), s));
+    CUDA_RETURN_IF_ERROR(
+        "output from the GPU",
+        cudaMemcpyAsync(lane.y_host.ptr, lane.y.ptr, rows * H * 4, cudaMemcpyDeviceToHost, s));
+    CUDA_RETURN_IF_ERROR("cudaStreamSynchronize", cudaStreamSynchronize(s));
     return absl::OkStatus();
   }
 
@@ -637,6 +655,9 @@ class CudaGpuExperts final : public GpuExperts {
         }
       }
     }
+    // The uploads and copies above ran on the legacy default stream, which the lanes'
+    // non-blocking streams do not wait for: the stack is complete before any launch reads it.
+    CUDA_RETURN_IF_ERROR("expert weights on the GPU", cudaStreamSynchronize(cudaStreamLegacy));
     cuda::GroupedFfnWeights& g = stack->weights;
     g.num_experts = E;
     g.hidden = H;
@@ -654,9 +675,8 @@ class CudaGpuExperts final : public GpuExperts {
   void BalanceLoop() {
     while (true) {
       {
-        absl::MutexLock lock(&balance_mu_);
-        if (balance_mu_.AwaitWithTimeout(absl::Condition(&balance_stop_),
-                                         absl::FromChrono(options_.rebalance_interval))) {
+        MutexLock lock(&balance_mu_);
+        if (balance_mu_.AwaitWithTimeout(&balance_stop_, options_.rebalance_interval)) {
           return;
         }
       }
@@ -671,15 +691,15 @@ class CudaGpuExperts final : public GpuExperts {
   const GpuExpertsOptions options_;
   std::vector<std::unique_ptr<Gpu>> gpus_;  // by rank
   std::unique_ptr<nccl::NodeComm> comm_;    // several GPUs
-  absl::Mutex sync_mu_;                     // one Sync or Rebalance at a time
-  mutable absl::Mutex mu_;
+  Mutex sync_mu_;                           // one Sync or Rebalance at a time
+  mutable Mutex mu_;
   std::map<int64_t, std::shared_ptr<const NodeLayer>> layers_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::unique_ptr<LayerQueue>> queues_ ABSL_GUARDED_BY(mu_);  // by layer
-  absl::Mutex load_mu_;
+  Mutex load_mu_;
   // Rows per expert id, decaying.
   std::map<int64_t, std::vector<double>> load_ ABSL_GUARDED_BY(load_mu_);
   std::atomic<int64_t> moves_{0};
-  absl::Mutex balance_mu_;
+  Mutex balance_mu_;
   bool balance_stop_ ABSL_GUARDED_BY(balance_mu_) = false;
   std::thread balancer_;
 };

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
 #include "services/base/status_macros.h"
+#include "services/cuda/testing.h"
 #include "services/model/model_generator.h"
 #include "services/rpc/wire.h"
 
@@ -59,7 +60,9 @@ struct Service {
 };
 
 TEST(GpuExpertsTest, DeviceCudaWithoutAGpuSaysWhy) {
-  if (GpuExperts::Available()) GTEST_SKIP() << "a GPU is here: the device cases run instead";
+  if (cuda_testing::PluginGpuCount() > 0) {
+    GTEST_SKIP() << "a GPU is here: the device cases run instead";
+  }
   const std::string dir = Generate(ModelFamily::kMixtral);
   auto s = Service::Start(dir, {0});
   ASSERT_FALSE(s.ok());
@@ -131,7 +134,7 @@ struct CpuAndGpu {
 class GpuFamilyTest : public ::testing::TestWithParam<ModelFamily> {};
 
 TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
-  if (!GpuExperts::Available()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_PLUGIN_GPU();
   CpuAndGpu s;
   const absl::Status started = s.Start(GetParam());
   ASSERT_TRUE(started.ok()) << started;
@@ -183,7 +186,7 @@ TEST_P(GpuFamilyTest, MatchesTheCpuServiceWithinBf16Tolerance) {
 // All the GPUs here (up to 8), experts spread over them: the same answers, each GPU holding
 // its share.
 TEST(GpuExpertsTest, SeveralGpusShareTheExpertsAndAnswerTheSame) {
-  const int n = std::min(GpuExperts::DeviceCount(), 8);
+  const int n = std::min(cuda_testing::PluginGpuCount(), 8);
   if (n < 2) GTEST_SKIP() << "fewer than two CUDA devices";
   std::vector<int> gpus(n);
   std::iota(gpus.begin(), gpus.end(), 0);
@@ -215,7 +218,7 @@ TEST(GpuExpertsTest, SeveralGpusShareTheExpertsAndAnswerTheSame) {
 // Load piled on two experts of one GPU: a balancing round moves experts between the GPUs
 // (their weights over NCCL) so that the two end up apart, and the answers do not change.
 TEST(GpuExpertsTest, RebalancingMovesHotExpertsApartOverNccl) {
-  if (GpuExperts::DeviceCount() < 2) GTEST_SKIP() << "fewer than two CUDA devices";
+  if (cuda_testing::PluginGpuCount() < 2) GTEST_SKIP() << "fewer than two CUDA devices";
   const std::string dir = Generate(ModelFamily::kMixtral);
   absl::StatusOr<std::unique_ptr<ExpertStore>> store = ExpertStore::Open(dir);
   ASSERT_TRUE(store.ok()) << store.status();
@@ -270,7 +273,7 @@ TEST(GpuExpertsTest, RebalancingMovesHotExpertsApartOverNccl) {
 // Concurrent calls for one layer are batched into shared launches (GpuExperts' group
 // commit): every caller still gets its own rows' results.
 TEST(GpuExpertsTest, ConcurrentCallsGetTheirOwnResults) {
-  if (!GpuExperts::Available()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_PLUGIN_GPU();
   CpuAndGpu s;
   const absl::Status started = s.Start(ModelFamily::kMixtral);
   ASSERT_TRUE(started.ok()) << started;

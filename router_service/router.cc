@@ -58,7 +58,7 @@ absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
         static_cast<int>(config.num_experts), router->options_.load_window);
   }
   {
-    absl::MutexLock lock(&router->placement_mu_);
+    MutexLock lock(&router->placement_mu_);
     router->placement_ = std::make_shared<const PlacementTable>(std::move(table));
   }
   if (router->metrics_ != nullptr) RETURN_IF_ERROR(router->RegisterGauges());
@@ -85,6 +85,15 @@ absl::Status MoeRouter::RegisterGauges() {
           out->push_back(
               {"", {{"layer", absl::StrCat(layer)}}, window->Snapshot().balance_statistic});
         }
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_gpu_fallbacks",
+      "Layer calls routed on the CPU because routing on the GPU (--device cuda) failed, since "
+      "start.",
+      [this](std::vector<metrics::Sample>* out) {
+        int64_t n = 0;
+        for (const auto& [layer, gate] : gates_) n += gate->gpu_fallbacks();
+        out->push_back({"", {}, static_cast<double>(n)});
       }));
   RETURN_IF_ERROR(metrics::AddComputedGauge(
       registry, "moemesh_router_load_window_seconds", "Length of the load window.",
@@ -129,12 +138,12 @@ absl::Status MoeRouter::RegisterGauges() {
 }
 
 std::shared_ptr<const PlacementTable> MoeRouter::placement() const {
-  absl::MutexLock lock(&placement_mu_);
+  MutexLock lock(&placement_mu_);
   return placement_;
 }
 
 absl::Status MoeRouter::SetPlacement(PlacementTable table) {
-  absl::MutexLock lock(&placement_mu_);
+  MutexLock lock(&placement_mu_);
   if (table.epoch() <= placement_->epoch()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "placement epoch ", table.epoch(), " is not newer than the current ", placement_->epoch()));
@@ -159,11 +168,11 @@ ExpertLoadWindow::Stats MoeRouter::LoadStats(int64_t layer) const {
 
 MoeRouter::Destination& MoeRouter::DestinationOf(const std::string& endpoint) {
   {
-    absl::ReaderMutexLock lock(&destinations_mu_);
+    ReaderMutexLock lock(&destinations_mu_);
     auto it = destinations_.find(endpoint);
     if (it != destinations_.end()) return *it->second;
   }
-  absl::MutexLock lock(&destinations_mu_);
+  MutexLock lock(&destinations_mu_);
   auto& slot = destinations_[endpoint];
   if (!slot) {
     slot = std::make_unique<Destination>();

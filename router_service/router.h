@@ -23,8 +23,8 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "router_service/router_metrics.h"
+#include "services/base/mutex.h"
 #include "services/base/scratch.h"
 #include "services/mesh/load_stats.h"
 #include "services/mesh/placement.h"
@@ -145,12 +145,12 @@ class MoeRouter {
   std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;     // routed tokens per expert
   std::map<int64_t, std::unique_ptr<ExpertLoadWindow>> windows_;  // per MoE layer
 
-  mutable absl::Mutex placement_mu_;
+  mutable Mutex placement_mu_;
   std::shared_ptr<const PlacementTable> placement_ ABSL_GUARDED_BY(placement_mu_);
 
   FreeList<CallBuffers> buffers_;
 
-  mutable absl::Mutex destinations_mu_;
+  mutable SharedMutex destinations_mu_;
   std::map<std::string, std::unique_ptr<Destination>> destinations_
       ABSL_GUARDED_BY(destinations_mu_);
 };

@@ -207,8 +207,14 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
                           ModelInferResponse* resp) override {
     // Runs on the gRPC thread that received the call: Forward waits for its expert
     // calls on a completion queue of its own, so blocking here starves nothing.
-    ConcurrencyLimit::Slot slot(*server_->inferring_);
     RouterMetrics* metrics = server_->router_->metrics();
+    // Refused with UNAVAILABLE once draining: the client retries on another router.
+    absl::StatusOr<DrainGate::Admission> admitted = server_->drain_.Admit();
+    if (!admitted.ok()) {
+      if (metrics != nullptr) metrics->CountRequest(admitted.status().code());
+      return ToGrpcStatus(admitted.status());
+    }
+    ConcurrencyLimit::Slot slot(*server_->inferring_);
     if (metrics == nullptr) return ToGrpcStatus(Infer(ctx, *req, resp));
     metrics->inflight().Increment();
     const absl::Status status = Infer(ctx, *req, resp);
@@ -317,19 +323,22 @@ void RouterServer::HealthLoop() {
     if (stopping_) break;
     ready_ = ok;
     server_->GetHealthCheckService()->SetServingStatus(ok);
-    mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::FromChrono(options_.health_interval));
+    mu_.AwaitWithTimeout(&stopping_, options_.health_interval);
   }
   mu_.Unlock();
 }
 
 void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (stopping_) return;
     stopping_ = true;
     ready_ = false;
     server_->GetHealthCheckService()->SetServingStatus(false);
   }
+  // New calls are refused (UNAVAILABLE) while the ones in flight finish; only then does the
+  // server stop accepting.
+  drain_.Drain(deadline);
   server_->Shutdown(deadline);
 }
 

@@ -9,7 +9,8 @@
 // message limit), UNAVAILABLE (an expert's every replica down), DEADLINE_EXCEEDED.
 //
 // Health: SERVING only while every placement endpoint answers and holds its experts
-// (checked every `health_interval`). Shutdown: NOT_SERVING, refuse new calls, drain.
+// (checked every `health_interval`). Shutdown: NOT_SERVING, refuse new calls with
+// UNAVAILABLE (a client retries another router), drain the ones in flight, stop.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -22,9 +23,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "router_service/router.h"
+#include "services/base/mutex.h"
 #include "services/runtime/concurrency_limit.h"
+#include "services/runtime/drain_gate.h"
 
 namespace moemesh {
 
@@ -66,10 +68,11 @@ class RouterServer {
   int port_ = 0;
   std::atomic<bool> ready_{false};
 
-  absl::Mutex mu_;
+  Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread health_thread_;
   std::unique_ptr<ConcurrencyLimit> inferring_;  // max_concurrent_infers slots
+  DrainGate drain_{"router"};
 };
 
 }  // namespace moemesh

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -47,11 +48,18 @@ class FakeTransport : public ExpertTransport {
             ResponseExchange::Complete done) {
     std::lock_guard<std::mutex> lock(mu_);
     ++calls_[endpoint];
+    sent_.push_back({endpoint, request->placement_epoch()});
+    sent_cv_.notify_all();
     const bool down = down_.count(endpoint) > 0;
     const bool corrupt = corrupt_.count(endpoint) > 0;
     const int delay_us = static_cast<int>(rng_() % 2000);
     threads_.emplace_back([this, endpoint, down, corrupt, delay_us, done = std::move(done),
                            request = std::shared_ptr<v1::ComputeRequest>(std::move(request))] {
+      {
+        // Held replies wait until Release: their calls stay outstanding meanwhile.
+        std::unique_lock<std::mutex> lock(mu_);
+        hold_cv_.wait(lock, [&] { return !hold_; });
+      }
       std::this_thread::sleep_for(std::chrono::microseconds(delay_us));  // scramble arrival order
       if (down) {
         done(absl::UnavailableError(absl::StrCat(endpoint, " is down")), nullptr);
@@ -75,8 +83,47 @@ class FakeTransport : public ExpertTransport {
       done(absl::OkStatus(), std::move(response));
     });
   }
-  absl::Status Info(const std::string&, Clock::time_point, v1::InfoResponse*) override {
+  // Every endpoint holds every expert unless SetHeld says otherwise.
+  absl::Status Info(const std::string& endpoint, Clock::time_point,
+                    v1::InfoResponse* info) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int64_t layer : config_.MoeLayers()) {
+      for (int32_t e = 0; e < config_.num_experts; ++e) {
+        auto it = held_.find(endpoint);
+        if (it != held_.end() && !it->second.count({layer, e})) continue;
+        v1::ExpertId* id = info->add_experts();
+        id->set_layer(layer);
+        id->set_expert(e);
+      }
+    }
     return absl::OkStatus();
+  }
+
+  // Replies wait from now until Release.
+  void Hold() {
+    std::lock_guard<std::mutex> l(mu_);
+    hold_ = true;
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      hold_ = false;
+    }
+    hold_cv_.notify_all();
+  }
+  // Waits until `n` requests have been sent in all.
+  void WaitSent(size_t n) {
+    std::unique_lock<std::mutex> l(mu_);
+    sent_cv_.wait(l, [&] { return sent_.size() >= n; });
+  }
+  // (endpoint, placement epoch) of every request, in the order sent.
+  std::vector<std::pair<std::string, uint64_t>> Sent() {
+    std::lock_guard<std::mutex> l(mu_);
+    return sent_;
+  }
+  void SetHeld(const std::string& endpoint, std::set<std::pair<int64_t, int32_t>> experts) {
+    std::lock_guard<std::mutex> l(mu_);
+    held_[endpoint] = std::move(experts);
   }
 
   void SetDown(const std::string& e) {
@@ -99,6 +146,10 @@ class FakeTransport : public ExpertTransport {
   std::mt19937 rng_{3};
   std::set<std::string> down_, corrupt_;
   std::map<std::string, int> calls_;
+  bool hold_ = false;
+  std::condition_variable hold_cv_, sent_cv_;
+  std::vector<std::pair<std::string, uint64_t>> sent_;
+  std::map<std::string, std::set<std::pair<int64_t, int32_t>>> held_;
   std::vector<std::thread> threads_;
 };
 
@@ -120,6 +171,23 @@ Tensor Input(int64_t T, int64_t H) {
 }
 
 auto Deadline() { return ExpertTransport::Clock::now() + std::chrono::seconds(30); }
+
+// A placement of `epoch` that gives every (MoE layer, expert) the replicas `endpoints`, in
+// that order.
+v1::Placement Everywhere(const MoeModelConfig& config, uint64_t epoch,
+                         const std::vector<std::string>& endpoints) {
+  v1::Placement p;
+  p.set_epoch(epoch);
+  for (int64_t layer : config.MoeLayers()) {
+    for (int32_t e = 0; e < config.num_experts; ++e) {
+      v1::PlacementEntry* entry = p.add_entries();
+      entry->set_layer(layer);
+      entry->set_expert(e);
+      for (const std::string& endpoint : endpoints) entry->add_replicas(endpoint);
+    }
+  }
+  return p;
+}
 
 struct Case {
   ModelFamily family;
@@ -170,6 +238,120 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{ModelFamily::kDeepseekV3, DType::kF32, PlacementPolicy::kContiguous, 2},
                       Case{ModelFamily::kDeepseekV2, DType::kF32, PlacementPolicy::kRoundRobin, 1},
                       Case{ModelFamily::kGptOss, DType::kBF16, PlacementPolicy::kContiguous, 1}));
+
+// Replica choice under concurrency: a call's experts go to the replica with the fewest
+// tokens outstanding. The first call finds both idle (a tie: the first replica); the
+// second, made while the first's tokens are still out on a:1, goes to b:2; the third, after
+// both, to a:1 again.
+TEST(RouterTest, FewestOutstandingTokensPicksTheReplicaUnderConcurrency) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto router = MoeRouter::Create(ro, transport).value();
+  const PlacementTable both =
+      PlacementTable::FromProto(Everywhere(f.config, 2, {"a:1", "b:2"}), f.config).value();
+  ASSERT_TRUE(router->SetPlacement(both).ok());
+  const Tensor x = Input(64, f.config.hidden_size);
+  const MoeLayerOutput want = MoeLayer::Create(*f.ckpt, f.config, 0).value()->Forward(x).value();
+  transport->Hold();
+  absl::StatusOr<MoeLayerOutput> first, second;
+  std::thread a([&] { first = router->Forward(0, x, Deadline()); });
+  transport->WaitSent(1);
+  std::thread b([&] { second = router->Forward(0, x, Deadline()); });
+  transport->WaitSent(2);
+  transport->Release();
+  a.join();
+  b.join();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(std::memcmp(first->output.raw(), want.output.raw(), want.output.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(second->output.raw(), want.output.raw(), want.output.nbytes()), 0);
+  ASSERT_TRUE(router->Forward(0, x, Deadline()).ok());
+  const std::vector<std::pair<std::string, uint64_t>> sent = transport->Sent();
+  const std::vector<std::pair<std::string, uint64_t>> expected = {
+      {"a:1", 2}, {"b:2", 2}, {"a:1", 2}};
+  EXPECT_EQ(sent, expected);
+}
+
+// RouterControl.SetPlacement over gRPC while a call is in flight: the new table takes
+// over for new calls at once, the call in flight finishes on the table it started with,
+// and a placement whose epoch is not newer is refused.
+TEST(RouterServerTest, SetPlacementOverGrpcWhileACallIsInFlight) {
+  Fixture f = Make(ModelFamily::kQwen3Moe);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto server = RouterServer::Create({}, MoeRouter::Create(ro, transport).value()).value();
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto control = v1::RouterControl::NewStub(channel);
+  const Tensor x = Input(20, f.config.hidden_size);
+  const MoeLayerOutput want = MoeLayer::Create(*f.ckpt, f.config, 0).value()->Forward(x).value();
+
+  transport->Hold();
+  absl::StatusOr<MoeLayerOutput> in_flight;
+  std::thread caller([&] { in_flight = server->router().Forward(0, x, Deadline()); });
+  transport->WaitSent(1);
+  auto set = [&](const v1::Placement& p, v1::SetPlacementResponse* resp) {
+    grpc::ClientContext ctx;
+    return control->SetPlacement(&ctx, p, resp);
+  };
+  v1::SetPlacementResponse resp;
+  grpc::Status s = set(Everywhere(f.config, 2, {"z:9"}), &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.epoch(), 2u);
+  for (uint64_t stale : {1u, 2u}) {
+    s = set(Everywhere(f.config, stale, {"y:8"}), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << stale;
+    EXPECT_NE(s.error_message().find("not newer than the current 2"), std::string::npos)
+        << s.error_message();
+    EXPECT_EQ(resp.epoch(), 2u);
+  }
+  v1::Placement partial = Everywhere(f.config, 3, {"y:8"});
+  partial.mutable_entries()->RemoveLast();
+  s = set(partial, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  {
+    grpc::ClientContext ctx;
+    v1::Placement got;
+    ASSERT_TRUE(control->GetPlacement(&ctx, v1::GetPlacementRequest(), &got).ok());
+    EXPECT_EQ(got.epoch(), 2u);
+  }
+  transport->Release();
+  caller.join();
+  ASSERT_TRUE(in_flight.ok()) << in_flight.status();
+  EXPECT_EQ(std::memcmp(in_flight->output.raw(), want.output.raw(), want.output.nbytes()), 0);
+  ASSERT_TRUE(server->router().Forward(0, x, Deadline()).ok());
+  const std::vector<std::pair<std::string, uint64_t>> sent = transport->Sent();
+  const std::vector<std::pair<std::string, uint64_t>> expected = {{"a:1", 1}, {"z:9", 2}};
+  EXPECT_EQ(sent, expected);
+}
+
+// Readiness: an endpoint that answers but lacks an expert the placement gives it is named,
+// with the first such expert.
+TEST(RouterTest, CheckReadyNamesAnEndpointWithoutItsExperts) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2"};  // contiguous: b:2 holds experts E/2.. of every layer
+  auto router = MoeRouter::Create(ro, transport).value();
+  EXPECT_TRUE(router->CheckReady(Deadline()).ok());
+  const int64_t first_layer = f.config.MoeLayers().front();
+  std::set<std::pair<int64_t, int32_t>> held;
+  for (int64_t layer : f.config.MoeLayers()) {
+    for (int32_t e = 0; e < f.config.num_experts; ++e) held.insert({layer, e});
+  }
+  held.erase({first_layer, static_cast<int32_t>(f.config.num_experts - 1)});
+  transport->SetHeld("b:2", held);
+  const absl::Status s = router->CheckReady(Deadline());
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(s.message(), absl::StrCat("b:2 does not hold layer ", first_layer, " expert ",
+                                      f.config.num_experts - 1));
+}
 
 TEST(RouterFailureTest, FailsOverToAReplicaAndNamesExpertsWithNone) {
   Fixture f = Make(ModelFamily::kMixtral);
@@ -275,13 +457,21 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
   ro.endpoints = {"a:1", "b:2"};
   auto router = MoeRouter::Create(ro, transport, m).value();
   const int64_t H = f.config.hidden_size, E = f.config.num_experts, k = f.config.top_k;
-  ASSERT_TRUE(router->Forward(0, Input(50, H), Deadline()).ok());
-  ASSERT_TRUE(router->Forward(0, Input(30, H), Deadline()).ok());
-  ASSERT_TRUE(router->Forward(1, Input(20, H), Deadline()).ok());
+  // The load each call routed, counted from the experts it reports per token (not from the
+  // router's own counters).
+  std::map<int64_t, std::vector<int64_t>> counted;
+  for (const auto& [layer, T] :
+       std::vector<std::pair<int64_t, int64_t>>{{0, 50}, {0, 30}, {1, 20}}) {
+    const absl::StatusOr<MoeLayerOutput> out = router->Forward(layer, Input(T, H), Deadline());
+    ASSERT_TRUE(out.ok()) << out.status();
+    std::vector<int64_t>& c = counted[layer];
+    c.resize(E);
+    for (int64_t i = 0; i < out->topk_ids.numel(); ++i) ++c[out->topk_ids.data<int32_t>()[i]];
+  }
 
   std::string text = registry.Serialize();
   for (int64_t layer : {0, 1}) {
-    const std::vector<int64_t> load = router->ExpertLoad(layer);
+    const std::vector<int64_t> load = counted[layer];
     double sum = 0;
     for (int64_t e = 0; e < E; ++e) {
       const double v =
@@ -310,7 +500,8 @@ TEST(RouterMetricsTest, CountsRoutedLoadDispatchAndFailures) {
   EXPECT_EQ(SampleValue(text, "moemesh_router_balance_statistic{layer=\"0\"}"),
             st.balance_statistic);
   EXPECT_EQ(st.tokens, 80);
-  EXPECT_EQ(st.counts, router->ExpertLoad(0));
+  EXPECT_EQ(st.counts, counted[0]);
+  EXPECT_EQ(router->ExpertLoad(0), counted[0]);
   double p = 0;
   for (double v : st.mean_probability) p += v;
   EXPECT_NEAR(p, 1.0, 1e-6);

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -58,10 +59,22 @@ TEST(CliTest, LayerWritesOutputTopkIdsAndWeights) {
     norm += std::pow(double(want.data<float>()[i]), 2);
   }
   EXPECT_LE(std::sqrt(err / norm), 1e-5);
+  // The experts and weights the CLI wrote are the PyTorch reference's.
   const Tensor ids = (*file)->Get("topk_ids").value();
-  EXPECT_EQ(ids.dtype(), DType::kI32);
-  EXPECT_EQ(ids.shape(), (std::vector<int64_t>{24, 4}));
-  EXPECT_EQ((*file)->Get("topk_weights").value().dtype(), DType::kF32);
+  const Tensor weights = (*file)->Get("topk_weights").value();
+  const Tensor want_ids = expected->Get("topk_ids.2").value();
+  const Tensor want_w = expected->Get("topk_weights.2").value();
+  ASSERT_EQ(ids.dtype(), DType::kI32);
+  ASSERT_EQ(ids.shape(), (std::vector<int64_t>{24, 4}));
+  ASSERT_EQ(ids.shape(), want_ids.shape());
+  ASSERT_EQ(weights.dtype(), DType::kF32);
+  ASSERT_EQ(weights.shape(), want_w.shape());
+  for (int64_t i = 0; i < want_ids.numel(); ++i) {
+    EXPECT_EQ(ids.data<int32_t>()[i], want_ids.data<int32_t>()[i]) << "slot " << i;
+    EXPECT_NEAR(weights.data<float>()[i], want_w.data<float>()[i],
+                1e-5 * std::max(1.0f, std::abs(want_w.data<float>()[i])))
+        << "slot " << i;
+  }
 }
 
 TEST(CliTest, Bf16InputGivesBf16Output) {

@@ -272,7 +272,13 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
 
   // Phase 2, skewed: every token of layer 0 picks expert 3, of layer 1 expert 6.
   Drive(/*skewed=*/true, seconds(9), /*bad=*/true);
-  std::this_thread::sleep_for(seconds(3));  // a few scrapes and rule evaluations
+  // Scraped and evaluated once the window is skewed through (no fixed wait).
+  for (const auto& [layer, hot] : kHot) {
+    ASSERT_TRUE(prom.WaitFor(
+        absl::StrCat("moemesh_router_expert_imbalance{layer=\"", layer, "\"}"),
+        [](const Series& s) { return s.value > 3.0; }, seconds(15)))
+        << "layer " << layer;
+  }
 
   for (const auto& [layer, hot] : kHot) {
     SCOPED_TRACE(absl::StrCat("layer ", layer));

@@ -20,9 +20,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/synchronization/mutex.h"
 #include "expert_service/expert_main.h"
 #include "router_service/router_main.h"
+#include "services/base/mutex.h"
 #include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
@@ -319,7 +319,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
   const std::vector<int64_t> layers = c.MoeLayers();
   std::atomic<int64_t> next{0}, mismatches{0}, failures{0};
   std::vector<double> latencies(requests);
-  absl::Mutex err_mu;
+  Mutex err_mu;
   std::string first_error;  // written holding err_mu
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> clients;
@@ -334,7 +334,7 @@ absl::Status RunMeshDemo(const std::vector<std::string>& argv) {
             std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s).count();
         if (!got.ok()) {
           ++failures;
-          absl::MutexLock lock(&err_mu);
+          MutexLock lock(&err_mu);
           if (first_error.empty()) first_error = got.status().ToString();
           continue;
         }

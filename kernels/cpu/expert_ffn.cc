@@ -36,10 +36,16 @@ inline float FastExp(float x) {
 inline float Sigmoid(float x) { return 1.0f / (1.0f + FastExp(-x)); }
 
 // target_clones gives AVX-512 and AVX2 bodies picked at load time, so one binary runs
-// anywhere and still vectorises 16 or 8 lanes wide.
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]] void SwiGlu(
-    const float* __restrict gate, const float* __restrict up, const float* __restrict bg,
-    const float* __restrict bu, int64_t n, float* __restrict h) {
+// anywhere and still vectorises 16 or 8 lanes wide. Not under ThreadSanitizer: the
+// instrumented IFUNC resolver runs before its runtime exists, and crashes the process.
+#if defined(__SANITIZE_THREAD__)
+#define MOEMESH_CLONES
+#else
+#define MOEMESH_CLONES [[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
+#endif
+MOEMESH_CLONES void SwiGlu(const float* __restrict gate, const float* __restrict up,
+                           const float* __restrict bg, const float* __restrict bu, int64_t n,
+                           float* __restrict h) {
   if (bg == nullptr) {
     for (int64_t i = 0; i < n; ++i) h[i] = gate[i] * Sigmoid(gate[i]) * up[i];
   } else {
@@ -50,9 +56,9 @@ inline float Sigmoid(float x) { return 1.0f / (1.0f + FastExp(-x)); }
   }
 }
 
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]] void ClampedSwiGlu(
-    const float* __restrict gate, const float* __restrict up, const float* __restrict bg,
-    const float* __restrict bu, int64_t n, float limit, float alpha, float* __restrict h) {
+MOEMESH_CLONES void ClampedSwiGlu(const float* __restrict gate, const float* __restrict up,
+                                  const float* __restrict bg, const float* __restrict bu, int64_t n,
+                                  float limit, float alpha, float* __restrict h) {
   for (int64_t i = 0; i < n; ++i) {
     float g = gate[i] + (bg ? bg[i] : 0.0f);
     float u = up[i] + (bu ? bu[i] : 0.0f);
@@ -62,8 +68,8 @@ inline float Sigmoid(float x) { return 1.0f / (1.0f + FastExp(-x)); }
   }
 }
 
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]] void Relu(
-    const float* __restrict up, const float* __restrict bu, int64_t n, float* __restrict h) {
+MOEMESH_CLONES void Relu(const float* __restrict up, const float* __restrict bu, int64_t n,
+                         float* __restrict h) {
   for (int64_t i = 0; i < n; ++i) {
     const float u = up[i] + (bu ? bu[i] : 0.0f);
     h[i] = u > 0.0f ? u : 0.0f;
@@ -168,5 +174,7 @@ void ExpertFfn(const ExpertFfnWeights& w, const float* x, int64_t rows, float* s
   for (int64_t t = 0; t < NumGateUpTasks(w); ++t) ExpertGateUpTask(w, x, rows, t, scratch, h);
   for (int64_t t = 0; t < NumDownTasks(w); ++t) ExpertDownTask(w, h, rows, t, y);
 }
+
+void SetBlasThreads(int n) { openblas_set_num_threads(n); }
 
 }  // namespace moemesh

@@ -95,4 +95,8 @@ inline int64_t ExpertFfnScratch(const ExpertFfnWeights& w, int64_t rows) {
 }
 void ExpertFfn(const ExpertFfnWeights& w, const float* x, int64_t rows, float* scratch, float* y);
 
+// Sets OpenBLAS's own thread count: callers that run the tasks above on a thread pool of
+// their own call BLAS single-threaded inside them.
+void SetBlasThreads(int n);
+
 }  // namespace moemesh

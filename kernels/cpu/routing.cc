@@ -5,7 +5,7 @@
 #include <limits>
 #include <vector>
 
-#include "kernels/cpu/routing_weights.h"
+#include "kernels/cpu/routing_math.h"
 
 namespace moemesh {
 
@@ -100,7 +100,7 @@ void RouteTopK(const RoutingParams& p, const float* logits, int64_t num_tokens,
     }
 
     for (int e = 0; e < E; ++e) {
-      choice[e] = correction_bias ? scores[e] + correction_bias[e] : scores[e];
+      choice[e] = ChoiceValue(correction_bias ? scores[e] + correction_bias[e] : scores[e]);
     }
 
     if (p.num_groups > 1) {
@@ -115,7 +115,7 @@ void RouteTopK(const RoutingParams& p, const float* logits, int64_t num_tokens,
             second = c[i];
           }
         }
-        group_scores[g] = p.group_score == GroupScore::kMax ? best : best + second;
+        group_scores[g] = ChoiceValue(p.group_score == GroupScore::kMax ? best : best + second);
       }
       TopK(group_scores.data(), p.num_groups, p.topk_groups, group_ids.data(), group_top.data());
       for (int g = 0; g < p.num_groups; ++g) {

@@ -124,13 +124,45 @@ TEST(RoutingTest, GroupLimitExcludesExperts) {
   EXPECT_EQ(ids[1], 1);
 }
 
-TEST(RoutingTest, NanLogitsStillGiveValidIds) {
+// NaN counts as -inf in the choice (routing_math.h ChoiceValue): the same ids on every
+// device, whatever order comparisons with NaN would give.
+TEST(RoutingTest, NanLogitsChooseTheLowestIds) {
   RoutingParams p = MakeRouting(8, 2, Scoring::kSoftmax, true);
   std::vector<float> logits(8, NAN);
   int32_t ids[2] = {-1, -1};
   float w[2];
   RouteTopK(p, logits.data(), 1, nullptr, ids, w, nullptr);
-  for (int32_t id : ids) EXPECT_TRUE(id >= 0 && id < 8);
+  EXPECT_EQ(ids[0], 0);
+  EXPECT_EQ(ids[1], 1);
+  // Softmax: one NaN logit makes every probability NaN, so again the lowest ids.
+  logits = {1, 5, NAN, 4, 0, 0, 0, 0};
+  RouteTopK(p, logits.data(), 1, nullptr, ids, w, nullptr);
+  EXPECT_EQ(ids[0], 0);
+  EXPECT_EQ(ids[1], 1);
+}
+
+TEST(RoutingTest, ANanScoreIsNeverChosenOverANumber) {
+  // Sigmoid scores are per expert: the NaN one ranks last, the others as usual. A NaN
+  // first (where insertion-based top-k would keep it) and last.
+  RoutingParams p = MakeRouting(6, 3, Scoring::kSigmoid, true);
+  for (const std::vector<float>& logits :
+       {std::vector<float>{NAN, 3, 1, 2, -1, 0}, std::vector<float>{3, 1, 2, -1, 0, NAN}}) {
+    int32_t ids[3];
+    float w[3];
+    RouteTopK(p, logits.data(), 1, nullptr, ids, w, nullptr);
+    const int32_t shift = std::isnan(logits[0]) ? 1 : 0;
+    EXPECT_EQ(ids[0], 0 + shift);
+    EXPECT_EQ(ids[1], 2 + shift);
+    EXPECT_EQ(ids[2], 1 + shift);
+  }
+  // Group-limited (DeepSeek-V3): a group whose scores are NaN is never a top group.
+  RoutingParams g = MakeRouting(8, 2, Scoring::kSigmoid, false, 1.0f, 4, 2, GroupScore::kTop2Sum);
+  std::vector<float> logits = {NAN, NAN, 1, 1, 2, 2, -3, -3};
+  int32_t ids[2];
+  float w[2];
+  RouteTopK(g, logits.data(), 1, nullptr, ids, w, nullptr);
+  EXPECT_EQ(ids[0], 4);
+  EXPECT_EQ(ids[1], 5);
 }
 
 }  // namespace

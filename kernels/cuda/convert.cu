@@ -1,4 +1,5 @@
 #include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/launch.cuh"
 
 namespace moemesh::cuda {
 namespace {
@@ -34,12 +35,14 @@ unsigned GridFor(int64_t n) {
 
 cudaError_t Bf16ToF32(const uint16_t* src, float* dst, int64_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
+  ForgetEarlierErrors();
   Bf16ToF32Kernel<<<GridFor(n), 256, 0, stream>>>(src, dst, n);
   return cudaGetLastError();
 }
 
 cudaError_t F32ToBf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
+  ForgetEarlierErrors();
   F32ToBf16Kernel<<<GridFor(n), 256, 0, stream>>>(src, dst, n);
   return cudaGetLastError();
 }

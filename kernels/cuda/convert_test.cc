@@ -12,10 +12,8 @@
 namespace moemesh {
 namespace {
 
-using cuda_testing::HaveGpu;
-
 TEST(CudaConvertTest, MatchesCpuConversion) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   const int64_t n = 1 << 20;
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0, 100);

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/grouped_ffn.cuh"
+#include "kernels/cuda/launch.cuh"
 
 namespace moemesh::cuda {
 namespace {
@@ -153,6 +154,7 @@ cudaError_t Launch(const GroupedFfnWeights& w, const uint16_t* a, const int64_t*
   const int64_t n = kGateUp ? w.intermediate : w.hidden;
   if (m_tiles > INT32_MAX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>((n + kBN - 1) / kBN));
+  ForgetEarlierErrors();
   GroupedGemm<kGateUp>
       <<<grid, kThreads, 0, stream>>>(w, reinterpret_cast<const __nv_bfloat16*>(a), offsets, out);
   return cudaGetLastError();

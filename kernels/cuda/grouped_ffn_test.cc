@@ -19,7 +19,6 @@ namespace moemesh {
 namespace {
 
 using cuda_testing::Download;
-using cuda_testing::HaveGpu;
 using cuda_testing::Poisoned;
 using cuda_testing::Upload;
 
@@ -54,7 +53,7 @@ struct Case {
 class CudaGroupedFfnTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CudaGroupedFfnTest, MatchesADoubleProductOfTheSameBf16Values) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   const Case& c = GetParam();
   const int E = c.E;
   const int64_t H = c.H, I = c.I;
@@ -143,7 +142,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"swiglu", 4, 128, 96, {3, 0, 70, 1}, Activation::kSwiGlu, false},
         Case{"swiglu_one_row", 8, 256, 64, {0, 0, 1, 0, 0, 0, 0, 0}, Activation::kSwiGlu, false},
         Case{"gpt_oss_clamped", 4, 288, 160, {17, 64, 65, 2}, Activation::kClampedSwiGlu, true},
-        Case{"wide_rows", 2, 512, 1024, {129, 200}, Activation::kSwiGlu, true}),
+        Case{"wide_rows", 2, 512, 1024, {129, 200}, Activation::kSwiGlu, true},
+        // H and I = 16 (mod 32): the last tile of each stage half full.
+        Case{"half_tiles", 3, 144, 80, {5, 33, 0}, Activation::kSwiGlu, false},
+        Case{"half_tiles_clamped", 2, 208, 336, {64, 1}, Activation::kClampedSwiGlu, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
 
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/permute.cuh"
 
 namespace moemesh::cuda {
@@ -134,6 +135,7 @@ cudaError_t BuildPermutation(const int32_t* topk_ids, int64_t num_tokens, int to
   auto* keys_out = reinterpret_cast<int32_t*>(ws + l.keys_out);
   auto* vals_in = reinterpret_cast<int32_t*>(ws + l.vals_in);
   auto* vals_out = reinterpret_cast<int32_t*>(ws + l.vals_out);
+  ForgetEarlierErrors();
   if (slots > 0) {
     Iota<<<Blocks(slots), 256, 0, stream>>>(vals_in, slots);
     // Stable: slots of one expert stay in token order.
@@ -152,6 +154,7 @@ cudaError_t GatherRows(RowDType dtype, const void* x, int64_t hidden, const int3
                        int64_t rows, void* out, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (hidden <= 0 || rows > INT32_MAX) return cudaErrorInvalidValue;
+  ForgetEarlierErrors();
   if (dtype == RowDType::kBF16) {
     Gather<<<static_cast<unsigned>(rows), 256, 0, stream>>>(
         static_cast<const __nv_bfloat16*>(x), hidden, row_token, static_cast<__nv_bfloat16*>(out));
@@ -167,6 +170,7 @@ cudaError_t CombineRows(RowDType dtype, const void* y, int64_t hidden, const int
                         cudaStream_t stream) {
   if (num_tokens <= 0) return cudaSuccess;
   if (hidden <= 0 || top_k <= 0 || num_tokens > INT32_MAX) return cudaErrorInvalidValue;
+  ForgetEarlierErrors();
   if (dtype == RowDType::kBF16) {
     Combine<<<static_cast<unsigned>(num_tokens), 256, 0, stream>>>(
         static_cast<const __nv_bfloat16*>(y), hidden, slot_row, weights, top_k, out);

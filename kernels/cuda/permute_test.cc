@@ -18,7 +18,6 @@ namespace moemesh {
 namespace {
 
 using cuda_testing::Download;
-using cuda_testing::HaveGpu;
 using cuda_testing::Poisoned;
 using cuda_testing::Upload;
 
@@ -32,7 +31,7 @@ struct Shape {
 class CudaPermuteTest : public ::testing::TestWithParam<Shape> {};
 
 TEST_P(CudaPermuteTest, MatchesTheCpuPlanGatherAndCombine) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   const Shape s = GetParam();
   std::mt19937 rng(static_cast<uint32_t>(s.T * 7 + s.E * 3 + s.k));
   // Distinct experts per token, skewed towards low ids (some experts get none).

@@ -3,14 +3,15 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "kernels/cpu/routing_weights.h"
+#include "kernels/cpu/routing_math.h"
 #include "kernels/cuda/cublas.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/routing.cuh"
 
 namespace moemesh::cuda {
 namespace {
 
-constexpr int kMaxExperts = 8192;  // shared memory per block stays within the default 48 KiB
+constexpr int kMaxExperts = 8192;  // 65 KiB of shared memory per block: see RouteTopK
 
 // The better of two (value, expert) candidates: the larger value, ties (and -inf) to the
 // lower id, as the CPU reference's top-k. An unset candidate (id < 0) never wins.
@@ -116,7 +117,8 @@ __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
   // Each thread touches the same e's as above: no barrier needed before these.
   for (int e = tid; e < E; e += step) {
     if (sout != nullptr && p.scoring != Scoring::kSoftmaxOverTopK) sout[e] = scores[e];
-    choice[e] = correction_bias != nullptr ? scores[e] + correction_bias[e] : scores[e];
+    choice[e] =
+        ChoiceValue(correction_bias != nullptr ? scores[e] + correction_bias[e] : scores[e]);
   }
   __syncthreads();
 
@@ -134,7 +136,7 @@ __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
           second = c;
         }
       }
-      gscore[g] = p.group_score == GroupScore::kMax ? best : best + second;
+      gscore[g] = ChoiceValue(p.group_score == GroupScore::kMax ? best : best + second);
       gsel[g] = 0;
     }
     __syncthreads();
@@ -200,6 +202,14 @@ __global__ void RouteKernel(RoutingParams p, const float* __restrict__ logits,
   }
 }
 
+// RouteKernel's dynamic shared memory (see its layout) and the amount any launch may take
+// without opting in.
+size_t RouteSharedBytes(const RoutingParams& p) {
+  return sizeof(float) * (2 * p.num_experts + p.num_groups + p.top_k + 32) +
+         sizeof(int) * (32 + p.num_groups + p.top_k);
+}
+constexpr size_t kDefaultSharedBytes = 48 << 10;
+
 __global__ void AddBias(float* __restrict__ out, const float* __restrict__ bias, int64_t rows,
                         int cols) {
   const int64_t n = rows * cols;
@@ -232,6 +242,7 @@ cublasStatus_t RouterLogits(cublasHandle_t handle, RouterDType dtype, const void
   if ((s = cublas->get_stream(handle, &stream)) != CUBLAS_STATUS_SUCCESS) return s;
   const int64_t n = num_tokens * num_experts;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
+  ForgetEarlierErrors();
   AddBias<<<blocks, 256, 0, stream>>>(logits, bias, num_tokens, num_experts);
   return cudaGetLastError() == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }
@@ -243,9 +254,28 @@ cudaError_t RouteTopK(const RoutingParams& params, const float* logits, int64_t 
     return cudaErrorInvalidValue;
   }
   if (num_tokens <= 0) return cudaSuccess;
-  const int E = params.num_experts, k = params.top_k, G = params.num_groups;
+  const int E = params.num_experts;
   const int threads = std::min(256, (E + 31) / 32 * 32);
-  const size_t shared = sizeof(float) * (2 * E + G + k + 32) + sizeof(int) * (32 + G + k);
+  const size_t shared = RouteSharedBytes(params);
+  if (shared > kDefaultSharedBytes) {
+    // Past the 48 KiB every launch may take (from about E = 6,100): opt in to more, up to
+    // what the device has (227 KiB on Hopper); a launch over it fails here, not wrongly.
+    int device = 0, limit = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) {
+      e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    }
+    if (e == cudaSuccess && shared > static_cast<size_t>(limit)) e = cudaErrorInvalidValue;
+    if (e == cudaSuccess) {
+      e = cudaFuncSetAttribute(RouteKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(shared));
+    }
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return e;
+    }
+  }
+  ForgetEarlierErrors();
   RouteKernel<<<static_cast<unsigned>(num_tokens), threads, shared, stream>>>(
       params, logits, correction_bias, topk_ids, topk_weights, scores);
   return cudaGetLastError();

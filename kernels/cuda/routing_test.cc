@@ -20,14 +20,13 @@ namespace moemesh {
 namespace {
 
 using cuda_testing::DeviceVector;
-using cuda_testing::HaveGpu;
 
 using Case = RoutingCase;
 
 class CudaRoutingTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CudaRoutingTest, MatchesTheCpuRouting) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   const Case& c = GetParam();
   ASSERT_EQ(c.params.Validate(), "");
   const int E = c.params.num_experts, k = c.params.top_k;
@@ -61,7 +60,7 @@ TEST_P(CudaRoutingTest, MatchesTheCpuRouting) {
 }
 
 TEST_P(CudaRoutingTest, NoScoresWantedAndNoTokens) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   const Case& c = GetParam();
   const int E = c.params.num_experts, k = c.params.top_k;
   const int64_t T = 5;
@@ -88,12 +87,43 @@ TEST_P(CudaRoutingTest, NoScoresWantedAndNoTokens) {
             cudaErrorInvalidValue);
 }
 
-// Every family's parameters, and a wide one: 1024 experts in 16 groups.
+// NaN logits (a whole token, and single experts) choose as the CPU routing does: NaN is
+// -inf in the choice on both.
+TEST_P(CudaRoutingTest, NanLogitsChooseAsTheCpuDoes) {
+  SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  const int E = c.params.num_experts, k = c.params.top_k;
+  const int64_t T = 16;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> logits(T * E), bias(E);
+  for (float& v : logits) v = nd(rng);
+  for (float& v : bias) v = 0.1f * nd(rng);
+  for (int e = 0; e < E; ++e) logits[e] = NAN;                        // token 0: all NaN
+  for (int64_t t = 1; t < T; ++t) logits[t * E + (t * 7) % E] = NAN;  // one NaN each
+  std::vector<int32_t> ids(T * k);
+  std::vector<float> w(T * k);
+  RouteTopK(c.params, logits.data(), T, c.bias ? bias.data() : nullptr, ids.data(), w.data(),
+            nullptr);
+  DeviceVector<float> d_logits(logits), d_bias(bias), d_w(T * k);
+  DeviceVector<int32_t> d_ids(T * k);
+  ASSERT_EQ(cuda::RouteTopK(c.params, d_logits.ptr, T, c.bias ? d_bias.ptr : nullptr, d_ids.ptr,
+                            d_w.ptr, nullptr, nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(d_ids.Host(), ids) << c.name;
+}
+
+// Every family's parameters, a wide one (1024 experts in 16 groups) and the widest the
+// kernel takes (8192: over the 48 KiB of shared memory a launch gets without opting in).
 std::vector<Case> Cases() {
   std::vector<Case> cases = FamilyRoutingCases();
   cases.push_back(
       {"wide", MakeRouting(1024, 16, Scoring::kSigmoid, true, 1.0f, 16, 5, GroupScore::kTop2Sum),
        true});
+  cases.push_back({"widest",
+                   MakeRouting(8192, 8, Scoring::kSigmoid, true, 1.0f, 8, 4, GroupScore::kTop2Sum),
+                   true});
   return cases;
 }
 
@@ -103,7 +133,7 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaRoutingTest, ::testing::ValuesIn(Cases())
 class CudaRouterLogitsTest : public ::testing::TestWithParam<cuda::RouterDType> {};
 
 TEST_P(CudaRouterLogitsTest, MatchesADoubleProduct) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   const bool bf16 = GetParam() == cuda::RouterDType::kBF16;
   const int64_t T = 37, H = 96;
   const int E = 24;

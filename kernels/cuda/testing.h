@@ -1,4 +1,4 @@
-// Helpers for the CUDA kernel tests: whether a device exists, and device buffers made
+// Helpers for the CUDA tests: whether a device exists, and device buffers made
 // from host vectors, poisoned (all bits set) or read back.
 #pragma once
 
@@ -8,11 +8,26 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels/cuda/device.h"
+
 namespace moemesh::cuda_testing {
 
-inline bool HaveGpu() {
+// In a test body: skips where the machine has no CUDA device (kernels/cuda/device.h), and
+// fails on any other CUDA error: a broken installation must not pass as "no GPU".
+#define SKIP_WITHOUT_GPU()                                                                        \
+  do {                                                                                            \
+    int n_ = 0;                                                                                   \
+    const cudaError_t e_ = ::moemesh::cuda::CountDevices(&n_);                                    \
+    if (e_ != cudaSuccess) FAIL() << "CUDA cannot count its devices: " << cudaGetErrorString(e_); \
+    if (n_ == 0) GTEST_SKIP() << "no CUDA device";                                                \
+  } while (0)
+
+// The machine's CUDA devices; a CUDA error other than "none" fails the test.
+inline int GpuCount() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  const cudaError_t e = cuda::CountDevices(&n);
+  EXPECT_EQ(e, cudaSuccess) << "CUDA cannot count its devices: " << cudaGetErrorString(e);
+  return n;
 }
 
 template <typename T>

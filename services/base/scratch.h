@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 namespace moemesh {
 
@@ -45,7 +45,7 @@ class FreeList {
 
   Lease Take() {
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       if (!free_.empty()) {
         std::unique_ptr<T> item = std::move(free_.back());
         free_.pop_back();
@@ -57,23 +57,23 @@ class FreeList {
 
   // Items kept now; for tests and gauges.
   size_t kept() const {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     return free_.size();
   }
   // Calls fn(const T&) on each kept item, holding the list's lock (fn must not Take).
   template <typename Fn>
   void ForEachKept(Fn fn) const {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (const auto& item : free_) fn(*item);
   }
 
  private:
   void Return(std::unique_ptr<T> item) {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     free_.push_back(std::move(item));
   }
 
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::vector<std::unique_ptr<T>> free_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -1,14 +1,9 @@
-// GpuGate::Create and Available: through the CUDA plugin (services/cuda/plugin.h).
+// GpuGate::Create: through the CUDA plugin (services/cuda/plugin.h).
 #include "services/cuda/gpu_gate.h"
 
 #include "services/cuda/plugin.h"
 
 namespace moemesh {
-
-bool GpuGate::Available() {
-  const absl::StatusOr<int> n = CudaDeviceCount();
-  return n.ok() && *n > 0;
-}
 
 absl::StatusOr<std::unique_ptr<GpuGate>> GpuGate::Create(const MoeModelConfig& config,
                                                          const GateWeights& gate, int device) {

@@ -21,8 +21,6 @@ namespace moemesh {
 
 class GpuGate {
  public:
-  // Whether this build has CUDA and the machine a device (false on any error too).
-  static bool Available();
   static absl::StatusOr<std::unique_ptr<GpuGate>> Create(const MoeModelConfig& config,
                                                          const GateWeights& gate, int device);
   virtual ~GpuGate() = default;

@@ -3,10 +3,11 @@
 
 #include <cstring>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "kernels/cuda/cublas.h"
 #include "kernels/cuda/routing.cuh"
+#include "services/base/mutex.h"
 #include "services/base/status_macros.h"
 #include "services/cuda/gpu_gate.h"
 #include "services/cuda/memory.h"
@@ -45,6 +46,9 @@ class CudaGpuGate final : public GpuGate {
     if (gate.correction_bias.raw() != nullptr) {
       RETURN_IF_ERROR(Upload(correction_, gate.correction_bias.data<float>(), E));
     }
+    // A pageable upload may still be in flight when cudaMemcpy returns, and the routing
+    // runs on a non-blocking stream that does not wait for the legacy one.
+    CUDA_RETURN_IF_ERROR("gate weights on the GPU", cudaStreamSynchronize(cudaStreamLegacy));
     return absl::OkStatus();
   }
 
@@ -52,7 +56,7 @@ class CudaGpuGate final : public GpuGate {
                      float* scores) override {
     if (T == 0) return absl::OkStatus();
     const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     CUDA_RETURN_IF_ERROR("cudaSetDevice", cudaSetDevice(device_));
     RETURN_IF_ERROR(x_.Reserve(T * H * sizeof(float), "hidden states"));
     RETURN_IF_ERROR(pinned_.Reserve(T * H * sizeof(float), "pinned hidden states"));
@@ -61,6 +65,22 @@ class CudaGpuGate final : public GpuGate {
     RETURN_IF_ERROR(ids_.Reserve(T * k * sizeof(int32_t), "top-k ids"));
     RETURN_IF_ERROR(weights_.Reserve(T * k * sizeof(float), "top-k weights"));
     std::memcpy(pinned_.ptr, x, T * H * sizeof(float));
+    if (absl::Status s = RouteOnStream(T, topk_ids, topk_weights, scores); !s.ok()) {
+      // Before the caller routes on the CPU into the same memory, or the next call rewrites
+      // the pinned rows: nothing of this call may still be in flight.
+      cudaStreamSynchronize(stream_);
+      cudaGetLastError();
+      return s;
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // The pinned rows up, the logits' GEMM and the top-k on the stream, the results down
+  // into the caller's memory; returns once they are there.
+  absl::Status RouteOnStream(int64_t T, int32_t* topk_ids, float* topk_weights, float* scores)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int64_t H = config_.hidden_size, E = config_.num_experts, k = config_.top_k;
     CUDA_RETURN_IF_ERROR("hidden states up",
                          cudaMemcpyAsync(x_.ptr, pinned_.ptr, T * H * sizeof(float),
                                          cudaMemcpyHostToDevice, stream_));
@@ -102,7 +122,7 @@ class CudaGpuGate final : public GpuGate {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   DeviceBuffer w_, bias_, correction_;  // the gate's weights; bias_ and correction_ may stay empty
-  absl::Mutex mu_;  // one call at a time: the buffers below are per call, grown as T grows
+  Mutex mu_;  // one call at a time: the buffers below are per call, grown as T grows
   DeviceBuffer x_ ABSL_GUARDED_BY(mu_), logits_ ABSL_GUARDED_BY(mu_), scores_ ABSL_GUARDED_BY(mu_);
   DeviceBuffer ids_ ABSL_GUARDED_BY(mu_), weights_ ABSL_GUARDED_BY(mu_);
   PinnedBuffer pinned_ ABSL_GUARDED_BY(mu_);

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/device.h"
 
 namespace moemesh::cuda_memory {
 
@@ -28,12 +29,15 @@ inline absl::Status CudaError(const char* what, cudaError_t e) {
   } while (0)
 
 // OK when `device` names a CUDA device here; FAILED_PRECONDITION without any (for
-// --device cuda), INVALID_ARGUMENT for a number out of range (--gpu).
+// --device cuda) or when CUDA cannot count them (naming its error), INVALID_ARGUMENT for a
+// number out of range (--gpu).
 inline absl::Status CheckDevice(int device) {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    return absl::FailedPreconditionError("--device cuda: no CUDA device here");
+  if (const cudaError_t e = cuda::CountDevices(&n); e != cudaSuccess) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--device cuda: CUDA cannot count its devices: ", cudaGetErrorString(e)));
   }
+  if (n == 0) return absl::FailedPreconditionError("--device cuda: no CUDA device here");
   if (device < 0 || device >= n) {
     return absl::InvalidArgumentError(
         absl::StrCat("--gpu ", device, ": this machine has ", n, " CUDA device(s)"));
@@ -61,7 +65,11 @@ struct Buffer {
     if (ptr != nullptr) Free(ptr);
     ptr = nullptr;
     bytes = 0;
-    CUDA_RETURN_IF_ERROR(what, Alloc(&ptr, n));
+    if (const cudaError_t e = Alloc(&ptr, n); e != cudaSuccess) {
+      ptr = nullptr;
+      cudaGetLastError();  // handled here: a later launch check must not see it
+      return CudaError(what, e);
+    }
     bytes = n;
     return absl::OkStatus();
   }

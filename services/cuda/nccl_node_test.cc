@@ -11,13 +11,12 @@
 #include <numeric>
 #include <vector>
 
+#include "kernels/cuda/testing.h"
+
 namespace moemesh::nccl {
 namespace {
 
-int DeviceCount() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
-}
+using cuda_testing::GpuCount;
 
 TEST(NcclNodeTest, TheLibraryLoadsWithEveryCall) {
   const Nccl* api = LoadNccl();
@@ -28,7 +27,7 @@ TEST(NcclNodeTest, TheLibraryLoadsWithEveryCall) {
 TEST(NcclNodeTest, BadGpuListsAreRefused) {
   EXPECT_EQ(NodeComm::Create({}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(NodeComm::Create({0, 0}).status().code(), absl::StatusCode::kInvalidArgument);
-  if (DeviceCount() > 0) GTEST_SKIP() << "the no-GPU case needs a machine without one";
+  if (GpuCount() > 0) GTEST_SKIP() << "the no-GPU case needs a machine without one";
   const absl::StatusOr<std::unique_ptr<NodeComm>> c = NodeComm::Create({0});
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("ncclCommInitAll"), std::string::npos) << c.status();
@@ -42,6 +41,9 @@ void* Filled(int d, size_t bytes, uint8_t seed) {
   void* p = nullptr;
   EXPECT_EQ(cudaMalloc(&p, bytes), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(p, host.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  // A pageable upload may still be in flight when cudaMemcpy returns, and NCCL reads on
+  // streams that do not wait for the legacy one.
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return p;
 }
 
@@ -53,7 +55,7 @@ std::vector<uint8_t> Read(int d, const void* p, size_t bytes) {
 }
 
 TEST(NcclNodeTest, CopiesArriveWholeWithinAndBetweenGpus) {
-  const int n = std::min(DeviceCount(), 8);
+  const int n = std::min(GpuCount(), 8);
   if (n == 0) GTEST_SKIP() << "no CUDA device";
   std::vector<int> devices(n);
   std::iota(devices.begin(), devices.end(), 0);

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 namespace moemesh {
 
@@ -32,7 +32,7 @@ int64_t ExpertLoadWindow::SliceId(Clock::time_point now) const {
 void ExpertLoadWindow::Add(int64_t tokens, const int64_t* counts, const double* prob_sums,
                            Clock::time_point now) {
   const int64_t id = SliceId(now);
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   Slice& s = slices_[id % static_cast<int64_t>(slices_.size())];
   if (s.id != id) {
     s.id = id;
@@ -56,7 +56,7 @@ ExpertLoadWindow::Stats ExpertLoadWindow::Snapshot(Clock::time_point now) const 
   std::vector<double> prob_sums(num_experts_, 0.0);
   int64_t prob_tokens = 0;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     n = static_cast<int64_t>(slices_.size());
     for (const Slice& s : slices_) {
       if (s.id < 0 || s.id > id || s.id <= id - n) continue;  // unused or out of the window

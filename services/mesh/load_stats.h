@@ -12,7 +12,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 #include "services/model/model_config.h"
 
 namespace moemesh {
@@ -60,7 +60,7 @@ class ExpertLoadWindow {
   const std::chrono::milliseconds window_;
   const Clock::duration slice_;
   const Clock::time_point start_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::vector<Slice> slices_ ABSL_GUARDED_BY(mu_);
 };
 

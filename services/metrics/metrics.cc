@@ -16,7 +16,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 #ifndef MOEMESH_VERSION
 #define MOEMESH_VERSION "0.1.0"
@@ -175,7 +175,7 @@ absl::StatusOr<T*> Family<T>::TryAdd(const Labels& labels) {
       return absl::InvalidArgumentError(absl::StrCat(name(), ": ", status.message()));
     }
   }
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::unique_ptr<T>& metric = metrics_[labels];
   if (metric == nullptr) {
     if constexpr (std::is_same_v<T, Histogram>) {
@@ -200,7 +200,7 @@ T& Family<T>::Add(const Labels& labels) {
 template <typename T>
 FamilySnapshot Family<T>::Collect() const {
   FamilySnapshot snapshot{name(), help(), type(), {}};
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (const auto& [labels, metric] : metrics_) metric->AppendSamples(labels, &snapshot.samples);
   return snapshot;
 }
@@ -224,7 +224,7 @@ absl::StatusOr<Family<T>*> Registry::AddFamily(absl::string_view name, absl::str
           " is ", FormatValue(bounds[i]), ")"));
     }
   }
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::unique_ptr<FamilyBase>& family = families_[std::string(name)];
   if (family == nullptr) {
     family = std::make_unique<Family<T>>(std::string(name), std::string(help), std::move(bounds));
@@ -240,20 +240,20 @@ absl::StatusOr<Family<T>*> Registry::AddFamily(absl::string_view name, absl::str
 }
 
 void Registry::AddCollectCallback(std::function<void()> callback) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   callbacks_.push_back(std::move(callback));
 }
 
 std::vector<FamilySnapshot> Registry::Collect() const {
   std::vector<std::function<void()>> callbacks;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     callbacks = callbacks_;
   }
   // Outside the lock: a callback may itself add label sets or families.
   for (const auto& callback : callbacks) callback();
   std::vector<FamilySnapshot> snapshots;
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   snapshots.reserve(families_.size());
   for (const auto& [name, family] : families_) snapshots.push_back(family->Collect());
   return snapshots;
@@ -345,7 +345,7 @@ class ComputedGaugeFamily final : public FamilyBase {
 absl::Status AddComputedGauge(Registry& registry, absl::string_view name, absl::string_view help,
                               std::function<void(std::vector<Sample>*)> samples) {
   if (absl::Status status = ValidateMetricName(name); !status.ok()) return status;
-  absl::MutexLock lock(&registry.mu_);
+  MutexLock lock(&registry.mu_);
   std::unique_ptr<FamilyBase>& family = registry.families_[std::string(name)];
   if (family != nullptr) {
     return absl::AlreadyExistsError(absl::StrCat("metric '", name, "' is registered already"));
@@ -409,10 +409,10 @@ absl::Status AddProcessMetrics(Registry& registry) {
   registry.AddCollectCallback([=] {
     // Counters only go up, so the CPU time is applied as an increment; the lock keeps
     // two concurrent scrapes from both adding the same delta.
-    static absl::Mutex mu(absl::kConstInit);
+    static Mutex mu;
     const std::vector<std::string> stat = ReadProcSelfStat();
     {
-      absl::MutexLock lock(&mu);
+      MutexLock lock(&mu);
       const double seconds = (StatField(stat, 14) + StatField(stat, 15)) / ticks;
       cpu_seconds->Increment(seconds - cpu_seconds->Value());
     }

@@ -30,7 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 namespace moemesh::metrics {
 
@@ -134,7 +134,7 @@ class Family final : public FamilyBase {
 
  private:
   const std::vector<double> bounds_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::map<Labels, std::unique_ptr<T>> metrics_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -165,7 +165,7 @@ class Registry {
   absl::StatusOr<Family<T>*> AddFamily(absl::string_view name, absl::string_view help,
                                        std::vector<double> bounds = {});
 
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::map<std::string, std::unique_ptr<FamilyBase>> families_ ABSL_GUARDED_BY(mu_);
   std::vector<std::function<void()>> callbacks_ ABSL_GUARDED_BY(mu_);
 };

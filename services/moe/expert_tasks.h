@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "kernels/cpu/expert_ffn.h"
-#include "kernels/cpu/thread_pool.h"
+#include "services/base/thread_pool.h"
 
 namespace moemesh {
 

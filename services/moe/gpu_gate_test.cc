@@ -11,6 +11,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "services/cuda/testing.h"
 #include "services/model/model_generator.h"
 #include "services/moe/moe_gate.h"
 
@@ -32,7 +33,9 @@ GeneratedModel Model(ModelFamily family) {
 }
 
 TEST(GpuGateTest, WithoutAGpuItSaysWhy) {
-  if (GpuGate::Available()) GTEST_SKIP() << "a GPU is here: the device cases run instead";
+  if (cuda_testing::PluginGpuCount() > 0) {
+    GTEST_SKIP() << "a GPU is here: the device cases run instead";
+  }
   const GeneratedModel m = Model(ModelFamily::kMixtral);
   GateOptions o;
   o.gpu = 0;
@@ -44,7 +47,7 @@ TEST(GpuGateTest, WithoutAGpuItSaysWhy) {
 class GpuGateFamilyTest : public ::testing::TestWithParam<ModelFamily> {};
 
 TEST_P(GpuGateFamilyTest, RoutesAsTheCpuDoes) {
-  if (!GpuGate::Available()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_PLUGIN_GPU();
   const GeneratedModel m = Model(GetParam());
   const int64_t layer = m.config.MoeLayers().back(), H = m.config.hidden_size, k = m.config.top_k;
   GateOptions on_gpu;
@@ -80,6 +83,9 @@ TEST_P(GpuGateFamilyTest, RoutesAsTheCpuDoes) {
       EXPECT_EQ(ws_g.plan.token_rows, ws_c.plan.token_rows);
     }
   }
+  // Routed on the GPU, every call: a GPU failure would route on the CPU and compare the
+  // CPU with itself.
+  EXPECT_EQ(gpu->gpu_fallbacks(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, GpuGateFamilyTest, ::testing::ValuesIn(kAllFamilies),

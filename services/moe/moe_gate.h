@@ -17,7 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/cpu/dispatch.h"
-#include "kernels/cpu/thread_pool.h"
+#include "services/base/thread_pool.h"
 #include "services/cuda/gpu_gate.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
@@ -81,6 +81,8 @@ class MoeGate {
   const GateWeights& weights() const { return gate_; }
   ThreadPool& pool() const { return *pool_; }
   int64_t weight_bytes() const;
+  // Calls routed on the CPU because the GPU (options.gpu) failed them, since Create.
+  int64_t gpu_fallbacks() const { return gpu_failures_.load(std::memory_order_relaxed); }
 
  private:
   MoeGate(const MoeModelConfig& config, int64_t layer, GateOptions options)

@@ -92,7 +92,7 @@ void MoeLayer::RunExperts(const float* x) {
 
 int64_t MoeLayer::ForwardF32(const float* x, int64_t T, float* out, int32_t* topk_ids,
                              float* topk_weights) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   gate_->Route(x, T, topk_ids, topk_weights, &ws_);
   RunExperts(x);
   gate_->RunSharedExpert(x, T, &ws_);

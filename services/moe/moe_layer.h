@@ -18,9 +18,9 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
-#include "kernels/cpu/thread_pool.h"
+#include "services/base/mutex.h"
 #include "services/base/tensor.h"
+#include "services/base/thread_pool.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/model/moe_weights.h"
@@ -75,7 +75,7 @@ class MoeLayer {
   std::unique_ptr<MoeGate> gate_;
   std::vector<ExpertWeights> experts_;
 
-  absl::Mutex mu_;  // one call at a time: the workspace below is shared
+  Mutex mu_;  // one call at a time: the workspace below is shared
   MoeGate::Workspace ws_ ABSL_GUARDED_BY(mu_);
   std::vector<float> grouped_x_ ABSL_GUARDED_BY(mu_), grouped_y_ ABSL_GUARDED_BY(mu_);
   std::vector<float> gate_up_ ABSL_GUARDED_BY(mu_), hidden_ ABSL_GUARDED_BY(mu_);

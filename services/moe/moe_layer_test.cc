@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
@@ -207,29 +208,68 @@ TEST(MoeLayerTest, CapacityDropsOverflowInTokenOrder) {
   EXPECT_EQ(dropless->Forward(x).value().dropped, 0);
 }
 
+// Expert choice against an independent reference: router probabilities in double from
+// the gate's own weights, each expert's C best tokens (ties to the lower token), each
+// token's output the probability-weighted sum of the experts that took it, and its listed
+// experts the first k of those in expert order.
 TEST(MoeLayerTest, ExpertChoiceGivesEachExpertItsTopTokens) {
   Model m = Generate(ModelFamily::kMixtral, DType::kF32, 4, 2);
   MoeLayerOptions options;
   options.mode = RoutingMode::kExpertChoice;
   options.capacity_factor = 1.0;  // C = 1.0·T·k/E = 10
   auto moe = MoeLayer::Create(*m.ckpt, m.config, 0, options).value();
-  const int64_t T = 20;
-  const MoeLayerOutput out = moe->Forward(RandomInput(T, m.config.hidden_size, 4)).value();
-  std::vector<int> taken(4, 0);
-  for (int64_t i = 0; i < out.topk_ids.numel(); ++i) {
-    const int e = out.topk_ids.data<int32_t>()[i];
-    if (e >= 0)
-      ++taken[e];
-    else
-      EXPECT_EQ(out.topk_weights.data<float>()[i], 0.0f);
+  const int64_t T = 20, H = m.config.hidden_size, E = 4, k = 2, C = 10;
+  const Tensor x = RandomInput(T, H, 4);
+  const MoeLayerOutput out = moe->Forward(x).value();
+
+  const GateWeights gate = LoadGate(*m.ckpt, m.config, 0).value();
+  std::vector<double> p(T * E);
+  for (int64_t t = 0; t < T; ++t) {
+    double mx = -INFINITY, sum = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      double z = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        z += double(x.data<float>()[t * H + h]) * gate.weight.data<float>()[e * H + h];
+      }
+      p[t * E + e] = z;
+      mx = std::max(mx, z);
+    }
+    for (int64_t e = 0; e < E; ++e) sum += std::exp(p[t * E + e] - mx);
+    for (int64_t e = 0; e < E; ++e) p[t * E + e] = std::exp(p[t * E + e] - mx) / sum;
   }
-  // Listing is capped at k per token, so an expert may show fewer than C, never more.
-  int total = 0;
-  for (int e = 0; e < 4; ++e) {
-    EXPECT_LE(taken[e], 10);
-    total += taken[e];
+  std::vector<std::vector<int>> takers(T);  // experts that took each token, in expert order
+  for (int e = 0; e < E; ++e) {
+    std::vector<int> order(T);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return p[a * E + e] > p[b * E + e]; });
+    // The reference is exact only away from near ties at the cut.
+    ASSERT_GT(p[order[C - 1] * E + e] - p[order[C] * E + e], 1e-5) << "expert " << e;
+    for (int i = 0; i < C; ++i) takers[order[i]].push_back(e);
   }
-  EXPECT_GT(total, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    std::sort(takers[t].begin(), takers[t].end());
+    std::vector<double> want(H, 0.0);
+    for (int e : takers[t]) {
+      const std::vector<float> y = ExpertOnToken(m, 0, e, x.data<float>() + t * H);
+      for (int64_t h = 0; h < H; ++h) want[h] += p[t * E + e] * y[h];
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      ASSERT_NEAR(out.output.data<float>()[t * H + h], want[h], 1e-5 * (1 + std::abs(want[h])))
+          << "token " << t;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t id = out.topk_ids.data<int32_t>()[t * k + j];
+      const float w = out.topk_weights.data<float>()[t * k + j];
+      if (j < static_cast<int64_t>(takers[t].size())) {
+        EXPECT_EQ(id, takers[t][j]) << "token " << t << " slot " << j;
+        EXPECT_NEAR(w, p[t * E + takers[t][j]], 1e-6) << "token " << t << " slot " << j;
+      } else {
+        EXPECT_EQ(id, -1) << "token " << t << " slot " << j;
+        EXPECT_EQ(w, 0.0f);
+      }
+    }
+  }
 }
 
 TEST(MoeLayerTest, RejectsBadInputsWithClearErrors) {
@@ -255,17 +295,35 @@ TEST(MoeLayerTest, RejectsBadInputsWithClearErrors) {
   EXPECT_FALSE(MoeLayer::Create(*m.ckpt, m.config, 0, bad).ok());
 }
 
-TEST(MoeLayerTest, NonFiniteInputsDoNotCrash) {
+// A token that is not a number gets the lowest expert ids (NaN is -inf in the choice, on
+// every device) and a NaN output, and leaves the other tokens' answers as they are.
+TEST(MoeLayerTest, NonFiniteTokensAreRoutedPredictablyAndPoisonNoOther) {
   Model m = Generate(ModelFamily::kDeepseekV3);
   auto moe = MoeLayer::Create(*m.ckpt, m.config, 1).value();
-  Tensor x = RandomInput(3, m.config.hidden_size, 1);
-  x.mutable_data<float>()[0] = NAN;
-  x.mutable_data<float>()[m.config.hidden_size] = INFINITY;
+  const int64_t H = m.config.hidden_size, k = m.config.top_k;
+  Tensor x = RandomInput(3, H, 1);
+  const Tensor clean = RandomInput(3, H, 1);
+  x.mutable_data<float>()[0] = NAN;       // token 0
+  x.mutable_data<float>()[H] = INFINITY;  // token 1
   auto out = moe->Forward(x);
-  ASSERT_TRUE(out.ok());
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (int64_t j = 0; j < k; ++j) EXPECT_EQ(out->topk_ids.data<int32_t>()[j], j);
+  for (int64_t h = 0; h < H; ++h) EXPECT_TRUE(std::isnan(out->output.data<float>()[h])) << h;
   for (int64_t i = 0; i < out->topk_ids.numel(); ++i) {
     EXPECT_GE(out->topk_ids.data<int32_t>()[i], 0);
     EXPECT_LT(out->topk_ids.data<int32_t>()[i], m.config.num_experts);
+  }
+  // Token 2 as in a batch of finite tokens: the same experts and weights, the same output
+  // (within the rounding of the batch's other GEMM shapes).
+  const MoeLayerOutput want = moe->Forward(clean).value();
+  for (int64_t j = 0; j < k; ++j) {
+    EXPECT_EQ(out->topk_ids.data<int32_t>()[2 * k + j], want.topk_ids.data<int32_t>()[2 * k + j]);
+    EXPECT_EQ(out->topk_weights.data<float>()[2 * k + j],
+              want.topk_weights.data<float>()[2 * k + j]);
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const float w = want.output.data<float>()[2 * H + h];
+    EXPECT_NEAR(out->output.data<float>()[2 * H + h], w, 1e-5f * (1 + std::abs(w))) << h;
   }
 }
 

@@ -64,6 +64,25 @@ absl::StatusOr<StartedServer> StartGrpcServer(const GrpcServerOptions& options,
   return started;
 }
 
+namespace {
+
+// A HealthCheckResponse's status: field 1, a varint (absent when 0, UNKNOWN).
+absl::StatusOr<int> HealthStatus(const grpc::ByteBuffer& response) {
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return absl::InternalError("health reply: unreadable");
+  std::string bytes;
+  for (const auto& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  if (bytes.empty()) return 0;
+  if (bytes.size() != 2 || bytes[0] != 0x08) {
+    return absl::InternalError("health reply: not a HealthCheckResponse");
+  }
+  return static_cast<int>(bytes[1]);
+}
+
+}  // namespace
+
 absl::StatusOr<int> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
                                 std::chrono::milliseconds timeout) {
   grpc::GenericStub generic(channel);
@@ -80,18 +99,72 @@ absl::StatusOr<int> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
   bool ok;
   cq.Next(&tag, &ok);
   if (!status.ok()) return FromGrpcStatus(status);
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return absl::InternalError("health reply: unreadable");
-  std::string bytes;
-  for (const auto& slice : slices) {
-    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  return HealthStatus(response);
+}
+
+absl::StatusOr<std::unique_ptr<HealthWatch>> HealthWatch::Start(
+    const std::shared_ptr<grpc::Channel>& channel) {
+  auto w = std::unique_ptr<HealthWatch>(new HealthWatch());
+  grpc::GenericStub generic(channel);
+  w->call_ = generic.PrepareCall(&w->ctx_, "/grpc.health.v1.Health/Watch", &w->cq_);
+  w->call_->StartCall(w.get());
+  if (!w->Await(w.get(), std::chrono::seconds(10))) {
+    return absl::UnavailableError("health watch: the call did not start");
   }
-  // HealthCheckResponse{status}: field 1, varint (absent when 0, UNKNOWN).
-  if (bytes.empty()) return 0;
-  if (bytes.size() != 2 || bytes[0] != 0x08) {
-    return absl::InternalError("health reply: not a HealthCheckResponse");
+  grpc::Slice no_bytes;  // HealthCheckRequest{service: ""}
+  grpc::ByteBuffer request(&no_bytes, 1);
+  w->call_->Write(request, &w->reply_);
+  if (!w->Await(&w->reply_, std::chrono::seconds(10))) {
+    return absl::UnavailableError("health watch: the request was not sent");
   }
-  return static_cast<int>(bytes[1]);
+  w->call_->WritesDone(&w->ctx_);
+  if (!w->Await(&w->ctx_, std::chrono::seconds(10))) {
+    return absl::UnavailableError("health watch: the request was not closed");
+  }
+  return w;
+}
+
+HealthWatch::~HealthWatch() {
+  ctx_.TryCancel();
+  cq_.Shutdown();
+  void* tag;
+  bool ok;
+  while (cq_.Next(&tag, &ok)) {
+  }
+}
+
+bool HealthWatch::Await(void* tag, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::system_clock::now() + timeout;
+  while (true) {
+    void* got = nullptr;
+    bool ok = false;
+    const auto s = cq_.AsyncNext(&got, &ok, deadline);
+    if (s != grpc::CompletionQueue::GOT_EVENT) return false;
+    if (got == tag) return ok;
+  }
+}
+
+absl::StatusOr<int> HealthWatch::Next(std::chrono::milliseconds timeout) {
+  if (!reading_) {
+    reply_.Clear();
+    call_->Read(&reply_, &reading_);
+    reading_ = true;
+  }
+  const auto deadline = std::chrono::system_clock::now() + timeout;
+  void* got = nullptr;
+  bool ok = false;
+  const auto s = cq_.AsyncNext(&got, &ok, deadline);
+  if (s != grpc::CompletionQueue::GOT_EVENT) {
+    return absl::DeadlineExceededError("health watch: no status within the timeout");
+  }
+  reading_ = false;
+  if (!ok) {
+    grpc::Status status;
+    call_->Finish(&status, &status);
+    Await(&status, std::chrono::seconds(5));
+    return absl::UnavailableError(absl::StrCat("health watch ended: ", status.error_message()));
+  }
+  return HealthStatus(reply_);
 }
 
 }  // namespace moemesh

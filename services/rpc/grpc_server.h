@@ -2,6 +2,7 @@
 // grpc.health.v1 (starting NOT_SERVING) and server reflection.
 #pragma once
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
@@ -48,5 +49,30 @@ absl::StatusOr<StartedServer> StartGrpcServer(const GrpcServerOptions& options,
 // when the server does not answer in `timeout`.
 absl::StatusOr<int> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
                                 std::chrono::milliseconds timeout);
+
+// grpc.health.v1.Health/Watch for the whole server behind a channel: the server sends its
+// status at once and again on every change (a drain's NOT_SERVING while calls still run,
+// which a Check made after the server stopped accepting calls could not see). One thread
+// uses it.
+class HealthWatch {
+ public:
+  static absl::StatusOr<std::unique_ptr<HealthWatch>> Start(
+      const std::shared_ptr<grpc::Channel>& channel);
+  ~HealthWatch();
+  // The next status the server sends (1 SERVING, 2 NOT_SERVING); DEADLINE_EXCEEDED when
+  // none comes within `timeout`, the stream's error when it ends.
+  absl::StatusOr<int> Next(std::chrono::milliseconds timeout);
+
+ private:
+  HealthWatch() = default;
+  // Waits for the completion of `tag`; false on timeout or failure.
+  bool Await(void* tag, std::chrono::milliseconds timeout);
+
+  grpc::ClientContext ctx_;
+  grpc::CompletionQueue cq_;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
+  grpc::ByteBuffer reply_;
+  bool reading_ = false;  // a Read is in flight
+};
 
 }  // namespace moemesh

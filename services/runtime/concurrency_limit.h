@@ -3,7 +3,7 @@
 #pragma once
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 namespace moemesh {
 
@@ -15,12 +15,12 @@ class ConcurrencyLimit {
   class Slot {
    public:
     explicit Slot(ConcurrencyLimit& l) : l_(l) {
-      absl::MutexLock lock(&l_.mu_);
-      l_.mu_.Await(absl::Condition(&l_, &ConcurrencyLimit::HasFreeSlot));
+      MutexLock lock(&l_.mu_);
+      l_.mu_.Await(&l_, &ConcurrencyLimit::HasFreeSlot);
       ++l_.held_;
     }
     ~Slot() {
-      absl::MutexLock lock(&l_.mu_);
+      MutexLock lock(&l_.mu_);
       --l_.held_;
     }
     Slot(const Slot&) = delete;
@@ -34,7 +34,7 @@ class ConcurrencyLimit {
   bool HasFreeSlot() const ABSL_SHARED_LOCKS_REQUIRED(mu_) { return held_ < limit_; }
 
   const int limit_;
-  absl::Mutex mu_;
+  Mutex mu_;
   int held_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -9,7 +9,7 @@ namespace moemesh {
 //   anew (docs/architecture.md, "Transfer tuning").
 // - absl::Mutex without its deadlock detection, which Debian's abseil (built without
 //   NDEBUG) leaves on: it costs every lock a graph update (~0.2 µs against ~0.02 µs), and
-//   the UCX round trip over shared memory is ~5 µs. Tests keep it on.
+//   gRPC's own locks are absl::Mutex (ours are services/base/mutex.h). Tests keep it on.
 void ConfigureForServing();
 
 }  // namespace moemesh

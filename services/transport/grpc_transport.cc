@@ -68,7 +68,7 @@ class GrpcExchange : public ExpertTransport::Exchange {
 }  // namespace
 
 v1::ExpertService::Stub* GrpcExpertTransport::StubFor(const std::string& endpoint) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto& stub = stubs_[endpoint];
   if (!stub) {
     grpc::ChannelArguments args;

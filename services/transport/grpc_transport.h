@@ -9,8 +9,8 @@
 #include <unordered_map>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 #include "expert_service.grpc.pb.h"
+#include "services/base/mutex.h"
 #include "services/transport/transport.h"
 
 namespace moemesh {
@@ -32,7 +32,7 @@ class GrpcExpertTransport : public ExpertTransport {
 
  private:
   const GrpcTransportOptions options_;
-  absl::Mutex mu_;
+  Mutex mu_;
   std::unordered_map<std::string, std::unique_ptr<v1::ExpertService::Stub>> stubs_
       ABSL_GUARDED_BY(mu_);
 };

@@ -16,7 +16,7 @@
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 #include "services/transport/transport.h"
 
 namespace moemesh {
@@ -49,7 +49,7 @@ class QueuedExchange : public ExpertTransport::Exchange {
     ExpertTransport::Done* slot = &dones_.back();
     ++pending_;
     return [this, slot](absl::Status status, Reply reply) {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       completed_.push_back({std::move(status), std::move(reply), slot});
       queued_.fetch_add(1, std::memory_order_release);
     };
@@ -63,8 +63,8 @@ class QueuedExchange : public ExpertTransport::Exchange {
         poll_([this] { return queued_.load(std::memory_order_acquire) > 0; });
       }
       {
-        absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(this, &QueuedExchange::HasCompleted));
+        MutexLock lock(&mu_);
+        mu_.Await(this, &QueuedExchange::HasCompleted);
         c = std::move(completed_.front());
         completed_.pop_front();
         queued_.fetch_sub(1, std::memory_order_relaxed);
@@ -90,7 +90,7 @@ class QueuedExchange : public ExpertTransport::Exchange {
   Poll poll_;
   std::deque<ExpertTransport::Done> dones_;  // stable addresses; the exchange's thread only
   int pending_ = 0;                          // started, `done` not run; the exchange's thread
-  absl::Mutex mu_;
+  Mutex mu_;
   std::deque<Completion> completed_ ABSL_GUARDED_BY(mu_);
   std::atomic<int> queued_{0};  // completed_.size(), read without the lock
 };

@@ -35,7 +35,7 @@ UcxBufferPtr UcxBufferPool::Take(size_t size) {
   const int c = SizeClass(size);
   UcxBuffer* b = nullptr;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (classes_.size() <= static_cast<size_t>(c)) classes_.resize(c + 1);
     Class& k = classes_[c];
     k.high = std::max(k.high, ++k.out);
@@ -51,7 +51,7 @@ UcxBufferPtr UcxBufferPool::Take(size_t size) {
     void* p = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (p == MAP_FAILED) {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       --classes_[c].out;
       return nullptr;
     }
@@ -76,7 +76,7 @@ ucp_mem_h UcxBufferPool::Register(UcxBuffer& b) {
     return nullptr;
   }
   ++registrations_;
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   registered_.insert(&b);
   return b.memh;
 }
@@ -84,7 +84,7 @@ ucp_mem_h UcxBufferPool::Register(UcxBuffer& b) {
 void UcxBufferPool::Return(UcxBuffer* b) {
   std::function<void(std::function<void()>)> post;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     Class& k = classes_[b->size_class];  // taken from this pool: the class exists
     --k.out;
     if (!closed_ && k.free.size() < std::max(KeepPerClass(b->size_class), k.high) &&
@@ -107,7 +107,7 @@ void UcxBufferPool::Free(UcxBuffer* b) {
   if (b->pinned) {
     std::function<void(UcxBuffer*)> unpin;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       unpin = unpin_;
     }
     if (unpin) unpin(b);
@@ -115,7 +115,7 @@ void UcxBufferPool::Free(UcxBuffer* b) {
   if (b->memh != nullptr) {
     bool registered;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       registered = registered_.erase(b) > 0;
     }
     if (registered) ucp_mem_unmap(context_, b->memh);
@@ -125,7 +125,7 @@ void UcxBufferPool::Free(UcxBuffer* b) {
 }
 
 void UcxBufferPool::Close() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   closed_ = true;
   poster_ = nullptr;
   // Every registration goes now, before the context, those of buffers still held
@@ -147,7 +147,7 @@ void UcxBufferPool::Close() {
 }
 
 int64_t UcxBufferPool::kept() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   int64_t n = 0;
   for (const Class& k : classes_) n += static_cast<int64_t>(k.free.size());
   return n;

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 // UCX types, kept out of this header.
 typedef struct ucp_context* ucp_context_h;
@@ -54,12 +54,12 @@ class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
   void Close() ABSL_LOCKS_EXCLUDED(mu_);
   // Undoes `pinned` before a buffer's memory goes (set by services/transport/ucx/device.h).
   void SetUnpin(std::function<void(UcxBuffer*)> unpin) ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     unpin_ = std::move(unpin);
   }
   // How surplus registered buffers reach the worker thread to be unregistered.
   void SetPoster(std::function<void(std::function<void()>)> post) ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     poster_ = std::move(post);
   }
   // Buffers registered so far (each once), and kept for reuse now; for tests.
@@ -84,7 +84,7 @@ class UcxBufferPool : public std::enable_shared_from_this<UcxBufferPool> {
 
   const ucp_context_h context_;
   std::atomic<int64_t> registrations_{0};
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::vector<Class> classes_ ABSL_GUARDED_BY(mu_);  // by size class
   size_t kept_bytes_ ABSL_GUARDED_BY(mu_) = 0;       // in the free lists
   std::set<UcxBuffer*> registered_ ABSL_GUARDED_BY(mu_);

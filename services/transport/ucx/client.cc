@@ -16,9 +16,13 @@
 namespace moemesh {
 namespace {
 
-// How long a call may wait on a service whose transport cannot report failure before
-// the control plane is asked whether it is still there, and how often after that.
+// How long a call may wait on a service before the control plane is asked whether it is
+// still there, and still the instance the call went to, and how often after that: soon
+// where the transport cannot report a dead peer (UCX 1.13's shared memory); later where it
+// can (TCP, RDMA), for what it cannot see: a hung instance whose endpoint name a new one
+// has taken (a restarted pod).
 constexpr auto kProbeAfter = std::chrono::milliseconds(100);
+constexpr auto kProbeAfterDetecting = std::chrono::milliseconds(1000);
 constexpr auto kProbeTimeout = std::chrono::milliseconds(500);
 
 char kZeros[ucx::kAlign] = {};  // padding, read by UCX
@@ -294,7 +298,7 @@ absl::StatusOr<std::shared_ptr<UcxExpertTransport>> UcxExpertTransport::Create(
 UcxExpertTransport::~UcxExpertTransport() {
   if (prober_.joinable()) {
     {
-      absl::MutexLock lock(&probe_mu_);
+      MutexLock lock(&probe_mu_);
       probe_stop_ = true;
     }
     probe_cv_.SignalAll();
@@ -389,7 +393,7 @@ bool UcxExpertTransport::cuda_direct() const {
 bool UcxExpertTransport::Resolve(const std::string& endpoint, Clock::time_point deadline,
                                  const Complete& complete) {
   {
-    absl::MutexLock lock(&addresses_mu_);
+    MutexLock lock(&addresses_mu_);
     if (addresses_.count(endpoint) > 0) return true;
   }
   v1::InfoResponse info;
@@ -404,7 +408,7 @@ bool UcxExpertTransport::Resolve(const std::string& endpoint, Clock::time_point 
              nullptr);
     return false;
   }
-  absl::MutexLock lock(&addresses_mu_);
+  MutexLock lock(&addresses_mu_);
   addresses_[endpoint] = info.ucx_worker_address();
   return true;
 }
@@ -568,7 +572,7 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
   if (peer->ep != nullptr) return peer.get();
   std::string address;
   {
-    absl::MutexLock lock(&addresses_mu_);
+    MutexLock lock(&addresses_mu_);
     auto it = addresses_.find(endpoint);
     if (it != addresses_.end()) address = it->second;
   }
@@ -580,7 +584,7 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
                                              peer.get(), &peer->ep, &peer->detects_failure);
   if (s != UCS_OK) {
     *error = absl::StrCat("cannot connect over UCX: ", ucs_status_string(s));
-    absl::MutexLock lock(&addresses_mu_);
+    MutexLock lock(&addresses_mu_);
     addresses_.erase(endpoint);
     return nullptr;
   }
@@ -656,7 +660,7 @@ void UcxExpertTransport::FailPeer(Peer* peer, ucp_ep_h ep, const absl::Status& s
   peer->ep = nullptr;
   {
     // A restarted service has a new worker address: ask Info again.
-    absl::MutexLock lock(&addresses_mu_);
+    MutexLock lock(&addresses_mu_);
     auto it = addresses_.find(peer->endpoint);
     if (it != addresses_.end() && it->second == peer->address) addresses_.erase(it);
   }
@@ -723,26 +727,26 @@ ExpertTransport::Clock::time_point UcxExpertTransport::EndExpired(Clock::time_po
 }
 
 ExpertTransport::Clock::time_point UcxExpertTransport::AskProbes(Clock::time_point now) {
-  // Services that cannot report their own failure: ask the control plane about those
-  // that calls have waited on for a while.
+  // Ask the control plane about the services that calls have waited on for a while.
   auto next = Clock::time_point::max();
   for (auto& [endpoint, peer] : peers_) {
-    if (peer->detects_failure || peer->ep == nullptr || peer->pending.empty()) continue;
+    if (peer->ep == nullptr || peer->pending.empty()) continue;
+    const auto interval = peer->detects_failure ? kProbeAfterDetecting : kProbeAfter;
     auto oldest = Clock::time_point::max();
     for (uint64_t id : peer->pending) {
       if (auto it = pending_.find(id); it != pending_.end()) {
         oldest = std::min(oldest, it->second->started);
       }
     }
-    const auto due = std::max(oldest, peer->last_probe) + kProbeAfter;
+    const auto due = std::max(oldest, peer->last_probe) + interval;
     if (due <= now) {
       peer->last_probe = now;
       {
-        absl::MutexLock lock(&probe_mu_);
+        MutexLock lock(&probe_mu_);
         probe_queue_.emplace_back(endpoint, peer->address);
       }
       probe_cv_.Signal();
-      next = std::min(next, now + kProbeAfter);
+      next = std::min(next, now + interval);
     } else {
       next = std::min(next, due);
     }
@@ -754,7 +758,7 @@ void UcxExpertTransport::ProbeLoop() {
   while (true) {
     std::pair<std::string, std::string> probe;
     {
-      absl::MutexLock lock(&probe_mu_);
+      MutexLock lock(&probe_mu_);
       while (!probe_stop_ && probe_queue_.empty()) probe_cv_.Wait(&probe_mu_);
       if (probe_stop_) return;
       probe = std::move(probe_queue_.front());

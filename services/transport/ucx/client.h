@@ -27,7 +27,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 #include "services/transport/transport.h"
 #include "services/transport/ucx/buffer_pool.h"
 #include "services/transport/ucx/protocol.h"
@@ -159,12 +159,12 @@ class UcxExpertTransport : public ExpertTransport {
   std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
 
   // Worker addresses by endpoint, from Info; dropped when the peer fails.
-  absl::Mutex addresses_mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
+  Mutex addresses_mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
   std::unordered_map<std::string, std::string> addresses_ ABSL_GUARDED_BY(addresses_mu_);
 
   // Probes asked for by the worker thread: (endpoint, the address it is connected to).
-  absl::Mutex probe_mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
-  absl::CondVar probe_cv_;
+  Mutex probe_mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
+  CondVar probe_cv_;
   std::deque<std::pair<std::string, std::string>> probe_queue_ ABSL_GUARDED_BY(probe_mu_);
   bool probe_stop_ ABSL_GUARDED_BY(probe_mu_) = false;
   std::thread prober_;

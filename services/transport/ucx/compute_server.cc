@@ -147,7 +147,7 @@ absl::StatusOr<std::unique_ptr<UcxComputeServer>> UcxComputeServer::Create(
 
 UcxComputeServer::~UcxComputeServer() {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     stop_ = true;
   }
   cv_.SignalAll();
@@ -189,7 +189,7 @@ void UcxComputeServer::Refuse(uint64_t client, uint64_t id, const absl::Status& 
 
 void UcxComputeServer::Enqueue(Job job, bool may_inline) {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (may_inline && !stop_ && busy_ == 0 && jobs_.empty() && inline_jobs_.empty() &&
         worker_->on_worker_thread()) {
       // Small, and nothing else to compute: the worker thread computes it after this
@@ -215,7 +215,7 @@ void UcxComputeServer::ServeInline() {
   if (!has_inline_.load()) return;
   std::deque<Job> jobs;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     jobs.swap(inline_jobs_);
     has_inline_ = false;
   }
@@ -232,7 +232,7 @@ void UcxComputeServer::ComputeLoop() {
   while (true) {
     Job job;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       while (!stop_ && jobs_.empty()) cv_.Wait(&mu_);
       if (jobs_.empty()) return;
       job = std::move(jobs_.front());
@@ -243,7 +243,7 @@ void UcxComputeServer::ComputeLoop() {
     {
       // Idle before the reply goes: the next request, which may follow it at once,
       // finds this thread free.
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       --busy_;
       --working_;
     }

@@ -23,8 +23,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "expert_service.pb.h"
+#include "services/base/mutex.h"
 #include "services/transport/transport.h"
 #include "services/transport/ucx/buffer_pool.h"
 #include "services/transport/ucx/protocol.h"
@@ -114,8 +114,8 @@ class UcxComputeServer {
   std::atomic<int64_t> computed_inline_{0};
   std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
 
-  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
-  absl::CondVar cv_;  // jobs_ or stop_, for the compute threads
+  Mutex mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
+  CondVar cv_;  // jobs_ or stop_, for the compute threads
   std::deque<Job> jobs_ ABSL_GUARDED_BY(mu_);
   int busy_ ABSL_GUARDED_BY(mu_) = 0;                 // compute threads computing
   std::atomic<int> working_{0};                       // jobs_.size() + busy_, read without the lock

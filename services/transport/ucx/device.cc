@@ -27,8 +27,15 @@ cudaStream_t ThreadStream() {
 absl::Status UcxDevice::Pin(UcxBufferPool& pool, UcxBuffer& b) {
   if (b.pinned) return absl::OkStatus();
   pool.SetUnpin([](UcxBuffer* buffer) { cudaHostUnregister(buffer->data); });
-  if (cudaError_t e = cudaHostRegister(b.data, b.capacity, cudaHostRegisterDefault);
-      e != cudaSuccess) {
+  const cudaError_t e = cudaHostRegister(b.data, b.capacity, cudaHostRegisterDefault);
+  if (e == cudaErrorHostMemoryAlreadyRegistered) {
+    // Pinned already, by someone else (a CUDA-aware UCX registering the pool's memory):
+    // usable for copies, and not ours to unpin.
+    cudaGetLastError();
+    return absl::OkStatus();
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // handled here: a later launch check must not see it
     return CudaError("cudaHostRegister of a staging buffer", e);
   }
   b.pinned = true;

@@ -8,6 +8,7 @@
 
 #include <condition_variable>
 
+#include "kernels/cuda/testing.h"
 #include "services/transport/ucx/buffer_pool.h"
 #include "services/transport/ucx/client.h"
 #include "services/transport/ucx/compute_server.h"
@@ -15,11 +16,6 @@
 
 namespace moemesh {
 namespace {
-
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
 
 class Control : public ExpertTransport {
  public:
@@ -35,7 +31,7 @@ class Control : public ExpertTransport {
 };
 
 TEST(UcxDeviceTest, DevicePayloadArrivesIntactStagedAndDirect) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_GPU();
   auto server = UcxComputeServer::Create(&EchoRows, 1, 64 << 20).value();
   auto t = UcxExpertTransport::Create(std::make_shared<Control>(server->worker_address())).value();
   for (size_t bytes : {size_t{100}, size_t{3} << 20}) {

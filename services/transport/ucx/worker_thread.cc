@@ -15,7 +15,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "absl/time/time.h"
 #include "services/transport/ucx/ucp_helpers.h"
 
 namespace moemesh {
@@ -110,7 +109,7 @@ void UcxWorkerThread::Start() {
 void UcxWorkerThread::Stop() {
   if (!thread_.joinable()) return;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     stop_ = true;
   }
   const uint64_t one = 1;
@@ -131,7 +130,7 @@ UcxWorkerThread::~UcxWorkerThread() {
 
 void UcxWorkerThread::Post(std::function<void()> fn) {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     posted_.push_back(std::move(fn));
     has_posted_ = true;
     // A poller runs it (and wakes the worker thread for what it leaves when it stops).
@@ -144,7 +143,7 @@ bool UcxWorkerThread::RunPostedAndProgress() {
   bool ran = false;
   if (has_posted_.load(std::memory_order_acquire)) {
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       running_.swap(posted_);  // both keep their capacity: no allocation per round
       has_posted_ = false;
     }
@@ -165,7 +164,7 @@ void UcxWorkerThread::Wake() {
   const uint64_t one = 1;
   (void)!::write(event_fd_, &one, sizeof one);  // asleep in epoll
   {
-    absl::MutexLock lock(&mu_);  // or parked while a poller polls
+    MutexLock lock(&mu_);  // or parked while a poller polls
     woken_ = true;
   }
   park_cv_.Signal();
@@ -173,7 +172,7 @@ void UcxWorkerThread::Wake() {
 
 void UcxWorkerThread::WakeIfParked() {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (!parked_) return;
     woken_ = true;
   }
@@ -195,7 +194,7 @@ bool UcxWorkerThread::Poll(const std::function<bool()>& ready, std::chrono::nano
   }
   bool wake;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     pollers_ = 0;
     wake = !done || !posted_.empty();
   }
@@ -213,7 +212,7 @@ void UcxWorkerThread::Loop() {
     if (BeginRound()) {
       // Last rounds: endpoints closed by the posted work finish closing, and the
       // operations they cancel complete.
-      absl::MutexLock lock(&ucx_mu_);
+      MutexLock lock(&ucx_mu_);
       for (int i = 0; i < 100 && ucp_worker_progress(worker_) != 0; ++i) {
       }
       break;
@@ -241,13 +240,13 @@ void UcxWorkerThread::Loop() {
 }
 
 bool UcxWorkerThread::BeginRound() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   woken_ = false;
   return stop_ && posted_.empty();
 }
 
 int UcxWorkerThread::RunUntilIdle(bool* active) {
-  absl::MutexLock lock(&ucx_mu_);
+  MutexLock lock(&ucx_mu_);
   while (RunPostedAndProgress()) *active = true;
   const int timeout_ms = idle_hook_ ? idle_hook_() : -1;
   wake_at_ = timeout_ms < 0
@@ -260,8 +259,8 @@ void UcxWorkerThread::Park(int timeout_ms) {
   const auto wait = timeout_ms < 0 ? kParked
                                    : std::min<std::chrono::steady_clock::duration>(
                                          kParked, std::chrono::milliseconds(timeout_ms));
-  absl::MutexLock lock(&mu_);
-  const absl::Time deadline = absl::Now() + absl::FromChrono(wait);
+  MutexLock lock(&mu_);
+  const auto deadline = std::chrono::steady_clock::now() + wait;
   parked_ = true;
   while (posted_.empty() && !stop_ && !woken_) {
     if (park_cv_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
@@ -270,13 +269,13 @@ void UcxWorkerThread::Park(int timeout_ms) {
 }
 
 bool UcxWorkerThread::HasPostedOrStop() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return !posted_.empty() || stop_;
 }
 
 void UcxWorkerThread::Sleep(int timeout_ms) {
   {
-    absl::MutexLock lock(&ucx_mu_);
+    MutexLock lock(&ucx_mu_);
     if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) return;
   }
   epoll_event events[2];

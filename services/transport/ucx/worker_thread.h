@@ -19,7 +19,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 #include "services/transport/ucx/buffer_pool.h"
 
 // UCX types, kept out of this header.
@@ -49,13 +49,13 @@ class UcxWorkerThread {
   void Stop() ABSL_LOCKS_EXCLUDED(mu_, ucx_mu_);
 
   // Held around every UCX call on the worker (see the top of this file).
-  absl::Mutex& mutex() ABSL_LOCK_RETURNED(ucx_mu_) { return ucx_mu_; }
+  Mutex& mutex() ABSL_LOCK_RETURNED(ucx_mu_) { return ucx_mu_; }
   // Runs `fn` now, on the calling thread, holding mutex(): UCX calls made inside are
   // serialized with the worker thread's (sends go out without a hand-off). `fn` cannot be
   // annotated: it begins with mutex().AssertHeld() where it touches guarded state.
   template <typename F>
   void RunLocked(F&& fn) ABSL_LOCKS_EXCLUDED(ucx_mu_) {
-    absl::MutexLock lock(&ucx_mu_);
+    MutexLock lock(&ucx_mu_);
     fn();
   }
   // Runs `fn` soon, holding mutex(): on the worker thread, or on a thread in Poll.
@@ -142,20 +142,20 @@ class UcxWorkerThread {
   std::atomic<int> pollers_{0};
   std::atomic<uint64_t> polls_{0};  // Poll calls so far
 
-  absl::Mutex ucx_mu_;
+  Mutex ucx_mu_;
   // When the worker thread will next run its idle hook unless woken.
   std::chrono::steady_clock::time_point wake_at_ ABSL_GUARDED_BY(ucx_mu_) =
       std::chrono::steady_clock::time_point::max();
   std::vector<std::function<void()>> running_ ABSL_GUARDED_BY(ucx_mu_);  // posted, running
 
   // Taken inside ucx_mu_ (Post from a callback), never the other way round.
-  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(ucx_mu_);
+  Mutex mu_ ABSL_ACQUIRED_AFTER(ucx_mu_);
   std::vector<std::function<void()>> posted_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> has_posted_{false};  // !posted_.empty(), read without the lock
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool woken_ ABSL_GUARDED_BY(mu_) = false;
   bool parked_ ABSL_GUARDED_BY(mu_) = false;
-  absl::CondVar park_cv_;  // the worker thread, while a poller polls
+  CondVar park_cv_;  // the worker thread, while a poller polls
   std::thread thread_;
 };
 

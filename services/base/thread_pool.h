@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "services/base/mutex.h"
 
 namespace moemesh {
 
@@ -46,16 +46,12 @@ class ThreadPool {
   static void Drain(Job& job);
   void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_);
 
-  absl::Mutex mu_;
-  absl::CondVar work_cv_;                       // workers wait for jobs
-  absl::CondVar done_cv_;                       // callers wait for their job's last item
+  Mutex mu_;
+  CondVar work_cv_;                             // workers wait for jobs
+  CondVar done_cv_;                             // callers wait for their job's last item
   std::deque<Job*> jobs_ ABSL_GUARDED_BY(mu_);  // jobs with unclaimed items
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
 };
-
-// Sets OpenBLAS's own thread count (the kernels parallelise through ThreadPool and call
-// BLAS single-threaded).
-void SetBlasThreads(int n);
 
 }  // namespace moemesh

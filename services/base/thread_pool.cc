@@ -1,6 +1,4 @@
-#include "kernels/cpu/thread_pool.h"
-
-#include <cblas.h>
+#include "services/base/thread_pool.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -14,7 +12,7 @@ ThreadPool::ThreadPool(int num_threads) {
 
 ThreadPool::~ThreadPool() {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     stop_ = true;
   }
   work_cv_.SignalAll();
@@ -37,14 +35,14 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
   job.fn = &fn;
   job.n = n;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     jobs_.push_back(&job);
   }
   work_cv_.SignalAll();
   Drain(job);
   // Every item is claimed now. Unlist the job so no worker picks it up again, then wait
   // until the workers still running its items have left it.
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = std::find(jobs_.begin(), jobs_.end(), &job);
   if (it != jobs_.end()) jobs_.erase(it);
   while (job.active.load(std::memory_order_relaxed) != 0) done_cv_.Wait(&mu_);
@@ -81,7 +79,5 @@ ThreadPool& ThreadPool::Default() {
   }();
   return *pool;
 }
-
-void SetBlasThreads(int n) { openblas_set_num_threads(n); }
 
 }  // namespace moemesh
