@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <memory>
 
+#include "absl/strings/str_cat.h"
+#include "expert_service/controller_agent.h"
 #include "expert_service/expert_server.h"
 #include "services/base/status_macros.h"
 #include "services/metrics/exposer.h"
@@ -20,7 +22,7 @@ constexpr char kUsage[] =
     "  none, the listed experts of every MoE layer, or per layer\n"
     "  [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L] [--transport grpc|ucx]\n"
     "  [--ucx-spin-us US] [--device cpu|cuda] [--gpu N[,N...]] [--gpu-rebalance-s S]\n"
-    "  [--fault-delay-ms MS]\n"
+    "  [--fault-delay-ms MS] [--controller H:P] [--advertise H:P] [--leave-timeout-s S]\n"
     "  --threads: compute threads (default MOEMESH_THREADS or every core)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
@@ -32,6 +34,10 @@ constexpr char kUsage[] =
     "    there (default cpu: float32, bit-identical to the in-process layer); several GPUs\n"
     "    (--gpu 0,1,2,3): the experts spread over them, moved between them over NCCL every\n"
     "    --gpu-rebalance-s seconds (default 5; 0: never) when their load is uneven\n"
+    "  --controller: register with the placement controller at H:P, which tells the service\n"
+    "    what to load (--experts then defaults to none); on SIGTERM the controller moves its\n"
+    "    experts elsewhere first (up to --leave-timeout-s, default 60), then it drains\n"
+    "  --advertise: the address routers and the controller reach it at (default --listen)\n"
     "  --fault-delay-ms MS: fault injection for drills and tests: every Compute waits MS\n"
     "    before it computes (default 0)\n";
 
@@ -40,7 +46,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
       CliArgs args,
       CliArgs::Parse(argv, {"model", "listen", "service-id", "experts", "max-message-mb", "threads",
                             "metrics-listen", "expert-metrics", "transport", "ucx-spin-us",
-                            "device", "gpu", "gpu-rebalance-s", "fault-delay-ms"}));
+                            "device", "gpu", "gpu-rebalance-s", "fault-delay-ms", "controller",
+                            "advertise", "leave-timeout-s"}));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   o.listen = args.String("listen", o.listen);
@@ -55,6 +62,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--gpu-rebalance-s must be in [0, 86400]");
   }
   o.gpu_rebalance_interval = std::chrono::milliseconds(static_cast<int64_t>(rebalance_s * 1000));
+  const std::string controller = args.String("controller", "");
+  ASSIGN_OR_RETURN(const double leave_timeout_s, args.Double("leave-timeout-s", 60.0));
+  if (!(leave_timeout_s >= 0 && leave_timeout_s <= 3600)) {
+    return absl::InvalidArgumentError("--leave-timeout-s must be in [0, 3600]");
+  }
   ASSIGN_OR_RETURN(const int64_t fault_delay_ms, args.Int("fault-delay-ms", 0));
   if (fault_delay_ms < 0 || fault_delay_ms > 600000) {
     return absl::InvalidArgumentError("--fault-delay-ms must be in [0, 600000]");
@@ -68,7 +80,9 @@ absl::Status Run(const std::vector<std::string>& argv) {
     // headers; Create opens the checkpoint again for the weights.
     ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(o.model_dir));
     ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
-    ASSIGN_OR_RETURN(o.experts, ParseExpertSpec(args.String("experts", "all"), config));
+    ASSIGN_OR_RETURN(
+        o.experts,
+        ParseExpertSpec(args.String("experts", controller.empty() ? "all" : "none"), config));
   }
 
   std::unique_ptr<ThreadPool> pool;
@@ -92,7 +106,28 @@ absl::Status Run(const std::vector<std::string>& argv) {
   std::fprintf(stderr, "expert service %s: %lld experts, %.1f MiB of weights\n",
                o.service_id.c_str(), static_cast<long long>(server->store().size()),
                server->store().weight_bytes() / 1048576.0);
-  ServeUntilStopSignal("expert service", o.listen, *server);
+  std::unique_ptr<ControllerAgent> agent;
+  if (!controller.empty()) {
+    ControllerAgentOptions ao;
+    ao.controller = controller;
+    ao.service_id = o.service_id;
+    // Port 0 in --listen means the bound port: the advertised address names the real one.
+    const std::string host = o.listen.substr(0, o.listen.rfind(':'));
+    ao.endpoint = args.String("advertise", absl::StrCat(host, ":", server->port()));
+    ASSIGN_OR_RETURN(agent, ControllerAgent::Start(ao, server.get()));
+  }
+  ServeUntilStopSignal("expert service", o.listen, *server, [&] {
+    if (agent == nullptr) return;
+    // Its experts move to other services first: nothing routes here when the drain starts.
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(leave_timeout_s * 1000));
+    if (const absl::Status s = agent->Leave(deadline); !s.ok()) {
+      std::fprintf(stderr,
+                   "expert service %s: no handover (%s); routers still sending here are "
+                   "answered until the drain ends, then retry elsewhere\n",
+                   o.service_id.c_str(), s.ToString().c_str());
+    }
+  });
   return absl::OkStatus();
 }
 

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -15,8 +16,8 @@ namespace moemesh {
 
 absl::Status RouterOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
-  if (placement_file.empty() && endpoints.empty()) {
-    return absl::InvalidArgumentError("endpoints or placement_file is required");
+  if (placement_file.empty() && endpoints.empty() && !placement_from_controller) {
+    return absl::InvalidArgumentError("endpoints, placement_file or a controller is required");
   }
   if (wire_dtype != DType::kF32 && wire_dtype != DType::kBF16) {
     return absl::InvalidArgumentError("wire_dtype must be F32 or BF16");
@@ -34,7 +35,9 @@ absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
   ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(options.model_dir));
   ASSIGN_OR_RETURN(MoeModelConfig config, ParseMoeModelConfig(ckpt->config()));
   PlacementTable table;
-  if (!options.placement_file.empty()) {
+  if (options.placement_from_controller) {
+    // Epoch 0, no entries: the controller's first table replaces it.
+  } else if (!options.placement_file.empty()) {
     std::ifstream in(options.placement_file);
     std::stringstream ss;
     ss << in.rdbuf();
@@ -58,8 +61,9 @@ absl::StatusOr<std::unique_ptr<MoeRouter>> MoeRouter::Create(
         static_cast<int>(config.num_experts), router->options_.load_window);
   }
   {
+    std::shared_ptr<const PlacementTable> tracked = router->Track(std::move(table));
     MutexLock lock(&router->placement_mu_);
-    router->placement_ = std::make_shared<const PlacementTable>(std::move(table));
+    router->placement_ = std::move(tracked);
   }
   if (router->metrics_ != nullptr) RETURN_IF_ERROR(router->RegisterGauges());
   return router;
@@ -142,14 +146,44 @@ std::shared_ptr<const PlacementTable> MoeRouter::placement() const {
   return placement_;
 }
 
-absl::Status MoeRouter::SetPlacement(PlacementTable table) {
-  MutexLock lock(&placement_mu_);
-  if (table.epoch() <= placement_->epoch()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "placement epoch ", table.epoch(), " is not newer than the current ", placement_->epoch()));
+std::shared_ptr<const PlacementTable> MoeRouter::Track(PlacementTable table) {
+  const uint64_t epoch = table.epoch();
+  {
+    MutexLock lock(&live_mu_);
+    ++live_[epoch];
   }
-  placement_ = std::make_shared<const PlacementTable>(std::move(table));
+  return std::shared_ptr<const PlacementTable>(new PlacementTable(std::move(table)),
+                                               [this, epoch](const PlacementTable* t) {
+                                                 delete t;
+                                                 MutexLock lock(&live_mu_);
+                                                 if (--live_[epoch] == 0) live_.erase(epoch);
+                                               });
+}
+
+absl::Status MoeRouter::SetPlacement(PlacementTable table) {
+  // Tracked outside the placement lock; the old table goes (and is counted) after it.
+  const uint64_t epoch = table.epoch();
+  std::shared_ptr<const PlacementTable> next = Track(std::move(table));
+  std::shared_ptr<const PlacementTable> old;
+  {
+    MutexLock lock(&placement_mu_);
+    if (epoch <= placement_->epoch()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "placement epoch ", epoch, " is not newer than the current ", placement_->epoch()));
+    }
+    old = std::exchange(placement_, std::move(next));
+  }
   return absl::OkStatus();
+}
+
+bool MoeRouter::NoOlderTables() const {
+  return live_.empty() || live_.begin()->first >= waiting_for_;
+}
+
+bool MoeRouter::WaitForOlderCalls(uint64_t epoch, Clock::time_point deadline) {
+  MutexLock lock(&live_mu_);
+  waiting_for_ = epoch;
+  return live_mu_.AwaitWithDeadline(this, &MoeRouter::NoOlderTables, deadline);
 }
 
 std::vector<int64_t> MoeRouter::ExpertLoad(int64_t layer) const {
@@ -164,6 +198,23 @@ ExpertLoadWindow::Stats MoeRouter::LoadStats(int64_t layer) const {
   auto it = windows_.find(layer);
   if (it == windows_.end()) return {};
   return it->second->Snapshot();
+}
+
+void MoeRouter::FillExpertLoad(int64_t only, v1::ExpertLoad* out) const {
+  for (int64_t layer : config_.MoeLayers()) {
+    if (only >= 0 && only != layer) continue;
+    v1::LayerLoad* l = out->add_layers();
+    l->set_layer(layer);
+    for (int64_t v : ExpertLoad(layer)) l->add_tokens(v);
+    const ExpertLoadWindow::Stats st = LoadStats(layer);
+    for (int64_t v : st.counts) l->add_window_tokens(v);
+    for (double v : st.rate) l->add_window_rate(v);
+    for (double v : st.mean_probability) l->add_mean_probability(v);
+    l->set_window_seconds(st.seconds);
+    l->set_imbalance(st.imbalance);
+    l->set_balance_statistic(st.balance_statistic);
+    l->set_window_input_tokens(st.tokens);
+  }
 }
 
 MoeRouter::Destination& MoeRouter::DestinationOf(const std::string& endpoint) {
@@ -183,6 +234,9 @@ MoeRouter::Destination& MoeRouter::DestinationOf(const std::string& endpoint) {
 
 absl::Status MoeRouter::CheckReady(Clock::time_point deadline) const {
   const auto table = placement();
+  if (table->epoch() == 0 && options_.placement_from_controller) {
+    return absl::UnavailableError("no placement yet: waiting for the placement controller");
+  }
   for (const std::string& endpoint : table->endpoints()) {
     v1::InfoResponse info;
     absl::Status s = transport_->Info(endpoint, deadline, &info);
@@ -253,17 +307,29 @@ absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(const Call& c,
                                                                 const std::vector<int32_t>& pending,
                                                                 const Failures& failures) {
   const auto& endpoints = c.table->endpoints();
+  // Ties go round: each call starts its scan at the next replica, so idle replicas share
+  // the calls (an expert's load spreads over its replicas, as the planner assumes).
+  const uint64_t rotation = rotation_.fetch_add(1, std::memory_order_relaxed);
   Assignment by_dest;
   for (int32_t e : pending) {
     int32_t best = -1;
     int64_t best_load = 0;
-    for (int32_t r : c.table->Replicas(c.layer, e)) {
+    const std::vector<int32_t>& replicas = c.table->Replicas(c.layer, e);
+    for (size_t i = 0; i < replicas.size(); ++i) {
+      const int32_t r = replicas[(rotation + i) % replicas.size()];
       if (failures.replicas[e].count(r)) continue;
       const int64_t load = DestinationOf(endpoints[r]).outstanding.load(std::memory_order_relaxed);
       if (best < 0 || load < best_load) {
         best = r;
         best_load = load;
       }
+    }
+    if (best < 0 && c.table->Replicas(c.layer, e).empty()) {
+      return absl::UnavailableError(
+          c.table->epoch() == 0
+              ? "no placement yet: the router waits for its placement controller"
+              : absl::StrCat("layer ", c.layer, " expert ", e,
+                             " has no replica in placement epoch ", c.table->epoch()));
     }
     if (best < 0) {
       std::vector<std::string> why;
@@ -333,9 +399,11 @@ absl::Status MoeRouter::CollectRetries(const Call& c, const Assignment& by_dest,
   pending->clear();
   for (const auto& [dest, status] : outcomes) {
     if (status.ok()) continue;
-    // Only an unreachable service is worth another replica; anything else (a bad request,
-    // an expired deadline) would fail the same way there.
-    if (status.code() != absl::StatusCode::kUnavailable) {
+    // Only an unreachable service, or one that no longer holds the expert (a placement
+    // change raced the call), is worth another replica; anything else (a bad request, an
+    // expired deadline) would fail the same way there.
+    if (status.code() != absl::StatusCode::kUnavailable &&
+        status.code() != absl::StatusCode::kNotFound) {
       return absl::Status(status.code(),
                           absl::StrCat(c.table->endpoints()[dest], ": ", status.message()));
     }

@@ -6,8 +6,10 @@
 // same wire dtype, whatever the placement, replica or arrival order.
 //
 // Placement: an immutable PlacementTable swapped whole (SetPlacement); a call keeps the
-// table it started with. Replica choice: the replica with the fewest outstanding tokens.
-// A destination that fails with UNAVAILABLE is retried on another replica of each of its
+// table it started with. Replica choice: the replica with the fewest outstanding tokens,
+// ties taken in turn.
+// A destination that fails with UNAVAILABLE, or NOT_FOUND (it no longer holds an expert:
+// a placement change raced the call), is retried on another replica of each of its
 // experts while the deadline allows; an expert whose every replica failed gives
 // UNAVAILABLE naming it.
 //
@@ -44,6 +46,9 @@ struct RouterOptions {
   int replicas = 1;
   // A JSON placement (PlacementTable::FromJson) instead of policy + endpoints.
   std::string placement_file;
+  // Neither: the placement comes from a placement controller (router_service/
+  // placement_watcher.h); until its first table arrives, calls fail UNAVAILABLE.
+  bool placement_from_controller = false;
   // Token rows on the wire: F32 or BF16.
   DType wire_dtype = DType::kF32;
   // Deadline of a call whose caller gave none.
@@ -73,12 +78,19 @@ class MoeRouter {
   const MoeModelConfig& config() const { return config_; }
   const RouterOptions& options() const { return options_; }
   std::shared_ptr<const PlacementTable> placement() const;
-  // Replaces the table; its epoch must exceed the current one.
+  // Replaces the table; its epoch must exceed the current one. Calls already planned on
+  // the old table finish on it.
   absl::Status SetPlacement(PlacementTable table);
+  // Blocks until no call planned on a table older than `epoch` is in flight, or until
+  // `deadline`; whether none is.
+  bool WaitForOlderCalls(uint64_t epoch, Clock::time_point deadline);
   // Tokens routed to each expert of `layer` since start (empty for a non-MoE layer).
   std::vector<int64_t> ExpertLoad(int64_t layer) const;
   // The load of `layer` over the last options().load_window (zeros for a non-MoE layer).
   ExpertLoadWindow::Stats LoadStats(int64_t layer) const;
+  // Both, as RouterControl.GetExpertLoad and the controller's load reports carry them:
+  // every MoE layer, or only `layer` when >= 0.
+  void FillExpertLoad(int64_t layer, v1::ExpertLoad* out) const;
   // nullptr when the router was created without metrics.
   RouterMetrics* metrics() const { return metrics_.get(); }
   // OK when every endpoint of the placement answers Info holding the experts the table
@@ -145,10 +157,20 @@ class MoeRouter {
   std::map<int64_t, std::vector<std::atomic<int64_t>>> load_;     // routed tokens per expert
   std::map<int64_t, std::unique_ptr<ExpertLoadWindow>> windows_;  // per MoE layer
 
+  // Shares `table` so that the table's going (its last call done) is counted in live_.
+  std::shared_ptr<const PlacementTable> Track(PlacementTable table);
+  bool NoOlderTables() const ABSL_SHARED_LOCKS_REQUIRED(live_mu_);
+
+  // Tables still referenced (by the router or by calls in flight), by epoch. Before
+  // placement_: the table's deleter counts here, so this outlives it.
+  mutable Mutex live_mu_;
+  std::map<uint64_t, int> live_ ABSL_GUARDED_BY(live_mu_);
+  uint64_t waiting_for_ ABSL_GUARDED_BY(live_mu_) = 0;  // the epoch WaitForOlderCalls waits on
   mutable Mutex placement_mu_;
   std::shared_ptr<const PlacementTable> placement_ ABSL_GUARDED_BY(placement_mu_);
 
   FreeList<CallBuffers> buffers_;
+  std::atomic<uint64_t> rotation_{0};  // ChooseReplicas' tie-break
 
   mutable SharedMutex destinations_mu_;
   std::map<std::string, std::unique_ptr<Destination>> destinations_

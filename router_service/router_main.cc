@@ -4,6 +4,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
+#include "router_service/placement_watcher.h"
 #include "router_service/router_server.h"
 #include "services/base/status_macros.h"
 #include "services/metrics/exposer.h"
@@ -16,12 +17,15 @@
 namespace moemesh {
 
 const char kRouterUsage[] =
-    "moemesh router --model DIR (--endpoints H:P,H:P,... | --placement-file F)\n"
+    "moemesh router --model DIR (--controller H:P | --endpoints H:P,H:P,... | --placement-file F)\n"
     "  [--listen HOST:PORT] [--placement contiguous|round-robin] [--replicas N]\n"
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
     "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
-    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US] [--device cpu|cuda] [--gpu "
-    "N]\n"
+    "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US] [--device cpu|cuda]\n"
+    "  [--gpu N] [--router-id ID] [--load-report-s S]\n"
+    "  --controller: follow the placement controller at H:P (every new placement, acknowledged;\n"
+    "    the load windows reported every --load-report-s, default 2); no --endpoints needed\n"
+    "  --router-id: this router's name to the controller (default: random)\n"
     "  --metrics-listen: serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)\n"
     "  --expert-metrics: which per-expert series to export (docs/metrics.md; default auto)\n"
     "  --load-window-s: window of the load statistics and imbalance gauges (default 60)\n"
@@ -36,18 +40,30 @@ const char kRouterUsage[] =
 namespace {
 
 absl::Status Run(const std::vector<std::string>& argv) {
-  ASSIGN_OR_RETURN(
-      CliArgs args,
-      CliArgs::Parse(
-          argv, {"model", "endpoints", "placement-file", "listen", "placement", "replicas", "wire",
-                 "model-name", "max-message-mb", "timeout-ms", "capacity-factor", "metrics-listen",
-                 "expert-metrics", "load-window-s", "transport", "ucx-spin-us", "device", "gpu"}));
+  ASSIGN_OR_RETURN(CliArgs args,
+                   CliArgs::Parse(argv, {"model",          "endpoints",       "placement-file",
+                                         "listen",         "placement",       "replicas",
+                                         "wire",           "model-name",      "max-message-mb",
+                                         "timeout-ms",     "capacity-factor", "metrics-listen",
+                                         "expert-metrics", "load-window-s",   "transport",
+                                         "ucx-spin-us",    "device",          "gpu",
+                                         "controller",     "router-id",       "load-report-s"}));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
     ro.endpoints.emplace_back(e);
   }
   ro.placement_file = args.String("placement-file", "");
+  const std::string controller = args.String("controller", "");
+  ro.placement_from_controller = !controller.empty();
+  if (!controller.empty() && (!ro.endpoints.empty() || !ro.placement_file.empty())) {
+    return absl::InvalidArgumentError(
+        "--controller gives the placement: no --endpoints or --placement-file with it");
+  }
+  ASSIGN_OR_RETURN(const double report_s, args.Double("load-report-s", 2.0));
+  if (!(report_s >= 0.1 && report_s <= 3600)) {
+    return absl::InvalidArgumentError("--load-report-s must be in [0.1, 3600]");
+  }
   ASSIGN_OR_RETURN(ro.policy, ParsePlacementPolicy(args.String("placement", "contiguous")));
   ASSIGN_OR_RETURN(int64_t replicas, args.Int("replicas", 1));
   ro.replicas = static_cast<int>(std::clamp<int64_t>(replicas, -1, 1 << 20));
@@ -103,6 +119,14 @@ absl::Status Run(const std::vector<std::string>& argv) {
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {
     ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
+  }
+  std::unique_ptr<PlacementWatcher> watcher;
+  if (!controller.empty()) {
+    PlacementWatcherOptions wo;
+    wo.controller = controller;
+    wo.router_id = args.String("router-id", "");
+    wo.report_interval = std::chrono::milliseconds(static_cast<int64_t>(report_s * 1000));
+    ASSIGN_OR_RETURN(watcher, PlacementWatcher::Start(wo, &server->router()));
   }
   ServeUntilStopSignal("router", so.listen, *server);
   return absl::OkStatus();

@@ -253,6 +253,10 @@ class RouterServer::ControlService : public v1::RouterControl::Service {
   grpc::Status SetPlacement(grpc::ServerContext*, const v1::Placement* req,
                             v1::SetPlacementResponse* resp) override {
     absl::Status s = [&]() -> absl::Status {
+      if (server_->router_->options().placement_from_controller) {
+        return absl::FailedPreconditionError(
+            "the placement is the controller's: use `moemesh placement` against it");
+      }
       ASSIGN_OR_RETURN(PlacementTable t,
                        PlacementTable::FromProto(*req, server_->router_->config()));
       return server_->router_->SetPlacement(std::move(t));
@@ -263,20 +267,7 @@ class RouterServer::ControlService : public v1::RouterControl::Service {
   grpc::Status GetExpertLoad(grpc::ServerContext*, const v1::GetExpertLoadRequest* req,
                              v1::ExpertLoad* resp) override {
     const MoeModelConfig& c = server_->router_->config();
-    for (int64_t layer : c.MoeLayers()) {
-      if (req->layer() >= 0 && req->layer() != layer) continue;
-      auto* l = resp->add_layers();
-      l->set_layer(layer);
-      for (int64_t v : server_->router_->ExpertLoad(layer)) l->add_tokens(v);
-      const ExpertLoadWindow::Stats st = server_->router_->LoadStats(layer);
-      for (int64_t v : st.counts) l->add_window_tokens(v);
-      for (double v : st.rate) l->add_window_rate(v);
-      for (double v : st.mean_probability) l->add_mean_probability(v);
-      l->set_window_seconds(st.seconds);
-      l->set_imbalance(st.imbalance);
-      l->set_balance_statistic(st.balance_statistic);
-      l->set_window_input_tokens(st.tokens);
-    }
+    server_->router_->FillExpertLoad(req->layer(), resp);
     if (req->layer() >= 0 && resp->layers_size() == 0) {
       return ToGrpcStatus(c.CheckMoeLayer(req->layer()));
     }

@@ -178,6 +178,8 @@ TEST_P(FixtureCheckpointTest, OpensAndLoadsEveryMoeLayer) {
       ASSERT_TRUE(w.ok()) << w.status();
       EXPECT_THAT(w->gate_up.shape(), ElementsAre(2 * I, H));
       EXPECT_THAT(w->down.shape(), ElementsAre(H, I));
+      // What the controller counts for moving one (ExpertBytes) is what a service holds.
+      EXPECT_EQ(w->bytes(), ExpertBytes(c));
     }
     absl::StatusOr<std::optional<SharedExpertWeights>> shared = LoadSharedExperts(*ckpt, c, layer);
     ASSERT_TRUE(shared.ok()) << shared.status();

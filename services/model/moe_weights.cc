@@ -143,6 +143,14 @@ ExpertFfnWeights ExpertWeights::View(const MoeModelConfig& config) const {
   return v;
 }
 
+int64_t ExpertBytes(const MoeModelConfig& c) {
+  const int64_t H = c.hidden_size, I = c.expert_intermediate;
+  const bool gated = c.activation != Activation::kRelu;
+  const int64_t gate_up = (gated ? 2 : 1) * I;
+  const int64_t biases = c.family == ModelFamily::kGptOss ? gate_up + H : 0;
+  return (gate_up * H + H * I + biases) * static_cast<int64_t>(sizeof(float));
+}
+
 int64_t ExpertWeights::bytes() const {
   return static_cast<int64_t>(gate_up.nbytes() + down.nbytes() +
                               (gate_up_bias.raw() ? gate_up_bias.nbytes() : 0) +

@@ -54,6 +54,10 @@ absl::StatusOr<std::optional<SharedExpertWeights>> LoadSharedExperts(const Check
                                                                      const MoeModelConfig& config,
                                                                      int64_t layer);
 
+// The float32 bytes one routed expert of `config` takes as an expert service holds it
+// (ExpertWeights::bytes of any of them): what moving one copies.
+int64_t ExpertBytes(const MoeModelConfig& config);
+
 // The MoE block's tensor-name prefix in `ckpt`, e.g. "model.layers.3.block_sparse_moe"
 // (Mixtral as released) or "model.layers.3.mlp" (every other family, and Mixtral as
 // transformers 5 names it at run time).

@@ -33,14 +33,17 @@ int RunServiceMain(const char* command, const char* usage,
 void AnnounceListening(const std::string& listen, int port);
 
 // Announces `server` (anything with port(), Shutdown(deadline) and Wait()), blocks until
-// SIGTERM or SIGINT, then stops it: health NOT_SERVING, no new calls, calls in flight
-// given `drain` to finish.
+// SIGTERM or SIGINT, runs `before_drain` (an expert service hands its experts to others
+// first), then stops the server: health NOT_SERVING, no new calls, calls in flight given
+// `drain` to finish.
 template <typename Server>
 void ServeUntilStopSignal(const char* name, const std::string& listen, Server& server,
+                          const std::function<void()>& before_drain = nullptr,
                           std::chrono::seconds drain = kDefaultDrainTime) {
   AnnounceListening(listen, server.port());
   const int sig = WaitForStopSignal();
   std::fprintf(stderr, "%s: signal %d, draining\n", name, sig);
+  if (before_drain) before_drain();
   server.Shutdown(std::chrono::system_clock::now() + drain);
   server.Wait();
 }

@@ -1,0 +1,95 @@
+#include "services/controller/controller_main.h"
+
+#include "absl/strings/str_cat.h"
+#include "services/base/status_macros.h"
+#include "services/controller/controller.h"
+#include "services/metrics/exposer.h"
+#include "services/runtime/flags.h"
+#include "services/runtime/service_main.h"
+
+namespace moemesh {
+namespace {
+
+constexpr char kUsage[] =
+    "moemesh controller --model DIR [--listen HOST:PORT] [--metrics-listen HOST:PORT]\n"
+    "  [--rebalance-interval-s S] [--min-replicas R] [--expert-slots N] [--lease-s S]\n"
+    "  [--settle-s S] [--min-gain F] [--load-timeout-s S] [--ack-timeout-s S]\n"
+    "  Owns the placement of one model: expert services register with it (moemesh expert\n"
+    "  --controller), routers follow it (moemesh router --controller), and every\n"
+    "  --rebalance-interval-s (default 10; 0: only on request) it moves and replicates\n"
+    "  experts to even out the routers' measured load, make-before-break.\n"
+    "  --min-replicas: ready replicas of every (layer, expert), on distinct services (default 1)\n"
+    "  --expert-slots: most (layer, expert) pairs one service holds (default: all fit)\n"
+    "  --lease-s: a service without a heartbeat for this long is dropped (default 3)\n"
+    "  --settle-s: after a (re)start nothing is planned for max(lease, this) while services\n"
+    "    re-register and routers report the placement they serve (default 2)\n"
+    "  --min-gain: publish a layer's new placement only when its most loaded service's load\n"
+    "    drops by this fraction (default 0.10; docs/planner.md)\n"
+    "  --load-timeout-s, --ack-timeout-s: a service loading its new experts (default 120), every\n"
+    "    router acknowledging a new epoch (default 45): past them the round is aborted\n";
+
+absl::Status Run(const std::vector<std::string>& argv) {
+  ASSIGN_OR_RETURN(
+      CliArgs args,
+      CliArgs::Parse(argv, {"model", "listen", "metrics-listen", "rebalance-interval-s",
+                            "min-replicas", "expert-slots", "lease-s", "settle-s", "min-gain",
+                            "load-timeout-s", "ack-timeout-s"}));
+  ControllerOptions o;
+  ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
+  o.listen = args.String("listen", o.listen);
+  ASSIGN_OR_RETURN(const double interval_s, args.Double("rebalance-interval-s", 10.0));
+  if (!(interval_s >= 0 && interval_s <= 86400)) {
+    return absl::InvalidArgumentError("--rebalance-interval-s must be in [0, 86400]");
+  }
+  o.rebalance_interval = std::chrono::milliseconds(static_cast<int64_t>(interval_s * 1000));
+  ASSIGN_OR_RETURN(const int64_t replicas, args.Int("min-replicas", 1));
+  if (replicas < 1 || replicas > 64) {
+    return absl::InvalidArgumentError("--min-replicas must be in [1, 64]");
+  }
+  o.min_replicas = static_cast<int>(replicas);
+  ASSIGN_OR_RETURN(const int64_t slots, args.Int("expert-slots", 0));
+  if (slots < 0 || slots > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError("--expert-slots must be >= 0");
+  }
+  o.expert_slots = static_cast<int>(slots);
+  ASSIGN_OR_RETURN(const double lease_s, args.Double("lease-s", 3.0));
+  if (!(lease_s >= 0.3 && lease_s <= 3600)) {
+    return absl::InvalidArgumentError("--lease-s must be in [0.3, 3600]");
+  }
+  o.lease = std::chrono::milliseconds(static_cast<int64_t>(lease_s * 1000));
+  ASSIGN_OR_RETURN(const double settle_s, args.Double("settle-s", 2.0));
+  if (!(settle_s >= 0 && settle_s <= 3600)) {
+    return absl::InvalidArgumentError("--settle-s must be in [0, 3600]");
+  }
+  o.settle = std::chrono::milliseconds(static_cast<int64_t>(settle_s * 1000));
+  ASSIGN_OR_RETURN(o.min_gain, args.Double("min-gain", o.min_gain));
+  for (const auto& [flag, field] :
+       {std::pair{"load-timeout-s", &o.load_timeout}, std::pair{"ack-timeout-s", &o.ack_timeout}}) {
+    ASSIGN_OR_RETURN(const double s, args.Double(flag, field->count() / 1000.0));
+    if (!(s >= 0.1 && s <= 3600)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be in [0.1, 3600]"));
+    }
+    *field = std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
+  }
+  metrics::Registry registry;
+  const std::string metrics_listen = args.String("metrics-listen", "");
+  if (!metrics_listen.empty()) {
+    o.registry = &registry;
+    RETURN_IF_ERROR(metrics::AddProcessMetrics(registry));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<PlacementController> controller, PlacementController::Create(o));
+  std::unique_ptr<metrics::MetricsExposer> exposer;
+  if (!metrics_listen.empty()) {
+    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
+  }
+  ServeUntilStopSignal("controller", o.listen, *controller);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int ControllerMain(const std::vector<std::string>& args) {
+  return RunServiceMain("controller", kUsage, [&] { return Run(args); });
+}
+
+}  // namespace moemesh
