@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "services/model/safetensors.h"
@@ -199,6 +201,65 @@ TEST(CliTest, DemoRunsEveryMoeLayer) {
   EXPECT_EQ(r.output.find("layer 0:"), std::string::npos) << "layer 0 is dense";
   EXPECT_NE(r.output.find("layer 1:"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("layer 2:"), std::string::npos) << r.output;
+}
+
+// The main job: a controller, 3 expert services and a router; --skew then makes a few
+// experts hot, has the controller rebalance, and reports the load before and after.
+TEST(CliTest, DemoSkewIsRebalancedByTheControllerAndLosesNothing) {
+  CliRun r =
+      Moemesh("demo --skew --hidden 64 --intermediate 48 --experts 8 --requests 16 --tokens 16");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("starting a placement controller, 3 expert services"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("answers identical to MoeLayer: 16 of 16 (0 failed)"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find(", failed 0, answers differing from MoeLayer 0"), std::string::npos)
+      << r.output;
+  // "balance (mean/max over services): X" before, then after the round.
+  std::vector<double> balance;
+  const std::string key = "balance (mean/max over services): ";
+  for (size_t at = r.output.find(key); at != std::string::npos; at = r.output.find(key, at + 1)) {
+    balance.push_back(std::atof(r.output.c_str() + at + key.size()));
+  }
+  ASSERT_EQ(balance.size(), 2u) << r.output;
+  // The hot experts (80% of the pushes) start on one service of three; each token's other
+  // top-2 choice still varies, so that service computes about half the tokens: ~0.7.
+  EXPECT_LT(balance[0], 0.8) << r.output;
+  EXPECT_GT(balance[1], 0.85) << r.output;
+  EXPECT_GT(balance[1], balance[0] + 0.15) << r.output;
+  EXPECT_NE(r.output.find("moves: "), std::string::npos);
+  EXPECT_EQ(r.output.find("moves: 0 replicas added"), std::string::npos) << r.output;
+}
+
+TEST(CliTest, DemoStaticRunsAFixedPlacementWithoutAController) {
+  CliRun r = Moemesh(
+      "demo --static --placement round-robin --expert-services 2 --hidden 64 --intermediate 48 "
+      "--experts 8 --requests 8");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("fixed round-robin placement"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("controller"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("answers identical to MoeLayer: 8 of 8 (0 failed)"), std::string::npos)
+      << r.output;
+}
+
+TEST(CliTest, DemoAndPlacementFlagsFailWithAMessage) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"demo --placement contiguous", "--placement sets a fixed placement: it needs --static"},
+      {"demo --static --skew", "--skew and --routers need the controller"},
+      {"demo --routers 0", "1 <= --routers <= 16"},
+      {"placement", "missing show, rebalance or drain"},
+      {"placement move --controller 127.0.0.1:1", "unknown placement command 'move'"},
+      {"placement show", "--controller"},
+      {"placement drain --controller 127.0.0.1:1", "drain needs the service's ENDPOINT"},
+      {"placement show --controller 127.0.0.1:1 --timeout-s 2", "UNAVAILABLE"},
+      {"controller --listen 127.0.0.1:0", "--model"},
+  };
+  for (const auto& [args, message] : cases) {
+    SCOPED_TRACE(args);
+    CliRun r = Moemesh(args);
+    EXPECT_NE(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+  }
 }
 
 }  // namespace

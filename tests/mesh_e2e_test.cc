@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <fstream>
 #include <functional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -39,10 +41,22 @@ using std::chrono::seconds;
 
 using Model = GeneratedModel;
 
+// Per process (ctest runs this suite once per data plane, side by side), removed at exit.
 Model Generate(ModelFamily family) {
-  const std::string dir =
-      (std::filesystem::path(::testing::TempDir()) / absl::StrCat("mesh_e2e_", FamilyName(family)))
-          .string();
+  struct Dirs {
+    std::set<std::string> paths;
+    ~Dirs() {
+      std::error_code ec;
+      for (const std::string& p : paths) std::filesystem::remove_all(p, ec);
+    }
+  };
+  static Dirs* dirs = new Dirs;  // removed by the atexit hook below, after every test
+  static const int registered = std::atexit([] { delete dirs; });
+  (void)registered;
+  const std::string dir = (std::filesystem::path(::testing::TempDir()) /
+                           absl::StrCat("mesh_e2e_", FamilyName(family), "_", ::getpid()))
+                              .string();
+  dirs->paths.insert(dir);
   return GenerateAndOpen(dir, SmallModelOptions(family)).value();
 }
 
@@ -556,7 +570,7 @@ TEST(MeshTest, ServicesStopWhenTheirLauncherIsKilled) {
     return close != std::string::npos && close + 2 < line.size() && line[close + 2] != 'Z';
   };
   const std::vector<pid_t> services = children_of((*demo)->pid());
-  ASSERT_EQ(services.size(), 3u) << "2 expert services and a router";
+  ASSERT_EQ(services.size(), 4u) << "a controller, 2 expert services and a router";
   (*demo)->Signal(SIGKILL, /*wait=*/true);
   const auto end = std::chrono::steady_clock::now() + seconds(20);
   std::vector<pid_t> left = services;

@@ -40,9 +40,9 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DMOEMESH_SANITIZE=address,undefined >/dev/null
 ninja -C build-asan safetensors_test checkpoint_test model_config_test tensor_test fixture_test \
   moe_layer_test expert_store_test expert_server_test router_test ucx_transport_test \
-  load_stats_test metrics_test placement_test mesh_e2e_test moemesh moemesh_expert_service
+  load_stats_test metrics_test placement_test planner_test mesh_e2e_test moemesh moemesh_expert_service
 ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "$jobs" \
-  -R "^(safetensors_test|checkpoint_test|model_config_test|tensor_test|fixture_test|placement_test|${concurrent}|mesh_e2e_test)\$"
+  -R "^(safetensors_test|checkpoint_test|model_config_test|tensor_test|fixture_test|placement_test|planner_test|${concurrent}|mesh_e2e_test)\$"
 
 stage "TSan: the concurrent suites"
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
