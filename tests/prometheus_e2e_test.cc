@@ -2,7 +2,8 @@
 // `prometheus` scraping it on loopback with the shipped recording and alerting rules,
 // a deliberately skewed workload, and assertions made through Prometheus' HTTP query
 // API: the hot experts show up as hot, the imbalance gauge moves, and every query of
-// the shipped Grafana dashboard returns data.
+// the shipped Grafana dashboard returns data. A second mesh, run by the placement
+// controller, shows a rebalancing round in the controller's metrics and dashboard row.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -22,8 +23,10 @@
 #include "absl/strings/str_join.h"
 #include "services/model/model_generator.h"
 #include "services/moe/moe_gate.h"
+#include "tools/controlled_mesh.h"
 #include "tools/dashboard.h"
 #include "tools/http_client.h"
+#include "tools/load_driver.h"
 #include "tools/local_mesh.h"
 #include "tools/process.h"
 
@@ -134,12 +137,71 @@ double NowSeconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+// Debian's prometheus on a free loopback port, scraping every second with the shipped
+// rules: `jobs` maps a job name to its targets (HOST:PORT). Waits until it is ready.
+absl::Status StartPrometheus(const std::string& dir,
+                             const std::map<std::string, std::vector<std::string>>& jobs,
+                             std::unique_ptr<ChildProcess>* process,
+                             std::unique_ptr<Prometheus>* prometheus) {
+  const std::string binary = PrometheusBinary();
+  if (binary.empty()) {
+    return absl::FailedPreconditionError(
+        "Debian's prometheus is not installed (tools/install_deps.sh installs it)");
+  }
+  std::vector<std::string> rules;
+  for (const auto& f : fs::directory_iterator("deploy/prometheus/rules")) {
+    if (f.path().extension() == ".yml")
+      rules.push_back(absl::StrCat("'", fs::absolute(f.path()).string(), "'"));
+  }
+  if (rules.empty()) {
+    return absl::NotFoundError("no deploy/prometheus/rules/*.yml (run from the source root)");
+  }
+  const std::string config = (fs::path(dir) / "prometheus.yml").string();
+  std::ofstream out(config);
+  out << "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+      << "rule_files: [" << absl::StrJoin(rules, ", ") << "]\n"
+      << "scrape_configs:\n";
+  for (const auto& [job, targets] : jobs) {
+    std::vector<std::string> quoted;
+    for (const std::string& t : targets) quoted.push_back(absl::StrCat("'", t, "'"));
+    out << "  - job_name: " << job << "\n    static_configs: [{targets: ["
+        << absl::StrJoin(quoted, ", ") << "]}]\n";
+  }
+  out.close();
+  const int port = FreePort();
+  if (port <= 0) return absl::UnavailableError("no free port");
+  auto p = ChildProcess::Start({binary, absl::StrCat("--config.file=", config),
+                                absl::StrCat("--storage.tsdb.path=", dir, "/tsdb"),
+                                absl::StrCat("--web.listen-address=127.0.0.1:", port),
+                                "--log.level=warn"});
+  if (!p.ok()) return p.status();
+  *process = *std::move(p);
+  *prometheus = std::make_unique<Prometheus>(port);
+  for (int i = 0; i < 120; ++i) {
+    auto r = HttpGet(absl::StrCat((*prometheus)->base(), "/-/ready"), seconds(2));
+    if (r.ok() && r->status == 200) return absl::OkStatus();
+    std::this_thread::sleep_for(milliseconds(250));
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat("prometheus did not become ready on port ", port));
+}
+
+// The shipped dashboard's queries, variables substituted for a scrape every second.
+std::vector<PanelQuery> DashboardQueries() {
+  auto dashboard = LoadDashboard("deploy/grafana/moemesh-dashboard.json");
+  EXPECT_TRUE(dashboard.ok()) << dashboard.status();
+  if (!dashboard.ok()) return {};
+  const std::map<std::string, std::string> vars = {{"layer", "0"},
+                                                   {"datasource", "prometheus"},
+                                                   {"__rate_interval", kRateWindow},
+                                                   {"__interval", "1s"},
+                                                   {"__range", "1m"}};
+  return PanelQueries(*dashboard, vars);
+}
+
 class PrometheusE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    prometheus_binary_ = PrometheusBinary();
-    ASSERT_FALSE(prometheus_binary_.empty())
-        << "Debian's prometheus is not installed (tools/install_deps.sh installs it)";
     dir_ = (fs::path(::testing::TempDir()) / absl::StrCat("prometheus_e2e_", ::getpid())).string();
     fs::remove_all(dir_);
     fs::create_directories(dir_);
@@ -162,39 +224,13 @@ class PrometheusE2eTest : public ::testing::Test {
     ASSERT_TRUE(mesh_->WaitReady(seconds(60)).ok());
 
     std::vector<std::string> experts;
-    for (const auto& url : mesh_->expert_metrics_urls()) {
-      experts.push_back(absl::StrCat("'", MetricsTarget(url), "'"));
-    }
-    std::vector<std::string> rules;
-    for (const auto& f : fs::directory_iterator("deploy/prometheus/rules")) {
-      if (f.path().extension() == ".yml")
-        rules.push_back(absl::StrCat("'", fs::absolute(f.path()).string(), "'"));
-    }
-    ASSERT_FALSE(rules.empty()) << "no deploy/prometheus/rules/*.yml (run from the source root)";
-    const std::string config = (fs::path(dir_) / "prometheus.yml").string();
-    std::ofstream(config) << "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                          << "rule_files: [" << absl::StrJoin(rules, ", ") << "]\n"
-                          << "scrape_configs:\n"
-                          << "  - job_name: moemesh-router\n    static_configs: [{targets: ['"
-                          << MetricsTarget(mesh_->router_metrics_url()) << "']}]\n"
-                          << "  - job_name: moemesh-expert\n    static_configs: [{targets: ["
-                          << absl::StrJoin(experts, ", ") << "]}]\n";
-    const int port = FreePort();
-    ASSERT_GT(port, 0);
-    auto p = ChildProcess::Start({prometheus_binary_, absl::StrCat("--config.file=", config),
-                                  absl::StrCat("--storage.tsdb.path=", dir_, "/tsdb"),
-                                  absl::StrCat("--web.listen-address=127.0.0.1:", port),
-                                  "--log.level=warn"});
-    ASSERT_TRUE(p.ok()) << p.status();
-    prometheus_process_ = *std::move(p);
-    prometheus_ = std::make_unique<Prometheus>(port);
-    bool ready = false;
-    for (int i = 0; i < 120 && !ready; ++i) {
-      auto r = HttpGet(absl::StrCat(prometheus_->base(), "/-/ready"), seconds(2));
-      ready = r.ok() && r->status == 200;
-      if (!ready) std::this_thread::sleep_for(milliseconds(250));
-    }
-    ASSERT_TRUE(ready) << "prometheus did not become ready on port " << port;
+    for (const auto& url : mesh_->expert_metrics_urls()) experts.push_back(MetricsTarget(url));
+    const absl::Status started =
+        StartPrometheus(dir_,
+                        {{"moemesh-router", {MetricsTarget(mesh_->router_metrics_url())}},
+                         {"moemesh-expert", experts}},
+                        &prometheus_process_, &prometheus_);
+    ASSERT_TRUE(started.ok()) << started;
   }
 
   void TearDown() override {
@@ -245,7 +281,7 @@ class PrometheusE2eTest : public ::testing::Test {
     }
   }
 
-  std::string prometheus_binary_, dir_;
+  std::string dir_;
   GeneratedModel model_;
   std::unique_ptr<LocalMesh> mesh_;
   std::unique_ptr<ChildProcess> prometheus_process_;
@@ -348,19 +384,14 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
   // Every query of the shipped dashboard, variables substituted, returns data; the GPU
   // panels' (moemesh_expert_gpu_*, only with --device cuda) evaluate without error but
   // have none on this CPU mesh (gpu_experts_test checks those series on a GPU).
-  auto dashboard = LoadDashboard("deploy/grafana/moemesh-dashboard.json");
-  ASSERT_TRUE(dashboard.ok()) << dashboard.status();
-  const std::map<std::string, std::string> vars = {{"layer", "0"},
-                                                   {"datasource", "prometheus"},
-                                                   {"__rate_interval", kRateWindow},
-                                                   {"__interval", "1s"},
-                                                   {"__range", "1m"}};
-  const std::vector<PanelQuery> queries = PanelQueries(*dashboard, vars);
+  const std::vector<PanelQuery> queries = DashboardQueries();
   EXPECT_GE(queries.size(), 8u);
   for (const PanelQuery& q : queries) {
     auto r = prom.Query(q.expr);
     ASSERT_TRUE(r.ok()) << "panel '" << q.panel_title << "': " << r.status();
     if (absl::StrContains(q.expr, "moemesh_expert_gpu_")) continue;
+    // This mesh has a fixed placement; ControllerPrometheusTest checks the controller's.
+    if (absl::StrContains(q.expr, "moemesh_controller_")) continue;
     EXPECT_FALSE(r->empty()) << "panel '" << q.panel_title << "' query " << q.ref_id
                              << " returned no data: " << q.expr;
   }
@@ -396,6 +427,116 @@ TEST_F(PrometheusE2eTest, HotExpertsImbalanceAndDashboardQueries) {
         [](const Series& s) { return s.labels.count("alertstate") > 0; }, seconds(20)))
         << alert << " did not go pending";
   }
+}
+
+// The placement controller through Prometheus: a skewed load rebalanced by one round
+// shows in the controller's metrics (moves, bytes, epoch, each router's acknowledgement,
+// every layer's balance before and after the plan), and every query of the dashboard's
+// rebalancing row returns data.
+TEST(ControllerPrometheusTest, ARebalancingRoundShowsInPrometheusAndTheDashboard) {
+  const std::string dir =
+      (fs::path(::testing::TempDir()) / absl::StrCat("prometheus_controller_", ::getpid()))
+          .string();
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  auto model =
+      GenerateAndOpen((fs::path(dir) / "model").string(), SmallModelOptions(ModelFamily::kMixtral));
+  ASSERT_TRUE(model.ok()) << model.status();
+  ControlledMeshOptions o;
+  o.moemesh_binary = MOEMESH_BINARY;
+  o.model_dir = model->dir;
+  o.num_expert_services = 3;
+  o.num_routers = 1;
+  o.metrics = true;
+  o.load_window_s = 3;
+  o.load_report_s = 0.3;
+  o.rebalance_interval_s = 0;
+  auto mesh = ControlledMesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  std::vector<std::string> experts;
+  for (int i = 0; i < 3; ++i) experts.push_back(MetricsTarget((*mesh)->expert_metrics_url(i)));
+  std::unique_ptr<ChildProcess> process;
+  std::unique_ptr<Prometheus> prometheus;
+  const absl::Status started =
+      StartPrometheus(dir,
+                      {{"moemesh-router", {MetricsTarget((*mesh)->router_metrics_urls()[0])}},
+                       {"moemesh-expert", experts},
+                       {"moemesh-controller", {MetricsTarget((*mesh)->controller_metrics_url())}}},
+                      &process, &prometheus);
+  ASSERT_TRUE(started.ok()) << started;
+  const Prometheus& prom = *prometheus;
+  ASSERT_TRUE(prom.WaitFor(
+      "count(up{job=~\"moemesh-.*\"} == 1)", [](const Series& s) { return s.value == 5; },
+      seconds(30)))
+      << "the controller, the router and the 3 expert services are not all up";
+
+  const TokenSkew hot = TokenSkew::Hot(*model->ckpt, model->config, {3}, 0.8).value();
+  LoadDriverOptions lo;
+  lo.routers = (*mesh)->router_endpoints();
+  auto driver = LoadDriver::Start(lo, *model->ckpt, model->config, &hot);
+  ASSERT_TRUE(driver.ok()) << driver.status();
+  std::this_thread::sleep_for(seconds(4));  // the router's 3 s window fills with skew
+  const v1::ControllerState before = (*mesh)->State().value();
+  const absl::StatusOr<v1::RebalanceResponse> r = (*mesh)->Rebalance();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_GT(r->added(), 0) << r->note();
+  const v1::ControllerState after = (*mesh)->State().value();
+  const uint64_t epoch = r->epoch();
+
+  // Scraped once the round is over (no fixed wait).
+  ASSERT_TRUE(prom.WaitFor(
+      "moemesh_controller_moves_total",
+      [&](const Series& s) { return s.value == static_cast<double>(after.moves()); }, seconds(15)))
+      << "moves_total never reached the controller's " << after.moves();
+  EXPECT_EQ(after.moves() - before.moves(), r->added());
+  EXPECT_EQ(prom.Value("moemesh_controller_bytes_moved_total"),
+            static_cast<double>(after.bytes_moved()));
+  EXPECT_GT(after.bytes_moved(), before.bytes_moved());
+  EXPECT_EQ(prom.Value("moemesh_controller_epoch"), static_cast<double>(epoch));
+  EXPECT_EQ(prom.Value("moemesh_controller_router_acked_epoch{router=\"router-0\"}"),
+            static_cast<double>(epoch));
+  // Each target is scraped on its own clock: the router's sample may lag the controller's.
+  EXPECT_TRUE(prom.WaitFor(
+      "moemesh_router_placement_epoch",
+      [&](const Series& s) { return s.value == static_cast<double>(epoch); }, seconds(5)));
+  EXPECT_EQ(prom.Value("moemesh_controller_routers"), 1);
+  EXPECT_EQ(prom.Value("moemesh_controller_services{state=\"ready\"}"), 3);
+  EXPECT_EQ(prom.Value("moemesh_controller_experts_below_target"), 0);
+  EXPECT_EQ(prom.Value("moemesh_controller_move_in_progress_seconds"), 0);
+  EXPECT_EQ(prom.Value("sum(moemesh_controller_aborted_moves_total)"), 0);
+  EXPECT_GE(prom.Value("moemesh_controller_planning_seconds_count"), 2);  // start, this round
+  EXPECT_GE(prom.Value("moemesh_controller_move_seconds_count"), 2);
+  // The plan evened the hot layer out: its balance after is above before and above 0.8.
+  for (const char* layer : {"0", "1"}) {
+    SCOPED_TRACE(absl::StrCat("layer ", layer));
+    const double b = prom.Value(
+        absl::StrCat("moemesh_controller_layer_balance{layer=\"", layer, "\",when=\"before\"}"));
+    const double a = prom.Value(
+        absl::StrCat("moemesh_controller_layer_balance{layer=\"", layer, "\",when=\"after\"}"));
+    EXPECT_LT(b, 0.8);
+    EXPECT_GT(a, 0.8);
+  }
+
+  // Every query of the rebalancing row returns data.
+  int controller_queries = 0;
+  for (const PanelQuery& q : DashboardQueries()) {
+    if (!absl::StrContains(q.expr, "moemesh_controller_")) continue;
+    ++controller_queries;
+    auto got = prom.Query(q.expr);
+    ASSERT_TRUE(got.ok()) << "panel '" << q.panel_title << "': " << got.status();
+    EXPECT_FALSE(got->empty()) << "panel '" << q.panel_title << "' query " << q.ref_id
+                               << " returned no data: " << q.expr;
+  }
+  EXPECT_GE(controller_queries, 10);
+
+  (*driver)->Stop();
+  const LoadDriver::Totals t = (*driver)->totals();
+  EXPECT_EQ(t.failed, 0) << t.first_error;
+  EXPECT_EQ(t.mismatched, 0);
+  process.reset();
+  mesh->reset();
+  std::error_code ignored;
+  fs::remove_all(dir, ignored);
 }
 
 }  // namespace

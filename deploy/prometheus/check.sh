@@ -45,7 +45,7 @@ check_kubernetes_config() {
     { print }
   ' prometheus.yml >"$tmp/prometheus.yml"
   if grep -q "^ *kubernetes_sd_configs:" "$tmp/prometheus.yml" ||
-     [[ $(grep -c kubernetes-sd.invalid "$tmp/prometheus.yml") -ne 2 ]]; then
+     [[ $(grep -c kubernetes-sd.invalid "$tmp/prometheus.yml") -ne 3 ]]; then
     echo "error: could not replace the kubernetes_sd_configs blocks of prometheus.yml" >&2
     return 1
   fi
