@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test: install, build, run ctest; the formatting and lock-annotation checks; the
+# Every test: install, build, run ctest; build the image and run the manifests from it
+# with podman; the formatting and lock-annotation checks; the
 # parsers and the services' concurrent suites under ASan+UBSan and under TSan; a bounded
 # libFuzzer run of the safetensors header parser. Each stage prints what it cost.
 #   FUZZ_SECONDS=60 tools/test.sh
@@ -18,7 +19,11 @@ stage() {  # NAME: ends the stage before (printing its time) and starts the next
 
 stage "build and ctest (Release)"
 tools/build.sh
-ctest --test-dir build --output-on-failure -j "$jobs"
+ctest --test-dir build --output-on-failure -j "$jobs" -LE image
+
+stage "image: tools/build_image.sh, then the Kubernetes manifests run from it with podman"
+tools/build_image.sh
+ctest --test-dir build --output-on-failure -L image
 
 stage "formatting: clang-format (.clang-format) on every C++ and CUDA source"
 find kernels services router_service expert_service tools tests bench \

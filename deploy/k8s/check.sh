@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Checks the Kubernetes manifests of this folder:
-#   - placement.json and expert-shards.env are what gen-placement.sh writes for the
-#     arguments recorded in expert-shards.env, and the StatefulSet has one pod per shard;
-#   - kubectl kustomize renders deploy/k8s, deploy/k8s-gpu (experts on GPU nodes),
-#     deploy/k8s/prometheus and deploy/k8s/grafana,
-#     with the generated ConfigMaps referenced under their hashed names.
-# KUBECTL names the kubectl to use (ctest passes the one found at configure time). Without
-# kubectl the rendering is skipped: exit 77, which ctest reports as skipped.
+# Checks the Kubernetes manifests: kubectl kustomize renders deploy/k8s and every overlay
+# (deploy/k8s-gpu, deploy/k8s-keda, deploy/k8s-prometheus-operator) and deploy/k8s/prometheus
+# and deploy/k8s/grafana; every rendered object is validated offline and strictly
+# (deploy/validate/validate.mjs: the Kubernetes API schema and the KEDA and Prometheus
+# Operator CRD schemas, unknown fields and wrong types, probes on ports the container does
+# not expose, Services targeting ports their pods lack); then what each overlay must carry.
+# KUBECTL names the kubectl to use (ctest passes the one found at configure time). Without a
+# kubectl whose kustomize is v4 or later the check is skipped (exit 77, ctest: skipped);
+# without node or deploy/validate/node_modules (tools/install_deps.sh: npm ci) it fails.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -17,27 +18,9 @@ fail() {
   exit 1
 }
 
-# 1. The placement and the shards agree.
-header=$(head -n 1 expert-shards.env)
-[[ $header =~ ^\#\ Generated\ by:\ gen-placement\.sh\ ([0-9 -]+)\ \(NAMESPACE=([a-z0-9-]+)\)$ ]] ||
-  fail "expert-shards.env does not start with the gen-placement.sh header: $header"
-read -r -a gen_args <<<"${BASH_REMATCH[1]}"
-OUT_DIR=$tmp NAMESPACE=${BASH_REMATCH[2]} ./gen-placement.sh "${gen_args[@]}"
-for f in placement.json expert-shards.env; do
-  diff -u "$tmp/$f" "$f" >&2 ||
-    fail "$f differs from what gen-placement.sh ${gen_args[*]} writes: re-run it"
-done
-shards=$(grep -c '^moemesh-expert-[0-9]*=' expert-shards.env)
-replicas=$(sed -n 's/^  replicas: \([0-9]*\)$/\1/p' expert.yaml)
-[[ $replicas == "$shards" ]] ||
-  fail "expert.yaml's StatefulSet has $replicas replicas, expert-shards.env $shards shards"
-echo "placement: $(grep -c '"layer"' placement.json) entries over $shards expert pods, consistent"
-
-# 2. The kustomizations render.
 kubectl=${KUBECTL:-kubectl}
 if ! command -v "$kubectl" >/dev/null 2>&1; then
-  echo "SKIP: kubectl not found ('$kubectl'); install kubectl (kustomize is built in) to" \
-       "render the manifests"
+  echo "SKIP: kubectl not found ('$kubectl'); install kubectl (kustomize is built in)"
   exit 77
 fi
 # kubectl embeds kustomize v4+ from 1.21 on; older ones (Debian 12's kubernetes-client is
@@ -47,46 +30,51 @@ if ! "$kubectl" version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9
        "$("$kubectl" version --client 2>&1 | head -n 1)"
   exit 77
 fi
-render() {  # render DIR OUT
+command -v node >/dev/null || fail "node not found (tools/install_deps.sh installs it)"
+[[ -d validate/node_modules/kubernetes-models ]] ||
+  fail "deploy/validate/node_modules is missing: run (cd deploy/validate && npm ci)"
+
+render() {  # render DIR OUT: render, validate
   "$kubectl" kustomize "$1" >"$2" || fail "kubectl kustomize $1 failed"
-  echo "$1: $(grep -c '^kind:' "$2") objects"
-}
-# Every use of generated ConfigMap NAME must carry the generator's hash suffix.
-expect_hashed() {  # expect_hashed OUT NAME MIN_COUNT
-  local n
-  n=$(grep -c "name: $2-[a-z0-9]\{10\}$" "$1" || true)
-  ((n >= $3)) || fail "$1: ConfigMap $2 appears $n times with a hash suffix, want >= $3"
-  ! grep -q "name: $2$" "$1" || fail "$1: a reference to ConfigMap $2 lacks the hash suffix"
+  node validate/validate.mjs "$2" >/dev/null || fail "$1: the rendered objects are not valid (above)"
+  echo "$1: $(grep -c '^kind:' "$2") objects, valid"
 }
 expect() {  # expect OUT REGEX WHAT
   grep -q -- "$2" "$1" || fail "$1: no $3"
 }
+reject() {  # reject OUT REGEX WHAT
+  ! grep -q -- "$2" "$1" || fail "$1: $3"
+}
 
-render . "$tmp/mesh.yaml"
-expect "$tmp/mesh.yaml" '^kind: Deployment$' "router Deployment"
+render k8s "$tmp/mesh.yaml"
+expect "$tmp/mesh.yaml" 'name: moemesh-controller$' "controller"
 expect "$tmp/mesh.yaml" '^kind: StatefulSet$' "expert StatefulSet"
-expect "$tmp/mesh.yaml" '^  clusterIP: None$' "headless Service"
-expect "$tmp/mesh.yaml" 'app.kubernetes.io/name: moemesh-router' "router pod label"
-expect "$tmp/mesh.yaml" 'app.kubernetes.io/name: moemesh-expert' "expert pod label"
-expect "$tmp/mesh.yaml" '--placement-file' "router --placement-file"
-expect_hashed "$tmp/mesh.yaml" moemesh-placement 2
-expect_hashed "$tmp/mesh.yaml" moemesh-expert-shards 2
+expect "$tmp/mesh.yaml" '^kind: PodDisruptionBudget$' "PodDisruptionBudget"
+expect "$tmp/mesh.yaml" 'fieldPath: status.podIP' "downward-API pod IP for --advertise"
+expect "$tmp/mesh.yaml" '\$(POD_IP):8001' "expert --advertise \$(POD_IP)"
+expect "$tmp/mesh.yaml" 'moemesh-controller:7000' "--controller for routers and experts"
+reject "$tmp/mesh.yaml" 'placement-file\|--experts\|ConfigMap' "a placement or shard list (the controller owns the placement)"
+router_replicas=$(awk '/^kind: Deployment/{d=1} d&&/name: moemesh-router$/{r=1} r&&/^  replicas:/{print $2; exit}' "$tmp/mesh.yaml")
+((router_replicas >= 2)) || fail "the router Deployment has $router_replicas replicas, want >= 2"
 
-render ../k8s-gpu "$tmp/gpu.yaml"
+render k8s-gpu "$tmp/gpu.yaml"
 expect "$tmp/gpu.yaml" 'image: moemesh-cuda:' "CUDA image for the experts"
-expect "$tmp/gpu.yaml" '--device cuda --gpu "$MOEMESH_GPUS"' "expert --device cuda"
+expect "$tmp/gpu.yaml" '- --device' "expert --device cuda"
 expect "$tmp/gpu.yaml" 'nvidia.com/gpu: 8' "GPU limit"
-expect "$tmp/gpu.yaml" 'image: moemesh:' "router on the CPU image"
-expect_hashed "$tmp/gpu.yaml" moemesh-expert-shards 2
+expect "$tmp/gpu.yaml" 'image: moemesh:' "router and controller on the CPU image"
+expect "$tmp/gpu.yaml" '\$(POD_IP):8001' "the base's --advertise"
 
-render prometheus "$tmp/prometheus.yaml"
+render k8s-keda "$tmp/keda.yaml"
+expect "$tmp/keda.yaml" '^kind: ScaledObject$' "KEDA ScaledObject"
+expect "$tmp/keda.yaml" 'moemesh_expert_tokens_total' "the mesh's load as the trigger"
+
+render k8s-prometheus-operator "$tmp/po.yaml"
+[[ $(grep -c '^kind: PodMonitor$' "$tmp/po.yaml") == 3 ]] || fail "want 3 PodMonitors"
+
+render k8s/prometheus "$tmp/prometheus.yaml"
 expect "$tmp/prometheus.yaml" 'job_name: moemesh-router' "router scrape job"
 expect "$tmp/prometheus.yaml" 'alert: MoeMeshHotExpert' "alert rules"
-expect_hashed "$tmp/prometheus.yaml" moemesh-prometheus-config 2
-expect_hashed "$tmp/prometheus.yaml" moemesh-prometheus-rules 2
 
-render grafana "$tmp/grafana.yaml"
+render k8s/grafana "$tmp/grafana.yaml"
 expect "$tmp/grafana.yaml" '"uid": "moemesh-overview"' "MoE Mesh dashboard"
-expect_hashed "$tmp/grafana.yaml" moemesh-grafana-dashboards 2
-expect_hashed "$tmp/grafana.yaml" moemesh-grafana-provisioning 2
 echo "kubernetes manifests: OK"
