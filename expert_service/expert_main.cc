@@ -134,6 +134,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int ExpertServiceMain(const std::vector<std::string>& args) {
+  if (HelpRequested(args)) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
   return RunServiceMain("expert", kUsage, [&] { return Run(args); });
 }
 

@@ -135,6 +135,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int RouterMain(const std::vector<std::string>& args) {
+  if (HelpRequested(args)) {
+    std::fputs(kRouterUsage, stdout);
+    return 0;
+  }
   return RunServiceMain("router", kRouterUsage, [&] { return Run(args); });
 }
 

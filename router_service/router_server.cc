@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "grpc_predict_v2.grpc.pb.h"
@@ -32,6 +34,13 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
     numel *= static_cast<uint64_t>(d);
   }
   const uint64_t bytes = numel * DTypeSize(dtype);
+  if (req.raw_input_contents_size() > 0 && in.has_contents() && in.contents().ByteSizeLong() > 0) {
+    // KServe v2: with raw_input_contents, no input may also carry typed contents.
+    return absl::InvalidArgumentError(
+        absl::StrCat("input '", in.name(),
+                     "' has typed contents while the request uses raw_input_contents "
+                     "(KServe v2 allows one or the other)"));
+  }
   if (req.raw_input_contents_size() > 0) {
     if (req.raw_input_contents_size() != req.inputs_size()) {
       return absl::InvalidArgumentError(absl::StrCat("raw_input_contents has ",
@@ -63,6 +72,19 @@ absl::StatusOr<Tensor> InputTensor(const ModelInferRequest& req, int i) {
 
 absl::Status UnknownModel(const std::string& name) {
   return absl::NotFoundError(absl::StrCat("unknown model '", name, "'"));
+}
+
+// The one version the router serves; "" asks for the latest (the same).
+constexpr char kModelVersion[] = "1";
+
+absl::Status CheckModel(const std::string& name, const std::string& version,
+                        const std::string& served) {
+  if (name != served) return UnknownModel(name);
+  if (!version.empty() && version != kModelVersion) {
+    return absl::NotFoundError(absl::StrCat("model '", name, "' has no version '", version,
+                                            "' (it serves version ", kModelVersion, ")"));
+  }
+  return absl::OkStatus();
 }
 
 void AddOutput(const std::string& name, const Tensor& t, ModelInferResponse* resp) {
@@ -100,8 +122,12 @@ absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeMode
   InferCall call;
   int hidden_index = -1;
   call.layer = c.MoeLayers().front();
+  std::set<std::string> names;
   for (int i = 0; i < req.inputs_size(); ++i) {
     const auto& in = req.inputs(i);
+    if (!names.insert(in.name()).second) {
+      return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "' appears twice"));
+    }
     if (in.name() == "hidden_states") {
       hidden_index = i;
     } else if (in.name() == "layer") {
@@ -120,7 +146,12 @@ absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeMode
   }
   RETURN_IF_ERROR(c.CheckMoeLayer(call.layer));
   call.want_output = req.outputs_size() == 0;
+  names.clear();
   for (const auto& o : req.outputs()) {
+    if (!names.insert(o.name()).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("requested output '", o.name(), "' appears twice"));
+    }
     if (o.name() == "output") {
       call.want_output = true;
     } else if (o.name() == "topk_ids") {
@@ -137,7 +168,7 @@ absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeMode
 void WriteInfer(const ModelInferRequest& req, const InferCall& call, const MoeLayerOutput& out,
                 const std::string& model_name, ModelInferResponse* resp) {
   resp->set_model_name(model_name);
-  resp->set_model_version("1");
+  resp->set_model_version(kModelVersion);
   resp->set_id(req.id());
   if (call.want_output) AddOutput("output", out.output, resp);
   if (call.want_ids) AddOutput("topk_ids", out.topk_ids, resp);
@@ -173,7 +204,9 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
   }
   grpc::Status ModelReady(grpc::ServerContext*, const inference::ModelReadyRequest* req,
                           inference::ModelReadyResponse* resp) override {
-    if (req->name() != server_->options_.model_name) return ToGrpcStatus(UnknownModel(req->name()));
+    const absl::Status known =
+        CheckModel(req->name(), req->version(), server_->options_.model_name);
+    if (!known.ok()) return ToGrpcStatus(known);
     resp->set_ready(server_->ready());
     return grpc::Status::OK;
   }
@@ -185,10 +218,12 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
   }
   grpc::Status ModelMetadata(grpc::ServerContext*, const inference::ModelMetadataRequest* req,
                              inference::ModelMetadataResponse* resp) override {
-    if (req->name() != server_->options_.model_name) return ToGrpcStatus(UnknownModel(req->name()));
+    const absl::Status known =
+        CheckModel(req->name(), req->version(), server_->options_.model_name);
+    if (!known.ok()) return ToGrpcStatus(known);
     const MoeModelConfig& c = server_->router_->config();
     resp->set_name(server_->options_.model_name);
-    resp->add_versions(std::string("1"));  // (a const char* trips GCC 12's -Wrestrict)
+    resp->add_versions(std::string(kModelVersion));  // (a const char* trips GCC 12's -Wrestrict)
     resp->set_platform(absl::StrCat("moemesh_", FamilyName(c.family)));
     auto add = [](auto* list, const char* name, const char* dtype, std::vector<int64_t> shape) {
       auto* t = list->Add();
@@ -227,7 +262,8 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
   // Parse, run, write.
   absl::Status Infer(grpc::ServerContext* ctx, const ModelInferRequest& req,
                      ModelInferResponse* resp) {
-    if (req.model_name() != server_->options_.model_name) return UnknownModel(req.model_name());
+    RETURN_IF_ERROR(
+        CheckModel(req.model_name(), req.model_version(), server_->options_.model_name));
     MoeRouter& router = *server_->router_;
     ASSIGN_OR_RETURN(const InferCall call, ParseInfer(req, router.config()));
     // The caller's deadline bounds every outgoing call, capped by the router's own.

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <set>
 #include <thread>
@@ -615,6 +616,97 @@ TEST(RouterServerTest, ControlApiReportsWindowedLoadAndRequestCodes) {
   EXPECT_DOUBLE_EQ(l.balance_statistic(), st.balance_statistic);
   EXPECT_GT(l.window_seconds(), 0);
   EXPECT_LE(l.window_seconds(), 60.0);
+}
+
+// KServe v2 rules Triton enforces too: raw and typed contents never together, each input and
+// requested output once, and only the model version served (ModelInfer, ModelReady,
+// ModelMetadata); well-formed calls keep succeeding next to the refused ones.
+TEST(RouterServerTest, KServeRequestsBreakingTheProtocolAreRefused) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  auto server = RouterServer::Create({}, MoeRouter::Create(ro, transport).value()).value();
+  auto infer = inference::GRPCInferenceService::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", server->port()), grpc::InsecureChannelCredentials()));
+  const Tensor x = Input(4, f.config.hidden_size);
+  auto good = [&] {
+    inference::ModelInferRequest req;
+    req.set_model_name("moe");
+    auto* in = req.add_inputs();
+    in->set_name("hidden_states");
+    in->set_datatype("FP32");
+    in->add_shape(4);
+    in->add_shape(f.config.hidden_size);
+    req.add_raw_input_contents(std::string(static_cast<const char*>(x.raw()), x.nbytes()));
+    return req;
+  };
+  auto call = [&](const inference::ModelInferRequest& req) {
+    grpc::ClientContext ctx;
+    inference::ModelInferResponse resp;
+    return infer->ModelInfer(&ctx, req, &resp);
+  };
+  struct Case {
+    std::string what;
+    std::function<void(inference::ModelInferRequest*)> edit;
+    grpc::StatusCode code;
+    std::string names;
+  };
+  const std::vector<Case> cases = {
+      {"raw and typed contents",
+       [](inference::ModelInferRequest* r) {
+         r->mutable_inputs(0)->mutable_contents()->add_fp32_contents(1.0f);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "input 'hidden_states' has typed contents"},
+      {"an input twice",
+       [&](inference::ModelInferRequest* r) {
+         *r->add_inputs() = r->inputs(0);
+         r->add_raw_input_contents(r->raw_input_contents(0));
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "input 'hidden_states' appears twice"},
+      {"an output twice",
+       [](inference::ModelInferRequest* r) {
+         r->add_outputs()->set_name("output");
+         r->add_outputs()->set_name("output");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "requested output 'output' appears twice"},
+      {"a version not served", [](inference::ModelInferRequest* r) { r->set_model_version("999"); },
+       grpc::StatusCode::NOT_FOUND, "has no version '999'"},
+  };
+  for (const Case& c : cases) {
+    inference::ModelInferRequest req = good();
+    c.edit(&req);
+    const grpc::Status s = call(req);
+    EXPECT_EQ(s.error_code(), c.code) << c.what << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(c.names), std::string::npos)
+        << c.what << ": " << s.error_message();
+    EXPECT_TRUE(call(good()).ok()) << "after " << c.what;
+  }
+  inference::ModelInferRequest v1 = good();
+  v1.set_model_version("1");
+  EXPECT_TRUE(call(v1).ok());
+
+  for (const std::string version : {"999", "2"}) {
+    grpc::ClientContext ctx;
+    inference::ModelReadyRequest req;
+    req.set_name("moe");
+    req.set_version(version);
+    inference::ModelReadyResponse resp;
+    EXPECT_EQ(infer->ModelReady(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+    grpc::ClientContext ctx2;
+    inference::ModelMetadataRequest mreq;
+    mreq.set_name("moe");
+    mreq.set_version(version);
+    inference::ModelMetadataResponse mresp;
+    EXPECT_EQ(infer->ModelMetadata(&ctx2, mreq, &mresp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  grpc::ClientContext ctx;
+  inference::ModelReadyRequest req;
+  req.set_name("moe");
+  req.set_version("1");
+  inference::ModelReadyResponse resp;
+  EXPECT_TRUE(infer->ModelReady(&ctx, req, &resp).ok());
 }
 
 }  // namespace

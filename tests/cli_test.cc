@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -259,6 +261,36 @@ TEST(CliTest, DemoAndPlacementFlagsFailWithAMessage) {
     CliRun r = Moemesh(args);
     EXPECT_NE(r.exit_code, 0) << r.output;
     EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+  }
+}
+
+// `moemesh COMMAND --help` (or -h) prints that command's usage on stdout and exits 0, with
+// nothing on stderr.
+TEST(CliTest, HelpPrintsTheUsageOnStdoutAndExitsZero) {
+  const std::vector<std::pair<std::string, std::string>> commands = {
+      {"router", "moemesh router"},         {"expert", "moemesh expert"},
+      {"controller", "moemesh controller"}, {"placement", "moemesh placement show"},
+      {"layer", "usage: moemesh"},          {"gen-model", "usage: moemesh"},
+      {"demo", "usage: moemesh"},
+  };
+  for (const auto& [command, usage] : commands) {
+    for (const char* flag : {"--help", "-h"}) {
+      const std::string err = Tmp(absl::StrCat("help_", command, ".err"));
+      const std::string cmd = absl::StrCat(MOEMESH_BINARY, " ", command, " ", flag, " 2>", err);
+      FILE* p = ::popen(cmd.c_str(), "r");
+      ASSERT_NE(p, nullptr);
+      std::string out;
+      char buf[4096];
+      size_t n;
+      while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+      const int status = ::pclose(p);
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << command << " " << flag;
+      EXPECT_NE(out.find(usage), std::string::npos) << command << " " << flag << ": " << out;
+      std::ifstream e(err);
+      const std::string stderr_text((std::istreambuf_iterator<char>(e)), {});
+      EXPECT_EQ(stderr_text, "") << command << " " << flag;
+      std::filesystem::remove(err);
+    }
   }
 }
 

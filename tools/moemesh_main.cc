@@ -13,6 +13,7 @@
 #include "services/base/status_macros.h"
 #include "services/controller/controller_main.h"
 #include "services/model/safetensors.h"
+#include "services/runtime/flags.h"
 #include "services/runtime/serving_settings.h"
 #include "tools/cli_common.h"
 #include "tools/demo.h"
@@ -95,6 +96,10 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   const std::vector<std::string> rest(argv + 2, argv + argc);
+  if ((cmd == "layer" || cmd == "gen-model" || cmd == "demo") && moemesh::HelpRequested(rest)) {
+    std::fputs(moemesh::kUsage, stdout);
+    return 0;
+  }
   absl::Status st;
   if (cmd == "layer") {
     st = moemesh::RunLayer(rest);

@@ -98,11 +98,9 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int PlacementCommand(const std::vector<std::string>& args) {
-  for (const std::string& a : args) {
-    if (a == "--help" || a == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
+  if (HelpRequested(args)) {
+    std::fputs(kUsage, stdout);
+    return 0;
   }
   const absl::Status s = Run(args);
   if (!s.ok()) {

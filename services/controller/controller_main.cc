@@ -1,5 +1,7 @@
 #include "services/controller/controller_main.h"
 
+#include <cstdio>
+
 #include "absl/strings/str_cat.h"
 #include "services/base/status_macros.h"
 #include "services/controller/controller.h"
@@ -89,6 +91,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int ControllerMain(const std::vector<std::string>& args) {
+  if (HelpRequested(args)) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
   return RunServiceMain("controller", kUsage, [&] { return Run(args); });
 }
 

@@ -11,6 +11,13 @@
 
 namespace moemesh {
 
+bool HelpRequested(const std::vector<std::string>& args) {
+  for (const std::string& a : args) {
+    if (a == "--help" || a == "-h") return true;
+  }
+  return false;
+}
+
 absl::StatusOr<CliArgs> CliArgs::Parse(const std::vector<std::string>& args,
                                        const std::set<std::string>& known,
                                        const std::set<std::string>& switches) {

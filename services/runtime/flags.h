@@ -13,6 +13,10 @@
 
 namespace moemesh {
 
+// True when `args` ask for help (--help or -h): every command then prints its usage on
+// stdout and exits 0.
+bool HelpRequested(const std::vector<std::string>& args);
+
 class CliArgs {
  public:
   // args: everything after the subcommand. `known` lists accepted flag names (no
