@@ -70,6 +70,12 @@ case "$what" in
       install $runtime_pkgs
       bins=/out/bin/moemesh
     fi
+    # Every library the binary (and plugin) link must resolve here, or the image would lack it.
+    # shellcheck disable=SC2086
+    if ldd $bins | grep 'not found'; then
+      echo "stage.sh: unresolved libraries (above)" >&2
+      exit 1
+    fi
     # UCX opens its transport modules with dlopen: they and their libraries come too (a
     # module whose library is absent, e.g. InfiniBand verbs, is left out; UCX skips it).
     # UCX finds them by their versioned names (libuct_cma.so.0 -> libuct_cma.so.0.0.0).
