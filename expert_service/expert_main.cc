@@ -134,11 +134,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int ExpertServiceMain(const std::vector<std::string>& args) {
-  if (HelpRequested(args)) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  return RunServiceMain("expert", kUsage, [&] { return Run(args); });
+  return RunServiceMain("expert", kUsage, args, Run);
 }
 
 }  // namespace moemesh

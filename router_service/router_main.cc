@@ -135,11 +135,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int RouterMain(const std::vector<std::string>& args) {
-  if (HelpRequested(args)) {
-    std::fputs(kRouterUsage, stdout);
-    return 0;
-  }
-  return RunServiceMain("router", kRouterUsage, [&] { return Run(args); });
+  return RunServiceMain("router", kRouterUsage, args, Run);
 }
 
 }  // namespace moemesh

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <set>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -122,15 +121,19 @@ absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeMode
   InferCall call;
   int hidden_index = -1;
   call.layer = c.MoeLayers().front();
-  std::set<std::string> names;
+  bool has_layer = false;
+  // The only names accepted are known, so a repeat is one already seen (no set per call).
+  auto twice = [](const std::string& kind, const std::string& name) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, " '", name, "' appears twice"));
+  };
   for (int i = 0; i < req.inputs_size(); ++i) {
     const auto& in = req.inputs(i);
-    if (!names.insert(in.name()).second) {
-      return absl::InvalidArgumentError(absl::StrCat("input '", in.name(), "' appears twice"));
-    }
     if (in.name() == "hidden_states") {
+      if (hidden_index >= 0) return twice("input", in.name());
       hidden_index = i;
     } else if (in.name() == "layer") {
+      if (has_layer) return twice("input", in.name());
+      has_layer = true;
       ASSIGN_OR_RETURN(call.layer, LayerInput(req, i));
     } else {
       return absl::InvalidArgumentError(
@@ -146,18 +149,14 @@ absl::StatusOr<InferCall> ParseInfer(const ModelInferRequest& req, const MoeMode
   }
   RETURN_IF_ERROR(c.CheckMoeLayer(call.layer));
   call.want_output = req.outputs_size() == 0;
-  names.clear();
   for (const auto& o : req.outputs()) {
-    if (!names.insert(o.name()).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("requested output '", o.name(), "' appears twice"));
-    }
-    if (o.name() == "output") {
-      call.want_output = true;
-    } else if (o.name() == "topk_ids") {
-      call.want_ids = true;
-    } else if (o.name() == "topk_weights") {
-      call.want_weights = true;
+    bool* want = o.name() == "output"         ? &call.want_output
+                 : o.name() == "topk_ids"     ? &call.want_ids
+                 : o.name() == "topk_weights" ? &call.want_weights
+                                              : nullptr;
+    if (want != nullptr) {
+      if (*want) return twice("requested output", o.name());
+      *want = true;
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown output '", o.name(), "'"));
     }

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "services/model/safetensors.h"
+#include "tools/process.h"
 
 #ifndef MOEMESH_BINARY
 #error "MOEMESH_BINARY must name the moemesh executable"
@@ -23,22 +24,11 @@
 namespace moemesh {
 namespace {
 
-struct CliRun {
-  int exit_code;
-  std::string output;  // stdout + stderr
-};
+using CliRun = ShellResult;
 
+// `moemesh ARGS`: its exit code and stdout + stderr.
 CliRun Moemesh(const std::string& args) {
-  const std::string cmd = absl::StrCat(MOEMESH_BINARY, " ", args, " 2>&1");
-  CliRun r{-1, ""};
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return RunShell(absl::StrCat(MOEMESH_BINARY, " ", args, " 2>&1"));
 }
 
 std::string Tmp(const std::string& name) {
@@ -276,16 +266,11 @@ TEST(CliTest, HelpPrintsTheUsageOnStdoutAndExitsZero) {
   for (const auto& [command, usage] : commands) {
     for (const char* flag : {"--help", "-h"}) {
       const std::string err = Tmp(absl::StrCat("help_", command, ".err"));
-      const std::string cmd = absl::StrCat(MOEMESH_BINARY, " ", command, " ", flag, " 2>", err);
-      FILE* p = ::popen(cmd.c_str(), "r");
-      ASSERT_NE(p, nullptr);
-      std::string out;
-      char buf[4096];
-      size_t n;
-      while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-      const int status = ::pclose(p);
-      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << command << " " << flag;
-      EXPECT_NE(out.find(usage), std::string::npos) << command << " " << flag << ": " << out;
+      const ShellResult r =
+          RunShell(absl::StrCat(MOEMESH_BINARY, " ", command, " ", flag, " 2>", err));
+      EXPECT_EQ(r.exit_code, 0) << command << " " << flag;
+      EXPECT_NE(r.output.find(usage), std::string::npos)
+          << command << " " << flag << ": " << r.output;
       std::ifstream e(err);
       const std::string stderr_text((std::istreambuf_iterator<char>(e)), {});
       EXPECT_EQ(stderr_text, "") << command << " " << flag;

@@ -26,6 +26,7 @@
 #include "tools/controlled_mesh.h"
 #include "tools/http_client.h"
 #include "tools/load_driver.h"
+#include "tools/process.h"
 
 #ifndef MOEMESH_BINARY
 #error "MOEMESH_BINARY must name the moemesh executable"
@@ -84,14 +85,8 @@ const v1::ServiceState* ServiceOf(const v1::ControllerState& s, const std::strin
 
 // `moemesh ARGS` as an operator runs it; its exit code and stdout + stderr.
 std::pair<int, std::string> Moemesh(const std::string& args) {
-  FILE* p = ::popen(absl::StrCat(MOEMESH_BINARY, " ", args, " 2>&1").c_str(), "r");
-  if (p == nullptr) return {-1, ""};
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  ShellResult r = RunShell(absl::StrCat(MOEMESH_BINARY, " ", args, " 2>&1"));
+  return {r.exit_code, std::move(r.output)};
 }
 
 std::unique_ptr<LoadDriver> Drive(ControlledMesh& mesh, const GeneratedModel& m,

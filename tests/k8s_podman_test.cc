@@ -81,16 +81,10 @@ std::string Image() {
   return env != nullptr ? env : absl::StrCat("localhost/moemesh:", MOEMESH_VERSION);
 }
 
-// Runs a shell command; its exit code and stdout.
+// Runs a shell command with the project's podman settings; its exit code and stdout.
 std::pair<int, std::string> Shell(const std::string& cmd) {
-  FILE* p = ::popen(absl::StrCat("CONTAINERS_CONF=", kConf, " ", cmd).c_str(), "r");
-  if (p == nullptr) return {-1, ""};
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  ShellResult r = RunShell(absl::StrCat("CONTAINERS_CONF=", kConf, " ", cmd));
+  return {r.exit_code, std::move(r.output)};
 }
 
 int FreePort() {

@@ -44,4 +44,12 @@ class ChildProcess {
 // This executable's path (for launching its own subcommands).
 std::string SelfExecutable();
 
+// Runs `command` with /bin/sh and waits for it: its exit code (-1 if it did not exit) and
+// its stdout (add "2>&1" to the command for stderr too).
+struct ShellResult {
+  int exit_code = -1;
+  std::string output;
+};
+ShellResult RunShell(const std::string& command);
+
 }  // namespace moemesh

@@ -1,7 +1,5 @@
 #include "services/controller/controller_main.h"
 
-#include <cstdio>
-
 #include "absl/strings/str_cat.h"
 #include "services/base/status_macros.h"
 #include "services/controller/controller.h"
@@ -91,11 +89,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int ControllerMain(const std::vector<std::string>& args) {
-  if (HelpRequested(args)) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  return RunServiceMain("controller", kUsage, [&] { return Run(args); });
+  return RunServiceMain("controller", kUsage, args, Run);
 }
 
 }  // namespace moemesh

@@ -2,18 +2,23 @@
 
 #include <string>
 
+#include "services/runtime/flags.h"
 #include "services/runtime/serving_settings.h"
 
 namespace moemesh {
 
-int RunServiceMain(const char* command, const char* usage,
-                   const std::function<absl::Status()>& run) {
+int RunServiceMain(const char* command, const char* usage, const std::vector<std::string>& args,
+                   const std::function<absl::Status(const std::vector<std::string>&)>& run) {
+  if (HelpRequested(args)) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
   ConfigureForServing();
   // Before any thread starts, so that every thread inherits the mask and the signal reaches
   // only WaitForStopSignal: no work happens inside a signal handler.
   BlockStopSignals();
   StopWithParent();
-  const absl::Status s = run();
+  const absl::Status s = run(args);
   if (!s.ok()) {
     std::fprintf(stderr, "moemesh %s: %s\n%s", command, std::string(s.ToString()).c_str(), usage);
     return 1;

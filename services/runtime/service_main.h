@@ -2,9 +2,9 @@
 // set-up, the start-up error report, and serving until a stop signal, then draining.
 //
 //   int ExpertServiceMain(const std::vector<std::string>& args) {
-//     return RunServiceMain("expert", kUsage, [&] { return Run(args); });
+//     return RunServiceMain("expert", kUsage, args, Run);
 //   }
-//   absl::Status Run(...) { ...parse flags, Create the server...;
+//   absl::Status Run(const std::vector<std::string>& args) { ...parse flags, Create the server...;
 //                           ServeUntilStopSignal("expert service", listen, *server); }
 #pragma once
 
@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "services/runtime/signals.h"
@@ -21,12 +22,13 @@ namespace moemesh {
 // How long a stop signal leaves in-flight calls to finish by default.
 inline constexpr std::chrono::seconds kDefaultDrainTime{10};
 
-// Runs a service main: the serving settings (services/runtime/serving_settings.h), stop
-// signals blocked in every thread before `run` starts any, and a stop when the launcher
-// that started the process dies (StopWithParent). Returns 0 when `run` returns OK; else
-// prints "moemesh COMMAND: ERROR" and `usage` on stderr and returns 1.
-int RunServiceMain(const char* command, const char* usage,
-                   const std::function<absl::Status()>& run);
+// Runs a service main: `usage` on stdout and 0 when `args` ask for help (--help, -h);
+// otherwise the serving settings (services/runtime/serving_settings.h), stop signals
+// blocked in every thread before `run(args)` starts any, and a stop when the launcher that
+// started the process dies (StopWithParent). Returns 0 when `run` returns OK; else prints
+// "moemesh COMMAND: ERROR" and `usage` on stderr and returns 1.
+int RunServiceMain(const char* command, const char* usage, const std::vector<std::string>& args,
+                   const std::function<absl::Status(const std::vector<std::string>&)>& run);
 
 // Prints "listening on HOST:PORT" on stdout (HOST from `listen`, PORT the bound `port`):
 // the line launchers and tests wait for before they call.
