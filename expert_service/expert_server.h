@@ -39,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "expert_service.grpc.pb.h"
+#include "expert_service/compute_request.h"
 #include "expert_service/expert_store.h"
 #include "expert_service/gpu_experts.h"
 #include "services/base/mutex.h"
@@ -132,15 +133,8 @@ class ExpertServer {
   ExpertServer();
   absl::Status RegisterMetrics();
 
-  // One batch of a Compute call, checked: its expert's weights (alive even if the expert
-  // is unloaded meanwhile), its rows (a view of the request's bytes) and where its rows go
-  // in the call's buffers ([row, row + n)).
-  struct Batch {
-    std::shared_ptr<const ExpertWeights> weights;
-    int32_t expert;
-    Tensor rows;
-    int64_t n, row;
-  };
+  // One batch of a Compute call, checked (expert_service/compute_request.h).
+  using Batch = ComputeBatch;
   // Compute's buffers, reused through a free list and only ever grown.
   struct Scratch {
     std::vector<float> x, y, gu, h;
@@ -153,9 +147,6 @@ class ExpertServer {
   // everything, compute on the CPU or the GPU, write the outputs, count.
   absl::Status Compute(const v1::ComputeRequest& request, const RowSegments& rows,
                        v1::ComputeResponse* response);
-  absl::StatusOr<DType> CheckOutputDType(const v1::ComputeRequest& request) const;
-  absl::StatusOr<std::vector<Batch>> CheckBatches(const v1::ComputeRequest& request,
-                                                  const RowSegments& rows) const;
   // Float32 and bit-identical to MoeLayer (services/moe/expert_tasks.h): y [Σn, H].
   void RunOnCpu(const std::vector<Batch>& batches, Scratch& scratch, float* y);
   absl::Status RunOnGpu(int64_t layer, const std::vector<Batch>& batches, float* y);
