@@ -262,6 +262,12 @@ absl::StatusOr<MoeModelConfig> ParseMoeModelConfig(const Json& json) {
       rp.scoring = Scoring::kSoftmaxOverTopK;
       c.activation = Activation::kClampedSwiGlu;
       ASSIGN_OR_RETURN(double limit, r.NumberOr("swiglu_limit", 7.0));
+      // The gate is clamped to at most the limit and up to [-limit, limit]: a limit that
+      // is not positive, or not finite as a float, would compute nonsense unnoticed.
+      if (!(limit > 0) || limit > std::numeric_limits<float>::max()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("config.json: 'swiglu_limit' must be positive and finite, got ", limit));
+      }
       c.clamp_limit = static_cast<float>(limit);
       act = "silu";  // the clamped SwiGLU is fixed by the family
       break;

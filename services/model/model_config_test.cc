@@ -157,6 +157,19 @@ TEST(ModelConfigTest, GptOssRoutingAndClampedActivation) {
   EXPECT_EQ(c.alpha, 1.702f);
 }
 
+// Found while writing model_config_fuzzer's invariants: a limit of 1e300 became an
+// infinite float and a negative one inverted the clamp, both accepted.
+TEST(ModelConfigTest, GptOssSwigluLimitMustBePositiveAndFinite) {
+  for (double limit : {0.0, -7.0, 1e300}) {
+    Json json = FixtureConfig("gpt_oss");
+    json["swiglu_limit"] = limit;
+    ExpectRejected(json, "'swiglu_limit' must be positive and finite");
+  }
+  Json json = FixtureConfig("gpt_oss");
+  json["swiglu_limit"] = 3e38;  // still a finite float
+  EXPECT_EQ(ParseOrDie(json).clamp_limit, 3e38f);
+}
+
 TEST(ModelConfigTest, GptOssIgnoresHiddenAct) {
   Json json = FixtureConfig("gpt_oss");
   json["hidden_act"] = "gelu";
