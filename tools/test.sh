@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every test: install, build, run ctest; the formatting and lock-annotation checks; the
 # parsers and the services' concurrent suites under ASan+UBSan and under TSan; bounded
-# libFuzzer runs of the parsers; last, the image (built in the background meanwhile) and
-# the manifests run from it with podman. Each stage prints what it cost.
-#   FUZZ_SECONDS=60 tools/test.sh
+# libFuzzer runs (ASan+UBSan) of the safetensors header, config.json, the KServe ModelInfer
+# decoding and the expert service's request decoding; last, the image (built in the
+# background meanwhile) and the manifests run from it with podman. Each stage prints what
+# it cost.
+#   FUZZ_SECONDS=60 tools/test.sh   # each libFuzzer target's run (default 30 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install_deps.sh
@@ -65,16 +67,64 @@ UCX_MEM_EVENTS=no UCX_MEM_MMAP_HOOK_MODE=none UCX_MEM_MALLOC_HOOKS=no \
   TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/tests/sanitizers/tsan.supp" \
   ctest --test-dir build-tsan --output-on-failure -j "$jobs" -R "^(${concurrent})\$"
 
-stage "libFuzzer: safetensors header parser (${FUZZ_SECONDS:-60} s)"
+# Each target: its binary in build-fuzz, its corpus under tests/fuzz_corpus, its input size
+# limit. They run $jobs at a time, each on a copy of its corpus for FUZZ_SECONDS; a crash
+# (an invariant, ASan, UBSan, a leak, a 10 s input) fails the stage once all have run.
+fuzz_seconds=${FUZZ_SECONDS:-30}
+fuzzers=(
+  "services/model/safetensors_header_fuzzer safetensors 4096"
+  "services/model/model_config_fuzzer model_config 4096"
+  "router_service/kserve_infer_fuzzer kserve_infer 4096"
+  "expert_service/expert_request_fuzzer expert_request 4096"
+)
+stage "libFuzzer (ASan+UBSan): safetensors header, config.json, KServe ModelInfer, expert requests; ${fuzz_seconds} s each, ${jobs} at a time"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DMOEMESH_FUZZ=ON -DMOEMESH_CUDA=OFF -DMOEMESH_TESTS=OFF -DMOEMESH_BENCH=OFF \
   -DMOEMESH_SANITIZE=address,undefined >/dev/null
-ninja -C build-fuzz safetensors_header_fuzzer
-corpus=$(mktemp -d)
-cp tests/fuzz_corpus/safetensors/* "$corpus"/
-build-fuzz/services/model/safetensors_header_fuzzer -max_total_time="${FUZZ_SECONDS:-60}" \
-  -max_len=4096 -print_final_stats=1 "$corpus" 2>&1 | tail -n 12
-rm -rf "$corpus"
+ninja -C build-fuzz $(for f in "${fuzzers[@]}"; do read -r bin _ <<<"$f"; basename "$bin"; done)
+fuzz_dir=$(mktemp -d)
+mkdir -p build-fuzz/crashes
+fuzz() {  # BINARY CORPUS MAX_LEN: one bounded run; its output and exit status go to $fuzz_dir
+  mkdir "$fuzz_dir/$2"
+  cp tests/fuzz_corpus/"$2"/* "$fuzz_dir/$2"/
+  local rc=0
+  build-fuzz/"$1" -max_total_time="$fuzz_seconds" -max_len="$3" -timeout=10 \
+    -print_final_stats=1 -artifact_prefix="build-fuzz/crashes/$2-" "$fuzz_dir/$2" \
+    >"$fuzz_dir/$2.log" 2>&1 || rc=$?
+  echo "$rc" >"$fuzz_dir/$2.rc"
+}
+fuzz_pids=()
+for f in "${fuzzers[@]}"; do
+  if ((${#fuzz_pids[@]} >= jobs)); then  # not `wait -n`: the image build is a job too
+    wait "${fuzz_pids[0]}"
+    fuzz_pids=("${fuzz_pids[@]:1}")
+  fi
+  fuzz $f &
+  fuzz_pids+=($!)
+done
+wait "${fuzz_pids[@]}"
+fuzz_failed=()
+for f in "${fuzzers[@]}"; do
+  read -r _ name _ <<<"$f"
+  rc=$(cat "$fuzz_dir/$name.rc")
+  echo "[${name}] exit ${rc}"
+  if [[ $rc == 0 ]]; then
+    grep -E '^(#[0-9]+[[:space:]]+DONE|Done |stat::)' "$fuzz_dir/$name.log" || true
+  else
+    fuzz_failed+=("$name")
+    # From the first report (an invariant, ASan, UBSan, libFuzzer's own) on, else the last
+    # lines; awk reads it all (`| head` would end the script early through pipefail).
+    awk '/invariant violated|ERROR: |runtime error/ { p = 1 } p && n++ < 80
+         { last[NR % 40] = $0 }
+         END { if (!p) for (i = NR - 39; i <= NR; i++) if (i > 0) print last[i % 40] }' \
+      "$fuzz_dir/$name.log"
+  fi
+done
+rm -rf "$fuzz_dir"
+if ((${#fuzz_failed[@]} > 0)); then
+  echo "libFuzzer failed: ${fuzz_failed[*]}; the inputs are in build-fuzz/crashes/" >&2
+  exit 1
+fi
 
 stage "image: tools/build_image.sh (started first), then the Kubernetes manifests run from it with podman"
 image_rc=0
