@@ -5,6 +5,7 @@
 //              [--tokens 1,16,256,2048] [--repeats N] [--expert-services N]
 //   mesh_bench --metrics-cost [--tokens 256] [--repeats N]
 //   mesh_bench --compare-transports [--tokens 1,16,256,2048] [--repeats N]
+//   mesh_bench --tls-cost [--transport grpc|ucx] [--tokens 1,256] [--repeats N]
 //
 // Prints one JSON line per (wire, T): medians of the in-process layer and of a mesh call
 // (one client, calls back to back), the throughput ratio in-process/mesh time and the
@@ -18,6 +19,14 @@
 // --compare-transports: the same model in a mesh with token data over gRPC and in one
 // over UCX (bf16 wire), calls alternating with the in-process layer; prints medians and
 // the latency each data plane adds.
+//
+// --tls-cost: the price of security. Two meshes side by side, one plaintext and one with
+// mutual TLS on every port and the admin identity checked on every call (certificates
+// made with openssl); the client calls both, alternating. With --transport ucx the token
+// data goes over UCX in both (TLS then covers the control plane only). Prints per T the
+// medians and their ratio.
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -40,6 +49,7 @@
 #include "services/transport/transport.h"
 #include "tools/http_client.h"
 #include "tools/local_mesh.h"
+#include "tools/test_certs.h"
 
 namespace moemesh {
 namespace {
@@ -177,11 +187,68 @@ absl::Status CompareTransports(const std::string& binary, const std::string& dir
   return absl::OkStatus();
 }
 
+absl::Status TlsCost(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
+                     const std::vector<int64_t>& tokens, int64_t repeats, int64_t services,
+                     const std::string& transport) {
+  const int64_t layer = c.MoeLayers().front();
+  const std::string pki =
+      (std::filesystem::temp_directory_path() / absl::StrCat("mesh_bench_pki_", ::getpid()))
+          .string();
+  ASSIGN_OR_RETURN(TestCa ca, TestCa::Create(pki, "bench-ca"));
+  ASSIGN_OR_RETURN(TestCertificate leaf, ca.Issue("mesh", kLoopbackSans));
+  const std::vector<std::string> flags = {"--tls-cert",  leaf.cert,  "--tls-key",       leaf.key,
+                                          "--tls-ca",    ca.cert(),  "--tls-client-ca", ca.cert(),
+                                          "--admin-san", "localhost"};
+  SecurityOptions so;
+  so.tls_cert = leaf.cert;
+  so.tls_key = leaf.key;
+  so.tls_ca = ca.cert();
+  ASSIGN_OR_RETURN(std::shared_ptr<Security> security, Security::Create(so));
+  std::unique_ptr<LocalMesh> meshes[2];  // [0] plaintext, [1] mutual TLS
+  for (int on = 0; on < 2; ++on) {
+    ASSIGN_OR_RETURN(meshes[on], StartMesh(binary, dir, services, [&](LocalMeshOptions& mo) {
+                       mo.transport = transport;
+                       if (on == 1) {
+                         mo.router_flags = mo.expert_flags = flags;
+                         mo.client_security = security;
+                       }
+                     }));
+  }
+  KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
+                             KServeClient(meshes[1]->router_endpoint(), 1 << 30, security)};
+  absl::Status status;
+  for (int64_t T : tokens) {
+    const Tensor x = RandomInput(T, c.hidden_size);
+    std::vector<double> ms[2];
+    for (int64_t r = -2; r < repeats && status.ok(); ++r) {  // r < 0: warm-up
+      for (int k = 0; k < 2 && status.ok(); ++k) {
+        const int on = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
+        const auto t0 = Clock::now();
+        auto got = clients[on].Infer(x, layer, std::chrono::seconds(120), false);
+        const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (!got.ok()) status = got.status();
+        if (r >= 0) ms[on].push_back(m);
+      }
+    }
+    if (!status.ok()) break;
+    const double off = Median(ms[0]), on = Median(ms[1]);
+    std::printf(
+        "{\"transport\":\"%s\",\"T\":%lld,\"plaintext_ms\":%.3f,\"mtls_ms\":%.3f,"
+        "\"throughput_ratio_mtls_plaintext\":%.4f,\"repeats\":%lld}\n",
+        transport.c_str(), (long long)T, off, on, off / on, (long long)repeats);
+    std::fflush(stdout);
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(pki, ec);
+  return status;
+}
+
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
-                                                {"model", "tokens", "repeats", "expert-services",
-                                                 "moemesh", "metrics-cost", "compare-transports"},
-                                                {"metrics-cost", "compare-transports"}));
+  ASSIGN_OR_RETURN(CliArgs args,
+                   CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
+                                  {"model", "tokens", "repeats", "expert-services", "moemesh",
+                                   "metrics-cost", "compare-transports", "tls-cost", "transport"},
+                                  {"metrics-cost", "compare-transports", "tls-cost"}));
   std::string dir = args.String("model", "");
   if (dir.empty()) {
     dir = (std::filesystem::temp_directory_path() / "mesh_bench_model").string();
@@ -197,8 +264,11 @@ absl::Status Run(int argc, char** argv) {
     }
   }
   std::vector<int64_t> tokens;
-  for (absl::string_view s : absl::StrSplit(
-           args.String("tokens", args.Has("metrics-cost") ? "256" : "1,16,256,2048"), ',')) {
+  for (absl::string_view s :
+       absl::StrSplit(args.String("tokens", args.Has("metrics-cost") ? "256"
+                                            : args.Has("tls-cost")   ? "1,256"
+                                                                     : "1,16,256,2048"),
+                      ',')) {
     int64_t t;
     if (!absl::SimpleAtoi(s, &t) || t <= 0) return absl::InvalidArgumentError("bad --tokens");
     tokens.push_back(t);
@@ -210,6 +280,10 @@ absl::Status Run(int argc, char** argv) {
   const int64_t layer = c.MoeLayers().front();
   if (args.Has("metrics-cost")) {
     return MetricsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services);
+  }
+  if (args.Has("tls-cost")) {
+    return TlsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services,
+                   args.String("transport", "grpc"));
   }
   if (args.Has("compare-transports")) {
     MoeLayerOptions lo;
@@ -241,7 +315,7 @@ absl::Status Run(int argc, char** argv) {
         std::this_thread::sleep_for(std::chrono::milliseconds(2));
         t0 = Clock::now();
         RETURN_IF_ERROR(
-            expert_client.Info(mesh->expert_endpoints().front(),
+            expert_client.Info(mesh->expert_endpoints().front(), v1::InfoRequest(),
                                std::chrono::system_clock::now() + std::chrono::seconds(5), &info));
         expert_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       }

@@ -27,8 +27,9 @@ absl::StatusOr<std::unique_ptr<ControllerAgent>> ControllerAgent::Start(
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  a->stub_ = v1::PlacementController::NewStub(
-      grpc::CreateCustomChannel(a->options_.controller, grpc::InsecureChannelCredentials(), args));
+  if (a->options_.security == nullptr) a->options_.security = Security::Insecure();
+  a->stub_ =
+      v1::PlacementController::NewStub(a->options_.security->Dial(a->options_.controller, args));
   a->thread_ = std::thread([raw = a.get()] { raw->Loop(); });
   return a;
 }

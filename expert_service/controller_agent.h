@@ -19,6 +19,7 @@
 #include "controller.grpc.pb.h"
 #include "expert_service/expert_server.h"
 #include "services/base/mutex.h"
+#include "services/rpc/security.h"
 
 namespace moemesh {
 
@@ -28,6 +29,8 @@ struct ControllerAgentOptions {
   // The address routers and the controller reach this service at.
   std::string endpoint;
   std::string service_id;
+  // The credentials it dials the controller with; null: plaintext.
+  std::shared_ptr<Security> security;
 
   absl::Status Validate() const;
 };

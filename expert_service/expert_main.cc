@@ -44,12 +44,14 @@ constexpr char kUsage[] =
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(
       CliArgs args,
-      CliArgs::Parse(argv, {"model", "listen", "service-id", "experts", "max-message-mb", "threads",
-                            "metrics-listen", "expert-metrics", "transport", "ucx-spin-us",
-                            "device", "gpu", "gpu-rebalance-s", "fault-delay-ms", "controller",
-                            "advertise", "leave-timeout-s"}));
+      CliArgs::Parse(argv, WithSecurityFlags({"model", "listen", "service-id", "experts",
+                                              "max-message-mb", "threads", "metrics-listen",
+                                              "expert-metrics", "transport", "ucx-spin-us",
+                                              "device", "gpu", "gpu-rebalance-s", "fault-delay-ms",
+                                              "controller", "advertise", "leave-timeout-s"})));
   ExpertServerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
+  ASSIGN_OR_RETURN(o.security, SecurityFromFlags(args));
   o.listen = args.String("listen", o.listen);
   o.service_id = args.String("service-id", o.service_id);
   ASSIGN_OR_RETURN(o.max_message_bytes, ParseMessageLimit(args, o.max_message_bytes));
@@ -101,7 +103,9 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(std::unique_ptr<ExpertServer> server, ExpertServer::Create(o));
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {
-    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
+    // /readyz follows the gRPC health: SERVING from here on, until the drain starts.
+    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry,
+                                                    [&server] { return server->serving(); }));
   }
   std::fprintf(stderr, "expert service %s: %lld experts, %.1f MiB of weights\n",
                o.service_id.c_str(), static_cast<long long>(server->store().size()),
@@ -111,6 +115,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
     ControllerAgentOptions ao;
     ao.controller = controller;
     ao.service_id = o.service_id;
+    ao.security = o.security;
     // Port 0 in --listen means the bound port: the advertised address names the real one.
     const std::string host = o.listen.substr(0, o.listen.rfind(':'));
     ao.endpoint = args.String("advertise", absl::StrCat(host, ":", server->port()));

@@ -320,12 +320,14 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
 
   grpc::Status Compute(grpc::ServerContext* ctx, const v1::ComputeRequest* req,
                        v1::ComputeResponse* resp) override {
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     return ToGrpcStatus(
         server_->ServeCompute(*req, {}, resp, [ctx] { return ctx->IsCancelled(); }));
   }
 
-  grpc::Status LoadExperts(grpc::ServerContext*, const v1::LoadExpertsRequest* req,
+  grpc::Status LoadExperts(grpc::ServerContext* ctx, const v1::LoadExpertsRequest* req,
                            v1::LoadExpertsResponse* resp) override {
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     absl::Status s = server_->store_->Load(Keys(req->experts()));
     if (s.ok()) s = server_->SyncGpu();
     resp->set_experts_loaded(server_->store_->size());
@@ -333,8 +335,9 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     return ToGrpcStatus(s);
   }
 
-  grpc::Status UnloadExperts(grpc::ServerContext*, const v1::UnloadExpertsRequest* req,
+  grpc::Status UnloadExperts(grpc::ServerContext* ctx, const v1::UnloadExpertsRequest* req,
                              v1::UnloadExpertsResponse* resp) override {
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     absl::Status s = server_->store_->Unload(Keys(req->experts()));
     if (s.ok()) s = server_->SyncGpu();
     resp->set_experts_loaded(server_->store_->size());
@@ -342,7 +345,10 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     return ToGrpcStatus(s);
   }
 
-  grpc::Status Info(grpc::ServerContext*, const v1::InfoRequest*, v1::InfoResponse* resp) override {
+  grpc::Status Info(grpc::ServerContext* ctx, const v1::InfoRequest* req,
+                    v1::InfoResponse* resp) override {
+    // Info hands out the UCX credential: it needs the same identity as Compute.
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     const MoeModelConfig& c = server_->store_->config();
     resp->set_model_type(FamilyName(c.family));
     resp->set_hidden_size(c.hidden_size);
@@ -354,7 +360,10 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
     }
     resp->set_weight_bytes(server_->store_->weight_bytes());
     resp->set_service_id(server_->options_.service_id);
-    if (server_->ucx_ != nullptr) resp->set_ucx_worker_address(server_->ucx_->worker_address());
+    if (server_->ucx_ != nullptr) {
+      resp->set_ucx_worker_address(server_->ucx_->worker_address());
+      if (req->ucx_credential()) resp->set_ucx_credential(server_->ucx_->IssueCredential());
+    }
     if (server_->gpu_ != nullptr) {
       std::vector<std::string> devices;
       for (const GpuDeviceMemory& m : server_->gpu_->Memory()) {
@@ -382,6 +391,11 @@ class ExpertServer::Service final : public v1::ExpertService::Service {
   }
 
  private:
+  // Every call of this service is made by mesh components or operators: the admin identity.
+  grpc::Status Authorize(const grpc::ServerContext& ctx) const {
+    return server_->options_.security->Authorize(ctx, Access::kAdmin);
+  }
+
   static std::vector<ExpertKey> Keys(const google::protobuf::RepeatedPtrField<v1::ExpertId>& ids) {
     std::vector<ExpertKey> keys;
     keys.reserve(ids.size());
@@ -396,6 +410,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   RETURN_IF_ERROR(options.Validate());
   auto s = std::unique_ptr<ExpertServer>(new ExpertServer());
   s->options_ = std::move(options);
+  if (s->options_.security == nullptr) s->options_.security = Security::Insecure();
   ASSIGN_OR_RETURN(s->store_, ExpertStore::Open(s->options_.model_dir));
   RETURN_IF_ERROR(s->store_->Load(s->options_.experts));
   if (!s->options_.gpus.empty()) {
@@ -405,7 +420,10 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
     ASSIGN_OR_RETURN(s->gpu_, GpuExperts::Create(s->store_->config(), g));
     RETURN_IF_ERROR(s->SyncGpu());
   }
-  if (s->options_.registry != nullptr) RETURN_IF_ERROR(s->RegisterMetrics());
+  if (s->options_.registry != nullptr) {
+    RETURN_IF_ERROR(s->RegisterMetrics());
+    RETURN_IF_ERROR(s->options_.security->ExportMetrics(*s->options_.registry));
+  }
   s->computing_ = std::make_unique<ConcurrencyLimit>(s->options_.compute_threads);
   s->pool_ = s->options_.pool != nullptr ? s->options_.pool : &ThreadPool::Default();
   // Parallelism comes from the pool; a multi-threaded BLAS inside each task would
@@ -424,7 +442,8 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerO
   s->service_ = std::make_unique<Service>(s.get());
   ASSIGN_OR_RETURN(
       StartedServer started,
-      StartGrpcServer({s->options_.listen, s->options_.max_message_bytes}, {s->service_.get()}));
+      StartGrpcServer({s->options_.listen, s->options_.max_message_bytes, s->options_.security},
+                      {s->service_.get()}));
   s->server_ = std::move(started.server);
   s->port_ = started.port;
   // Only now: every initial expert is loaded and the port is open.

@@ -48,6 +48,7 @@
 #include "services/mesh/load_stats.h"
 #include "services/metrics/metrics.h"
 #include "services/moe/expert_tasks.h"
+#include "services/rpc/security.h"
 #include "services/runtime/concurrency_limit.h"
 #include "services/runtime/drain_gate.h"
 #include "services/transport/transport.h"
@@ -82,6 +83,9 @@ struct ExpertServerOptions {
   bool ucx = false;
   // How long the UCX worker polls after its last message before it sleeps.
   std::chrono::microseconds ucx_spin = kUcxDefaultSpin;
+  // TLS and the identity every call needs (services/rpc/security.h); null: plaintext,
+  // unchecked.
+  std::shared_ptr<Security> security;
   // Where the experts compute: none on the CPU (float32, bit-identical to MoeLayer), else
   // on these CUDA devices (--device cuda --gpu N[,N...]: BF16 weights resident there,
   // spread over them, expert_service/gpu_experts.h; within BF16 tolerance of the CPU).
@@ -120,6 +124,8 @@ class ExpertServer {
   ExpertStore& store() { return *store_; }
   // Compute calls accepted and not yet answered (queued or computing).
   int64_t in_flight() const { return drain_.in_flight(); }
+  // Whether it takes calls: from Create until Shutdown begins (what health reports).
+  bool serving() const { return !drain_.draining(); }
 
   // Health NOT_SERVING, then stop accepting calls and wait for the ones in flight until
   // `deadline` (gRPC cancels what is left then). Idempotent; thread-safe.

@@ -41,8 +41,9 @@ absl::StatusOr<std::unique_ptr<PlacementWatcher>> PlacementWatcher::Start(
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
   args.SetMaxReceiveMessageSize(256 << 20);
-  w->stub_ = v1::PlacementController::NewStub(
-      grpc::CreateCustomChannel(w->options_.controller, grpc::InsecureChannelCredentials(), args));
+  if (w->options_.security == nullptr) w->options_.security = Security::Insecure();
+  w->stub_ =
+      v1::PlacementController::NewStub(w->options_.security->Dial(w->options_.controller, args));
   w->watcher_ = std::thread([raw = w.get()] { raw->WatchLoop(); });
   w->reporter_ = std::thread([raw = w.get()] { raw->ReportLoop(); });
   return w;
@@ -119,9 +120,15 @@ void PlacementWatcher::Apply(const v1::Placement& placement) {
                  table.status().ToString().c_str());
     return;
   }
+  // A table naming a replica that does not hold what it is given is refused (and the
+  // refusal goes back with the acknowledgement of the epoch still served).
+  absl::Status refused;
   if (table->epoch() > router_->placement()->epoch()) {
-    if (absl::Status s = router_->SetPlacement(*std::move(table)); !s.ok()) {
-      std::fprintf(stderr, "router %s: %s\n", options_.router_id.c_str(), s.ToString().c_str());
+    refused = router_->SetPlacement(*std::move(table));
+    if (!refused.ok()) {
+      std::fprintf(stderr, "router %s: refused placement epoch %llu: %s\n",
+                   options_.router_id.c_str(), static_cast<unsigned long long>(placement.epoch()),
+                   refused.ToString().c_str());
     }
   }
   // Acknowledged once no call planned on an older table is in flight; calls end by their
@@ -133,6 +140,10 @@ void PlacementWatcher::Apply(const v1::Placement& placement) {
   v1::AckPlacementRequest ack;
   ack.set_router_id(options_.router_id);
   ack.set_epoch(epoch);
+  if (!refused.ok()) {
+    ack.set_refused_epoch(placement.epoch());
+    ack.set_refusal(std::string(refused.message()));
+  }
   for (int attempt = 0; attempt < 3; ++attempt) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));

@@ -19,6 +19,7 @@
 #include "controller.grpc.pb.h"
 #include "router_service/router.h"
 #include "services/base/mutex.h"
+#include "services/rpc/security.h"
 
 namespace moemesh {
 
@@ -29,6 +30,8 @@ struct PlacementWatcherOptions {
   std::string router_id;
   // How often the load windows go to the controller.
   std::chrono::milliseconds report_interval{2000};
+  // The credentials it dials the controller with; null: plaintext.
+  std::shared_ptr<Security> security;
 
   absl::Status Validate() const;
 };

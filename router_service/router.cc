@@ -160,7 +160,37 @@ std::shared_ptr<const PlacementTable> MoeRouter::Track(PlacementTable table) {
                                                });
 }
 
-absl::Status MoeRouter::SetPlacement(PlacementTable table) {
+absl::Status MoeRouter::CheckHolds(const PlacementTable& table, Clock::time_point deadline) const {
+  for (const std::string& endpoint : table.endpoints()) {
+    v1::InfoResponse info;
+    if (absl::Status s = transport_->Info(endpoint, v1::InfoRequest(), deadline, &info); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat("placement epoch ", table.epoch(),
+                                                        ": cannot ask ", endpoint,
+                                                        " which experts it holds: ", s.message()));
+    }
+    std::set<std::pair<int64_t, int32_t>> held;
+    for (const auto& e : info.experts()) held.insert({e.layer(), e.expert()});
+    for (const auto& want : table.ExpertsOf(endpoint)) {
+      if (!held.count(want)) {
+        return absl::FailedPreconditionError(absl::StrCat("placement epoch ", table.epoch(), ": ",
+                                                          endpoint, " does not hold layer ",
+                                                          want.first, " expert ", want.second));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoeRouter::SetPlacement(PlacementTable table, Clock::time_point deadline) {
+  {
+    MutexLock lock(&placement_mu_);
+    if (table.epoch() <= placement_->epoch()) {
+      return absl::FailedPreconditionError(absl::StrCat("placement epoch ", table.epoch(),
+                                                        " is not newer than the current ",
+                                                        placement_->epoch()));
+    }
+  }
+  RETURN_IF_ERROR(CheckHolds(table, deadline));
   // Tracked outside the placement lock; the old table goes (and is counted) after it.
   const uint64_t epoch = table.epoch();
   std::shared_ptr<const PlacementTable> next = Track(std::move(table));
@@ -237,20 +267,8 @@ absl::Status MoeRouter::CheckReady(Clock::time_point deadline) const {
   if (table->epoch() == 0 && options_.placement_from_controller) {
     return absl::UnavailableError("no placement yet: waiting for the placement controller");
   }
-  for (const std::string& endpoint : table->endpoints()) {
-    v1::InfoResponse info;
-    absl::Status s = transport_->Info(endpoint, deadline, &info);
-    if (!s.ok()) return absl::UnavailableError(absl::StrCat(endpoint, ": ", s.message()));
-    std::set<std::pair<int64_t, int32_t>> held;
-    for (const auto& e : info.experts()) held.insert({e.layer(), e.expert()});
-    for (const auto& want : table->ExpertsOf(endpoint)) {
-      if (!held.count(want)) {
-        return absl::UnavailableError(
-            absl::StrCat(endpoint, " does not hold layer ", want.first, " expert ", want.second));
-      }
-    }
-  }
-  return absl::OkStatus();
+  const absl::Status holds = CheckHolds(*table, deadline);
+  return holds.ok() ? holds : absl::UnavailableError(holds.message());
 }
 
 // One Forward: inputs, routing, per-expert row blocks and the results coming back.

@@ -78,9 +78,16 @@ class MoeRouter {
   const MoeModelConfig& config() const { return config_; }
   const RouterOptions& options() const { return options_; }
   std::shared_ptr<const PlacementTable> placement() const;
-  // Replaces the table; its epoch must exceed the current one. Calls already planned on
-  // the old table finish on it.
-  absl::Status SetPlacement(PlacementTable table);
+  // Replaces the table; its epoch must exceed the current one (else FAILED_PRECONDITION),
+  // and every endpoint it names must answer Info by `deadline` holding the experts the
+  // table gives it (else FAILED_PRECONDITION naming the endpoint and expert). Calls already
+  // planned on the old table finish on it.
+  absl::Status SetPlacement(PlacementTable table,
+                            Clock::time_point deadline = Clock::now() + std::chrono::seconds(10));
+  // OK when every endpoint of `table` answers Info by `deadline` holding the experts the
+  // table gives it; else FAILED_PRECONDITION naming the first endpoint and expert not held
+  // (or the endpoint that did not answer).
+  absl::Status CheckHolds(const PlacementTable& table, Clock::time_point deadline) const;
   // Blocks until no call planned on a table older than `epoch` is in flight, or until
   // `deadline`; whether none is.
   bool WaitForOlderCalls(uint64_t epoch, Clock::time_point deadline);

@@ -40,14 +40,17 @@ const char kRouterUsage[] =
 namespace {
 
 absl::Status Run(const std::vector<std::string>& argv) {
-  ASSIGN_OR_RETURN(CliArgs args,
-                   CliArgs::Parse(argv, {"model",          "endpoints",       "placement-file",
-                                         "listen",         "placement",       "replicas",
-                                         "wire",           "model-name",      "max-message-mb",
-                                         "timeout-ms",     "capacity-factor", "metrics-listen",
-                                         "expert-metrics", "load-window-s",   "transport",
-                                         "ucx-spin-us",    "device",          "gpu",
-                                         "controller",     "router-id",       "load-report-s"}));
+  ASSIGN_OR_RETURN(
+      CliArgs args,
+      CliArgs::Parse(argv,
+                     WithSecurityFlags({"model",          "endpoints",       "placement-file",
+                                        "listen",         "placement",       "replicas",
+                                        "wire",           "model-name",      "max-message-mb",
+                                        "timeout-ms",     "capacity-factor", "metrics-listen",
+                                        "expert-metrics", "load-window-s",   "transport",
+                                        "ucx-spin-us",    "device",          "gpu",
+                                        "controller",     "router-id",       "load-report-s"})));
+  ASSIGN_OR_RETURN(std::shared_ptr<Security> security, SecurityFromFlags(args));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
   for (absl::string_view e : absl::StrSplit(args.String("endpoints", ""), ',', absl::SkipEmpty())) {
@@ -92,6 +95,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   RouterServerOptions so;
   so.listen = args.String("listen", "127.0.0.1:0");
   so.model_name = args.String("model-name", "moe");
+  so.security = security;
   ASSIGN_OR_RETURN(so.max_message_bytes, ParseMessageLimit(args, so.max_message_bytes));
 
   // Declared before the router: its gauges read the router, so the exposer (declared
@@ -105,9 +109,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
                      ExpertSeriesSelection::Parse(args.String("expert-metrics", "auto"), config));
     ASSIGN_OR_RETURN(router_metrics, RouterMetrics::Create(registry, config, std::move(selection)));
     RETURN_IF_ERROR(metrics::AddProcessMetrics(registry));
+    RETURN_IF_ERROR(security->ExportMetrics(registry));
   }
   std::shared_ptr<ExpertTransport> transport =
-      std::make_shared<GrpcExpertTransport>(GrpcTransportOptions{so.max_message_bytes});
+      std::make_shared<GrpcExpertTransport>(GrpcTransportOptions{so.max_message_bytes, security});
   ASSIGN_OR_RETURN(const TransportFlags transport_flags,
                    ParseTransportFlags(args, kUcxDefaultSpin));
   if (transport_flags.ucx) {
@@ -118,13 +123,17 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(auto server, RouterServer::Create(so, std::move(router)));
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {
-    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
+    // /readyz follows the gRPC health: the gates loaded, every expert endpoint reachable,
+    // not draining.
+    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry,
+                                                    [&server] { return server->ready(); }));
   }
   std::unique_ptr<PlacementWatcher> watcher;
   if (!controller.empty()) {
     PlacementWatcherOptions wo;
     wo.controller = controller;
     wo.router_id = args.String("router-id", "");
+    wo.security = security;
     wo.report_interval = std::chrono::milliseconds(static_cast<int64_t>(report_s * 1000));
     ASSIGN_OR_RETURN(watcher, PlacementWatcher::Start(wo, &server->router()));
   }

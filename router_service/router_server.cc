@@ -58,8 +58,11 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
     resp->set_version("0.1.0");
     return grpc::Status::OK;
   }
-  grpc::Status ModelMetadata(grpc::ServerContext*, const inference::ModelMetadataRequest* req,
+  grpc::Status ModelMetadata(grpc::ServerContext* ctx, const inference::ModelMetadataRequest* req,
                              inference::ModelMetadataResponse* resp) override {
+    if (grpc::Status s = server_->options_.security->Authorize(*ctx, Access::kApi); !s.ok()) {
+      return s;
+    }
     const absl::Status known =
         CheckModel(req->name(), req->version(), server_->options_.model_name);
     if (!known.ok()) return ToGrpcStatus(known);
@@ -85,6 +88,10 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
     // Runs on the gRPC thread that received the call: Forward waits for its expert
     // calls on a completion queue of its own, so blocking here starves nothing.
     RouterMetrics* metrics = server_->router_->metrics();
+    if (grpc::Status s = server_->options_.security->Authorize(*ctx, Access::kApi); !s.ok()) {
+      if (metrics != nullptr) metrics->CountRequest(static_cast<absl::StatusCode>(s.error_code()));
+      return s;
+    }
     // Refused with UNAVAILABLE once draining: the client retries on another router.
     absl::StatusOr<DrainGate::Admission> admitted = server_->drain_.Admit();
     if (!admitted.ok()) {
@@ -123,13 +130,15 @@ class RouterServer::ControlService : public v1::RouterControl::Service {
  public:
   explicit ControlService(RouterServer* server) : server_(server) {}
 
-  grpc::Status GetPlacement(grpc::ServerContext*, const v1::GetPlacementRequest*,
+  grpc::Status GetPlacement(grpc::ServerContext* ctx, const v1::GetPlacementRequest*,
                             v1::Placement* resp) override {
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     *resp = server_->router_->placement()->ToProto();
     return grpc::Status::OK;
   }
-  grpc::Status SetPlacement(grpc::ServerContext*, const v1::Placement* req,
+  grpc::Status SetPlacement(grpc::ServerContext* ctx, const v1::Placement* req,
                             v1::SetPlacementResponse* resp) override {
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     absl::Status s = [&]() -> absl::Status {
       if (server_->router_->options().placement_from_controller) {
         return absl::FailedPreconditionError(
@@ -137,13 +146,17 @@ class RouterServer::ControlService : public v1::RouterControl::Service {
       }
       ASSIGN_OR_RETURN(PlacementTable t,
                        PlacementTable::FromProto(*req, server_->router_->config()));
-      return server_->router_->SetPlacement(std::move(t));
+      // Checked against the replicas it names: the caller's deadline, at most 10 s.
+      return server_->router_->SetPlacement(
+          std::move(t),
+          std::min(ctx->deadline(), std::chrono::system_clock::now() + std::chrono::seconds(10)));
     }();
     resp->set_epoch(server_->router_->placement()->epoch());
     return ToGrpcStatus(s);
   }
-  grpc::Status GetExpertLoad(grpc::ServerContext*, const v1::GetExpertLoadRequest* req,
+  grpc::Status GetExpertLoad(grpc::ServerContext* ctx, const v1::GetExpertLoadRequest* req,
                              v1::ExpertLoad* resp) override {
+    if (grpc::Status s = Authorize(*ctx); !s.ok()) return s;
     const MoeModelConfig& c = server_->router_->config();
     server_->router_->FillExpertLoad(req->layer(), resp);
     if (req->layer() >= 0 && resp->layers_size() == 0) {
@@ -153,6 +166,11 @@ class RouterServer::ControlService : public v1::RouterControl::Service {
   }
 
  private:
+  // The control calls need the admin identity.
+  grpc::Status Authorize(const grpc::ServerContext& ctx) const {
+    return server_->options_.security->Authorize(ctx, Access::kAdmin);
+  }
+
   RouterServer* server_;
 };
 
@@ -161,13 +179,15 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(
   RETURN_IF_ERROR(options.Validate());
   auto s = std::unique_ptr<RouterServer>(new RouterServer());
   s->options_ = std::move(options);
+  if (s->options_.security == nullptr) s->options_.security = Security::Insecure();
   s->router_ = std::move(router);
   s->inference_ = std::make_unique<InferenceService>(s.get());
   s->control_ = std::make_unique<ControlService>(s.get());
   s->inferring_ = std::make_unique<ConcurrencyLimit>(s->options_.max_concurrent_infers);
-  ASSIGN_OR_RETURN(StartedServer started,
-                   StartGrpcServer({s->options_.listen, s->options_.max_message_bytes},
-                                   {s->inference_.get(), s->control_.get()}));
+  ASSIGN_OR_RETURN(
+      StartedServer started,
+      StartGrpcServer({s->options_.listen, s->options_.max_message_bytes, s->options_.security},
+                      {s->inference_.get(), s->control_.get()}));
   s->server_ = std::move(started.server);
   s->port_ = started.port;
   s->health_thread_ = std::thread([raw = s.get()] { raw->HealthLoop(); });

@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "router_service/router.h"
 #include "services/base/mutex.h"
+#include "services/rpc/security.h"
 #include "services/runtime/concurrency_limit.h"
 #include "services/runtime/drain_gate.h"
 
@@ -37,6 +38,10 @@ struct RouterServerOptions {
   std::chrono::milliseconds health_interval{500};
   // ModelInfer calls forwarded at once (each holds its layer's scratch); more wait.
   int max_concurrent_infers = 64;
+  // TLS and the identities calls need (services/rpc/security.h): ModelInfer and
+  // ModelMetadata the API token when one is set, the control calls the admin identity;
+  // liveness and readiness stay open. Null: plaintext, unchecked.
+  std::shared_ptr<Security> security;
 
   absl::Status Validate() const;
 };

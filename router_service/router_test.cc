@@ -14,6 +14,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "grpc_predict_v2.grpc.pb.h"
 #include "kernels/cpu/expert_ffn.h"
@@ -84,10 +85,12 @@ class FakeTransport : public ExpertTransport {
       done(absl::OkStatus(), std::move(response));
     });
   }
-  // Every endpoint holds every expert unless SetHeld says otherwise.
-  absl::Status Info(const std::string& endpoint, Clock::time_point,
+  // Every endpoint holds every expert unless SetHeld says otherwise; one SetDown answers
+  // nothing.
+  absl::Status Info(const std::string& endpoint, const v1::InfoRequest&, Clock::time_point,
                     v1::InfoResponse* info) override {
     std::lock_guard<std::mutex> lock(mu_);
+    if (down_.count(endpoint)) return absl::UnavailableError("connection refused");
     for (int64_t layer : config_.MoeLayers()) {
       for (int32_t e = 0; e < config_.num_experts; ++e) {
         auto it = held_.find(endpoint);
@@ -350,8 +353,33 @@ TEST(RouterTest, CheckReadyNamesAnEndpointWithoutItsExperts) {
   transport->SetHeld("b:2", held);
   const absl::Status s = router->CheckReady(Deadline());
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(s.message(), absl::StrCat("b:2 does not hold layer ", first_layer, " expert ",
-                                      f.config.num_experts - 1));
+  EXPECT_EQ(s.message(), absl::StrCat("placement epoch 1: b:2 does not hold layer ", first_layer,
+                                      " expert ", f.config.num_experts - 1));
+
+  // A new placement giving b:2 that expert again is refused before it is used, naming the
+  // endpoint and the expert; the router keeps serving the table it has.
+  auto next = PlacementTable::Build(f.config, PlacementPolicy::kContiguous, {"a:1", "b:2"}, 1, 2);
+  ASSERT_TRUE(next.ok()) << next.status();
+  const absl::Status refused = router->SetPlacement(*next, Deadline());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(refused.message(), absl::StrCat("placement epoch 2: b:2 does not hold layer ",
+                                            first_layer, " expert ", f.config.num_experts - 1));
+  EXPECT_EQ(router->placement()->epoch(), 1u);
+  // One naming an endpoint that cannot be asked is refused too.
+  auto unknown =
+      PlacementTable::Build(f.config, PlacementPolicy::kContiguous, {"a:1", "gone:3"}, 1, 3);
+  ASSERT_TRUE(unknown.ok());
+  transport->SetDown("gone:3");
+  const absl::Status unreachable = router->SetPlacement(*unknown, Deadline());
+  EXPECT_EQ(unreachable.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StartsWith(unreachable.message(),
+                               "placement epoch 3: cannot ask gone:3 which experts it holds"))
+      << unreachable;
+  // Once b:2 holds everything again, the same table is taken.
+  held.insert({first_layer, static_cast<int32_t>(f.config.num_experts - 1)});
+  transport->SetHeld("b:2", held);
+  ASSERT_TRUE(router->SetPlacement(*next, Deadline()).ok());
+  EXPECT_EQ(router->placement()->epoch(), 2u);
 }
 
 TEST(RouterFailureTest, FailsOverToAReplicaAndNamesExpertsWithNone) {

@@ -29,6 +29,7 @@
 #include "tools/http_client.h"
 #include "tools/local_mesh.h"
 #include "tools/process.h"
+#include "tools/test_certs.h"
 
 #ifndef MOEMESH_BINARY
 #error "MOEMESH_BINARY must name the moemesh executable"
@@ -60,6 +61,38 @@ Model Generate(ModelFamily family) {
   return GenerateAndOpen(dir, SmallModelOptions(family)).value();
 }
 
+// With MOEMESH_TEST_MTLS=1 (ctest: mesh_e2e_mtls_test) every service serves mutual TLS
+// with certificates made here by openssl, and requires the admin identity (a client
+// certificate naming "localhost") of every caller: each other, and this suite's clients.
+struct Mtls {
+  std::vector<std::string> flags;  // for every service
+  std::shared_ptr<Security> client;
+};
+
+const Mtls* TestMtls() {
+  static const Mtls* mtls = []() -> const Mtls* {
+    const char* on = std::getenv("MOEMESH_TEST_MTLS");
+    if (on == nullptr || std::string(on) != "1") return nullptr;
+    const std::string dir =
+        (std::filesystem::path(::testing::TempDir()) / absl::StrCat("mesh_e2e_pki_", ::getpid()))
+            .string();
+    TestCa ca = TestCa::Create(dir, "mesh-ca").value();
+    const TestCertificate leaf = ca.Issue("mesh", kLoopbackSans).value();
+    SecurityOptions so;
+    so.tls_cert = leaf.cert;
+    so.tls_key = leaf.key;
+    so.tls_ca = ca.cert();
+    return new Mtls{{"--tls-cert", leaf.cert, "--tls-key", leaf.key, "--tls-ca", ca.cert(),
+                     "--tls-client-ca", ca.cert(), "--admin-san", "localhost"},
+                    Security::Create(so).value()};
+  }();
+  return mtls;
+}
+
+std::shared_ptr<Security> ClientSecurity() {
+  return TestMtls() != nullptr ? TestMtls()->client : Security::Insecure();
+}
+
 std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas,
                                      const std::string& wire,
                                      const std::function<void(LocalMeshOptions*)>& edit = nullptr) {
@@ -74,6 +107,11 @@ std::unique_ptr<LocalMesh> StartMesh(const Model& m, int services, int replicas,
   // UCX_TLS and the rest of UCX's environment pass through to the services.
   if (const char* t = std::getenv("MOEMESH_TEST_TRANSPORT")) o.transport = t;
   if (edit) edit(&o);
+  if (const Mtls* mtls = TestMtls()) {
+    o.router_flags.insert(o.router_flags.end(), mtls->flags.begin(), mtls->flags.end());
+    o.expert_flags.insert(o.expert_flags.end(), mtls->flags.begin(), mtls->flags.end());
+    o.client_security = mtls->client;
+  }
   auto mesh = LocalMesh::Start(o);
   EXPECT_TRUE(mesh.ok()) << mesh.status();
   if (!mesh.ok()) return nullptr;
@@ -114,7 +152,7 @@ TEST_P(MeshFamilyTest, BitIdenticalToMoeLayerOnBothWireDtypes) {
     SCOPED_TRACE(wire);
     auto mesh = StartMesh(m, 3, wire == "f32" ? 1 : 2, wire);
     ASSERT_NE(mesh, nullptr);
-    KServeClient client(mesh->router_endpoint());
+    KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
     MoeLayerOptions lo;
     lo.wire_dtype = wire == "f32" ? DType::kF32 : DType::kBF16;
     for (int64_t layer : m.config.MoeLayers()) {
@@ -149,7 +187,7 @@ TEST(MeshTest, QuantizedReleasesServeTheReferenceAnswers) {
     m.config = ParseMoeModelConfig(m.ckpt->config()).value();
     auto mesh = StartMesh(m, 2, 1, "f32");
     ASSERT_NE(mesh, nullptr);
-    KServeClient client(mesh->router_endpoint());
+    KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
     const Tensor x = SafetensorsFile::Open((dir / "input.safetensors").string())
                          .value()
                          ->Get("hidden_states")
@@ -184,7 +222,7 @@ TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
   std::vector<std::thread> threads;
   for (int c = 0; c < 6; ++c) {
     threads.emplace_back([&, c] {
-      KServeClient client(mesh->router_endpoint());
+      KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
       for (int i = 0; i < 10; ++i) {
         const Tensor x = Input(1 + (c * 7 + i) % 40, H, c * 100 + i);
         auto got = client.Infer(x, 0, seconds(30));
@@ -193,7 +231,7 @@ TEST(MeshTest, ConcurrentClientsAndBadInputsSideBySide) {
     });
   }
   // Meanwhile, every kind of bad request gets its code.
-  KServeClient client(mesh->router_endpoint());
+  KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
   struct Bad {
     std::function<void(inference::ModelInferRequest*)> edit;
     grpc::StatusCode code;
@@ -285,7 +323,7 @@ TEST(MeshTest, KilledExpertGivesUnavailableOrReplicaAndRecovers) {
     // No replicas: the dead service's experts are UNAVAILABLE, then it comes back.
     auto mesh = StartMesh(m, 3, 1, "f32");
     ASSERT_NE(mesh, nullptr);
-    KServeClient client(mesh->router_endpoint());
+    KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
     ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
     mesh->expert_process(1).Signal(SIGKILL, /*wait=*/true);
     auto down = client.Infer(x, 0, seconds(30));
@@ -298,7 +336,7 @@ TEST(MeshTest, KilledExpertGivesUnavailableOrReplicaAndRecovers) {
     // Two replicas: killing one service changes nothing the client sees.
     auto mesh = StartMesh(m, 3, 2, "f32");
     ASSERT_NE(mesh, nullptr);
-    KServeClient client(mesh->router_endpoint());
+    KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
     mesh->expert_process(0).Signal(SIGKILL, true);
     for (int i = 0; i < 5; ++i) {
       auto got = client.Infer(x, 0, seconds(30));
@@ -318,7 +356,7 @@ TEST(MeshTest, HungExpertGivesDeadlineExceededWithinTheDeadlineAndRecovers) {
     o->router_flags = {"--timeout-ms", "1500"};
   });
   ASSERT_NE(mesh, nullptr);
-  KServeClient client(mesh->router_endpoint());
+  KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
   ASSERT_TRUE(client.Infer(x, 0, seconds(30)).ok());
   const std::string hung = mesh->placement().endpoints()[1];
   ASSERT_TRUE(mesh->expert_process(1).Stop());  // alive, accepts, never answers
@@ -385,8 +423,8 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
     o->expert_flags = {"--fault-delay-ms", "3000"};
   });
   ASSERT_NE(mesh, nullptr);
-  KServeClient client(mesh->router_endpoint());
-  auto channel = grpc::CreateChannel(mesh->router_endpoint(), grpc::InsecureChannelCredentials());
+  KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
+  auto channel = ClientSecurity()->Dial(mesh->router_endpoint());
   auto watch = HealthWatch::Start(channel);
   ASSERT_TRUE(watch.ok()) << watch.status();
   bool serving = false;
@@ -415,11 +453,11 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
   // ...the router still answers, a health check with NOT_SERVING and new calls with
   // UNAVAILABLE (which clients retry on another router), not a refused connection...
   {
-    auto fresh = grpc::CreateChannel(mesh->router_endpoint(), grpc::InsecureChannelCredentials());
+    auto fresh = ClientSecurity()->Dial(mesh->router_endpoint());
     const absl::StatusOr<int> health = CheckHealth(fresh, seconds(2));
     ASSERT_TRUE(health.ok()) << health.status();
     EXPECT_EQ(*health, 2);
-    KServeClient late(mesh->router_endpoint());
+    KServeClient late(mesh->router_endpoint(), 256 << 20, ClientSecurity());
     const auto refused = late.Infer(x, 0, seconds(2));
     ASSERT_FALSE(refused.ok());
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
@@ -445,7 +483,7 @@ TEST(MeshTest, ReplicaKilledMidCallFailsOverWithinTheCall) {
     o->expert_flags = {"--fault-delay-ms", "2000"};
   });
   ASSERT_NE(mesh, nullptr);
-  KServeClient client(mesh->router_endpoint());
+  KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
   absl::StatusOr<KServeClient::Result> got = absl::UnknownError("not run");
   std::thread caller([&] { got = client.Infer(x, 0, seconds(30)); });
   // Both replicas hold every expert; the router chose one of them for the whole call.
@@ -474,7 +512,7 @@ TEST(MeshTest, Bf16WireMatchesAnIndependentReference) {
   const int64_t H = m.config.hidden_size, k = m.config.top_k;
   auto mesh = StartMesh(m, 2, 1, "bf16");
   ASSERT_NE(mesh, nullptr);
-  KServeClient client(mesh->router_endpoint());
+  KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
   const int64_t T = 24;
   const Tensor x = Input(T, H, 17);
   auto got = client.Infer(x, 0, seconds(30));
@@ -529,7 +567,7 @@ TEST(MeshTest, EndpointsAsNamesTheResolverLooksUp) {
   for (const std::string& ep : mesh->placement().endpoints()) {
     EXPECT_EQ(ep.rfind("localhost:", 0), 0u) << ep;
   }
-  KServeClient client(mesh->router_endpoint());
+  KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
   const Tensor x = Input(48, H, 13);
   auto got = client.Infer(x, 1, seconds(30));
   ASSERT_TRUE(got.ok()) << got.status();

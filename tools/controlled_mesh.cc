@@ -82,8 +82,9 @@ absl::StatusOr<std::unique_ptr<ControlledMesh>> ControlledMesh::Start(
   auto mesh = std::unique_ptr<ControlledMesh>(new ControlledMesh());
   mesh->options_ = o;
   RETURN_IF_ERROR(mesh->StartController("127.0.0.1:0", "127.0.0.1:0"));
-  mesh->stub_ = v1::PlacementController::NewStub(
-      grpc::CreateChannel(mesh->controller_endpoint_, grpc::InsecureChannelCredentials()));
+  const std::shared_ptr<Security> security =
+      o.client_security != nullptr ? o.client_security : Security::Insecure();
+  mesh->stub_ = v1::PlacementController::NewStub(security->Dial(mesh->controller_endpoint_));
   for (int i = 0; i < o.num_expert_services; ++i) RETURN_IF_ERROR(mesh->AddExpert().status());
   for (int i = 0; i < o.num_routers; ++i) {
     std::vector<std::string> args = {
@@ -169,7 +170,7 @@ absl::Status ControlledMesh::WaitForState(
 absl::Status ControlledMesh::WaitRoutersReady(std::chrono::milliseconds timeout) {
   const auto end = std::chrono::steady_clock::now() + timeout;
   for (const std::string& endpoint : router_endpoints_) {
-    KServeClient client(endpoint);
+    KServeClient client(endpoint, 256 << 20, options_.client_security);
     while (true) {
       absl::StatusOr<bool> ready = client.ServerReady();
       if (ready.ok() && *ready) break;

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "controller.grpc.pb.h"
+#include "services/rpc/security.h"
 #include "tools/process.h"
 
 namespace moemesh {
@@ -33,6 +34,8 @@ struct ControlledMeshOptions {
   std::string transport = "grpc";
   int router_port = 0;  // the first router's port on 127.0.0.1; 0: any free one
   std::vector<std::string> controller_flags, expert_flags, router_flags;
+  // The credentials the launcher's own calls use (controller, readiness); null: plaintext.
+  std::shared_ptr<Security> client_security;
 };
 
 class ControlledMesh {

@@ -142,7 +142,7 @@ void LoadDriver::Client(int index) {
   std::mt19937 rng(1000 + index);
   std::vector<std::unique_ptr<KServeClient>> clients;
   for (const std::string& r : options_.routers)
-    clients.push_back(std::make_unique<KServeClient>(r));
+    clients.push_back(std::make_unique<KServeClient>(r, 256 << 20, options_.security));
   for (int64_t n = index; !stop_; ++n) {
     const int64_t layer = layers_[n % layers_.size()];
     const Tensor x = skew_.load()->Tokens(layer, options_.tokens, rng);

@@ -19,6 +19,7 @@
 #include "services/model/checkpoint.h"
 #include "services/model/model_config.h"
 #include "services/moe/moe_layer.h"
+#include "services/rpc/security.h"
 
 namespace moemesh {
 
@@ -58,7 +59,8 @@ struct LoadDriverOptions {
   int clients = 4;                   // threads
   int64_t tokens = 16;               // per request
   std::chrono::milliseconds timeout{30000};
-  DType wire = DType::kF32;  // the routers' --wire: the references round the same way
+  DType wire = DType::kF32;            // the routers' --wire: the references round the same way
+  std::shared_ptr<Security> security;  // TLS and token of the clients; null: plaintext
 };
 
 // Drives the mesh until Stop. Every request's answer is compared with MoeLayer's.

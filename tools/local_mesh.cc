@@ -146,7 +146,7 @@ absl::Status LocalMesh::RestartExpert(int i) {
 }
 
 absl::Status LocalMesh::WaitReady(std::chrono::milliseconds timeout) {
-  KServeClient client(router_endpoint_);
+  KServeClient client(router_endpoint_, 256 << 20, options_.client_security);
   const auto end = std::chrono::steady_clock::now() + timeout;
   while (std::chrono::steady_clock::now() < end) {
     auto ready = client.ServerReady();
@@ -156,14 +156,15 @@ absl::Status LocalMesh::WaitReady(std::chrono::milliseconds timeout) {
   return absl::DeadlineExceededError("the mesh did not become ready in time");
 }
 
-KServeClient::KServeClient(const std::string& endpoint, int max_message_bytes) {
+KServeClient::KServeClient(const std::string& endpoint, int max_message_bytes,
+                           const std::shared_ptr<Security>& security) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
   for (const auto& [name, value] : BulkTransferChannelArgs(max_message_bytes)) {
     args.SetInt(name, value);
   }
-  auto channel = grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args);
+  auto channel = (security != nullptr ? security : Security::Insecure())->Dial(endpoint, args);
   stub_ = inference::GRPCInferenceService::NewStub(channel);
   control_ = v1::RouterControl::NewStub(channel);
 }

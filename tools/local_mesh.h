@@ -14,6 +14,7 @@
 #include "router_control.grpc.pb.h"
 #include "services/base/tensor.h"
 #include "services/mesh/placement.h"
+#include "services/rpc/security.h"
 #include "tools/process.h"
 
 namespace moemesh {
@@ -39,6 +40,9 @@ struct LocalMeshOptions {
   bool metrics = false;
   // The data plane between router and expert services: "grpc" or "ucx".
   std::string transport = "grpc";
+  // The credentials the launcher's own calls use (readiness); null: plaintext. The
+  // services' own security flags go in router_flags / expert_flags.
+  std::shared_ptr<Security> client_security;
 };
 
 class LocalMesh {
@@ -88,7 +92,9 @@ std::string MetricsTarget(const std::string& url);
 // A KServe v2 client for the router's ModelInfer.
 class KServeClient {
  public:
-  explicit KServeClient(const std::string& endpoint, int max_message_bytes = 256 << 20);
+  // `security`: TLS and the token the client sends; null: plaintext.
+  explicit KServeClient(const std::string& endpoint, int max_message_bytes = 256 << 20,
+                        const std::shared_ptr<Security>& security = nullptr);
   struct Result {
     Tensor output, topk_ids, topk_weights;
   };

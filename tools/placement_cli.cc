@@ -20,7 +20,9 @@ constexpr char kUsage[] =
     "moemesh placement show --controller H:P        the placement, services, routers, moves\n"
     "moemesh placement rebalance --controller H:P   plan and carry out a round now\n"
     "moemesh placement drain ENDPOINT --controller H:P\n"
-    "                                               move every expert off one service\n";
+    "                                               move every expert off one service\n"
+    "  [--timeout-s S] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] [--token-file FILE]\n"
+    "  --token-file: the controller's admin token (--admin-token-file there)\n";
 
 void PrintState(const v1::ControllerState& s) {
   std::printf("epoch %llu; moves %lld, aborted %lld, %.1f MiB moved%s\n",
@@ -65,11 +67,12 @@ absl::Status Run(const std::vector<std::string>& argv) {
   } else if (what != "show" && what != "rebalance") {
     return absl::InvalidArgumentError(absl::StrCat("unknown placement command '", what, "'"));
   }
-  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(flags, {"controller", "timeout-s"}));
+  ASSIGN_OR_RETURN(CliArgs args,
+                   CliArgs::Parse(flags, WithSecurityFlags({"controller", "timeout-s"}, true)));
+  ASSIGN_OR_RETURN(std::shared_ptr<Security> security, SecurityFromFlags(args));
   ASSIGN_OR_RETURN(const std::string controller, args.Required("controller"));
   ASSIGN_OR_RETURN(const double timeout_s, args.Double("timeout-s", 300));
-  auto stub = v1::PlacementController::NewStub(
-      grpc::CreateChannel(controller, grpc::InsecureChannelCredentials()));
+  auto stub = v1::PlacementController::NewStub(security->Dial(controller));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
@@ -100,6 +103,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 int PlacementCommand(const std::vector<std::string>& args) {
   if (HelpRequested(args)) {
     std::fputs(kUsage, stdout);
+    std::fputs(kClientSecurityUsage, stdout);
     return 0;
   }
   const absl::Status s = Run(args);

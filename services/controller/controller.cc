@@ -70,8 +70,11 @@ class PlacementController::Service final : public v1::PlacementController::Servi
  public:
   explicit Service(PlacementController* c) : c_(c) {}
 
-  grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* req,
+  grpc::Status Register(grpc::ServerContext* ctx, const v1::RegisterRequest* req,
                         v1::RegisterResponse* resp) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     if (req->endpoint().empty()) {
       return ToGrpcStatus(absl::InvalidArgumentError("register: endpoint is required"));
     }
@@ -102,8 +105,7 @@ class PlacementController::Service final : public v1::PlacementController::Servi
       if (m->stub == nullptr) {
         grpc::ChannelArguments args;
         args.SetMaxReceiveMessageSize(c_->options_.max_message_bytes);
-        m->stub = v1::ExpertService::NewStub(
-            grpc::CreateCustomChannel(req->endpoint(), grpc::InsecureChannelCredentials(), args));
+        m->stub = v1::ExpertService::NewStub(c_->options_.security->Dial(req->endpoint(), args));
       }
       resp->set_lease_ms(c_->options_.lease.count());
       resp->set_epoch(c_->placement_.epoch());
@@ -118,8 +120,11 @@ class PlacementController::Service final : public v1::PlacementController::Servi
     return grpc::Status::OK;
   }
 
-  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                          v1::HeartbeatResponse* resp) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     MutexLock lock(&c_->mu_);
     auto it = c_->members_.find(req->endpoint());
     if (it == c_->members_.end() || it->second.state == Member::State::kGone) {
@@ -133,6 +138,9 @@ class PlacementController::Service final : public v1::PlacementController::Servi
 
   grpc::Status Leave(grpc::ServerContext* ctx, const v1::LeaveRequest* req,
                      v1::LeaveResponse* resp) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     absl::StatusOr<uint64_t> epoch = c_->DrainMember(req->endpoint(), ctx->deadline());
     if (epoch.ok()) resp->set_epoch(*epoch);
     return ToGrpcStatus(epoch.status());
@@ -140,6 +148,9 @@ class PlacementController::Service final : public v1::PlacementController::Servi
 
   grpc::Status Drain(grpc::ServerContext* ctx, const v1::DrainRequest* req,
                      v1::DrainResponse* resp) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     absl::StatusOr<uint64_t> epoch = c_->DrainMember(req->endpoint(), ctx->deadline());
     if (epoch.ok()) resp->set_epoch(*epoch);
     return ToGrpcStatus(epoch.status());
@@ -147,6 +158,9 @@ class PlacementController::Service final : public v1::PlacementController::Servi
 
   grpc::Status WatchPlacement(grpc::ServerContext* ctx, const v1::WatchPlacementRequest* req,
                               grpc::ServerWriter<v1::Placement>* writer) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     if (req->router_id().empty()) {
       return ToGrpcStatus(absl::InvalidArgumentError("watch: router_id is required"));
     }
@@ -204,8 +218,11 @@ class PlacementController::Service final : public v1::PlacementController::Servi
     return grpc::Status::OK;
   }
 
-  grpc::Status AckPlacement(grpc::ServerContext*, const v1::AckPlacementRequest* req,
+  grpc::Status AckPlacement(grpc::ServerContext* ctx, const v1::AckPlacementRequest* req,
                             v1::AckPlacementResponse*) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     MutexLock lock(&c_->mu_);
     auto it = c_->routers_.find(req->router_id());
     if (it == c_->routers_.end()) {
@@ -219,13 +236,22 @@ class PlacementController::Service final : public v1::PlacementController::Servi
     }
     Router& r = it->second;
     r.acked_epoch = std::max(r.acked_epoch, req->epoch());
+    if (req->refused_epoch() > r.refused_epoch) {
+      r.refused_epoch = req->refused_epoch();
+      r.refusal = req->refusal();
+      Log(absl::StrCat("router ", req->router_id(), " refused epoch ", req->refused_epoch(), ": ",
+                       req->refusal()));
+    }
     r.last_seen = SteadyClock::now();
     c_->changed_.SignalAll();
     return grpc::Status::OK;
   }
 
-  grpc::Status ReportLoad(grpc::ServerContext*, const v1::LoadReport* req,
+  grpc::Status ReportLoad(grpc::ServerContext* ctx, const v1::LoadReport* req,
                           v1::ReportLoadResponse*) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     for (const v1::LayerLoad& l : req->load().layers()) {
       if (absl::Status s = c_->config_.CheckMoeLayer(l.layer()); !s.ok()) {
         return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat("load report: ", s.message())));
@@ -244,15 +270,21 @@ class PlacementController::Service final : public v1::PlacementController::Servi
     return grpc::Status::OK;
   }
 
-  grpc::Status GetState(grpc::ServerContext*, const v1::GetStateRequest*,
+  grpc::Status GetState(grpc::ServerContext* ctx, const v1::GetStateRequest*,
                         v1::ControllerState* resp) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     MutexLock lock(&c_->mu_);
     *resp = c_->StateLocked();
     return grpc::Status::OK;
   }
 
-  grpc::Status Rebalance(grpc::ServerContext*, const v1::RebalanceRequest*,
+  grpc::Status Rebalance(grpc::ServerContext* ctx, const v1::RebalanceRequest*,
                          v1::RebalanceResponse* resp) override {
+    if (grpc::Status s = c_->options_.security->Authorize(*ctx, Access::kAdmin); !s.ok()) {
+      return s;
+    }
     absl::StatusOr<RoundResult> r = c_->RunRound(/*forced=*/true);
     if (!r.ok()) return ToGrpcStatus(r.status());
     resp->set_epoch(r->epoch);
@@ -273,15 +305,20 @@ absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create
   RETURN_IF_ERROR(options.Validate());
   auto c = std::unique_ptr<PlacementController>(new PlacementController());
   c->options_ = std::move(options);
+  if (c->options_.security == nullptr) c->options_.security = Security::Insecure();
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(c->options_.model_dir));
   ASSIGN_OR_RETURN(c->config_, ParseMoeModelConfig(ckpt->config()));
   c->layers_ = c->config_.MoeLayers();
   c->started_ = SteadyClock::now();
-  if (c->options_.registry != nullptr) RETURN_IF_ERROR(c->RegisterMetrics());
+  if (c->options_.registry != nullptr) {
+    RETURN_IF_ERROR(c->RegisterMetrics());
+    RETURN_IF_ERROR(c->options_.security->ExportMetrics(*c->options_.registry));
+  }
   c->service_ = std::make_unique<Service>(c.get());
   ASSIGN_OR_RETURN(
       StartedServer started,
-      StartGrpcServer({c->options_.listen, c->options_.max_message_bytes}, {c->service_.get()}));
+      StartGrpcServer({c->options_.listen, c->options_.max_message_bytes, c->options_.security},
+                      {c->service_.get()}));
   c->server_ = std::move(started.server);
   c->port_ = started.port;
   c->server_->GetHealthCheckService()->SetServingStatus(true);
@@ -562,12 +599,25 @@ void PlacementController::PromoteJoinersLocked() {
   }
 }
 
-bool PlacementController::WaitAcked(uint64_t epoch, SteadyClock::time_point deadline) {
+absl::Status PlacementController::WaitAcked(uint64_t epoch, SteadyClock::time_point deadline) {
   MutexLock lock(&mu_);
   while (true) {
-    if (placement_.epoch() != epoch) return false;  // superseded (not while rounds serialise)
-    if (AllAcked()) return true;
-    if (stopping_ || SteadyClock::now() >= deadline) return false;
+    if (placement_.epoch() != epoch) {  // superseded (not while rounds serialise)
+      return absl::AbortedError(absl::StrCat("epoch ", epoch, " was superseded"));
+    }
+    if (AllAcked()) return absl::OkStatus();
+    for (const auto& [id, r] : routers_) {
+      if (r.refused_epoch == epoch) {
+        return absl::AbortedError(
+            absl::StrCat("router ", id, " refused epoch ", epoch, ": ", r.refusal));
+      }
+    }
+    if (stopping_) return absl::AbortedError("the controller is stopping");
+    if (SteadyClock::now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat("not every router acknowledged epoch ", epoch,
+                                                      " within ", options_.ack_timeout.count(),
+                                                      " ms; the old holders keep their copies"));
+    }
     changed_.WaitWithDeadline(
         &mu_, std::min(deadline, SteadyClock::now() + std::chrono::milliseconds(200)));
   }
@@ -640,10 +690,8 @@ absl::StatusOr<PlacementController::RoundResult> PlacementController::RunRound(b
   }
   result.epoch = epoch;
   // 3. Every router serves it, its calls on older epochs done.
-  if (!WaitAcked(epoch, SteadyClock::now() + options_.ack_timeout)) {
-    abort("ack", absl::DeadlineExceededError(absl::StrCat(
-                     "not every router acknowledged epoch ", epoch, " within ",
-                     options_.ack_timeout.count(), " ms; the old holders keep their copies")));
+  if (absl::Status s = WaitAcked(epoch, SteadyClock::now() + options_.ack_timeout); !s.ok()) {
+    abort("ack", s);
     result.note = "published; the old holders unload once every router has acknowledged";
     return result;
   }

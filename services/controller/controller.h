@@ -38,6 +38,7 @@
 #include "services/mesh/planner.h"
 #include "services/metrics/metrics.h"
 #include "services/model/model_config.h"
+#include "services/rpc/security.h"
 
 namespace moemesh {
 
@@ -65,6 +66,9 @@ struct ControllerOptions {
   int max_message_bytes = 64 << 20;
   // Where the metrics go (docs/metrics.md); not owned; nullptr: none.
   metrics::Registry* registry = nullptr;
+  // TLS, the identity every call needs, and the credentials the controller dials expert
+  // services with (services/rpc/security.h); null: plaintext, unchecked.
+  std::shared_ptr<Security> security;
 
   absl::Status Validate() const;
 };
@@ -95,6 +99,8 @@ class PlacementController {
   };
   struct Router {
     uint64_t acked_epoch = 0;
+    uint64_t refused_epoch = 0;  // the last epoch it refused, and why
+    std::string refusal;
     int streams = 0;  // watch streams open
     std::chrono::steady_clock::time_point last_seen;
     v1::ExpertLoad load;
@@ -125,7 +131,7 @@ class PlacementController {
                          const std::map<int64_t, std::vector<std::vector<int>>>& placement)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether every router known acknowledged `epoch` by `deadline`.
-  bool WaitAcked(uint64_t epoch, std::chrono::steady_clock::time_point deadline)
+  absl::Status WaitAcked(uint64_t epoch, std::chrono::steady_clock::time_point deadline)
       ABSL_LOCKS_EXCLUDED(mu_);
   bool AllAcked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Joining services that hold all the placement in force (every router serving it) gives

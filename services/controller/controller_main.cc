@@ -1,5 +1,7 @@
 #include "services/controller/controller_main.h"
 
+#include <atomic>
+
 #include "absl/strings/str_cat.h"
 #include "services/base/status_macros.h"
 #include "services/controller/controller.h"
@@ -31,11 +33,13 @@ constexpr char kUsage[] =
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(
       CliArgs args,
-      CliArgs::Parse(argv, {"model", "listen", "metrics-listen", "rebalance-interval-s",
-                            "min-replicas", "expert-slots", "lease-s", "settle-s", "min-gain",
-                            "load-timeout-s", "ack-timeout-s"}));
+      CliArgs::Parse(argv,
+                     WithSecurityFlags({"model", "listen", "metrics-listen", "rebalance-interval-s",
+                                        "min-replicas", "expert-slots", "lease-s", "settle-s",
+                                        "min-gain", "load-timeout-s", "ack-timeout-s"})));
   ControllerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
+  ASSIGN_OR_RETURN(o.security, SecurityFromFlags(args));
   o.listen = args.String("listen", o.listen);
   ASSIGN_OR_RETURN(const double interval_s, args.Double("rebalance-interval-s", 10.0));
   if (!(interval_s >= 0 && interval_s <= 86400)) {
@@ -78,11 +82,15 @@ absl::Status Run(const std::vector<std::string>& argv) {
     RETURN_IF_ERROR(metrics::AddProcessMetrics(registry));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<PlacementController> controller, PlacementController::Create(o));
+  // /readyz: ready while it serves, not once a stop signal starts its shutdown (the gRPC
+  // health's SERVING and NOT_SERVING).
+  std::atomic<bool> serving{true};
   std::unique_ptr<metrics::MetricsExposer> exposer;
   if (!metrics_listen.empty()) {
-    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry));
+    ASSIGN_OR_RETURN(exposer, metrics::ServeMetrics(metrics_listen, registry,
+                                                    [&serving] { return serving.load(); }));
   }
-  ServeUntilStopSignal("controller", o.listen, *controller);
+  ServeUntilStopSignal("controller", o.listen, *controller, [&serving] { serving = false; });
   return absl::OkStatus();
 }
 

@@ -16,6 +16,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace moemesh::metrics {
 namespace {
@@ -31,19 +32,49 @@ int LogMessage(const struct mg_connection*, const char* message) {
   return 1;  // handled: civetweb prints nothing to stderr
 }
 
+// Every reply, written with mg_write alone: the handler runs on civetweb's threads, whose
+// 100 KB stacks hold the static TLS of every library a service links (OpenBLAS alone
+// ~60 KB), and civetweb's own senders put 8 KB buffers on them (mg_printf; and
+// mg_send_http_error another): a 404 made with mg_send_http_error overflowed a router's
+// stack. `body` goes out only for GET (not HEAD).
+int Send(struct mg_connection* connection, int status, absl::string_view content_type,
+         absl::string_view body, bool head, absl::string_view extra_headers = "") {
+  const char* reason = status == 200   ? "OK"
+                       : status == 404 ? "Not Found"
+                       : status == 405 ? "Method Not Allowed"
+                       : status == 503 ? "Service Unavailable"
+                                       : "Error";
+  const std::string headers =
+      absl::StrCat("HTTP/1.1 ", status, " ", reason, "\r\nContent-Type: ", content_type,
+                   "\r\nContent-Length: ", body.size(), "\r\nCache-Control: no-store\r\n",
+                   extra_headers, "Connection: close\r\n\r\n");
+  mg_write(connection, headers.data(), headers.size());
+  if (!head) mg_write(connection, body.data(), body.size());
+  return status;  // non-zero: handled here, civetweb serves no files
+}
+
+constexpr char kText[] = "text/plain; charset=utf-8";
+
 }  // namespace
 
 int MetricsExposer::HandleRequest(struct mg_connection* connection) {
   const mg_request_info* request = mg_get_request_info(connection);
   auto* self = static_cast<const MetricsExposer*>(request->user_data);
-  if (std::strcmp(request->local_uri, "/metrics") != 0) {
-    mg_send_http_error(connection, 404, "Not found: only /metrics is served\n");
-    return 404;  // non-zero: handled here, civetweb serves no files
-  }
+  const absl::string_view path = request->local_uri;
   const bool head = std::strcmp(request->request_method, "HEAD") == 0;
+  if (path != "/metrics" && path != "/healthz" && path != "/readyz") {
+    return Send(connection, 404, kText, "Not found: /metrics, /healthz and /readyz are served\n",
+                head);
+  }
   if (!head && std::strcmp(request->request_method, "GET") != 0) {
-    mg_send_http_error(connection, 405, "Method not allowed: use GET\n");
-    return 405;
+    return Send(connection, 405, kText, "Method not allowed: use GET\n", false,
+                "Allow: GET, HEAD\r\n");
+  }
+  // The probes: liveness is answering at all; readiness asks the service.
+  if (path == "/healthz") return Send(connection, 200, kText, "ok\n", head);
+  if (path == "/readyz") {
+    const bool ready = self->ready_ == nullptr || self->ready_();
+    return Send(connection, ready ? 200 : 503, kText, ready ? "ready\n" : "not ready\n", head);
   }
   // Collected on a thread of its own: civetweb's threads have 100 KB stacks, and the
   // static TLS of the libraries a service links (OpenBLAS alone ~60 KB) lives at the top
@@ -56,9 +87,7 @@ int MetricsExposer::HandleRequest(struct mg_connection* connection) {
                          out += registry->Serialize();
                        return out;
                      }).get();
-  mg_send_http_ok(connection, kContentType, static_cast<long long>(body.size()));
-  if (!head) mg_write(connection, body.data(), body.size());
-  return 200;
+  return Send(connection, 200, kContentType, body, head);
 }
 
 absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Create(
@@ -83,7 +112,7 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Create(
   std::call_once(init, [] { mg_init_library(0); });
 
   // Not make_unique: the constructor is private.
-  std::unique_ptr<MetricsExposer> exposer(new MetricsExposer(std::move(registries)));
+  std::unique_ptr<MetricsExposer> exposer(new MetricsExposer(std::move(registries), options.ready));
   mg_callbacks callbacks{};
   callbacks.begin_request = &MetricsExposer::HandleRequest;
   callbacks.log_message = &LogMessage;
@@ -113,9 +142,11 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Create(
 }
 
 absl::StatusOr<std::unique_ptr<MetricsExposer>> ServeMetrics(const std::string& listen,
-                                                             const Registry& registry) {
+                                                             const Registry& registry,
+                                                             std::function<bool()> ready) {
   MetricsExposerOptions options;
   options.listen = listen;
+  options.ready = std::move(ready);
   absl::StatusOr<std::unique_ptr<MetricsExposer>> exposer =
       MetricsExposer::Create(options, {&registry});
   if (!exposer.ok()) return exposer.status();

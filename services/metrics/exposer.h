@@ -1,9 +1,14 @@
 // MetricsExposer: serves GET /metrics in the Prometheus text format 0.0.4 from one or
-// more Registries over HTTP (civetweb), for Prometheus to scrape. Every other path is
-// 404, every other method 405. The server runs on its own threads; the destructor stops
-// it and waits for requests in flight, so the registries must outlive the exposer.
+// more Registries over HTTP (civetweb), for Prometheus to scrape, and the probes of
+// Kubernetes (which cannot speak TLS to the gRPC ports): GET /healthz, 200 "ok" while the
+// process serves HTTP at all (liveness), and GET /readyz, 200 "ready" or 503 "not ready"
+// from the options' `ready` function (readiness). None of them asks for credentials.
+// Every other path is 404, every other method than GET and HEAD 405. The server runs on
+// its own threads; the destructor stops it and waits for requests in flight, so the
+// registries (and what `ready` reads) must outlive the exposer.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,8 +24,11 @@ namespace moemesh::metrics {
 struct MetricsExposerOptions {
   // HOST:PORT; port 0 picks a free port (see MetricsExposer::port()).
   std::string listen = "0.0.0.0:9464";
-  // Threads serving requests: scrapes are rare and cheap.
+  // Threads serving requests: scrapes and probes are rare and cheap.
   int num_threads = 2;
+  // Whether the service takes calls, for GET /readyz; called on the server's threads, so
+  // thread-safe and quick (an atomic, a flag under a mutex). Null: always ready.
+  std::function<bool()> ready = nullptr;
 };
 
 class MetricsExposer {
@@ -38,19 +46,22 @@ class MetricsExposer {
   int port() const { return port_; }
 
  private:
-  explicit MetricsExposer(std::vector<const Registry*> registries)
-      : registries_(std::move(registries)) {}
+  MetricsExposer(std::vector<const Registry*> registries, std::function<bool()> ready)
+      : registries_(std::move(registries)), ready_(std::move(ready)) {}
   static int HandleRequest(mg_connection* connection);
 
   const std::vector<const Registry*> registries_;
+  const std::function<bool()> ready_;
   mg_context* context_ = nullptr;
   int port_ = 0;
   std::string wake_host_ = "127.0.0.1";  // where the destructor connects to stop at once
 };
 
-// A service's metrics endpoint: an exposer of `registry` on `listen`, announced on
-// stdout as "metrics on http://HOST:PORT/metrics" (the line launchers wait for).
+// A service's metrics and probe endpoint: an exposer of `registry` on `listen` whose
+// /readyz follows `ready` (null: always ready), announced on stdout as
+// "metrics on http://HOST:PORT/metrics" (the line launchers wait for).
 absl::StatusOr<std::unique_ptr<MetricsExposer>> ServeMetrics(const std::string& listen,
-                                                             const Registry& registry);
+                                                             const Registry& registry,
+                                                             std::function<bool()> ready = nullptr);
 
 }  // namespace moemesh::metrics

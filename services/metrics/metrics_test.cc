@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -221,14 +222,14 @@ TEST(MetricsTest, ProcessMetrics) {
   EXPECT_TRUE(AddProcessMetrics(registry).ok());
 }
 
-// Status code, headers and body of a plain HTTP/1.0 GET (the server closes when done).
+// Status code, headers and body of a plain HTTP/1.0 request (the server closes when done).
 struct HttpReply {
   int status = 0;
   std::string headers;
   std::string body;
 };
 
-HttpReply HttpGet(int port, const std::string& path) {
+HttpReply HttpGet(int port, const std::string& path, const std::string& method = "GET") {
   HttpReply reply;
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
@@ -239,7 +240,7 @@ HttpReply HttpGet(int port, const std::string& path) {
     close(fd);
     return reply;
   }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  const std::string request = method + " " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
   EXPECT_EQ(write(fd, request.data(), request.size()), static_cast<ssize_t>(request.size()));
   std::string response;
   char buffer[4096];
@@ -278,6 +279,60 @@ TEST(MetricsExposerTest, ServesMetrics) {
 
   exposer->reset();  // stops the server
   EXPECT_EQ(HttpGet(port, "/metrics").status, 0);
+}
+
+// Static TLS lives at the top of every thread's stack, civetweb's 100 KB ones too: a
+// service links OpenBLAS (60 KB of it), which leaves its HTTP threads ~30 KB. This test
+// binary takes as much, so that every reply below is made on a stack as small as a
+// service's (a 404 made with civetweb's mg_send_http_error overflowed it).
+thread_local char stack_ballast[60 << 10];
+
+// The probes' endpoints: /healthz always, /readyz following `ready`; open, plain text;
+// HEAD answers without a body; /metrics unchanged; other paths still 404, other methods 405.
+TEST(MetricsExposerTest, ServesProbes) {
+  static_cast<volatile char*>(stack_ballast)[0] = 1;  // kept by compiler and linker
+  Registry registry;
+  FillSmallRegistry(registry);
+  std::atomic<bool> ready{false};
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> exposer = MetricsExposer::Create(
+      {.listen = "127.0.0.1:0", .ready = [&ready] { return ready.load(); }}, {&registry});
+  ASSERT_TRUE(exposer.ok()) << exposer.status();
+  const int port = (*exposer)->port();
+
+  HttpReply reply = HttpGet(port, "/healthz");
+  EXPECT_EQ(reply.status, 200);
+  EXPECT_EQ(reply.body, "ok\n");
+  EXPECT_THAT(reply.headers, HasSubstr("Content-Type: text/plain; charset=utf-8\r\n"));
+  reply = HttpGet(port, "/readyz");
+  EXPECT_EQ(reply.status, 503);
+  EXPECT_EQ(reply.body, "not ready\n");
+  ready = true;
+  reply = HttpGet(port, "/readyz");
+  EXPECT_EQ(reply.status, 200);
+  EXPECT_EQ(reply.body, "ready\n");
+  ready = false;  // and back: asked on every request
+  EXPECT_EQ(HttpGet(port, "/readyz").status, 503);
+  EXPECT_EQ(HttpGet(port, "/healthz").status, 200);  // live while not ready
+
+  reply = HttpGet(port, "/readyz", "HEAD");
+  EXPECT_EQ(reply.status, 503);
+  EXPECT_EQ(reply.body, "");
+  EXPECT_EQ(HttpGet(port, "/readyz", "POST").status, 405);
+  EXPECT_EQ(HttpGet(port, "/metrics").body, registry.Serialize());
+  for (const char* path : {"/", "/health", "/healthz/x", "/readyz/", "/ready", "/livez"}) {
+    EXPECT_EQ(HttpGet(port, path).status, 404) << path;
+  }
+}
+
+// Without a ready function /readyz is always 200.
+TEST(MetricsExposerTest, ReadyByDefault) {
+  Registry registry;
+  absl::StatusOr<std::unique_ptr<MetricsExposer>> exposer = ServeMetrics("127.0.0.1:0", registry);
+  ASSERT_TRUE(exposer.ok()) << exposer.status();
+  const HttpReply reply = HttpGet((*exposer)->port(), "/readyz");
+  EXPECT_EQ(reply.status, 200);
+  EXPECT_EQ(reply.body, "ready\n");
+  EXPECT_EQ(HttpGet((*exposer)->port(), "/healthz").status, 200);
 }
 
 TEST(MetricsExposerTest, RejectsBadOptions) {

@@ -49,7 +49,10 @@ absl::StatusOr<StartedServer> StartGrpcServer(const GrpcServerOptions& options,
   grpc::ServerBuilder builder;
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   StartedServer started;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &started.port);
+  builder.AddListeningPort(options.listen,
+                           options.security != nullptr ? options.security->ServerCredentials()
+                                                       : grpc::InsecureServerCredentials(),
+                           &started.port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   for (const auto& [name, value] : BulkTransferChannelArgs(options.max_message_bytes)) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "services/rpc/security.h"
 
 namespace moemesh {
 
@@ -19,6 +20,8 @@ struct GrpcServerOptions {
   std::string listen;
   // Bounds one request or reply in both directions.
   int max_message_bytes = 256 << 20;
+  // The port's credentials (TLS, mutual TLS); null: plaintext.
+  std::shared_ptr<const Security> security;
 };
 
 // INVALID_ARGUMENT unless `listen` is HOST:PORT with a port in [0, 65535] (gRPC would

@@ -128,3 +128,62 @@ absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args) {
 }
 
 }  // namespace moemesh
+
+namespace moemesh {
+
+const char kSecurityUsage[] =
+    "  security (docs/security.md; plaintext and unchecked without these):\n"
+    "  --tls-cert FILE --tls-key FILE: serve TLS with this certificate (also presented as the\n"
+    "    client certificate when dialing other components)\n"
+    "  --tls-ca FILE: dial other components over TLS, verifying them with this CA bundle\n"
+    "  --tls-client-ca FILE: require client certificates verified with this CA (mutual TLS)\n"
+    "  --tls-reload-s S: how often the files above are re-read when changed (default 10)\n"
+    "  --tls-server-name NAME: the name expected in the certificates of the servers dialed\n"
+    "  --admin-token-file FILE: the admin bearer token, required by control calls (with\n"
+    "    --admin-san / client certificates as the alternative) and sent on calls made\n"
+    "  --admin-san NAME[,NAME...]: client certificate names given the admin identity\n"
+    "  --api-token-file FILE: the bearer token ModelInfer and ModelMetadata require\n";
+
+const char kClientSecurityUsage[] =
+    "  security (docs/security.md):\n"
+    "  --tls-ca FILE: dial over TLS, verifying the server with this CA bundle\n"
+    "  --tls-cert FILE --tls-key FILE: the client certificate (mutual TLS)\n"
+    "  --tls-server-name NAME: the name expected in the server's certificate\n"
+    "  --token-file FILE: the bearer token sent (the router's API or admin token)\n";
+
+std::set<std::string> WithSecurityFlags(std::set<std::string> known, bool client) {
+  for (const char* name : {"tls-cert", "tls-key", "tls-ca", "tls-server-name"}) known.insert(name);
+  if (client) {
+    known.insert("token-file");
+  } else {
+    for (const char* name :
+         {"tls-client-ca", "tls-reload-s", "admin-token-file", "admin-san", "api-token-file"}) {
+      known.insert(name);
+    }
+  }
+  return known;
+}
+
+absl::StatusOr<std::shared_ptr<Security>> SecurityFromFlags(const CliArgs& args) {
+  SecurityOptions o;
+  o.tls_cert = args.String("tls-cert", "");
+  o.tls_key = args.String("tls-key", "");
+  o.tls_ca = args.String("tls-ca", "");
+  o.tls_client_ca = args.String("tls-client-ca", "");
+  o.tls_server_name = args.String("tls-server-name", "");
+  ASSIGN_OR_RETURN(const int64_t reload_s, args.Int("tls-reload-s", 10));
+  if (reload_s < 1 || reload_s > 86400) {
+    return absl::InvalidArgumentError("--tls-reload-s must be in [1, 86400]");
+  }
+  o.tls_reload = std::chrono::seconds(reload_s);
+  o.admin_token_file = args.String("admin-token-file", "");
+  for (absl::string_view san :
+       absl::StrSplit(args.String("admin-san", ""), ',', absl::SkipWhitespace())) {
+    o.admin_sans.emplace_back(san);
+  }
+  o.api_token_file = args.String("api-token-file", "");
+  o.client_token_file = args.String("token-file", "");
+  return Security::Create(o);
+}
+
+}  // namespace moemesh

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "services/rpc/security.h"
 
 namespace moemesh {
 
@@ -49,5 +50,17 @@ absl::StatusOr<TransportFlags> ParseTransportFlags(const CliArgs& args,
 // The services' --device cpu|cuda and --gpu N[,N...] (default 0): the GPUs' numbers, none
 // for the CPU. INVALID_ARGUMENT naming the bad flag (a number out of range or twice).
 absl::StatusOr<std::vector<int>> ParseDeviceFlags(const CliArgs& args);
+
+// The security flags of every command that serves or dials gRPC (services/rpc/security.h,
+// docs/security.md): --tls-cert --tls-key --tls-ca --tls-client-ca --tls-reload-s
+// --tls-server-name --admin-token-file --admin-san --api-token-file. Commands that are
+// only KServe clients take --token-file (the token they send) instead of the server-side
+// --admin-san and --api-token-file.
+extern const char kSecurityUsage[];
+extern const char kClientSecurityUsage[];
+// `known` with the security flags added (`client`: the client-only set).
+std::set<std::string> WithSecurityFlags(std::set<std::string> known, bool client = false);
+// The Security those flags describe (plaintext and unchecked without any).
+absl::StatusOr<std::shared_ptr<Security>> SecurityFromFlags(const CliArgs& args);
 
 }  // namespace moemesh

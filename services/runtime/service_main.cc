@@ -11,6 +11,7 @@ int RunServiceMain(const char* command, const char* usage, const std::vector<std
                    const std::function<absl::Status(const std::vector<std::string>&)>& run) {
   if (HelpRequested(args)) {
     std::fputs(usage, stdout);
+    std::fputs(kSecurityUsage, stdout);
     return 0;
   }
   ConfigureForServing();
@@ -20,7 +21,8 @@ int RunServiceMain(const char* command, const char* usage, const std::vector<std
   StopWithParent();
   const absl::Status s = run(args);
   if (!s.ok()) {
-    std::fprintf(stderr, "moemesh %s: %s\n%s", command, std::string(s.ToString()).c_str(), usage);
+    std::fprintf(stderr, "moemesh %s: %s\n%s%s", command, std::string(s.ToString()).c_str(), usage,
+                 kSecurityUsage);
     return 1;
   }
   return 0;

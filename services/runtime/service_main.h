@@ -22,11 +22,12 @@ namespace moemesh {
 // How long a stop signal leaves in-flight calls to finish by default.
 inline constexpr std::chrono::seconds kDefaultDrainTime{10};
 
-// Runs a service main: `usage` on stdout and 0 when `args` ask for help (--help, -h);
-// otherwise the serving settings (services/runtime/serving_settings.h), stop signals
-// blocked in every thread before `run(args)` starts any, and a stop when the launcher that
-// started the process dies (StopWithParent). Returns 0 when `run` returns OK; else prints
-// "moemesh COMMAND: ERROR" and `usage` on stderr and returns 1.
+// Runs a service main: `usage` and the security flags' (kSecurityUsage) on stdout and 0
+// when `args` ask for help (--help, -h); otherwise the serving settings
+// (services/runtime/serving_settings.h), stop signals blocked in every thread before `run(args)`
+// starts any, and a stop when the launcher that started the process dies (StopWithParent). Returns
+// 0 when `run` returns OK; else prints "moemesh COMMAND: ERROR" and `usage` on stderr and
+// returns 1.
 int RunServiceMain(const char* command, const char* usage, const std::vector<std::string>& args,
                    const std::function<absl::Status(const std::vector<std::string>&)>& run);
 

@@ -67,6 +67,11 @@ class GrpcExchange : public ExpertTransport::Exchange {
 
 }  // namespace
 
+GrpcExpertTransport::GrpcExpertTransport(GrpcTransportOptions options)
+    : options_(std::move(options)) {
+  if (options_.security == nullptr) options_.security = Security::Insecure();
+}
+
 v1::ExpertService::Stub* GrpcExpertTransport::StubFor(const std::string& endpoint) {
   MutexLock lock(&mu_);
   auto& stub = stubs_[endpoint];
@@ -80,8 +85,7 @@ v1::ExpertService::Stub* GrpcExpertTransport::StubFor(const std::string& endpoin
     // Reconnect quickly when a restarted expert service comes back.
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    stub = v1::ExpertService::NewStub(
-        grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args));
+    stub = v1::ExpertService::NewStub(options_.security->Dial(endpoint, args));
   }
   return stub.get();
 }
@@ -91,11 +95,11 @@ std::unique_ptr<ExpertTransport::Exchange> GrpcExpertTransport::NewExchange(
   return std::make_unique<GrpcExchange>(this, deadline);
 }
 
-absl::Status GrpcExpertTransport::Info(const std::string& endpoint, Clock::time_point deadline,
-                                       v1::InfoResponse* response) {
+absl::Status GrpcExpertTransport::Info(const std::string& endpoint, const v1::InfoRequest& request,
+                                       Clock::time_point deadline, v1::InfoResponse* response) {
   grpc::ClientContext context;
   context.set_deadline(deadline);
-  return FromGrpcStatus(StubFor(endpoint)->Info(&context, v1::InfoRequest(), response));
+  return FromGrpcStatus(StubFor(endpoint)->Info(&context, request, response));
 }
 
 }  // namespace moemesh

@@ -11,27 +11,30 @@
 #include "absl/base/thread_annotations.h"
 #include "expert_service.grpc.pb.h"
 #include "services/base/mutex.h"
+#include "services/rpc/security.h"
 #include "services/transport/transport.h"
 
 namespace moemesh {
 
 struct GrpcTransportOptions {
   int max_message_bytes = 256 << 20;
+  // The credentials the expert services are dialed with; null: plaintext.
+  std::shared_ptr<Security> security;
 };
 
 class GrpcExpertTransport : public ExpertTransport {
  public:
-  explicit GrpcExpertTransport(GrpcTransportOptions options = {}) : options_(options) {}
+  explicit GrpcExpertTransport(GrpcTransportOptions options = {});
 
   std::unique_ptr<Exchange> NewExchange(Clock::time_point deadline) override;
-  absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
-                    v1::InfoResponse* response) override;
+  absl::Status Info(const std::string& endpoint, const v1::InfoRequest& request,
+                    Clock::time_point deadline, v1::InfoResponse* response) override;
 
   // The endpoint's stub, created on first use; lives as long as the transport.
   v1::ExpertService::Stub* StubFor(const std::string& endpoint);
 
  private:
-  const GrpcTransportOptions options_;
+  GrpcTransportOptions options_;
   Mutex mu_;
   std::unordered_map<std::string, std::unique_ptr<v1::ExpertService::Stub>> stubs_
       ABSL_GUARDED_BY(mu_);

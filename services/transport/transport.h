@@ -77,9 +77,10 @@ class ExpertTransport {
   virtual ~ExpertTransport() = default;
   // Every call of the exchange ends by `deadline`. Thread-safe.
   virtual std::unique_ptr<Exchange> NewExchange(Clock::time_point deadline) = 0;
-  // Blocking Info call (readiness checks, the UCX worker address). Thread-safe.
-  virtual absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
-                            v1::InfoResponse* response) = 0;
+  // Blocking Info call (readiness and placement checks, the UCX worker address and
+  // credential). Thread-safe.
+  virtual absl::Status Info(const std::string& endpoint, const v1::InfoRequest& request,
+                            Clock::time_point deadline, v1::InfoResponse* response) = 0;
 };
 
 }  // namespace moemesh

@@ -381,9 +381,9 @@ std::unique_ptr<ExpertTransport::Exchange> UcxExpertTransport::NewExchange(
       });
 }
 
-absl::Status UcxExpertTransport::Info(const std::string& endpoint, Clock::time_point deadline,
-                                      v1::InfoResponse* response) {
-  return control_->Info(endpoint, deadline, response);
+absl::Status UcxExpertTransport::Info(const std::string& endpoint, const v1::InfoRequest& request,
+                                      Clock::time_point deadline, v1::InfoResponse* response) {
+  return control_->Info(endpoint, request, deadline, response);
 }
 
 bool UcxExpertTransport::cuda_direct() const {
@@ -396,8 +396,10 @@ bool UcxExpertTransport::Resolve(const std::string& endpoint, Clock::time_point 
     MutexLock lock(&addresses_mu_);
     if (addresses_.count(endpoint) > 0) return true;
   }
+  v1::InfoRequest request;
+  request.set_ucx_credential(true);
   v1::InfoResponse info;
-  const absl::Status s = control_->Info(endpoint, deadline, &info);
+  const absl::Status s = control_->Info(endpoint, request, deadline, &info);
   if (!s.ok()) {
     complete(absl::Status(s.code(), absl::StrCat(endpoint, ": ", s.message())), nullptr);
     return false;
@@ -408,8 +410,14 @@ bool UcxExpertTransport::Resolve(const std::string& endpoint, Clock::time_point 
              nullptr);
     return false;
   }
+  if (info.ucx_credential().size() != ucx::kCredentialBytes) {
+    complete(absl::PermissionDeniedError(absl::StrCat(endpoint, " gave no UCX credential (",
+                                                      info.ucx_credential().size(), " bytes)")),
+             nullptr);
+    return false;
+  }
   MutexLock lock(&addresses_mu_);
-  addresses_[endpoint] = info.ucx_worker_address();
+  addresses_[endpoint] = {info.ucx_worker_address(), info.ucx_credential()};
   return true;
 }
 
@@ -570,11 +578,14 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
     peer->endpoint = endpoint;
   }
   if (peer->ep != nullptr) return peer.get();
-  std::string address;
+  std::string address, credential;
   {
     MutexLock lock(&addresses_mu_);
     auto it = addresses_.find(endpoint);
-    if (it != addresses_.end()) address = it->second;
+    if (it != addresses_.end()) {
+      address = it->second.address;
+      credential = it->second.credential;
+    }
   }
   if (address.empty()) {
     *error = "its UCX address is unknown (it failed; retry)";
@@ -593,7 +604,8 @@ UcxExpertTransport::Peer* UcxExpertTransport::Connect(const std::string& endpoin
   peer->gathers = lanes.remote_memory;
   peer->copy_large = lanes.shared_memory_only;
   // Introduce ourselves: the service replies on an endpoint of its own, to this worker.
-  peer->hello = {ucx::kMagic, client_id_};
+  peer->hello = {ucx::kMagic, client_id_, {}};
+  std::memcpy(peer->hello.credential, credential.data(), sizeof peer->hello.credential);
   ucp_request_param_t prm = ucx::SendParams(&Callbacks::HelloSent, nullptr, 0, nullptr);
   const ucs_status_ptr_t req =
       ucp_am_send_nbx(peer->ep, ucx::kHelloAm, &peer->hello, sizeof peer->hello,
@@ -662,7 +674,7 @@ void UcxExpertTransport::FailPeer(Peer* peer, ucp_ep_h ep, const absl::Status& s
     // A restarted service has a new worker address: ask Info again.
     MutexLock lock(&addresses_mu_);
     auto it = addresses_.find(peer->endpoint);
-    if (it != addresses_.end() && it->second == peer->address) addresses_.erase(it);
+    if (it != addresses_.end() && it->second.address == peer->address) addresses_.erase(it);
   }
   const std::set<uint64_t> ids = std::move(peer->pending);
   peer->pending.clear();
@@ -767,7 +779,8 @@ void UcxExpertTransport::ProbeLoop() {
     ++probes_;
     const auto& [endpoint, address] = probe;
     v1::InfoResponse info;
-    const absl::Status s = control_->Info(endpoint, Clock::now() + kProbeTimeout, &info);
+    const absl::Status s =
+        control_->Info(endpoint, v1::InfoRequest(), Clock::now() + kProbeTimeout, &info);
     absl::Status failed;
     if (s.ok() && info.ucx_worker_address() != address) {
       failed = absl::UnavailableError(absl::StrCat(

@@ -48,8 +48,8 @@ class UcxExpertTransport : public ExpertTransport {
   ~UcxExpertTransport() override;
 
   std::unique_ptr<Exchange> NewExchange(Clock::time_point deadline) override;
-  absl::Status Info(const std::string& endpoint, Clock::time_point deadline,
-                    v1::InfoResponse* response) override;
+  absl::Status Info(const std::string& endpoint, const v1::InfoRequest& request,
+                    Clock::time_point deadline, v1::InfoResponse* response) override;
 
   // The bytes of a call's serialized reply (on OK) or the call's error. Runs once:
   // holding the worker's lock, or on the calling thread for an error found before
@@ -160,7 +160,12 @@ class UcxExpertTransport : public ExpertTransport {
 
   // Worker addresses by endpoint, from Info; dropped when the peer fails.
   Mutex addresses_mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());
-  std::unordered_map<std::string, std::string> addresses_ ABSL_GUARDED_BY(addresses_mu_);
+  // Each endpoint's worker address and UCX credential, from Info.
+  struct Resolved {
+    std::string address;
+    std::string credential;
+  };
+  std::unordered_map<std::string, Resolved> addresses_ ABSL_GUARDED_BY(addresses_mu_);
 
   // Probes asked for by the worker thread: (endpoint, the address it is connected to).
   Mutex probe_mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());

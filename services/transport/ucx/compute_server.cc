@@ -1,6 +1,7 @@
 #include "services/transport/ucx/compute_server.h"
 
 #include <pthread.h>
+#include <sys/random.h>
 #include <ucp/api/ucp.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "services/rpc/security.h"
 #include "services/transport/ucx/ucp_helpers.h"
 
 namespace moemesh {
@@ -19,6 +21,7 @@ struct UcxComputeServer::Client {
   std::string address;
   ucp_ep_h ep = nullptr;
   bool copy_large = false;  // large replies go as an iov (see SendReply)
+  bool accepted = false;    // a hello with a valid credential came
 };
 
 // UCX's callbacks. AM callbacks and completions of successful operations run in the
@@ -34,6 +37,12 @@ struct UcxComputeServer::Callbacks {
     if (rndv || header_length != sizeof h) return ucx::DropMessage();
     std::memcpy(&h, header, sizeof h);
     if (h.magic != ucx::kMagic) return ucx::DropMessage();
+    if (!server->CheckCredential(h.credential)) {
+      ++server->refused_hellos_;
+      return ucx::DropMessage();  // never connected back to; its requests are dropped
+    }
+    server->worker_->mutex().AssertHeld();  // AM callbacks run in the worker's progress
+    server->Accept(h.client);
     // Connected after this callback, before any reply: replies are posted later.
     server->worker_->Post(
         [server, client = h.client,
@@ -53,6 +62,13 @@ struct UcxComputeServer::Callbacks {
     if (header_length != sizeof h) return ucx::DropMessage();
     std::memcpy(&h, header, sizeof h);
     if (h.magic != ucx::kMagic) return ucx::DropMessage();
+    server->worker_->mutex().AssertHeld();  // AM callbacks run in the worker's progress
+    if (!server->Accepted(h.client)) {
+      // Dropped before any of it is copied or fetched (a rendezvous' data stays with the
+      // sender).
+      ++server->refused_requests_;
+      return ucx::DropMessage();
+    }
     ++server->in_flight_;
     server->Arrived();
     absl::StatusOr<UcxBufferPtr> buffer = server->TakeRequestBuffer(length);
@@ -289,13 +305,53 @@ void UcxComputeServer::Send(Answer answer) {
   });
 }
 
-void UcxComputeServer::Hello(uint64_t id, std::string address) {
+std::string UcxComputeServer::IssueCredential() {
+  std::string credential(ucx::kCredentialBytes, '\0');
+  size_t filled = 0;
+  while (filled < credential.size()) {
+    const ssize_t n = getrandom(credential.data() + filled, credential.size() - filled, 0);
+    if (n > 0) filled += static_cast<size_t>(n);
+  }
+  std::string id = credential.substr(0, ucx::kCredentialIdBytes);
+  MutexLock lock(&credentials_mu_);
+  credentials_[id] = credential.substr(ucx::kCredentialIdBytes);
+  credential_order_.push_back(std::move(id));
+  if (credential_order_.size() > kMaxCredentials) {
+    credentials_.erase(credential_order_.front());
+    credential_order_.pop_front();
+  }
+  return credential;
+}
+
+bool UcxComputeServer::CheckCredential(const uint8_t* credential) {
+  const std::string id(reinterpret_cast<const char*>(credential), ucx::kCredentialIdBytes);
+  const absl::string_view secret(
+      reinterpret_cast<const char*>(credential) + ucx::kCredentialIdBytes,
+      ucx::kCredentialBytes - ucx::kCredentialIdBytes);
+  MutexLock lock(&credentials_mu_);
+  auto it = credentials_.find(id);
+  return it != credentials_.end() && ConstantTimeEquals(it->second, secret);
+}
+
+void UcxComputeServer::Accept(uint64_t id) {
   std::unique_ptr<Client>& client = clients_[id];
   if (client == nullptr) {
     client = std::make_unique<Client>();
     client->owner = this;
     client->id = id;
   }
+  client->accepted = true;
+}
+
+bool UcxComputeServer::Accepted(uint64_t id) const {
+  auto it = clients_.find(id);
+  return it != clients_.end() && it->second->accepted;
+}
+
+void UcxComputeServer::Hello(uint64_t id, std::string address) {
+  auto it = clients_.find(id);
+  if (it == clients_.end()) return;  // made by Accept, before this was posted
+  std::unique_ptr<Client>& client = it->second;
   if (client->ep != nullptr && client->address == address) return;  // a reconnect: same client
   if (client->ep != nullptr) {
     ucx::CloseEndpoint(client->ep);

@@ -47,6 +47,15 @@ class UcxComputeServer {
   ~UcxComputeServer();
 
   const std::string& worker_address() const { return worker_->address(); }
+  // A credential for one client (ucx::kCredentialBytes), which Info hands out over the
+  // authenticated control plane: a client's hello must carry one, or it is refused and its
+  // requests are dropped before their data is read. The last kMaxCredentials stay valid.
+  std::string IssueCredential() ABSL_LOCKS_EXCLUDED(credentials_mu_);
+  static constexpr size_t kMaxCredentials = 1 << 16;
+  // Hellos refused (no valid credential), and requests dropped unread because their client
+  // was never accepted.
+  int64_t refused_hellos() const { return refused_hellos_.load(); }
+  int64_t refused_requests() const { return refused_requests_.load(); }
   // Requests received and not yet answered.
   int64_t in_flight() const { return in_flight_.load(); }
   // Clients connected now (each said hello and its endpoint has not failed).
@@ -96,6 +105,13 @@ class UcxComputeServer {
   // The worker thread, at each request: the gaps between the last three.
   void Arrived();
 
+  // Whether `credential` (ucx::kCredentialBytes) is one IssueCredential gave out.
+  bool CheckCredential(const uint8_t* credential) ABSL_LOCKS_EXCLUDED(credentials_mu_);
+  // Under the worker's lock (AM callbacks): marks `client` as accepted (its hello carried a
+  // valid credential), before its endpoint back exists.
+  void Accept(uint64_t client) ABSL_EXCLUSIVE_LOCKS_REQUIRED(worker_->mutex());
+  // Whether requests from `client` are taken.
+  bool Accepted(uint64_t client) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(worker_->mutex());
   // Under the worker's lock.
   void Hello(uint64_t client, std::string address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(worker_->mutex());
   // Sends a reply to its client, or drops it; `deferred`: queued behind posted work once
@@ -112,6 +128,12 @@ class UcxComputeServer {
   std::atomic<int64_t> clients_count_{0};
   std::atomic<int64_t> dropped_{0};
   std::atomic<int64_t> computed_inline_{0};
+  std::atomic<int64_t> refused_hellos_{0};
+  std::atomic<int64_t> refused_requests_{0};
+  // Issued credentials: id -> secret, and the ids in the order issued (the oldest go).
+  Mutex credentials_mu_;
+  std::unordered_map<std::string, std::string> credentials_ ABSL_GUARDED_BY(credentials_mu_);
+  std::deque<std::string> credential_order_ ABSL_GUARDED_BY(credentials_mu_);
   std::atomic<bool> closing_{false};  // set by the destructor: failures are expected
 
   Mutex mu_ ABSL_ACQUIRED_AFTER(worker_->mutex());

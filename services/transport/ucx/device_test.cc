@@ -17,23 +17,26 @@
 namespace moemesh {
 namespace {
 
+// Info as the expert service answers it: the worker address and a credential.
 class Control : public ExpertTransport {
  public:
-  explicit Control(std::string address) : address_(std::move(address)) {}
+  explicit Control(UcxComputeServer* server) : server_(server) {}
   std::unique_ptr<Exchange> NewExchange(Clock::time_point) override { return nullptr; }
-  absl::Status Info(const std::string&, Clock::time_point, v1::InfoResponse* r) override {
-    r->set_ucx_worker_address(address_);
+  absl::Status Info(const std::string&, const v1::InfoRequest& request, Clock::time_point,
+                    v1::InfoResponse* r) override {
+    r->set_ucx_worker_address(server_->worker_address());
+    if (request.ucx_credential()) r->set_ucx_credential(server_->IssueCredential());
     return absl::OkStatus();
   }
 
  private:
-  std::string address_;
+  UcxComputeServer* server_;
 };
 
 TEST(UcxDeviceTest, DevicePayloadArrivesIntactStagedAndDirect) {
   SKIP_WITHOUT_GPU();
   auto server = UcxComputeServer::Create(&EchoRows, 1, 64 << 20).value();
-  auto t = UcxExpertTransport::Create(std::make_shared<Control>(server->worker_address())).value();
+  auto t = UcxExpertTransport::Create(std::make_shared<Control>(server.get())).value();
   for (size_t bytes : {size_t{100}, size_t{3} << 20}) {
     v1::ComputeRequest req;
     auto* b = req.add_batches();

@@ -3,8 +3,11 @@
 // (docs/architecture.md, "UCX data plane"). Headers travel as these structs are laid out in
 // memory; kMagic marks each message as ours.
 //
-//   hello    kHelloAm, client -> service, once per connection: HelloHeader; data = the
-//            client's worker address (the service connects back to it and replies there).
+//   hello    kHelloAm, client -> service, once per connection: HelloHeader, with the
+//            credential the service's Info gave this client over the authenticated gRPC
+//            control plane; data = the client's worker address (the service connects back
+//            to it and replies there). A hello without a valid credential is dropped, and
+//            so is every request from a client whose hello was not accepted, unread.
 //   request  kRequestAm: RequestHeader; data = the request in its `format`.
 //   reply    kReplyAm: ReplyHeader; data = the serialized v1::ComputeResponse when `code`
 //            is 0, the error message otherwise.
@@ -36,9 +39,15 @@ constexpr uint16_t kReplyAm = 2;
 constexpr uint16_t kHelloAm = 3;
 constexpr uint64_t kMagic = 0x314873654d656f4dULL;  // "MoeMesh1"
 
+// A credential: kCredentialIdBytes naming it, then the secret the service compares in
+// constant time.
+constexpr size_t kCredentialIdBytes = 16;
+constexpr size_t kCredentialBytes = 32;
+
 struct HelloHeader {
   uint64_t magic;
-  uint64_t client;
+  uint64_t client;  // random: it also marks the client's requests
+  uint8_t credential[kCredentialBytes];
 };
 
 struct RequestHeader {

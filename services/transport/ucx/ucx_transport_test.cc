@@ -23,21 +23,29 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-// Info answers with the servers' worker addresses, by endpoint name.
+// Info answers with the servers' worker addresses and a credential from each (as the
+// expert service's Info does), by endpoint name; or, forging, with a credential of its own.
 class FakeControl : public ExpertTransport {
  public:
+  explicit FakeControl(bool forge = false) : forge_(forge) {}
   std::unique_ptr<Exchange> NewExchange(Clock::time_point) override { return nullptr; }
-  absl::Status Info(const std::string& endpoint, Clock::time_point, v1::InfoResponse* r) override {
+  absl::Status Info(const std::string& endpoint, const v1::InfoRequest& request, Clock::time_point,
+                    v1::InfoResponse* r) override {
     std::lock_guard<std::mutex> lock(mu_);
     ++info_calls_[endpoint];
     auto it = addresses_.find(endpoint);
     if (it == addresses_.end()) return absl::UnavailableError("no such service");
-    r->set_ucx_worker_address(it->second);
+    r->set_ucx_worker_address(it->second->worker_address());
+    if (request.ucx_credential()) {
+      std::string credential = it->second->IssueCredential();
+      if (forge_) credential.back() ^= 1;  // the right id, a wrong secret
+      r->set_ucx_credential(credential);
+    }
     return absl::OkStatus();
   }
-  void Set(const std::string& endpoint, const std::string& address) {
+  void Set(const std::string& endpoint, UcxComputeServer* server) {
     std::lock_guard<std::mutex> lock(mu_);
-    addresses_[endpoint] = address;
+    addresses_[endpoint] = server;
   }
   // The service is gone: Info is refused, as gRPC refuses a dead port.
   void Remove(const std::string& endpoint) {
@@ -51,7 +59,8 @@ class FakeControl : public ExpertTransport {
 
  private:
   std::mutex mu_;
-  std::map<std::string, std::string> addresses_;
+  const bool forge_;
+  std::map<std::string, UcxComputeServer*> addresses_;
   std::map<std::string, int> info_calls_;
 };
 
@@ -110,7 +119,7 @@ TEST(UcxTransportTest, RepliesEagerAndRendezvousAndErrors) {
   auto control = std::make_shared<FakeControl>();
   auto server = UcxComputeServer::Create(&Echo, 2, 64 << 20);
   ASSERT_TRUE(server.ok()) << server.status();
-  control->Set("a", (*server)->worker_address());
+  control->Set("a", server->get());
   auto t = UcxExpertTransport::Create(control);
   ASSERT_TRUE(t.ok()) << t.status();
   for (size_t bytes : {size_t{0}, size_t{100}, size_t{64 << 10}, size_t{4 << 20}}) {
@@ -131,6 +140,39 @@ TEST(UcxTransportTest, RepliesEagerAndRendezvousAndErrors) {
   EXPECT_EQ((*t)->in_flight(), 0);
 }
 
+// A client whose hello carries no valid credential is never answered: its hello is
+// refused, its requests are dropped before any byte of them is copied or fetched (the
+// compute function never sees them), while a client with a credential is served.
+TEST(UcxTransportTest, PeerWithoutValidCredentialIsDroppedUnread) {
+  std::atomic<int> computed{0};
+  auto server = UcxComputeServer::Create(
+      [&](const v1::ComputeRequest& req, const RowSegments& rows, v1::ComputeResponse* resp) {
+        ++computed;
+        return Echo(req, rows, resp);
+      },
+      2, 64 << 20);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto forged = std::make_shared<FakeControl>(/*forge=*/true);
+  forged->Set("a", server->get());
+  auto rogue = UcxExpertTransport::Create(forged).value();
+  for (size_t bytes : {size_t{100}, size_t{4 << 20}}) {  // eager, rendezvous
+    auto r = Call(*rogue, {{"a", Request(1, bytes)}}, milliseconds(300));
+    EXPECT_EQ(r[0].status.code(), absl::StatusCode::kDeadlineExceeded) << r[0].status;
+  }
+  EXPECT_EQ(computed.load(), 0);
+  EXPECT_GE((*server)->refused_hellos(), 1);
+  EXPECT_EQ((*server)->refused_requests(), 2);
+  EXPECT_EQ((*server)->clients(), 0);
+
+  auto control = std::make_shared<FakeControl>();
+  control->Set("a", server->get());
+  auto t = UcxExpertTransport::Create(control).value();
+  auto ok = Call(*t, {{"a", Request(1, 1000)}});
+  EXPECT_TRUE(ok[0].status.ok()) << ok[0].status;
+  EXPECT_EQ(computed.load(), 1);
+  EXPECT_EQ((*server)->clients(), 1);
+}
+
 TEST(UcxTransportTest, HungServiceGivesDeadlineExceededAndLateRepliesAreDropped) {
   auto control = std::make_shared<FakeControl>();
   std::atomic<bool> hang{true};
@@ -143,7 +185,7 @@ TEST(UcxTransportTest, HungServiceGivesDeadlineExceededAndLateRepliesAreDropped)
       },
       1, 64 << 20);
   ASSERT_TRUE(server.ok());
-  control->Set("a", (*server)->worker_address());
+  control->Set("a", server->get());
   auto t = UcxExpertTransport::Create(control).value();
   const auto start = std::chrono::steady_clock::now();
   auto r = Call(*t, {{"a", Request(1, 1000)}}, milliseconds(300));
@@ -160,7 +202,7 @@ TEST(UcxTransportTest, HungServiceGivesDeadlineExceededAndLateRepliesAreDropped)
 TEST(UcxTransportTest, DeadServiceIsUnavailableAndARestartedOneIsReconnected) {
   auto control = std::make_shared<FakeControl>();
   auto server = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
-  control->Set("a", server->worker_address());
+  control->Set("a", server.get());
   auto t = UcxExpertTransport::Create(control).value();
   ASSERT_TRUE(Call(*t, {{"a", Request(1, 10)}})[0].status.ok());
   server.reset();  // the service goes away, and its control plane with it
@@ -173,7 +215,7 @@ TEST(UcxTransportTest, DeadServiceIsUnavailableAndARestartedOneIsReconnected) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, milliseconds(2500));
   // It comes back with a new worker address; the transport asks Info again.
   auto again = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
-  control->Set("a", again->worker_address());
+  control->Set("a", again.get());
   // The failed call dropped the old address: the next one fetches the new one and succeeds.
   const auto back = Call(*t, {{"a", Request(1, 10)}}, milliseconds(2000));
   EXPECT_TRUE(back[0].status.ok()) << back[0].status;
@@ -196,13 +238,13 @@ TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
           },
           1, 64 << 20)
           .value();
-  control->Set("a", old_server->worker_address());
+  control->Set("a", old_server.get());
   auto t = UcxExpertTransport::Create(control).value();
   auto fresh = UcxComputeServer::Create(&Echo, 1, 64 << 20).value();
   std::thread restart([&] {
     // Once the call is on its way to the old instance.
     while (old_server->in_flight() == 0) std::this_thread::sleep_for(milliseconds(1));
-    control->Set("a", fresh->worker_address());
+    control->Set("a", fresh.get());
   });
   const auto start = std::chrono::steady_clock::now();
   auto r = Call(*t, {{"a", Request(1, 10)}}, milliseconds(5000));
@@ -220,7 +262,7 @@ TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
 TEST(UcxTransportTest, OversizedRequestIsRefusedAndTheServiceStaysUp) {
   auto control = std::make_shared<FakeControl>();
   auto server = UcxComputeServer::Create(&Echo, 1, 1 << 20).value();
-  control->Set("a", server->worker_address());
+  control->Set("a", server.get());
   auto t = UcxExpertTransport::Create(control).value();
   auto big = Call(*t, {{"a", Request(1, 2 << 20)}});
   EXPECT_EQ(big[0].status.code(), absl::StatusCode::kResourceExhausted) << big[0].status;
@@ -235,8 +277,8 @@ TEST(UcxTransportTest, ConcurrentExchangesGetTheirOwnRepliesOnceAndBuffersAreReu
   auto control = std::make_shared<FakeControl>();
   auto a = UcxComputeServer::Create(&Echo, 2, 64 << 20).value();
   auto b = UcxComputeServer::Create(&Echo, 2, 64 << 20).value();
-  control->Set("a", a->worker_address());
-  control->Set("b", b->worker_address());
+  control->Set("a", a.get());
+  control->Set("b", b.get());
   auto t = UcxExpertTransport::Create(control).value();
   auto round = [&](int thread, int i) {
     // Sizes on both sides of the rendezvous threshold.
@@ -276,7 +318,7 @@ TEST(UcxTransportTest, ConcurrentExchangesGetTheirOwnRepliesOnceAndBuffersAreReu
 TEST(UcxTransportTest, RequestsBuiltInPlaceArriveWhole) {
   auto control = std::make_shared<FakeControl>();
   auto server = UcxComputeServer::Create(&Echo, 2, 64 << 20).value();
-  control->Set("a", server->worker_address());
+  control->Set("a", server.get());
   auto t = UcxExpertTransport::Create(control).value();
   struct Batch {
     int32_t expert;
@@ -371,7 +413,7 @@ TEST(UcxTransportTest, SmallRequestsAreComputedOnTheWorkerThreadWhenTheComputeTh
           },
           2, 64 << 20)
           .value();
-  control->Set("a", server->worker_address());
+  control->Set("a", server.get());
   auto t = UcxExpertTransport::Create(control).value();
   for (int i = 0; i < 20; ++i) {  // one at a time: the compute threads are idle each time
     const v1::ComputeRequest req = Request(i, 1000);
@@ -408,7 +450,7 @@ TEST(UcxTransportTest, AWaitLongerThanTheSpinAndNoSpinAtAllBothGetTheirReplies) 
             },
             1, 64 << 20, spin)
             .value();
-    control->Set("a", server->worker_address());
+    control->Set("a", server.get());
     auto t = UcxExpertTransport::Create(control, 64 << 20, spin).value();
     for (int i = 0; i < 6; ++i) {
       const v1::ComputeRequest req = Request(i, i % 3 == 0 ? (1 << 20) : 1000);
@@ -434,7 +476,7 @@ TEST(UcxTransportTest, CallersPollOnlyWhileRepliesComeWithinTheSpin) {
           },
           1, 64 << 20)
           .value();
-  control->Set("a", server->worker_address());
+  control->Set("a", server.get());
   auto t = UcxExpertTransport::Create(control, 64 << 20, std::chrono::microseconds(2000)).value();
   auto calls = [&](int n) {
     for (int i = 0; i < n; ++i) ASSERT_TRUE(Call(*t, {{"a", Request(i, 1000)}})[0].status.ok());
