@@ -2,11 +2,15 @@
 // workload's container spec (command, env, ports, probes, securityContext, volumes,
 // terminationGracePeriodSeconds) is run with podman from the image tools/build_image.sh
 // builds (moemesh:VERSION): the controller, 3 expert pods (the StatefulSet's replicas) and
-// 2 routers (the Deployment's replicas). The test checks that the probes the manifests name
-// answer SERVING, that ModelInfer through each router matches MoeLayer bit for bit, that
-// every metrics port the manifests name serves metrics, then scales the experts up (the
-// StatefulSet's next ordinal starts and takes work) and down (the highest ordinal is
-// stopped with the manifest's grace period and exits 0) under load with 0 failed requests.
+// 2 routers (the Deployment's replicas), with mutual TLS and the admin identity required
+// as the manifests set them. The test checks that the probes the manifests name (HTTP on
+// the metrics port) pass, that the routers' gRPC port refuses plaintext clients and TLS
+// clients without a certificate of the mesh's CA, that control calls need the admin
+// identity, that ModelInfer through each router (TLS, a client certificate) matches
+// MoeLayer bit for bit, that every metrics port the manifests name serves metrics, then
+// scales the experts up (the StatefulSet's next ordinal starts and takes work) and down
+// (the highest ordinal is stopped with the manifest's grace period and exits 0) under load
+// with 0 failed requests.
 //
 // What stands in for a cluster (nothing else is changed):
 //   - Networking: every container runs with --network host, so each pod's container ports
@@ -22,13 +26,21 @@
 //     BLAS kernels (answers are bit-identical for one kernel choice; pods of a real mesh
 //     share theirs when they run the same image on the same CPU type).
 //   - Volumes: the moemesh-model claim is a read-only bind mount of a generated Mixtral-
-//     layout model; emptyDir volumes are tmpfs mounts.
+//     layout model; emptyDir volumes are tmpfs mounts; a Secret volume is a read-only bind
+//     mount of a folder holding one file per key, with the volume's defaultMode and the
+//     pod's fsGroup as their group, as the kubelet makes it.
+//   - Secrets: moemesh-tls and moemesh-admin-token are made at test time with openssl
+//     (tools/test_certs.h) as deploy/k8s/make-dev-secrets.sh makes them: a CA (ca.crt), a
+//     certificate for the components (tls.crt, tls.key) naming what the manifests' flags
+//     expect (--tls-server-name, --admin-san), a random token; and a client certificate of
+//     the same CA without the admin name for the test's KServe clients.
 //   - securityContext: runAsUser/runAsGroup → --user, readOnlyRootFilesystem → --read-only,
 //     capabilities.drop ALL → --cap-drop ALL, allowPrivilegeEscalation false →
 //     --security-opt no-new-privileges.
 //   - Scaling: `kubectl scale statefulset moemesh-expert --replicas 4` starts ordinal 3;
 //     back to 3 stops ordinal 3 with `podman stop -t terminationGracePeriodSeconds`.
-//   - `kubectl exec deploy/moemesh-controller -- moemesh placement show|rebalance` is
+//   - `kubectl exec deploy/moemesh-controller -- moemesh placement show|rebalance` (with
+//     the controller's own certificate and token, as deploy/README.md shows) is
 //     `podman exec` in the controller's container.
 //
 // Needs podman, kubectl, node with deploy/validate/node_modules, and the image: tools/test.sh
@@ -37,6 +49,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -44,8 +57,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <random>
 #include <set>
 #include <string>
 #include <thread>
@@ -58,9 +73,11 @@
 #include "nlohmann/json.hpp"
 #include "services/model/model_generator.h"
 #include "services/rpc/grpc_server.h"
+#include "services/rpc/security.h"
 #include "tools/http_client.h"
 #include "tools/load_driver.h"
 #include "tools/process.h"
+#include "tools/test_certs.h"
 
 #ifndef MOEMESH_VERSION
 #error "MOEMESH_VERSION must name the project version (the image tag)"
@@ -99,6 +116,18 @@ int FreePort() {
   return ntohs(a.sin_port);
 }
 
+// The value after `flag` in the first container's command ("" without it).
+std::string FlagValue(const json& workload, const std::string& flag) {
+  const json& command = workload["spec"]["template"]["spec"]["containers"][0]["command"];
+  for (size_t i = 0; i + 1 < command.size(); ++i) {
+    if (command[i] == flag) return command[i + 1];
+  }
+  return "";
+}
+
+// Secret name → key → the file holding its value.
+using Secrets = std::map<std::string, std::map<std::string, std::string>>;
+
 const json& Workload(const json& objects, const std::string& kind, const std::string& name) {
   for (const json& o : objects) {
     if (o["kind"] == kind && o["metadata"]["name"] == name) return o;
@@ -111,10 +140,15 @@ const json& Workload(const json& objects, const std::string& kind, const std::st
 // One pod of a workload, run as a podman container in the foreground (its stdout read for
 // "listening on").
 struct Pod {
+  struct Probe {
+    std::string kind;  // startupProbe, ...
+    std::string path;  // of its HTTP GET
+    int port = 0;      // on the host
+  };
   std::string name;
   std::map<int, int> ports;                // container port → host port
   std::map<std::string, int> named_ports;  // port name → host port
-  std::vector<int> probe_ports;            // host ports of the probes the spec names
+  std::vector<Probe> probes;               // the probes the spec names
   int grace_s = 30;
   std::unique_ptr<ChildProcess> process;
 
@@ -124,9 +158,10 @@ struct Pod {
 };
 
 // Builds the podman command for pod `name` of `workload` (see the header for what is
-// substituted) and starts it.
+// substituted) and starts it. Its Secret volumes are made under `volumes_dir`.
 std::unique_ptr<Pod> RunPod(const json& workload, const std::string& name,
-                            const std::string& model_dir,
+                            const std::string& model_dir, const Secrets& secrets,
+                            const std::string& volumes_dir,
                             const std::map<std::string, std::string>& services) {
   auto pod = std::make_unique<Pod>();
   pod->name = name;
@@ -140,9 +175,16 @@ std::unique_ptr<Pod> RunPod(const json& workload, const std::string& name,
   }
   for (const char* probe : {"startupProbe", "readinessProbe", "livenessProbe"}) {
     if (!c.contains(probe)) continue;
-    const json& port = c[probe]["grpc"]["port"];
-    pod->probe_ports.push_back(port.is_string() ? pod->named_ports.at(port.get<std::string>())
-                                                : pod->ports.at(port.get<int>()));
+    if (!c[probe].contains("httpGet")) {
+      ADD_FAILURE() << name << ": " << probe << " is not an HTTP GET (the gRPC port speaks only "
+                    << "TLS, which the kubelet's gRPC probes cannot)";
+      continue;
+    }
+    const json& get = c[probe]["httpGet"];
+    const json& port = get["port"];
+    pod->probes.push_back({probe, get.value("path", "/"),
+                           port.is_string() ? pod->named_ports.at(port.get<std::string>())
+                                            : pod->ports.at(port.get<int>())});
   }
   // env, with the downward API's values.
   std::map<std::string, std::string> env;
@@ -180,7 +222,7 @@ std::unique_ptr<Pod> RunPod(const json& workload, const std::string& name,
   if (sc.contains("allowPrivilegeEscalation") && !sc["allowPrivilegeEscalation"].get<bool>()) {
     argv.insert(argv.end(), {"--security-opt", "no-new-privileges"});
   }
-  // Volumes: the model claim, emptyDirs.
+  // Volumes: the model claim, emptyDirs, Secrets.
   std::map<std::string, json> volumes;
   for (const json& v : spec.value("volumes", json::array())) volumes[v["name"]] = v;
   for (const json& m : c.value("volumeMounts", json::array())) {
@@ -191,6 +233,28 @@ std::unique_ptr<Pod> RunPod(const json& workload, const std::string& name,
       argv.insert(argv.end(), {"--volume", absl::StrCat(model_dir, ":", path, ":ro")});
     } else if (v.contains("emptyDir")) {
       argv.insert(argv.end(), {"--tmpfs", path});
+    } else if (v.contains("secret")) {
+      // What the kubelet makes of it: a file per key, mode defaultMode (0644 when unset),
+      // group fsGroup.
+      const std::string secret = v["secret"]["secretName"];
+      const auto keys = secrets.find(secret);
+      if (keys == secrets.end()) {
+        ADD_FAILURE() << name << ": no Secret " << secret << " made for the test";
+        continue;
+      }
+      const std::filesystem::path dir =
+          std::filesystem::path(volumes_dir) / name / m["name"].get<std::string>();
+      std::filesystem::create_directories(dir);
+      for (const auto& [key, source] : keys->second) {
+        const std::filesystem::path file = dir / key;
+        std::filesystem::copy_file(source, file, std::filesystem::copy_options::overwrite_existing);
+        EXPECT_EQ(::chmod(file.c_str(), v["secret"].value("defaultMode", 0644)), 0) << file;
+        if (psc.contains("fsGroup")) {
+          EXPECT_EQ(::chown(file.c_str(), static_cast<uid_t>(-1), psc["fsGroup"].get<gid_t>()), 0)
+              << file;
+        }
+      }
+      argv.insert(argv.end(), {"--volume", absl::StrCat(dir.string(), ":", path, ":ro")});
     } else {
       ADD_FAILURE() << "no stand-in for volume " << v.dump();
     }
@@ -221,27 +285,34 @@ std::unique_ptr<Pod> RunPod(const json& workload, const std::string& name,
   return pod;
 }
 
-// Every probe port the manifests name answers grpc.health.v1 SERVING (within `timeout`).
-void ExpectProbesServing(const Pod& pod, seconds timeout = seconds(30)) {
-  for (int port : pod.probe_ports) {
-    auto channel =
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
+// Every probe the manifests name passes (HTTP 200, within `timeout`), as the kubelet asks.
+void ExpectProbesPass(const Pod& pod, seconds timeout = seconds(30)) {
+  for (const Pod::Probe& probe : pod.probes) {
+    const std::string url = absl::StrCat("http://127.0.0.1:", probe.port, probe.path);
     int status = 0;
     for (auto end = std::chrono::steady_clock::now() + timeout;
-         status != 1 && std::chrono::steady_clock::now() < end;) {
-      status = CheckHealth(channel, seconds(2)).value_or(0);
-      if (status != 1) std::this_thread::sleep_for(milliseconds(200));
+         status != 200 && std::chrono::steady_clock::now() < end;) {
+      status = HttpGet(url, seconds(2)).value_or(HttpReply{}).status;
+      if (status != 200) std::this_thread::sleep_for(milliseconds(200));
     }
-    EXPECT_EQ(status, 1) << pod.name << ": the probe on host port " << port << " is not SERVING";
+    EXPECT_EQ(status, 200) << pod.name << ": " << probe.kind << " " << url << " fails";
   }
 }
 
+// The metrics port: metrics, the probes' endpoints, 404 for other paths (a 404 once
+// overflowed the HTTP thread's stack in a service: the process must still answer after).
 void ExpectMetrics(const Pod& pod) {
-  const absl::StatusOr<HttpReply> r =
-      HttpGet(absl::StrCat("http://", pod.endpoint("metrics"), "/metrics"));
+  const std::string base = absl::StrCat("http://", pod.endpoint("metrics"));
+  const absl::StatusOr<HttpReply> r = HttpGet(base + "/metrics");
   ASSERT_TRUE(r.ok()) << pod.name << ": " << r.status();
   EXPECT_EQ(r->status, 200) << pod.name;
   EXPECT_TRUE(absl::StrContains(r->body, "moemesh_")) << pod.name << ": " << r->body.substr(0, 200);
+  const absl::StatusOr<HttpReply> ready = HttpGet(base + "/readyz");
+  ASSERT_TRUE(ready.ok()) << pod.name << ": " << ready.status();
+  EXPECT_EQ(ready->status, 200) << pod.name;
+  EXPECT_EQ(ready->body, "ready\n") << pod.name;
+  EXPECT_EQ(HttpGet(base + "/nothing-here").value_or(HttpReply{}).status, 404) << pod.name;
+  EXPECT_EQ(HttpGet(base + "/healthz").value_or(HttpReply{}).status, 200) << pod.name;
 }
 
 double TokensComputed(const Pod& pod) {
@@ -277,15 +348,71 @@ class K8sPodmanTest : public ::testing::Test {
     std::filesystem::permissions(
         model_dir_, std::filesystem::perms::others_read | std::filesystem::perms::others_exec,
         std::filesystem::perm_options::add);
+    secrets_dir_ = model_dir_ + "_secrets";
   }
+  // The Secrets the manifests mount (see the header) and the test's own clients' settings:
+  // TLS with the mesh's CA, expecting the name the components expect of each other.
+  void MakeSecrets(const json& router) {
+    server_name_ = FlagValue(router, "--tls-server-name");
+    const std::string admin_san = FlagValue(router, "--admin-san");
+    ASSERT_FALSE(server_name_.empty()) << "the router's manifest sets no --tls-server-name";
+    ASSERT_FALSE(admin_san.empty()) << "the router's manifest sets no --admin-san";
+    ASSERT_FALSE(FlagValue(router, "--tls-client-ca").empty()) << "no mutual TLS";
+    absl::StatusOr<TestCa> ca = TestCa::Create(secrets_dir_, "ca");
+    ASSERT_TRUE(ca.ok()) << ca.status();
+    const std::string sans = server_name_ == admin_san
+                                 ? absl::StrCat("DNS:", server_name_)
+                                 : absl::StrCat("DNS:", server_name_, ",DNS:", admin_san);
+    absl::StatusOr<TestCertificate> mesh = ca->Issue("mesh", sans);
+    ASSERT_TRUE(mesh.ok()) << mesh.status();
+    absl::StatusOr<TestCertificate> client = ca->Issue("client", "DNS:client.moemesh.internal");
+    ASSERT_TRUE(client.ok()) << client.status();
+    const std::string token = secrets_dir_ + "/token";
+    {
+      std::random_device random;
+      std::ofstream out(token);
+      for (int i = 0; i < 8; ++i) out << absl::StrCat(absl::Hex(random(), absl::kZeroPad8));
+      out << "\n";
+    }
+    secrets_["moemesh-tls"] = {
+        {"tls.crt", mesh->cert}, {"tls.key", mesh->key}, {"ca.crt", ca->cert()}};
+    secrets_["moemesh-admin-token"] = {{"token", token}};
+
+    SecurityOptions o;
+    o.tls_ca = ca->cert();
+    o.tls_server_name = server_name_;
+    absl::StatusOr<std::shared_ptr<Security>> s = Security::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    no_cert_ = *s;  // TLS, no client certificate
+    o.tls_cert = client->cert;
+    o.tls_key = client->key;
+    s = Security::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    client_ = *s;  // a KServe client's certificate: ModelInfer, no control calls
+    o.admin_token_file = token;
+    s = Security::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    admin_ = *s;  // and the admin token
+  }
+
   void TearDown() override {
     std::error_code ec;
     if (!model_dir_.empty()) std::filesystem::remove_all(model_dir_, ec);
+    if (!model_dir_.empty()) std::filesystem::remove_all(secrets_dir_, ec);
+  }
+
+  std::unique_ptr<Pod> Run(const json& workload, const std::string& name,
+                           const std::map<std::string, std::string>& services = {}) {
+    return RunPod(workload, name, model_dir_, secrets_, secrets_dir_ + "/volumes", services);
   }
 
   json objects_;
   std::string model_dir_;
   std::unique_ptr<GeneratedModel> model_;
+  std::string secrets_dir_;
+  Secrets secrets_;
+  std::string server_name_;
+  std::shared_ptr<Security> no_cert_, client_, admin_;
 };
 
 TEST_F(K8sPodmanTest, TheManifestsRunAndScaleUnderLoad) {
@@ -293,32 +420,55 @@ TEST_F(K8sPodmanTest, TheManifestsRunAndScaleUnderLoad) {
   const json& router = Workload(objects_, "Deployment", "moemesh-router");
   const json& expert = Workload(objects_, "StatefulSet", "moemesh-expert");
   ASSERT_FALSE(HasFailure());
+  MakeSecrets(router);
+  ASSERT_FALSE(HasFailure());
   const int routers = router["spec"]["replicas"];
   const int experts = expert["spec"]["replicas"];
   EXPECT_GE(routers, 2);
   EXPECT_EQ(experts, 3);
 
   std::vector<std::unique_ptr<Pod>> pods;
-  auto ctrl = RunPod(controller, "moemesh-controller-0", model_dir_, {});
+  auto ctrl = Run(controller, "moemesh-controller-0");
   ASSERT_NE(ctrl, nullptr);
   const std::map<std::string, std::string> services = {
       {"moemesh-controller:7000", ctrl->endpoint("grpc")}};
   std::vector<std::unique_ptr<Pod>> expert_pods;
   for (int i = 0; i < experts; ++i) {
-    expert_pods.push_back(RunPod(expert, absl::StrCat("moemesh-expert-", i), model_dir_, services));
+    expert_pods.push_back(Run(expert, absl::StrCat("moemesh-expert-", i), services));
     ASSERT_NE(expert_pods.back(), nullptr);
   }
   std::vector<std::unique_ptr<Pod>> router_pods;
   for (int i = 0; i < routers; ++i) {
-    router_pods.push_back(RunPod(router, absl::StrCat("moemesh-router-", i), model_dir_, services));
+    router_pods.push_back(Run(router, absl::StrCat("moemesh-router-", i), services));
     ASSERT_NE(router_pods.back(), nullptr);
   }
-  ExpectProbesServing(*ctrl);
-  for (const auto& p : expert_pods) ExpectProbesServing(*p);
-  for (const auto& p : router_pods) ExpectProbesServing(*p);
+  ExpectProbesPass(*ctrl);
+  for (const auto& p : expert_pods) ExpectProbesPass(*p);
+  for (const auto& p : router_pods) ExpectProbesPass(*p);
 
-  auto stub = v1::PlacementController::NewStub(
-      grpc::CreateChannel(ctrl->endpoint("grpc"), grpc::InsecureChannelCredentials()));
+  // Mutual TLS on the gRPC ports: a plaintext client, and a TLS client without a
+  // certificate, get no answer; one with a certificate of the mesh's CA does.
+  for (const Pod* p : {ctrl.get(), router_pods[0].get(), expert_pods[0].get()}) {
+    const std::string at = p->endpoint("grpc");
+    EXPECT_FALSE(
+        CheckHealth(grpc::CreateChannel(at, grpc::InsecureChannelCredentials()), seconds(3)).ok())
+        << p->name << ": a plaintext client got an answer";
+    EXPECT_FALSE(CheckHealth(no_cert_->Dial(at), seconds(3)).ok())
+        << p->name << ": a client without a certificate got an answer";
+    EXPECT_EQ(CheckHealth(client_->Dial(at), seconds(10)).value_or(0), 1) << p->name;
+  }
+  // Control calls need the admin identity: the KServe client's certificate is not enough.
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + seconds(10));
+    v1::ControllerState s;
+    const grpc::Status refused =
+        v1::PlacementController::NewStub(client_->Dial(ctrl->endpoint("grpc")))
+            ->GetState(&ctx, v1::GetStateRequest(), &s);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED) << refused.error_message();
+  }
+
+  auto stub = v1::PlacementController::NewStub(admin_->Dial(ctrl->endpoint("grpc")));
   auto state = [&] {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + seconds(10));
@@ -346,6 +496,7 @@ TEST_F(K8sPodmanTest, TheManifestsRunAndScaleUnderLoad) {
   for (const auto& r : router_pods) lo.routers.push_back(r->endpoint("grpc"));
   lo.clients = 2;
   lo.tokens = 8;
+  lo.security = client_;  // TLS with a client certificate: ModelInfer needs no admin
   const TokenSkew uniform = TokenSkew::Uniform(*model_->ckpt, model_->config).value();
   auto driver = LoadDriver::Start(lo, *model_->ckpt, model_->config, &uniform);
   ASSERT_TRUE(driver.ok()) << driver.status();
@@ -357,17 +508,20 @@ TEST_F(K8sPodmanTest, TheManifestsRunAndScaleUnderLoad) {
 
   // kubectl scale statefulset moemesh-expert --replicas 4: ordinal 3 starts, registers and
   // takes work in a round (the manifest's --rebalance-interval-s).
-  expert_pods.push_back(
-      RunPod(expert, absl::StrCat("moemesh-expert-", experts), model_dir_, services));
+  expert_pods.push_back(Run(expert, absl::StrCat("moemesh-expert-", experts), services));
   ASSERT_NE(expert_pods.back(), nullptr);
   Pod& fresh = *expert_pods.back();
-  ExpectProbesServing(fresh);
-  // The operator's commands, inside the controller's container as deploy/README.md shows
-  // (kubectl exec deploy/moemesh-controller -- moemesh placement ...).
+  ExpectProbesPass(fresh);
+  // The operator's commands, inside the controller's container with its certificate and
+  // token as deploy/README.md shows (kubectl exec deploy/moemesh-controller -- moemesh
+  // placement ...).
   {
-    const std::string cli =
-        absl::StrCat("podman exec ", ctrl->name, " moemesh placement %s --controller ",
-                     ctrl->endpoint("grpc"), " 2>&1");
+    const std::string cli = absl::StrCat(
+        "podman exec ", ctrl->name, " moemesh placement %s --controller ", ctrl->endpoint("grpc"),
+        " --tls-ca ", FlagValue(controller, "--tls-ca"), " --tls-cert ",
+        FlagValue(controller, "--tls-cert"), " --tls-key ", FlagValue(controller, "--tls-key"),
+        " --tls-server-name ", FlagValue(controller, "--tls-server-name"), " --token-file ",
+        FlagValue(controller, "--admin-token-file"), " 2>&1");
     auto [show_rc, show] = Shell(absl::StrReplaceAll(cli, {{"%s", "show"}}));
     EXPECT_EQ(show_rc, 0) << show;
     EXPECT_TRUE(absl::StrContains(show, fresh.endpoint("grpc"))) << show;

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Checks the Kubernetes manifests: kubectl kustomize renders deploy/k8s and every overlay
-# (deploy/k8s-gpu, deploy/k8s-keda, deploy/k8s-prometheus-operator) and deploy/k8s/prometheus
-# and deploy/k8s/grafana; every rendered object is validated offline and strictly
-# (deploy/validate/validate.mjs: the Kubernetes API schema and the KEDA and Prometheus
-# Operator CRD schemas, unknown fields and wrong types, probes on ports the container does
-# not expose, Services targeting ports their pods lack); then what each overlay must carry.
+# (deploy/k8s-gpu, deploy/k8s-keda, deploy/k8s-prometheus-operator, deploy/k8s-cert-manager)
+# and deploy/k8s/prometheus and deploy/k8s/grafana; every rendered object is validated
+# offline and strictly (deploy/validate/validate.mjs: the Kubernetes API schema and the KEDA,
+# Prometheus Operator and cert-manager CRD schemas, unknown fields and wrong types, probes on
+# ports the container does not expose, Services targeting ports their pods lack); then what
+# each overlay must carry. TLS: deploy/k8s/make-dev-secrets.sh runs, its Secrets are
+# validated and its certificates verified with openssl, and deploy/validate/check_tls.mjs
+# checks the manifests against them (every component's TLS and token flags name files of
+# those Secrets where they are mounted, HTTP probes, the cert-manager Certificate's names).
 # KUBECTL names the kubectl to use (ctest passes the one found at configure time). Without a
 # kubectl whose kustomize is v4 or later the check is skipped (exit 77, ctest: skipped);
 # without node or deploy/validate/node_modules (tools/install_deps.sh: npm ci) it fails.
@@ -31,8 +35,10 @@ if ! "$kubectl" version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9
   exit 77
 fi
 command -v node >/dev/null || fail "node not found (tools/install_deps.sh installs it)"
-[[ -d validate/node_modules/kubernetes-models ]] ||
-  fail "deploy/validate/node_modules is missing: run (cd deploy/validate && npm ci)"
+[[ -d validate/node_modules/kubernetes-models &&
+   -d validate/node_modules/@kubernetes-models/cert-manager ]] ||
+  fail "deploy/validate/node_modules is missing or stale: run (cd deploy/validate && npm ci)"
+command -v openssl >/dev/null || fail "openssl not found (k8s/make-dev-secrets.sh needs it)"
 
 render() {  # render DIR OUT: render, validate
   "$kubectl" kustomize "$1" >"$2" || fail "kubectl kustomize $1 failed"
@@ -77,4 +83,33 @@ expect "$tmp/prometheus.yaml" 'alert: MoeMeshHotExpert' "alert rules"
 
 render k8s/grafana "$tmp/grafana.yaml"
 expect "$tmp/grafana.yaml" '"uid": "moemesh-overview"' "MoE Mesh dashboard"
+
+render k8s-cert-manager "$tmp/cert-manager.yaml"
+[[ $(grep -c '^kind: Certificate$' "$tmp/cert-manager.yaml") == 3 ]] ||
+  fail "k8s-cert-manager: want 3 Certificates (the CA's, the mesh's, the client's)"
+[[ $(grep -c '^kind: Issuer$' "$tmp/cert-manager.yaml") == 2 ]] || fail "k8s-cert-manager: want 2 Issuers"
+expect "$tmp/cert-manager.yaml" '^kind: StatefulSet$' "the base's workloads"
+
+# TLS: the development Secrets are valid objects holding certificates that verify for both
+# purposes, and the manifests use them as they should.
+KUBECTL=$kubectl k8s/make-dev-secrets.sh --out "$tmp/dev" >"$tmp/secrets.yaml" ||
+  fail "k8s/make-dev-secrets.sh failed"
+node validate/validate.mjs "$tmp/secrets.yaml" >/dev/null ||
+  fail "k8s/make-dev-secrets.sh: its Secrets are not valid (above)"
+for purpose in sslserver sslclient; do
+  openssl verify -CAfile "$tmp/dev/ca.crt" -purpose "$purpose" "$tmp/dev/tls.crt" >/dev/null ||
+    fail "k8s/make-dev-secrets.sh: tls.crt does not verify for $purpose"
+done
+openssl verify -CAfile "$tmp/dev/ca.crt" -purpose sslclient "$tmp/dev/client.crt" >/dev/null ||
+  fail "k8s/make-dev-secrets.sh: client.crt does not verify for sslclient"
+cmp -s <(openssl pkey -in "$tmp/dev/tls.key" -pubout) <(openssl x509 -in "$tmp/dev/tls.crt" -noout -pubkey) ||
+  fail "k8s/make-dev-secrets.sh: tls.key is not the key of tls.crt"
+sans() { openssl x509 -in "$1" -noout -ext subjectAltName | tail -n +2 | tr -d ' '; }
+node validate/check_tls.mjs "$tmp/mesh.yaml" "$tmp/secrets.yaml" "$tmp/cert-manager.yaml" \
+  "$tmp/dev" "$(sans "$tmp/dev/tls.crt")" "$(sans "$tmp/dev/client.crt")" ||
+  fail "the manifests' TLS settings (above)"
+KUBECTL=$kubectl k8s/make-dev-secrets.sh --token-only >"$tmp/token.yaml"
+[[ $(grep -c '^kind: Secret$' "$tmp/token.yaml") == 1 ]] ||
+  fail "k8s/make-dev-secrets.sh --token-only: want one Secret"
+expect "$tmp/token.yaml" 'name: moemesh-admin-token$' "admin token Secret"
 echo "kubernetes manifests: OK"

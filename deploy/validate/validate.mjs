@@ -1,8 +1,9 @@
 // Offline, strict validation of rendered manifests: every object against its Kubernetes API
-// schema (kubernetes-models) or CRD schema (@kubernetes-models/keda, .../prometheus-operator),
-// plus unknown fields, which those validators let through: each object is wrapped in a Proxy
-// that records which fields the schema's validator reads; a field it never read (in an
-// object whose keys it did not enumerate, as it does for maps such as labels) is unknown.
+// schema (kubernetes-models) or CRD schema (@kubernetes-models/keda, .../prometheus-operator,
+// .../cert-manager), plus unknown fields, which those validators let through: each object is
+// wrapped in a Proxy that records which fields the schema's validator reads; a field it
+// never read (in an object whose keys it did not enumerate, as it does for maps such as
+// labels) is unknown.
 //   node validate.mjs FILE.yaml...      (multi-document YAML, e.g. `kubectl kustomize` output)
 // Exit 1 naming every error, 0 when all objects are valid.
 import { existsSync, readFileSync } from "node:fs";
@@ -16,6 +17,7 @@ const modules = {
   "rbac.authorization.k8s.io/v1": "kubernetes-models/rbac.authorization.k8s.io/v1",
   "keda.sh/v1alpha1": "@kubernetes-models/keda/keda.sh/v1alpha1",
   "monitoring.coreos.com/v1": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
+  "cert-manager.io/v1": "@kubernetes-models/cert-manager/cert-manager.io/v1",
 };
 
 function track(value, seen) {
