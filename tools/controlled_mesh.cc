@@ -54,13 +54,14 @@ absl::Status ControlledMesh::StartController(const std::string& listen,
   return absl::OkStatus();
 }
 
-std::vector<std::string> ControlledMesh::ExpertArgs(int i) const {
+std::vector<std::string> ControlledMesh::ExpertArgs(int i, const std::string& listen,
+                                                    const std::string& metrics_listen) const {
   std::vector<std::string> args = {options_.moemesh_binary,
                                    "expert",
                                    "--model",
                                    options_.model_dir,
                                    "--listen",
-                                   "127.0.0.1:0",
+                                   listen,
                                    "--service-id",
                                    absl::StrCat("expert-", i),
                                    "--controller",
@@ -71,7 +72,7 @@ std::vector<std::string> ControlledMesh::ExpertArgs(int i) const {
                                    options_.transport};
   if (options_.metrics) {
     args.push_back("--metrics-listen");
-    args.push_back("127.0.0.1:0");
+    args.push_back(metrics_listen);
   }
   args.insert(args.end(), options_.expert_flags.begin(), options_.expert_flags.end());
   return args;
@@ -121,7 +122,7 @@ ControlledMesh::~ControlledMesh() {
 
 absl::StatusOr<int> ControlledMesh::AddExpert() {
   const int i = static_cast<int>(experts_.size());
-  ASSIGN_OR_RETURN(auto p, ChildProcess::Start(ExpertArgs(i)));
+  ASSIGN_OR_RETURN(auto p, ChildProcess::Start(ExpertArgs(i, "127.0.0.1:0", "127.0.0.1:0")));
   std::string endpoint, metrics_url;
   RETURN_IF_ERROR(WaitStarted(options_.metrics, *p, &endpoint, &metrics_url));
   experts_.push_back(std::move(p));
@@ -135,6 +136,34 @@ absl::Status ControlledMesh::RestartController() {
   const std::string metrics_listen =
       options_.metrics ? MetricsTarget(controller_metrics_url_) : "127.0.0.1:0";
   return StartController(controller_endpoint_, metrics_listen);
+}
+
+absl::Status ControlledMesh::RestartExpert(int i) {
+  if (i < 0 || i >= static_cast<int>(experts_.size())) {
+    return absl::OutOfRangeError(absl::StrCat("no expert service ", i));
+  }
+  experts_[i].reset();
+  const std::string metrics_listen =
+      options_.metrics ? MetricsTarget(expert_metrics_urls_[i]) : "127.0.0.1:0";
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  absl::Status last;
+  do {
+    ASSIGN_OR_RETURN(auto p,
+                     ChildProcess::Start(ExpertArgs(i, expert_endpoints_[i], metrics_listen)));
+    std::string endpoint, metrics_url;
+    last = WaitStarted(options_.metrics, *p, &endpoint, &metrics_url);
+    if (last.ok() && endpoint != expert_endpoints_[i]) {
+      return absl::InternalError(absl::StrCat("expert service ", i, " restarted on ", endpoint,
+                                              ", not on ", expert_endpoints_[i]));
+    }
+    if (last.ok()) {
+      experts_[i] = std::move(p);
+      if (options_.metrics) expert_metrics_urls_[i] = metrics_url;
+      return absl::OkStatus();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  } while (std::chrono::steady_clock::now() < end);
+  return last;
 }
 
 absl::StatusOr<v1::ControllerState> ControlledMesh::State() {

@@ -61,6 +61,10 @@ class ControlledMesh {
   absl::StatusOr<int> AddExpert();
   // Starts the controller again on its port (after it was stopped or killed).
   absl::Status RestartController();
+  // Starts expert service i again on its port (and metrics port) with its service id, after
+  // it was stopped or killed (one still running is stopped first). The port was free while
+  // it was down, so another socket may have taken it: the start is retried for a few seconds.
+  absl::Status RestartExpert(int i);
 
   absl::StatusOr<v1::ControllerState> State();
   absl::StatusOr<v1::RebalanceResponse> Rebalance();
@@ -73,7 +77,8 @@ class ControlledMesh {
  private:
   ControlledMesh() = default;
   absl::Status StartController(const std::string& listen, const std::string& metrics_listen);
-  std::vector<std::string> ExpertArgs(int i) const;
+  std::vector<std::string> ExpertArgs(int i, const std::string& listen,
+                                      const std::string& metrics_listen) const;
 
   ControlledMeshOptions options_;
   std::unique_ptr<ChildProcess> controller_;

@@ -108,6 +108,10 @@ absl::StatusOr<std::unique_ptr<LoadDriver>> LoadDriver::Start(LoadDriverOptions 
                                                               const MoeModelConfig& config,
                                                               const TokenSkew* skew) {
   if (options.routers.empty()) return absl::InvalidArgumentError("no router to drive");
+  if (options.clients < 1) return absl::InvalidArgumentError("need at least one client");
+  if (!(options.rate >= 0 && std::isfinite(options.rate))) {
+    return absl::InvalidArgumentError(absl::StrCat("rate must be >= 0, got ", options.rate));
+  }
   auto d = std::unique_ptr<LoadDriver>(new LoadDriver());
   d->options_ = std::move(options);
   d->config_ = config;
@@ -143,10 +147,23 @@ void LoadDriver::Client(int index) {
   std::vector<std::unique_ptr<KServeClient>> clients;
   for (const std::string& r : options_.routers)
     clients.push_back(std::make_unique<KServeClient>(r, 256 << 20, options_.security));
-  for (int64_t n = index; !stop_; ++n) {
+  const bool paced = options_.rate > 0;
+  for (int64_t n = index; !stop_; n += paced ? options_.clients : 1) {
     const int64_t layer = layers_[n % layers_.size()];
     const Tensor x = skew_.load()->Tokens(layer, options_.tokens, rng);
     KServeClient& client = *clients[n % clients.size()];
+    auto due = std::chrono::steady_clock::now();
+    if (paced) {
+      // Request n of the schedule (over all clients) is due at n / rate.
+      due = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                         std::chrono::duration<double>(static_cast<double>(n) / options_.rate));
+      // Sleeps in short steps so that Stop is not held up by a slow schedule.
+      for (auto now = std::chrono::steady_clock::now(); now < due && !stop_;
+           now = std::chrono::steady_clock::now()) {
+        std::this_thread::sleep_until(std::min(due, now + std::chrono::milliseconds(50)));
+      }
+      if (stop_) break;
+    }
     const auto sent = std::chrono::steady_clock::now();
     absl::StatusOr<KServeClient::Result> got = client.Infer(x, layer, options_.timeout, false);
     const auto done = std::chrono::steady_clock::now();
@@ -164,9 +181,10 @@ void LoadDriver::Client(int index) {
       if (totals_.first_error.empty()) totals_.first_error = got.status().ToString();
     }
     if (mismatch) ++totals_.mismatched;
-    samples_.push_back({std::chrono::duration<double>(done - start_).count(),
-                        std::chrono::duration<double, std::milli>(done - sent).count(),
-                        ok && !mismatch});
+    samples_.push_back(
+        {std::chrono::duration<double>(done - start_).count(),
+         std::chrono::duration<double, std::milli>(done - (paced ? due : sent)).count(),
+         ok && !mismatch, std::chrono::duration<double, std::milli>(done - sent).count()});
   }
 }
 
@@ -178,6 +196,12 @@ LoadDriver::Totals LoadDriver::totals() const {
 std::vector<LoadDriver::Sample> LoadDriver::samples() const {
   MutexLock lock(&mu_);
   return samples_;
+}
+
+std::vector<LoadDriver::Sample> LoadDriver::samples_from(size_t first) const {
+  MutexLock lock(&mu_);
+  if (first >= samples_.size()) return {};
+  return std::vector<Sample>(samples_.begin() + static_cast<std::ptrdiff_t>(first), samples_.end());
 }
 
 double Percentile(std::vector<double> v, double p) {

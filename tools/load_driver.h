@@ -61,15 +61,23 @@ struct LoadDriverOptions {
   std::chrono::milliseconds timeout{30000};
   DType wire = DType::kF32;            // the routers' --wire: the references round the same way
   std::shared_ptr<Security> security;  // TLS and token of the clients; null: plaintext
+  // Requests per second over all clients; 0: every client sends back to back. With a rate
+  // the requests follow an absolute schedule: request k (counted over all clients) is due
+  // at start + k/rate and client c sends those with k % clients == c. A client behind its
+  // schedule (its previous answer came late) sends at once, and the latency is measured
+  // from the due time, not from the late send: a stall shows in every request it delayed
+  // (no coordinated omission). Enough clients must be in flight to carry the rate.
+  double rate = 0;
 };
 
 // Drives the mesh until Stop. Every request's answer is compared with MoeLayer's.
 class LoadDriver {
  public:
   struct Sample {
-    double at_s;        // since Start
-    double latency_ms;  // ModelInfer, send to answer
+    double at_s;        // the answer, since Start
+    double latency_ms;  // ModelInfer: send to answer; with a rate, due time to answer
     bool ok;
+    double service_ms;  // ModelInfer, send to answer (with a rate too)
   };
   struct Totals {
     int64_t requests = 0, failed = 0, mismatched = 0;
@@ -88,6 +96,8 @@ class LoadDriver {
   Totals totals() const;
   // The samples so far, in completion order.
   std::vector<Sample> samples() const;
+  // The samples from index `first` on (those samples() would return past its first `first`).
+  std::vector<Sample> samples_from(size_t first) const;
   double elapsed_s() const;
 
  private:
