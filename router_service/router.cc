@@ -1,6 +1,8 @@
 #include "router_service/router.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <deque>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -14,6 +16,21 @@
 
 namespace moemesh {
 
+absl::Status ResilienceOptions::Validate() const {
+  if (eject_after < 0) return absl::InvalidArgumentError("eject_after must be >= 0");
+  if (eject_base.count() <= 0 || eject_max < eject_base) {
+    return absl::InvalidArgumentError("eject_base must be positive and at most eject_max");
+  }
+  if (!(eject_max_share >= 0 && eject_max_share <= 1)) {
+    return absl::InvalidArgumentError("eject_max_share must be in [0, 1]");
+  }
+  if (hedge_after.count() < 0) return absl::InvalidArgumentError("hedge_after must be >= 0");
+  if (!(hedge_budget >= 0 && hedge_budget <= 1)) {
+    return absl::InvalidArgumentError("hedge_budget must be in [0, 1]");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RouterOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir is required");
   if (placement_file.empty() && endpoints.empty() && !placement_from_controller) {
@@ -25,6 +42,7 @@ absl::Status RouterOptions::Validate() const {
   if (default_timeout.count() <= 0)
     return absl::InvalidArgumentError("default_timeout must be positive");
   if (load_window.count() <= 0) return absl::InvalidArgumentError("load_window must be positive");
+  RETURN_IF_ERROR(resilience.Validate());
   return gate.Validate();
 }
 
@@ -127,6 +145,28 @@ absl::Status MoeRouter::RegisterGauges() {
                             1});
           }
         }
+      }));
+  ASSIGN_OR_RETURN(ejections_family_,
+                   metrics::AddCounter(registry, "moemesh_router_ejections_total",
+                                       "Times each expert-service endpoint was ejected (outlier "
+                                       "ejection: consecutive failures or timeouts)."));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_destination_ejected",
+      "1 while the endpoint is ejected (its experts served by their other replicas).",
+      [this](std::vector<metrics::Sample>* out) {
+        const int64_t now = SteadyClock::now().time_since_epoch().count();
+        ReaderMutexLock lock(&destinations_mu_);
+        for (const auto& [endpoint, d] : destinations_) {
+          out->push_back({"", {{"destination", endpoint}}, d->Ejected(now) ? 1.0 : 0.0});
+        }
+      }));
+  RETURN_IF_ERROR(metrics::AddComputedGauge(
+      registry, "moemesh_router_hedges_total",
+      "Destination calls sent again to other replicas after --hedge-after-ms (result=sent), "
+      "and those whose answer came first (result=won).",
+      [this](std::vector<metrics::Sample>* out) {
+        out->push_back({"", {{"result", "sent"}}, static_cast<double>(hedges_sent_.load())});
+        out->push_back({"", {{"result", "won"}}, static_cast<double>(hedges_won_.load())});
       }));
   return metrics::AddComputedGauge(
       registry, "moemesh_router_destination_experts",
@@ -321,10 +361,30 @@ absl::Status MoeRouter::TakeReply(Call& c, const std::string& endpoint,
   return absl::OkStatus();
 }
 
+// One destination call of a round: where, which experts, and how it ended.
+struct MoeRouter::Sent {
+  int32_t dest = 0;
+  std::vector<int32_t> experts;
+  bool hedge = false;
+  bool finished = false;
+  absl::Status status;
+  SteadyClock::time_point sent_at;
+};
+
+// A round's calls (a deque: stable addresses for the replies' callbacks, hedges added
+// while calls fly) and which experts have an answer.
+struct MoeRouter::Round {
+  std::deque<Sent> sent;
+  std::vector<char> answered;  // per expert
+  int64_t unanswered = 0;      // experts of this round without an answer
+};
+
 absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(const Call& c,
                                                                 const std::vector<int32_t>& pending,
-                                                                const Failures& failures) {
+                                                                const Failures& failures,
+                                                                bool partial) {
   const auto& endpoints = c.table->endpoints();
+  const int64_t now = SteadyClock::now().time_since_epoch().count();
   // Ties go round: each call starts its scan at the next replica, so idle replicas share
   // the calls (an expert's load spreads over its replicas, as the planner assumes).
   const uint64_t rotation = rotation_.fetch_add(1, std::memory_order_relaxed);
@@ -332,16 +392,22 @@ absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(const Call& c,
   for (int32_t e : pending) {
     int32_t best = -1;
     int64_t best_load = 0;
+    bool best_ejected = false;
     const std::vector<int32_t>& replicas = c.table->Replicas(c.layer, e);
     for (size_t i = 0; i < replicas.size(); ++i) {
       const int32_t r = replicas[(rotation + i) % replicas.size()];
       if (failures.replicas[e].count(r)) continue;
-      const int64_t load = DestinationOf(endpoints[r]).outstanding.load(std::memory_order_relaxed);
-      if (best < 0 || load < best_load) {
+      const Destination& d = DestinationOf(endpoints[r]);
+      const bool ejected = d.Ejected(now);
+      const int64_t load = d.outstanding.load(std::memory_order_relaxed);
+      // An ejected replica only when no other is left.
+      if (best < 0 || (best_ejected && !ejected) || (best_ejected == ejected && load < best_load)) {
         best = r;
         best_load = load;
+        best_ejected = ejected;
       }
     }
+    if (best < 0 && partial) continue;
     if (best < 0 && c.table->Replicas(c.layer, e).empty()) {
       return absl::UnavailableError(
           c.table->epoch() == 0
@@ -365,23 +431,83 @@ absl::StatusOr<MoeRouter::Assignment> MoeRouter::ChooseReplicas(const Call& c,
   return by_dest;
 }
 
-absl::Status MoeRouter::SendTo(Call& c, ExpertTransport::Exchange& exchange, int32_t dest,
-                               const std::vector<int32_t>& experts,
-                               std::map<int32_t, absl::Status>& outcomes) {
+bool MoeRouter::MayEject(const PlacementTable& table, int64_t now_ns) const {
+  const auto& endpoints = table.endpoints();
+  int64_t ejected = 0;
+  {
+    ReaderMutexLock lock(&destinations_mu_);
+    for (const std::string& endpoint : endpoints) {
+      auto it = destinations_.find(endpoint);
+      if (it != destinations_.end() && it->second->Ejected(now_ns)) ++ejected;
+    }
+  }
+  return static_cast<double>(ejected + 1) <=
+         options_.resilience.eject_max_share * static_cast<double>(endpoints.size());
+}
+
+void MoeRouter::RecordOutcome(Destination& d, const std::string& endpoint,
+                              const absl::Status& status, const PlacementTable& table) {
+  const ResilienceOptions& o = options_.resilience;
+  if (o.eject_after <= 0 || status.code() == absl::StatusCode::kCancelled) return;
+  const bool failed = status.code() == absl::StatusCode::kUnavailable ||
+                      status.code() == absl::StatusCode::kDeadlineExceeded;
+  const auto now = SteadyClock::now();
+  const int64_t now_ns = now.time_since_epoch().count();
+  MutexLock lock(&d.mu);
+  if (!failed) {
+    d.consecutive_failures = 0;
+    // Back for longer than the longest ejection: the next one starts from the base again.
+    if (!d.probation && d.ejections > 0 &&
+        now_ns - d.ejected_until_ns.load() >
+            std::chrono::duration_cast<std::chrono::nanoseconds>(o.eject_max).count()) {
+      d.ejections = 0;
+    }
+    d.probation = false;
+    return;
+  }
+  ++d.consecutive_failures;
+  if (d.Ejected(now_ns)) return;
+  if (!d.probation && d.consecutive_failures < o.eject_after) return;
+  if (!MayEject(table, now_ns)) return;
+  const auto span = std::min<std::chrono::nanoseconds>(
+      o.eject_base * (int64_t{1} << std::min(d.ejections, 30)), o.eject_max);
+  d.ejected_until_ns.store(now_ns + span.count());
+  ++d.ejections;
+  d.consecutive_failures = 0;
+  d.probation = true;
+  if (ejections_family_ != nullptr) ejections_family_->Add({{"destination", endpoint}}).Increment();
+  std::fprintf(
+      stderr, "router: %s ejected for %lld ms (ejection %d in a row): %s\n", endpoint.c_str(),
+      static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(span).count()),
+      d.ejections, std::string(status.message()).c_str());
+}
+
+std::vector<std::string> MoeRouter::Ejected() const {
+  const int64_t now = SteadyClock::now().time_since_epoch().count();
+  std::vector<std::string> out;
+  ReaderMutexLock lock(&destinations_mu_);
+  for (const auto& [endpoint, d] : destinations_) {
+    if (d->Ejected(now)) out.push_back(endpoint);
+  }
+  return out;
+}
+
+absl::Status MoeRouter::SendTo(Call& c, ExpertTransport::Exchange& exchange, Round& round,
+                               Sent& s) {
   const DispatchPlan& plan = c.buf->ws.plan;
   const int64_t H = config_.hidden_size;
-  const std::string& endpoint = c.table->endpoints()[dest];
+  const std::string& endpoint = c.table->endpoints()[s.dest];
   // Built where the transport sends it from: each expert's rows converted to the wire dtype
   // once, straight into the outgoing buffer.
   int64_t tokens = 0;
-  for (int32_t e : experts) tokens += plan.rows_of(e);
+  for (int32_t e : s.experts) tokens += plan.rows_of(e);
   auto request =
       exchange.NewRequest(static_cast<size_t>(tokens * H) * DTypeSize(options_.wire_dtype),
-                          static_cast<int>(experts.size()));
+                          static_cast<int>(s.experts.size()));
   request->request().set_layer(c.layer);
   request->request().set_placement_epoch(c.table->epoch());
   request->request().set_output_dtype(ToProtoDType(options_.wire_dtype));
-  for (int32_t e : experts) {
+  for (int32_t e : s.experts) {
     const int64_t n = plan.rows_of(e), off = plan.expert_offsets[e];
     char* out = request->AddRows(e, options_.wire_dtype, {n, H});
     if (out == nullptr) {
@@ -394,43 +520,85 @@ absl::Status MoeRouter::SendTo(Call& c, ExpertTransport::Exchange& exchange, int
   }
   Destination& d = DestinationOf(endpoint);
   d.outstanding.fetch_add(tokens, std::memory_order_relaxed);
-  // The reply is checked and converted on this thread, inside the exchange's Wait.
+  destination_calls_.fetch_add(1, std::memory_order_relaxed);
+  s.sent_at = SteadyClock::now();
+  // The reply is checked and converted on this thread, inside the exchange's Wait. Replicas
+  // compute the same bits, so a hedge's answer and the original's are interchangeable.
   exchange.Send(
       endpoint, std::move(request),
-      [this, &c, &d, &endpoint, &outcomes, dest, sent = &experts, tokens,
-       start = std::chrono::steady_clock::now()](const absl::Status& status,
-                                                 v1::ComputeResponse* response) {
+      [this, &c, &d, &endpoint, &round, &s, tokens](const absl::Status& status,
+                                                    v1::ComputeResponse* response) {
         d.outstanding.fetch_sub(tokens, std::memory_order_relaxed);
-        if (d.latency != nullptr) {
-          d.latency->Observe(
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        if (d.latency != nullptr && !absl::IsCancelled(status)) {
+          d.latency->Observe(std::chrono::duration<double>(SteadyClock::now() - s.sent_at).count());
           if (!status.ok()) metrics_->CountDispatchFailure(endpoint, status.code());
         }
-        outcomes[dest] = status.ok() ? TakeReply(c, endpoint, *sent, response) : status;
+        RecordOutcome(d, endpoint, status, *c.table);
+        s.finished = true;
+        s.status = status.ok() ? TakeReply(c, endpoint, s.experts, response) : status;
+        if (!s.status.ok()) return;
+        bool first = false;
+        for (int32_t e : s.experts) {
+          if (round.answered[e]) continue;
+          round.answered[e] = 1;
+          --round.unanswered;
+          first = true;
+        }
+        if (s.hedge && first) hedges_won_.fetch_add(1, std::memory_order_relaxed);
       });
   return absl::OkStatus();
 }
 
-absl::Status MoeRouter::CollectRetries(const Call& c, const Assignment& by_dest,
-                                       const std::map<int32_t, absl::Status>& outcomes,
-                                       Failures& failures, std::vector<int32_t>* pending) {
+void MoeRouter::Hedge(Call& c, ExpertTransport::Exchange& exchange, Round& round,
+                      const Failures& failures) {
+  const size_t originals = round.sent.size();
+  for (size_t i = 0; i < originals; ++i) {
+    // Not by reference: hedges are appended to round.sent below.
+    if (round.sent[i].finished) continue;
+    const double budget = options_.resilience.hedge_budget *
+                          static_cast<double>(destination_calls_.load(std::memory_order_relaxed));
+    if (static_cast<double>(hedges_sent_.load(std::memory_order_relaxed)) + 1 > budget) break;
+    Failures avoid = failures;
+    for (int32_t e : round.sent[i].experts) avoid.replicas[e].insert(round.sent[i].dest);
+    absl::StatusOr<Assignment> alternatives =
+        ChooseReplicas(c, round.sent[i].experts, avoid, /*partial=*/true);
+    if (!alternatives.ok()) continue;
+    for (auto& [dest, experts] : *alternatives) {
+      round.sent.push_back({dest, std::move(experts), /*hedge=*/true});
+      if (!SendTo(c, exchange, round, round.sent.back()).ok()) {
+        round.sent.pop_back();  // no memory for it: the original goes on alone
+        continue;
+      }
+      hedges_sent_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+}
+
+absl::Status MoeRouter::CollectRetries(const Call& c, const Round& round, Failures& failures,
+                                       std::vector<int32_t>* pending) {
   pending->clear();
-  for (const auto& [dest, status] : outcomes) {
-    if (status.ok()) continue;
+  std::set<int32_t> retry;
+  for (const Sent& s : round.sent) {
+    if (s.status.ok() || absl::IsCancelled(s.status)) continue;
+    bool needed = false;  // some of its experts have no answer from another call
+    for (int32_t e : s.experts) needed = needed || !round.answered[e];
+    if (!needed) continue;
     // Only an unreachable service, or one that no longer holds the expert (a placement
     // change raced the call), is worth another replica; anything else (a bad request, an
     // expired deadline) would fail the same way there.
-    if (status.code() != absl::StatusCode::kUnavailable &&
-        status.code() != absl::StatusCode::kNotFound) {
-      return absl::Status(status.code(),
-                          absl::StrCat(c.table->endpoints()[dest], ": ", status.message()));
+    if (s.status.code() != absl::StatusCode::kUnavailable &&
+        s.status.code() != absl::StatusCode::kNotFound) {
+      return absl::Status(s.status.code(),
+                          absl::StrCat(c.table->endpoints()[s.dest], ": ", s.status.message()));
     }
-    failures.errors[dest] = std::string(status.message());
-    for (int32_t e : by_dest.at(dest)) {
-      failures.replicas[e].insert(dest);
-      pending->push_back(e);
+    failures.errors[s.dest] = std::string(s.status.message());
+    for (int32_t e : s.experts) {
+      if (round.answered[e]) continue;
+      failures.replicas[e].insert(s.dest);
+      retry.insert(e);
     }
   }
+  pending->assign(retry.begin(), retry.end());
   return absl::OkStatus();
 }
 
@@ -443,19 +611,34 @@ absl::Status MoeRouter::Dispatch(Call& c) {
   }
   Failures failures(E);
   bool shared_done = false;
+  const auto hedge_after = options_.resilience.hedge_after;
   while (!pending.empty()) {
-    ASSIGN_OR_RETURN(const Assignment by_dest, ChooseReplicas(c, pending, failures));
-    // Declared before the exchange: its destructor waits for the calls that write them.
-    std::map<int32_t, absl::Status> outcomes;
+    ASSIGN_OR_RETURN(Assignment by_dest, ChooseReplicas(c, pending, failures));
+    // Declared before the exchange: its destructor waits for the calls that write it.
+    Round round;
+    round.answered.assign(E, 1);
+    for (int32_t e : pending) round.answered[e] = 0;
+    round.unanswered = static_cast<int64_t>(pending.size());
     auto exchange = transport_->NewExchange(c.deadline);
-    for (const auto& [dest, experts] : by_dest) {
-      RETURN_IF_ERROR(SendTo(c, *exchange, dest, experts, outcomes));
+    for (auto& [dest, experts] : by_dest) {
+      round.sent.push_back({dest, std::move(experts)});
+      RETURN_IF_ERROR(SendTo(c, *exchange, round, round.sent.back()));
     }
+    const auto sent_at = Clock::now();
     // The shared expert runs here while the calls fly (first round only).
     if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);
     shared_done = true;
+    if (hedge_after.count() > 0 && !exchange->WaitUntil(sent_at + hedge_after, nullptr)) {
+      Hedge(c, *exchange, round, failures);
+      // Every expert's first answer is enough; the calls left are cancelled (their `done`
+      // runs with CANCELLED), or all calls end (some failed: retried below).
+      if (!exchange->WaitUntil(Clock::time_point::max(),
+                               [&round] { return round.unanswered == 0; })) {
+        exchange->CancelAll();
+      }
+    }
     exchange->Wait();
-    RETURN_IF_ERROR(CollectRetries(c, by_dest, outcomes, failures, &pending));
+    RETURN_IF_ERROR(CollectRetries(c, round, failures, &pending));
   }
   if (!shared_done) c.gate->RunSharedExpert(c.x, c.tokens, &c.buf->ws);  // no routed rows at all
   return absl::OkStatus();

@@ -11,7 +11,8 @@
 // A destination that fails with UNAVAILABLE, or NOT_FOUND (it no longer holds an expert:
 // a placement change raced the call), is retried on another replica of each of its
 // experts while the deadline allows; an expert whose every replica failed gives
-// UNAVAILABLE naming it.
+// UNAVAILABLE naming it. Destinations that keep failing are ejected for a while, and
+// slow ones hedged (ResilienceOptions).
 //
 // Thread-safe: Forward may be called concurrently.
 #pragma once
@@ -38,6 +39,29 @@
 
 namespace moemesh {
 
+// How the router handles slow and failing destinations (docs/architecture.md, "Failure
+// handling").
+struct ResilienceOptions {
+  // Outlier ejection: a destination whose calls fail UNAVAILABLE or DEADLINE_EXCEEDED
+  // `eject_after` times in a row (0: never) is ejected — its experts go to their other
+  // replicas — for eject_base, doubled at each ejection in a row up to eject_max. When the
+  // time is up it is back on probation: its next failure ejects it again at once, a success
+  // takes it back. Never more than eject_max_share of the placement's endpoints are ejected
+  // at once; an expert whose every replica is ejected is still sent to one.
+  int eject_after = 5;
+  std::chrono::milliseconds eject_base{1000};
+  std::chrono::milliseconds eject_max{30000};
+  double eject_max_share = 0.5;
+  // Hedging: a destination call still unanswered hedge_after (0: never) after it was sent
+  // is sent again to other replicas of its experts; each expert takes the first answer
+  // (replicas compute the same bits), and the calls left are cancelled. Hedged calls stay
+  // within hedge_budget of the destination calls made.
+  std::chrono::milliseconds hedge_after{0};
+  double hedge_budget = 0.1;
+
+  absl::Status Validate() const;
+};
+
 struct RouterOptions {
   std::string model_dir;
   // Expert service endpoints, for the policy-built placement.
@@ -56,6 +80,7 @@ struct RouterOptions {
   // Span of the windowed load statistics (LoadStats, imbalance gauges).
   std::chrono::milliseconds load_window{60000};
   GateOptions gate;
+  ResilienceOptions resilience;
 
   absl::Status Validate() const;
 };
@@ -103,10 +128,17 @@ class MoeRouter {
   // OK when every endpoint of the placement answers Info holding the experts the table
   // gives it; else UNAVAILABLE naming the first that does not.
   absl::Status CheckReady(Clock::time_point deadline) const;
+  // The endpoints ejected now (outlier ejection), and hedged calls so far (sent, won).
+  std::vector<std::string> Ejected() const ABSL_LOCKS_EXCLUDED(destinations_mu_);
+  int64_t hedges_sent() const { return hedges_sent_.load(); }
+  int64_t hedges_won() const { return hedges_won_.load(); }
 
  private:
+  using SteadyClock = std::chrono::steady_clock;
   struct Call;      // one Forward's state
   struct Failures;  // which replicas failed which experts in a call
+  struct Round;     // one round of destination calls
+  struct Sent;      // one destination call of a round
   // Scratch of one call, reused through a free list.
   struct CallBuffers {
     MoeGate::Workspace ws;
@@ -123,11 +155,18 @@ class MoeRouter {
         transport_(std::move(t)),
         metrics_(std::move(metrics)) {}
 
-  // Per expert-service endpoint: tokens in flight there (replica choice) and its
-  // latency histogram (null without metrics).
+  // Per expert-service endpoint: tokens in flight there (replica choice), its latency
+  // histogram (null without metrics), and its outlier-ejection state.
   struct Destination {
     std::atomic<int64_t> outstanding{0};
     metrics::Histogram* latency = nullptr;
+    // Steady-clock nanoseconds until which it is ejected (read without the lock).
+    std::atomic<int64_t> ejected_until_ns{0};
+    Mutex mu;
+    int consecutive_failures ABSL_GUARDED_BY(mu) = 0;
+    int ejections ABSL_GUARDED_BY(mu) = 0;       // in a row: the next one lasts 2^this × base
+    bool probation ABSL_GUARDED_BY(mu) = false;  // ejected before; its next outcome decides
+    bool Ejected(int64_t now_ns) const { return ejected_until_ns.load() > now_ns; }
   };
   Destination& DestinationOf(const std::string& endpoint) ABSL_LOCKS_EXCLUDED(destinations_mu_);
   absl::Status RegisterGauges();
@@ -139,19 +178,27 @@ class MoeRouter {
   // retried on other replicas while the deadline allows.
   absl::Status Dispatch(Call& call);
   // For each pending expert, the replica with the fewest outstanding tokens among those
-  // that have not failed it; UNAVAILABLE naming the expert when none is left.
+  // that have not failed it, ejected ones only when no other is left; UNAVAILABLE naming
+  // the expert when none is left (with `partial`, such experts are left out instead).
   absl::StatusOr<Assignment> ChooseReplicas(const Call& call, const std::vector<int32_t>& pending,
-                                            const Failures& failures);
-  // Builds destination `dest`'s request in place and sends it; the reply's outcome goes to
-  // outcomes[dest] inside the exchange's Wait.
-  absl::Status SendTo(Call& call, ExpertTransport::Exchange& exchange, int32_t dest,
-                      const std::vector<int32_t>& experts,
-                      std::map<int32_t, absl::Status>& outcomes);
-  // After a round: the experts of destinations that failed UNAVAILABLE go back to
-  // `pending`; any other error ends the call.
-  absl::Status CollectRetries(const Call& call, const Assignment& by_dest,
-                              const std::map<int32_t, absl::Status>& outcomes, Failures& failures,
+                                            const Failures& failures, bool partial = false);
+  // Builds the request of `sent` (its destination and experts) in place and sends it; the
+  // reply's outcome goes to `sent` and `round` inside the exchange's Wait.
+  absl::Status SendTo(Call& call, ExpertTransport::Exchange& exchange, Round& round, Sent& sent);
+  // While calls of the round are unanswered after hedge_after: sends their experts to
+  // other replicas (within the budget), then waits for every expert's first answer.
+  void Hedge(Call& call, ExpertTransport::Exchange& exchange, Round& round,
+             const Failures& failures);
+  // After a round: experts answered by any call are done; the experts of calls that failed
+  // UNAVAILABLE or NOT_FOUND go back to `pending`; any other error ends the call.
+  absl::Status CollectRetries(const Call& call, const Round& round, Failures& failures,
                               std::vector<int32_t>* pending);
+  // Outlier ejection's bookkeeping for one destination call's outcome.
+  void RecordOutcome(Destination& d, const std::string& endpoint, const absl::Status& status,
+                     const PlacementTable& table) ABSL_LOCKS_EXCLUDED(d.mu);
+  // Whether one more of `table`'s endpoints may be ejected (eject_max_share).
+  bool MayEject(const PlacementTable& table, int64_t now_ns) const
+      ABSL_LOCKS_EXCLUDED(destinations_mu_);
   absl::Status TakeReply(Call& call, const std::string& endpoint, const std::vector<int32_t>& sent,
                          v1::ComputeResponse* response);
 
@@ -178,6 +225,11 @@ class MoeRouter {
 
   FreeList<CallBuffers> buffers_;
   std::atomic<uint64_t> rotation_{0};  // ChooseReplicas' tie-break
+  // Destination calls made, hedges sent and won (the hedge budget; metrics).
+  std::atomic<int64_t> destination_calls_{0};
+  std::atomic<int64_t> hedges_sent_{0};
+  std::atomic<int64_t> hedges_won_{0};
+  metrics::Family<metrics::Counter>* ejections_family_ = nullptr;  // with metrics
 
   mutable SharedMutex destinations_mu_;
   std::map<std::string, std::unique_ptr<Destination>> destinations_

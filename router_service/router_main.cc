@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "router_service/placement_watcher.h"
 #include "router_service/router_server.h"
@@ -22,7 +23,9 @@ const char kRouterUsage[] =
     "  [--wire f32|bf16] [--model-name NAME] [--max-message-mb N] [--timeout-ms MS]\n"
     "  [--capacity-factor F] [--metrics-listen HOST:PORT] [--expert-metrics auto|all|sum|L,L]\n"
     "  [--load-window-s S] [--transport grpc|ucx] [--ucx-spin-us US] [--device cpu|cuda]\n"
-    "  [--gpu N] [--router-id ID] [--load-report-s S]\n"
+    "  [--gpu N] [--router-id ID] [--load-report-s S] [--max-inflight-tokens N]\n"
+    "  [--eject-after N] [--eject-base-ms MS] [--eject-max-ms MS] [--eject-max-share F]\n"
+    "  [--hedge-after-ms MS] [--hedge-budget F]\n"
     "  --controller: follow the placement controller at H:P (every new placement, acknowledged;\n"
     "    the load windows reported every --load-report-s, default 2); no --endpoints needed\n"
     "  --router-id: this router's name to the controller (default: random)\n"
@@ -35,21 +38,48 @@ const char kRouterUsage[] =
     "  --ucx-spin-us: how long a call waiting for its UCX replies polls before it sleeps\n"
     "    (default 1000; 0: never, every reply then wakes the waiting thread)\n"
     "  --device cuda: route (router logits and top-k) on GPU N (--gpu, default 0); the shared\n"
-    "    experts and the combine stay on the CPU (default cpu)\n";
+    "    experts and the combine stay on the CPU (default cpu)\n"
+    "  --max-inflight-tokens: refuse a ModelInfer at once (RESOURCE_EXHAUSTED) when the tokens\n"
+    "    in flight would pass N (default 0: no bound); calls queued past what their deadline\n"
+    "    allows are refused DEADLINE_EXCEEDED\n"
+    "  --eject-after: eject an expert service after N failures or timeouts in a row (default 5;\n"
+    "    0: never) for --eject-base-ms (default 1000), doubling per ejection in a row up to\n"
+    "    --eject-max-ms (default 30000); at most --eject-max-share of the services at once\n"
+    "    (default 0.5)\n"
+    "  --hedge-after-ms: send a call unanswered after MS again to other replicas of its experts,\n"
+    "    first answer wins (default 0: off), at most --hedge-budget of the calls (default 0.1)\n";
 
 namespace {
 
 absl::Status Run(const std::vector<std::string>& argv) {
-  ASSIGN_OR_RETURN(
-      CliArgs args,
-      CliArgs::Parse(argv,
-                     WithSecurityFlags({"model",          "endpoints",       "placement-file",
-                                        "listen",         "placement",       "replicas",
-                                        "wire",           "model-name",      "max-message-mb",
-                                        "timeout-ms",     "capacity-factor", "metrics-listen",
-                                        "expert-metrics", "load-window-s",   "transport",
-                                        "ucx-spin-us",    "device",          "gpu",
-                                        "controller",     "router-id",       "load-report-s"})));
+  ASSIGN_OR_RETURN(CliArgs args, CliArgs::Parse(argv, WithSecurityFlags({"model",
+                                                                         "endpoints",
+                                                                         "placement-file",
+                                                                         "listen",
+                                                                         "placement",
+                                                                         "replicas",
+                                                                         "wire",
+                                                                         "model-name",
+                                                                         "max-message-mb",
+                                                                         "timeout-ms",
+                                                                         "capacity-factor",
+                                                                         "metrics-listen",
+                                                                         "expert-metrics",
+                                                                         "load-window-s",
+                                                                         "transport",
+                                                                         "ucx-spin-us",
+                                                                         "device",
+                                                                         "gpu",
+                                                                         "controller",
+                                                                         "router-id",
+                                                                         "load-report-s",
+                                                                         "max-inflight-tokens",
+                                                                         "eject-after",
+                                                                         "eject-base-ms",
+                                                                         "eject-max-ms",
+                                                                         "eject-max-share",
+                                                                         "hedge-after-ms",
+                                                                         "hedge-budget"})));
   ASSIGN_OR_RETURN(std::shared_ptr<Security> security, SecurityFromFlags(args));
   RouterOptions ro;
   ASSIGN_OR_RETURN(ro.model_dir, args.Required("model"));
@@ -90,12 +120,30 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--load-window-s must be in [1, 86400]");
   }
   ro.load_window = std::chrono::milliseconds(static_cast<int64_t>(window_s * 1000));
+  ResilienceOptions& res = ro.resilience;
+  ASSIGN_OR_RETURN(const int64_t eject_after, args.Int("eject-after", res.eject_after));
+  if (eject_after < 0 || eject_after > 1000000) {
+    return absl::InvalidArgumentError("--eject-after must be in [0, 1000000]");
+  }
+  res.eject_after = static_cast<int>(eject_after);
+  for (auto [flag, value] :
+       {std::pair{"eject-base-ms", &res.eject_base}, std::pair{"eject-max-ms", &res.eject_max},
+        std::pair{"hedge-after-ms", &res.hedge_after}}) {
+    ASSIGN_OR_RETURN(const int64_t ms, args.Int(flag, value->count()));
+    if (ms < 0 || ms > 86400000) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be in [0, 86400000]"));
+    }
+    *value = std::chrono::milliseconds(ms);
+  }
+  ASSIGN_OR_RETURN(res.eject_max_share, args.Double("eject-max-share", res.eject_max_share));
+  ASSIGN_OR_RETURN(res.hedge_budget, args.Double("hedge-budget", res.hedge_budget));
   const std::string metrics_listen = args.String("metrics-listen", "");
 
   RouterServerOptions so;
   so.listen = args.String("listen", "127.0.0.1:0");
   so.model_name = args.String("model-name", "moe");
   so.security = security;
+  ASSIGN_OR_RETURN(so.max_inflight_tokens, args.Int("max-inflight-tokens", 0));
   ASSIGN_OR_RETURN(so.max_message_bytes, ParseMessageLimit(args, so.max_message_bytes));
 
   // Declared before the router: its gauges read the router, so the exposer (declared

@@ -15,6 +15,14 @@ absl::StatusOr<std::unique_ptr<RouterMetrics>> RouterMetrics::Create(
   ASSIGN_OR_RETURN(auto* inflight, metrics::AddGauge(registry, "moemesh_router_inflight_requests",
                                                      "ModelInfer calls being served."));
   m->inflight_ = &inflight->Add();
+  ASSIGN_OR_RETURN(m->shed_,
+                   metrics::AddCounter(registry, "moemesh_router_shed_total",
+                                       "ModelInfer calls refused by admission control at once: "
+                                       "reason=inflight (RESOURCE_EXHAUSTED over "
+                                       "--max-inflight-tokens), reason=deadline "
+                                       "(DEADLINE_EXCEEDED: queued past what its deadline "
+                                       "allows)."));
+  for (const char* reason : {"inflight", "deadline"}) m->shed_->Add({{"reason", reason}});
   ASSIGN_OR_RETURN(auto* tokens, metrics::AddCounter(registry, "moemesh_router_tokens_total",
                                                      "Tokens (hidden_states rows) forwarded."));
   m->tokens_ = &tokens->Add();

@@ -39,6 +39,9 @@ class RouterMetrics {
   metrics::Histogram* DispatchLatency(const std::string& destination);
   void CountDispatchFailure(const std::string& destination, absl::StatusCode code);
   void ObserveLayer(double seconds) { layer_latency_->Observe(seconds); }
+  // One ModelInfer call shed by admission control: "inflight" (over --max-inflight-tokens)
+  // or "deadline" (queued past what its deadline allows).
+  void CountShed(const char* reason) { shed_->Add({{"reason", reason}}).Increment(); }
 
  private:
   RouterMetrics(metrics::Registry& registry, ExpertSeriesSelection selection)
@@ -56,6 +59,7 @@ class RouterMetrics {
   metrics::Family<metrics::Histogram>* dispatch_latency_ = nullptr;
   metrics::Family<metrics::Counter>* dispatch_failures_ = nullptr;
   metrics::Histogram* layer_latency_ = nullptr;
+  metrics::Family<metrics::Counter>* shed_ = nullptr;
 };
 
 }  // namespace moemesh

@@ -27,6 +27,9 @@ absl::Status RouterServerOptions::Validate() const {
   if (max_concurrent_infers <= 0) {
     return absl::InvalidArgumentError("max_concurrent_infers must be positive");
   }
+  if (max_inflight_tokens < 0) {
+    return absl::InvalidArgumentError("max_inflight_tokens must be >= 0");
+  }
   return absl::OkStatus();
 }
 
@@ -98,16 +101,72 @@ class RouterServer::InferenceService : public inference::GRPCInferenceService::S
       if (metrics != nullptr) metrics->CountRequest(admitted.status().code());
       return ToGrpcStatus(admitted.status());
     }
-    ConcurrencyLimit::Slot slot(*server_->inferring_);
-    if (metrics == nullptr) return ToGrpcStatus(Infer(ctx, *req, resp));
-    metrics->inflight().Increment();
+    // Admission control: over the token bound, refused at once.
+    const int64_t tokens = RequestTokens(*req);
+    const int64_t limit = server_->options_.max_inflight_tokens;
+    const int64_t before = server_->inflight_tokens_.fetch_add(tokens);
+    struct Release {
+      std::atomic<int64_t>& inflight;
+      int64_t tokens;
+      ~Release() { inflight.fetch_sub(tokens); }
+    } release{server_->inflight_tokens_, tokens};
+    if (limit > 0 && before > 0 && before + tokens > limit) {
+      return Shed(metrics, "inflight",
+                  absl::ResourceExhaustedError(absl::StrCat(
+                      "the router is at capacity: ", before, " tokens in flight, ", tokens,
+                      " more would pass --max-inflight-tokens ", limit, "; retry later")));
+    }
+    // Waits for a forwarding slot only as long as the deadline leaves time for the call.
+    const auto expected = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+        std::chrono::duration<double>(server_->call_seconds_.load()));
+    // (A call without a deadline waits as long as it takes; far-future time points are kept
+    // out of the timed wait, whose clock conversion would overflow.)
+    const auto now = std::chrono::system_clock::now();
+    const auto wait_until = ctx->deadline() - now > std::chrono::hours(24)
+                                ? now + std::chrono::hours(24)
+                                : ctx->deadline() - expected;
+    ConcurrencyLimit::Slot slot(*server_->inferring_, wait_until);
+    if (!slot.acquired()) {
+      return Shed(metrics, "deadline",
+                  absl::DeadlineExceededError(
+                      "queued at the router until its deadline could no longer be met"));
+    }
+    const auto start = std::chrono::steady_clock::now();
+    if (metrics != nullptr) metrics->inflight().Increment();
     const absl::Status status = Infer(ctx, *req, resp);
-    metrics->inflight().Decrement();
-    metrics->CountRequest(status.code());
+    if (metrics != nullptr) {
+      metrics->inflight().Decrement();
+      metrics->CountRequest(status.code());
+    }
+    if (status.ok()) {
+      // A moving average over the last ~20 calls.
+      const double took =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const double avg = server_->call_seconds_.load();
+      server_->call_seconds_.store(avg == 0 ? took : avg + (took - avg) / 20);
+    }
     return ToGrpcStatus(status);
   }
 
  private:
+  // The rows of the call's hidden_states (0 when it does not say: parsing refuses it later).
+  static int64_t RequestTokens(const ModelInferRequest& req) {
+    for (const auto& input : req.inputs()) {
+      if (input.name() == "hidden_states" && input.shape_size() > 0 && input.shape(0) > 0) {
+        return std::min<int64_t>(input.shape(0), int64_t{1} << 40);
+      }
+    }
+    return 0;
+  }
+
+  static grpc::Status Shed(RouterMetrics* metrics, const char* reason, const absl::Status& why) {
+    if (metrics != nullptr) {
+      metrics->CountShed(reason);
+      metrics->CountRequest(why.code());
+    }
+    return ToGrpcStatus(why);
+  }
+
   // Parse, run, write.
   absl::Status Infer(grpc::ServerContext* ctx, const ModelInferRequest& req,
                      ModelInferResponse* resp) {

@@ -36,8 +36,14 @@ struct RouterServerOptions {
   std::string model_name = "moe";
   int max_message_bytes = 256 << 20;
   std::chrono::milliseconds health_interval{500};
-  // ModelInfer calls forwarded at once (each holds its layer's scratch); more wait.
+  // ModelInfer calls forwarded at once (each holds its layer's scratch); more wait, each
+  // no longer than its deadline allows (less the recent call time): past that it is
+  // refused DEADLINE_EXCEEDED at once rather than forwarded to time out.
   int max_concurrent_infers = 64;
+  // Admission control: ModelInfer calls that would take the tokens in flight over this are
+  // refused RESOURCE_EXHAUSTED at once (a call is let in alone whatever its size); 0: no
+  // bound.
+  int64_t max_inflight_tokens = 0;
   // TLS and the identities calls need (services/rpc/security.h): ModelInfer and
   // ModelMetadata the API token when one is set, the control calls the admin identity;
   // liveness and readiness stay open. Null: plaintext, unchecked.
@@ -71,6 +77,10 @@ class RouterServer {
   std::unique_ptr<ControlService> control_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  // Admission control's state: tokens of the calls admitted and not answered, and a moving
+  // average of a call's time (seconds).
+  std::atomic<int64_t> inflight_tokens_{0};
+  std::atomic<double> call_seconds_{0};
   std::atomic<bool> ready_{false};
 
   Mutex mu_;

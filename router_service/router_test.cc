@@ -54,7 +54,7 @@ class FakeTransport : public ExpertTransport {
     sent_cv_.notify_all();
     const bool down = down_.count(endpoint) > 0;
     const bool corrupt = corrupt_.count(endpoint) > 0;
-    const int delay_us = static_cast<int>(rng_() % 2000);
+    const int delay_us = static_cast<int>(rng_() % 2000) + slow_us_[endpoint];
     threads_.emplace_back([this, endpoint, down, corrupt, delay_us, done = std::move(done),
                            request = std::shared_ptr<v1::ComputeRequest>(std::move(request))] {
       {
@@ -134,6 +134,15 @@ class FakeTransport : public ExpertTransport {
     std::lock_guard<std::mutex> l(mu_);
     down_.insert(e);
   }
+  void SetUp(const std::string& e) {
+    std::lock_guard<std::mutex> l(mu_);
+    down_.erase(e);
+  }
+  // Every reply from `e` takes `ms` longer.
+  void SetSlow(const std::string& e, int ms) {
+    std::lock_guard<std::mutex> l(mu_);
+    slow_us_[e] = ms * 1000;
+  }
   void SetCorrupt(const std::string& e) {
     std::lock_guard<std::mutex> l(mu_);
     corrupt_.insert(e);
@@ -150,6 +159,7 @@ class FakeTransport : public ExpertTransport {
   std::mt19937 rng_{3};
   std::set<std::string> down_, corrupt_;
   std::map<std::string, int> calls_;
+  std::map<std::string, int> slow_us_;
   bool hold_ = false;
   std::condition_variable hold_cv_, sent_cv_;
   std::vector<std::pair<std::string, uint64_t>> sent_;
@@ -406,6 +416,104 @@ TEST(RouterFailureTest, FailsOverToAReplicaAndNamesExpertsWithNone) {
       << none.status();
 }
 
+// Outlier ejection: after eject_after failures in a row a destination gets no calls for
+// eject_base; back on probation, one more failure ejects it again for twice as long; a
+// success takes it back. Answers stay bit-identical throughout.
+TEST(RouterFailureTest, EjectsAFailingDestinationAndProbesItBackIn) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2"};
+  ro.replicas = 2;
+  ro.resilience.eject_after = 2;
+  ro.resilience.eject_base = std::chrono::milliseconds(300);
+  auto router = MoeRouter::Create(ro, transport).value();
+  const Tensor x = Input(50, f.config.hidden_size);
+  const MoeLayerOutput want = MoeLayer::Create(*f.ckpt, f.config, 0).value()->Forward(x).value();
+  auto forward = [&] {
+    auto got = router->Forward(0, x, Deadline());
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(std::memcmp(got->output.raw(), want.output.raw(), want.output.nbytes()), 0);
+  };
+  transport->SetDown("b:2");
+  forward();  // b fails, a answers its experts too: one failure
+  EXPECT_TRUE(router->Ejected().empty());
+  forward();  // the second in a row: ejected
+  EXPECT_EQ(router->Ejected(), std::vector<std::string>{"b:2"});
+  const int b_calls = transport->Calls("b:2");
+  for (int i = 0; i < 5; ++i) forward();
+  EXPECT_EQ(transport->Calls("b:2"), b_calls) << "an ejected destination got calls";
+  // Back after 300 ms, on probation: its first failure ejects it again (for 600 ms).
+  std::this_thread::sleep_for(std::chrono::milliseconds(350));
+  EXPECT_TRUE(router->Ejected().empty());
+  forward();
+  EXPECT_EQ(transport->Calls("b:2"), b_calls + 1);
+  EXPECT_EQ(router->Ejected(), std::vector<std::string>{"b:2"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(350));
+  EXPECT_EQ(router->Ejected(), std::vector<std::string>{"b:2"}) << "the second lasts 600 ms";
+  // It recovers; once the ejection ends, a success takes it back for good.
+  transport->SetUp("b:2");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int i = 0; i < 4; ++i) forward();
+  EXPECT_TRUE(router->Ejected().empty());
+  EXPECT_GT(transport->Calls("b:2"), b_calls + 2);
+}
+
+// Never more than eject_max_share of the endpoints are ejected at once: with three
+// replicas, a share of 0.5 and two of them failing, only one is ejected.
+TEST(RouterFailureTest, EjectsNoMoreThanTheMaximumShare) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2", "c:3"};
+  ro.replicas = 3;
+  ro.resilience.eject_after = 1;
+  ro.resilience.eject_max_share = 0.5;
+  auto router = MoeRouter::Create(ro, transport).value();
+  const Tensor x = Input(50, f.config.hidden_size);
+  transport->SetDown("b:2");
+  transport->SetDown("c:3");
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(router->Forward(0, x, Deadline()).ok());
+  EXPECT_EQ(router->Ejected().size(), 1u);
+}
+
+// Hedging: calls to a slow replica are sent again to the other after hedge_after; the
+// first answer wins, answers stay bit-identical, and hedges stay within their budget.
+TEST(RouterFailureTest, HedgesSlowCallsWithinTheBudget) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1", "b:2"};
+  ro.replicas = 2;
+  ro.resilience.hedge_after = std::chrono::milliseconds(20);
+  ro.resilience.hedge_budget = 1.0;
+  auto router = MoeRouter::Create(ro, transport).value();
+  const Tensor x = Input(50, f.config.hidden_size);
+  const MoeLayerOutput want = MoeLayer::Create(*f.ckpt, f.config, 0).value()->Forward(x).value();
+  transport->SetSlow("b:2", 1000);
+  for (int i = 0; i < 4; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    auto got = router->Forward(0, x, Deadline());
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(std::memcmp(got->output.raw(), want.output.raw(), want.output.nbytes()), 0);
+    // Well before the slow replica's 1 s: b's calls were cancelled, not waited for.
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(800));
+  }
+  EXPECT_GT(router->hedges_sent(), 0);
+  EXPECT_EQ(router->hedges_won(), router->hedges_sent());
+
+  // A budget of 10%: no more hedges than a tenth of the destination calls (+1).
+  ro.resilience.hedge_budget = 0.1;
+  auto budgeted = MoeRouter::Create(ro, transport).value();
+  // Each call makes two destination calls: after 6, at most 0.1 × 12 + 1 hedges.
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(budgeted->Forward(0, x, Deadline()).ok());
+  EXPECT_GT(budgeted->hedges_sent(), 0);
+  EXPECT_LE(budgeted->hedges_sent(), 2);
+}
+
 TEST(RouterFailureTest, CorruptReplyIsAnErrorNotAWrongAnswer) {
   Fixture f = Make(ModelFamily::kQwen3Moe);
   auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
@@ -451,6 +559,65 @@ TEST(RouterTest, BadInputsAndPlacementEpochs) {
 
 namespace moemesh {
 namespace {
+
+// Admission control: over --max-inflight-tokens a call is refused RESOURCE_EXHAUSTED at
+// once (not queued), while one waiting for a forwarding slot longer than its deadline
+// allows is refused DEADLINE_EXCEEDED; the admitted call is answered as usual.
+TEST(RouterServerTest, ShedsOverCapacityAtOnceAndQueuedCallsPastTheirDeadline) {
+  Fixture f = Make(ModelFamily::kMixtral);
+  auto transport = std::make_shared<FakeTransport>(*f.ckpt, f.config);
+  RouterOptions ro;
+  ro.model_dir = f.dir;
+  ro.endpoints = {"a:1"};
+  RouterServerOptions so;
+  so.max_inflight_tokens = 60;
+  so.max_concurrent_infers = 1;
+  auto server = RouterServer::Create(so, MoeRouter::Create(ro, transport).value()).value();
+  auto infer = inference::GRPCInferenceService::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", server->port()), grpc::InsecureChannelCredentials()));
+  auto request = [&](int64_t T) {
+    const Tensor x = Input(T, f.config.hidden_size);
+    inference::ModelInferRequest req;
+    req.set_model_name("moe");
+    auto* in = req.add_inputs();
+    in->set_name("hidden_states");
+    in->set_datatype("FP32");
+    in->add_shape(T);
+    in->add_shape(f.config.hidden_size);
+    req.add_raw_input_contents(std::string(static_cast<const char*>(x.raw()), x.nbytes()));
+    return req;
+  };
+  auto call = [&](int64_t T, std::chrono::milliseconds timeout) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+    inference::ModelInferResponse resp;
+    return infer->ModelInfer(&ctx, request(T), &resp);
+  };
+  // One answered call of ~0.5 s: the router now expects a call to take about that long.
+  transport->SetSlow("a:1", 500);
+  ASSERT_TRUE(call(10, std::chrono::seconds(30)).ok());
+  transport->Hold();
+  grpc::Status first;
+  std::thread caller([&] { first = call(50, std::chrono::seconds(30)); });
+  transport->WaitSent(2);  // 50 tokens in flight, its replies held
+  const auto start = std::chrono::steady_clock::now();
+  const grpc::Status over = call(20, std::chrono::seconds(30));
+  EXPECT_EQ(over.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << over.error_message();
+  EXPECT_NE(over.error_message().find("--max-inflight-tokens 60"), std::string::npos);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10)) << "not at once";
+  // Within the token bound, but the one forwarding slot stays taken: with 0.8 s to go and
+  // ~0.5 s needed, the router gives up after ~0.3 s, before the caller's deadline.
+  const auto queued_at = std::chrono::steady_clock::now();
+  const grpc::Status queued = call(5, std::chrono::milliseconds(800));
+  EXPECT_EQ(queued.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_NE(queued.error_message().find("queued at the router"), std::string::npos)
+      << queued.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - queued_at, std::chrono::milliseconds(750));
+  transport->Release();
+  caller.join();
+  EXPECT_TRUE(first.ok()) << first.error_message();
+  EXPECT_TRUE(call(20, std::chrono::seconds(30)).ok());
+}
 
 TEST(RouterServerTest, BusyPortIsAClearErrorNotACrash) {
   Fixture f = Make(ModelFamily::kMixtral);

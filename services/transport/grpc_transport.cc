@@ -37,14 +37,34 @@ class GrpcExchange : public ExpertTransport::Exchange {
     ++pending_;
   }
 
-  void Wait() override {
+  void Wait() override { WaitUntil(ExpertTransport::Clock::time_point::max(), nullptr); }
+
+  bool WaitUntil(ExpertTransport::Clock::time_point until,
+                 const std::function<bool()>& enough) override {
     while (pending_ > 0) {
+      if (enough && enough()) return false;
       void* tag = nullptr;
       bool ok = false;
-      if (!cq_.Next(&tag, &ok)) break;  // only after Shutdown, which comes later
+      const grpc::CompletionQueue::NextStatus next =
+          until == ExpertTransport::Clock::time_point::max()
+              ? (cq_.Next(&tag, &ok) ? grpc::CompletionQueue::GOT_EVENT
+                                     : grpc::CompletionQueue::SHUTDOWN)
+              : cq_.AsyncNext(&tag, &ok, until);
+      if (next == grpc::CompletionQueue::TIMEOUT) return false;
+      if (next == grpc::CompletionQueue::SHUTDOWN) break;  // only after Shutdown, later
       --pending_;
       Call* call = static_cast<Call*>(tag);
+      call->finished = true;
       call->done(FromGrpcStatus(call->status), &call->response);
+    }
+    return true;
+  }
+
+  // The calls end on the wire (the service sees its call cancelled); their `done` runs
+  // with CANCELLED inside the next Wait.
+  void CancelAll() override {
+    for (auto& call : calls_) {
+      if (!call->finished) call->context.TryCancel();
     }
   }
 
@@ -56,6 +76,7 @@ class GrpcExchange : public ExpertTransport::Exchange {
     grpc::Status status;
     ExpertTransport::Done done;
     std::unique_ptr<grpc::ClientAsyncResponseReader<v1::ComputeResponse>> reader;
+    bool finished = false;  // its `done` has run
   };
 
   GrpcExpertTransport* const transport_;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "services/base/mutex.h"
@@ -43,37 +44,79 @@ class QueuedExchange : public ExpertTransport::Exchange {
   }
 
   // A call about to be sent: `done` runs inside Wait once the returned completion has
-  // been called (exactly once, from any thread).
+  // been called (exactly once, from any thread), or in CancelAll. The completion holds the
+  // shared state, not the exchange: one that comes after CancelAll finds its call
+  // abandoned and drops the reply, whether or not the exchange is still there.
   Complete Track(ExpertTransport::Done done) {
+    const size_t index = dones_.size();
     dones_.push_back(std::move(done));
-    ExpertTransport::Done* slot = &dones_.back();
+    {
+      MutexLock lock(&state_->mu);
+      state_->abandoned.push_back(false);
+    }
     ++pending_;
-    return [this, slot](absl::Status status, Reply reply) {
-      MutexLock lock(&mu_);
-      completed_.push_back({std::move(status), std::move(reply), slot});
-      queued_.fetch_add(1, std::memory_order_release);
+    return [state = state_, index](absl::Status status, Reply reply) {
+      MutexLock lock(&state->mu);
+      if (state->abandoned[index]) return;  // cancelled: the reply goes with this call
+      state->completed.push_back({std::move(status), std::move(reply), index});
+      state->queued.fetch_add(1, std::memory_order_release);
     };
   }
 
-  void Wait() override {
+  void Wait() override { WaitUntil(ExpertTransport::Clock::time_point::max(), nullptr); }
+
+  bool WaitUntil(ExpertTransport::Clock::time_point until,
+                 const std::function<bool()>& enough) override {
     v1::ComputeResponse response;
+    State& st = *state_;
     while (pending_ > 0) {
+      if (enough && enough()) return false;
       Completion c;
-      if (poll_ && queued_.load(std::memory_order_acquire) == 0) {
-        poll_([this] { return queued_.load(std::memory_order_acquire) > 0; });
+      if (poll_ && st.queued.load(std::memory_order_acquire) == 0) {
+        poll_([&st] { return st.queued.load(std::memory_order_acquire) > 0; });
       }
       {
-        MutexLock lock(&mu_);
-        mu_.Await(this, &QueuedExchange::HasCompleted);
-        c = std::move(completed_.front());
-        completed_.pop_front();
-        queued_.fetch_sub(1, std::memory_order_relaxed);
+        MutexLock lock(&st.mu);
+        if (until == ExpertTransport::Clock::time_point::max()) {
+          st.mu.Await(&st, &State::HasCompleted);
+        } else if (!st.mu.AwaitWithDeadline(&st, &State::HasCompleted, until)) {
+          return false;
+        }
+        c = std::move(st.completed.front());
+        st.completed.pop_front();
+        st.queued.fetch_sub(1, std::memory_order_relaxed);
       }
       --pending_;
       if (c.status.ok()) c.status = read_(c.reply, &response);
       c.reply = Reply();  // released (a UCX buffer back to its pool) before `done` runs
-      (*c.done)(c.status, c.status.ok() ? &response : nullptr);
+      ExpertTransport::Done done = std::move(dones_[c.index]);
+      dones_[c.index] = nullptr;
+      done(c.status, c.status.ok() ? &response : nullptr);
       response.Clear();
+    }
+    return true;
+  }
+
+  // Calls whose completion is queued already finish as they came, in the next Wait; the
+  // others are abandoned: their `done` runs here with CANCELLED.
+  void CancelAll() override {
+    std::vector<size_t> cancelled;
+    {
+      MutexLock lock(&state_->mu);
+      std::vector<bool> queued(dones_.size(), false);
+      for (const Completion& c : state_->completed) queued[c.index] = true;
+      for (size_t i = 0; i < dones_.size(); ++i) {
+        if (dones_[i] && !queued[i]) {
+          state_->abandoned[i] = true;
+          cancelled.push_back(i);
+        }
+      }
+    }
+    for (size_t i : cancelled) {
+      --pending_;
+      ExpertTransport::Done done = std::move(dones_[i]);
+      dones_[i] = nullptr;
+      done(absl::CancelledError("cancelled: another call answered first"), nullptr);
     }
   }
 
@@ -81,18 +124,23 @@ class QueuedExchange : public ExpertTransport::Exchange {
   struct Completion {
     absl::Status status;
     Reply reply;
-    ExpertTransport::Done* done = nullptr;
+    size_t index = 0;  // into dones_
   };
-  bool HasCompleted() const ABSL_SHARED_LOCKS_REQUIRED(mu_) { return !completed_.empty(); }
+  // What completions touch, shared with them.
+  struct State {
+    Mutex mu;
+    std::deque<Completion> completed ABSL_GUARDED_BY(mu);
+    std::vector<bool> abandoned ABSL_GUARDED_BY(mu);  // by call index
+    std::atomic<int> queued{0};                       // completed.size(), read without the lock
+    bool HasCompleted() const ABSL_SHARED_LOCKS_REQUIRED(mu) { return !completed.empty(); }
+  };
 
   Send send_;
   Read read_;
   Poll poll_;
-  std::deque<ExpertTransport::Done> dones_;  // stable addresses; the exchange's thread only
+  std::deque<ExpertTransport::Done> dones_;  // by call index; emptied once run
   int pending_ = 0;                          // started, `done` not run; the exchange's thread
-  Mutex mu_;
-  std::deque<Completion> completed_ ABSL_GUARDED_BY(mu_);
-  std::atomic<int> queued_{0};  // completed_.size(), read without the lock
+  const std::shared_ptr<State> state_ = std::make_shared<State>();
 };
 
 // Replies that arrive as responses already (the in-process fakes).

@@ -39,6 +39,11 @@ std::unique_ptr<v1::ComputeRequest> OutgoingRequest::TakeProto() {
   return out;
 }
 
+bool ExpertTransport::Exchange::WaitUntil(Clock::time_point, const std::function<bool()>&) {
+  Wait();
+  return true;
+}
+
 std::unique_ptr<OutgoingRequest> ExpertTransport::Exchange::NewRequest(size_t, int) {
   return std::make_unique<OutgoingRequest>();
 }

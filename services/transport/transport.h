@@ -72,6 +72,15 @@ class ExpertTransport {
                       Done done);
     // Returns when every started call has completed and its `done` has run.
     virtual void Wait() = 0;
+    // Wait that may return early: true when no call is in flight any more; false once
+    // `until` has passed or `enough()` (checked before waiting for each completion) holds
+    // with calls still in flight. The default cannot stop early: it Waits.
+    virtual bool WaitUntil(Clock::time_point until, const std::function<bool()>& enough);
+    // Ends every call still in flight: each one's `done` runs with CANCELLED (at once, or
+    // inside the next Wait) and a reply that comes later is dropped. gRPC cancels the call
+    // on the wire; UCX cannot recall a request (the service computes it, its reply is
+    // dropped). The default does nothing.
+    virtual void CancelAll() {}
   };
 
   virtual ~ExpertTransport() = default;
