@@ -6,6 +6,7 @@
 //   mesh_bench --metrics-cost [--tokens 256] [--repeats N]
 //   mesh_bench --compare-transports [--tokens 1,16,256,2048] [--repeats N]
 //   mesh_bench --tls-cost [--transport grpc|ucx] [--tokens 1,256] [--repeats N]
+//   mesh_bench --overload [--tokens 64] [--seconds S]
 //
 // Prints one JSON line per (wire, T): medians of the in-process layer and of a mesh call
 // (one client, calls back to back), the throughput ratio in-process/mesh time and the
@@ -25,6 +26,12 @@
 // made with openssl); the client calls both, alternating. With --transport ucx the token
 // data goes over UCX in both (TLS then covers the control plane only). Prints per T the
 // medians and their ratio.
+//
+// --overload: admission control under twice the load admitted. The router admits one call
+// at a time (--max-inflight-tokens T); one client measures the unloaded latencies, then two
+// clients send back to back (2x overload; a refused client waits 5 ms before it tries
+// again). Prints the admitted calls' p50/p99 against the unloaded ones, the share shed, the
+// slowest call (nothing hangs), and the same overload on a router without the bound.
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +46,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "services/base/mutex.h"
 #include "services/base/status_macros.h"
 #include "services/model/checkpoint.h"
 #include "services/model/model_generator.h"
@@ -243,12 +251,96 @@ absl::Status TlsCost(const std::string& binary, const std::string& dir, const Mo
   return status;
 }
 
+double Percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+}
+
+// `clients` threads calling back to back for `seconds`: admitted latencies (ms), calls shed
+// (RESOURCE_EXHAUSTED), other failures, the slowest call.
+struct OverloadRun {
+  std::vector<double> admitted_ms;
+  int64_t shed = 0, failed = 0;
+  double slowest_ms = 0;
+  std::string first_error;
+};
+
+OverloadRun Drive(const std::string& router, const Tensor& x, int64_t layer, int clients,
+                  double seconds) {
+  OverloadRun run;
+  Mutex mu;
+  const auto end = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < clients; ++i) {
+    threads.emplace_back([&] {
+      KServeClient client(router, 1 << 30);
+      while (Clock::now() < end) {
+        const auto t0 = Clock::now();
+        auto got = client.Infer(x, layer, std::chrono::seconds(30), false);
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        MutexLock lock(&mu);
+        run.slowest_ms = std::max(run.slowest_ms, ms);
+        if (got.ok()) {
+          run.admitted_ms.push_back(ms);
+        } else if (got.status().code() == absl::StatusCode::kResourceExhausted) {
+          ++run.shed;
+          mu.Unlock();
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          mu.Lock();
+        } else {
+          if (run.failed++ == 0) run.first_error = got.status().ToString();
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return run;
+}
+
+absl::Status Overload(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
+                      int64_t T, double seconds, int64_t services) {
+  const int64_t layer = c.MoeLayers().front();
+  const Tensor x = RandomInput(T, c.hidden_size);
+  ASSIGN_OR_RETURN(auto bounded, StartMesh(binary, dir, services, [&](LocalMeshOptions& mo) {
+                     mo.router_flags = {"--max-inflight-tokens", absl::StrCat(T)};
+                   }));
+  Drive(bounded->router_endpoint(), x, layer, 1, 1);  // warm-up
+  const OverloadRun unloaded = Drive(bounded->router_endpoint(), x, layer, 1, seconds);
+  const OverloadRun over = Drive(bounded->router_endpoint(), x, layer, 2, seconds);
+  bounded.reset();
+  ASSIGN_OR_RETURN(auto open, StartMesh(binary, dir, services, [](LocalMeshOptions&) {}));
+  Drive(open->router_endpoint(), x, layer, 1, 1);  // warm-up
+  const OverloadRun unbounded = Drive(open->router_endpoint(), x, layer, 2, seconds);
+  const auto share = [](const OverloadRun& r) {
+    const double all = static_cast<double>(r.admitted_ms.size() + r.shed);
+    return all > 0 ? static_cast<double>(r.shed) / all : 0.0;
+  };
+  const double p99_unloaded = Percentile(unloaded.admitted_ms, 0.99);
+  std::printf(
+      "{\"T\":%lld,\"unloaded_p50_ms\":%.2f,\"unloaded_p99_ms\":%.2f,"
+      "\"overload_admitted_p50_ms\":%.2f,\"overload_admitted_p99_ms\":%.2f,"
+      "\"p99_ratio_admitted_unloaded\":%.3f,\"shed_share\":%.3f,\"failed\":%lld,"
+      "\"slowest_ms\":%.1f,\"unbounded_p99_ms\":%.2f,\"p99_ratio_unbounded_unloaded\":%.3f,"
+      "\"calls\":%zu}\n",
+      (long long)T, Percentile(unloaded.admitted_ms, 0.5), p99_unloaded,
+      Percentile(over.admitted_ms, 0.5), Percentile(over.admitted_ms, 0.99),
+      Percentile(over.admitted_ms, 0.99) / p99_unloaded, share(over),
+      (long long)(over.failed + unloaded.failed + unbounded.failed),
+      std::max(over.slowest_ms, unbounded.slowest_ms), Percentile(unbounded.admitted_ms, 0.99),
+      Percentile(unbounded.admitted_ms, 0.99) / p99_unloaded, over.admitted_ms.size());
+  if (!over.first_error.empty())
+    std::fprintf(stderr, "first error: %s\n", over.first_error.c_str());
+  return absl::OkStatus();
+}
+
 absl::Status Run(int argc, char** argv) {
-  ASSIGN_OR_RETURN(CliArgs args,
-                   CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
-                                  {"model", "tokens", "repeats", "expert-services", "moemesh",
-                                   "metrics-cost", "compare-transports", "tls-cost", "transport"},
-                                  {"metrics-cost", "compare-transports", "tls-cost"}));
+  ASSIGN_OR_RETURN(
+      CliArgs args,
+      CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
+                     {"model", "tokens", "repeats", "expert-services", "moemesh", "metrics-cost",
+                      "compare-transports", "tls-cost", "transport", "overload", "seconds"},
+                     {"metrics-cost", "compare-transports", "tls-cost", "overload"}));
   std::string dir = args.String("model", "");
   if (dir.empty()) {
     dir = (std::filesystem::temp_directory_path() / "mesh_bench_model").string();
@@ -280,6 +372,11 @@ absl::Status Run(int argc, char** argv) {
   const int64_t layer = c.MoeLayers().front();
   if (args.Has("metrics-cost")) {
     return MetricsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services);
+  }
+  if (args.Has("overload")) {
+    ASSIGN_OR_RETURN(const double seconds, args.Double("seconds", 10));
+    return Overload(args.String("moemesh", MOEMESH_BINARY), dir, c,
+                    args.Has("tokens") ? tokens.front() : 64, seconds, services);
   }
   if (args.Has("tls-cost")) {
     return TlsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services,

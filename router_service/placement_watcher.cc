@@ -158,6 +158,7 @@ void PlacementWatcher::ReportLoop() {
     v1::LoadReport report;
     report.set_router_id(options_.router_id);
     router_->FillExpertLoad(-1, report.mutable_load());
+    for (const std::string& endpoint : router_->Ejected()) report.add_ejected(endpoint);
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
     v1::ReportLoadResponse resp;

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <thread>
 #include <tuple>
 
@@ -26,6 +27,7 @@
 #include "tools/controlled_mesh.h"
 #include "tools/http_client.h"
 #include "tools/load_driver.h"
+#include "tools/local_mesh.h"
 #include "tools/process.h"
 
 #ifndef MOEMESH_BINARY
@@ -269,6 +271,63 @@ TEST(ControllerTest, AHungLoadExpertsAbortsTheRoundCleanly) {
   (*mesh)->expert_process(*added).Signal(SIGCONT, false);
   std::this_thread::sleep_for(seconds(1));
   ExpectNothingLost(*driver);
+}
+
+// Outlier ejection seen by the controller: a service that hangs (SIGSTOP, its lease kept
+// by a long --lease-s) is ejected by each router after a timeout; the routers report it,
+// the controller shows it (ejected_by) and, once every router has ejected it for
+// --ejected-failed-s, treats it as failed; the other replica serves meanwhile.
+TEST(ControllerTest, AServiceEveryRouterEjectsIsTreatedAsFailed) {
+  const GeneratedModel m = Model();
+  ControlledMeshOptions o = Options(m, 2);
+  o.min_replicas = 2;
+  o.lease_s = 30;
+  o.router_flags = {"--timeout-ms", "800", "--eject-after", "1", "--eject-base-ms", "30000"};
+  o.controller_flags = {"--ejected-failed-s", "1"};
+  auto mesh = ControlledMesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const std::string hung = (*mesh)->expert_endpoints()[1];
+  ASSERT_TRUE((*mesh)->expert_process(1).Stop());
+  const TokenSkew uniform = TokenSkew::Uniform(*m.ckpt, m.config).value();
+  std::mt19937 rng(5);
+  const int64_t layer = m.config.MoeLayers().front();
+  for (const std::string& router : (*mesh)->router_endpoints()) {
+    KServeClient client(router);
+    int failed = 0;
+    for (int i = 0; i < 4; ++i) {
+      // At most the first call, which met the hung service, fails (DEADLINE_EXCEEDED).
+      absl::StatusOr<KServeClient::Result> got =
+          client.Infer(uniform.Tokens(layer, 16, rng), layer, seconds(5));
+      if (!got.ok()) {
+        EXPECT_EQ(got.status().code(), absl::StatusCode::kDeadlineExceeded) << got.status();
+        ++failed;
+      }
+    }
+    EXPECT_LE(failed, 1) << router;
+  }
+  auto service = [&](const v1::ControllerState& s) -> const v1::ServiceState* {
+    for (const v1::ServiceState& st : s.services()) {
+      if (st.endpoint() == hung) return &st;
+    }
+    return nullptr;
+  };
+  EXPECT_TRUE((*mesh)
+                  ->WaitForState(
+                      [&](const v1::ControllerState& s) {
+                        const v1::ServiceState* st = service(s);
+                        return st != nullptr && st->ejected_by() == 2;
+                      },
+                      seconds(10))
+                  .ok());
+  EXPECT_TRUE((*mesh)
+                  ->WaitForState(
+                      [&](const v1::ControllerState& s) {
+                        const v1::ServiceState* st = service(s);
+                        return st != nullptr && st->state() == "gone";
+                      },
+                      seconds(10))
+                  .ok());
+  (*mesh)->expert_process(1).Signal(SIGCONT, false);
 }
 
 // A router that was cut off while another controller published (a restart racing a

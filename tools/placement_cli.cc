@@ -30,12 +30,13 @@ void PrintState(const v1::ControllerState& s) {
               static_cast<long long>(s.moves()), static_cast<long long>(s.aborted_moves()),
               s.bytes_moved() / 1048576.0,
               s.moving().empty() ? "" : absl::StrCat("; moving: ", s.moving()).c_str());
-  std::printf("\n%-28s %-14s %-9s %8s %12s %10s %9s\n", "service", "id", "state", "experts",
-              "load tok/s", "weights", "lease ms");
+  std::printf("\n%-28s %-14s %-9s %8s %12s %10s %9s %8s\n", "service", "id", "state", "experts",
+              "load tok/s", "weights", "lease ms", "ejected");
   for (const v1::ServiceState& m : s.services()) {
-    std::printf("%-28s %-14s %-9s %8lld %12.1f %9.1fM %9lld\n", m.endpoint().c_str(),
+    std::printf("%-28s %-14s %-9s %8lld %12.1f %9.1fM %9lld %8lld\n", m.endpoint().c_str(),
                 m.service_id().c_str(), m.state().c_str(), static_cast<long long>(m.experts()),
-                m.load(), m.weight_bytes() / 1048576.0, static_cast<long long>(m.lease_left_ms()));
+                m.load(), m.weight_bytes() / 1048576.0, static_cast<long long>(m.lease_left_ms()),
+                static_cast<long long>(m.ejected_by()));
   }
   std::printf("\n%-28s %12s %10s\n", "router", "acked epoch", "connected");
   for (const v1::RouterState& r : s.routers()) {

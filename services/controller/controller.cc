@@ -264,6 +264,7 @@ class PlacementController::Service final : public v1::PlacementController::Servi
     }
     MutexLock lock(&c_->mu_);
     Router& r = c_->routers_[req->router_id()];
+    r.ejected = {req->ejected().begin(), req->ejected().end()};
     r.load = req->load();
     r.load_at = SteadyClock::now();
     r.last_seen = r.load_at;
@@ -370,6 +371,7 @@ void PlacementController::RoundLoop() {
       mu_.AwaitWithDeadline(this, &PlacementController::Wakeup, SteadyClock::now() + tick);
       if (stopping_) return;
       ExpireLeasesLocked();
+      ExpireEjectedLocked();
       if (!settled_ && SteadyClock::now() - started_ >= std::max(options_.lease, options_.settle)) {
         settled_ = true;
         Log(absl::StrCat("settled: ", members_.size(), " services, ", routers_.size(),
@@ -400,6 +402,40 @@ void PlacementController::ExpireLeasesLocked() {
     m.holds.clear();
     Log(absl::StrCat("service ", endpoint, " is gone (no heartbeat for ", options_.lease.count(),
                      " ms): its experts are re-homed"));
+    triggered_ = true;
+  }
+}
+
+std::pair<int, int> PlacementController::EjectionVotesLocked(const std::string& endpoint) const {
+  const auto now = SteadyClock::now();
+  int reporting = 0, ejecting = 0;
+  for (const auto& [id, r] : routers_) {
+    if (now - r.load_at > options_.lease) continue;  // no recent report: no vote
+    ++reporting;
+    if (r.ejected.count(endpoint)) ++ejecting;
+  }
+  return {reporting, ejecting};
+}
+
+void PlacementController::ExpireEjectedLocked() {
+  const auto now = SteadyClock::now();
+  for (auto& [endpoint, m] : members_) {
+    if (m.state == Member::State::kGone) continue;
+    const auto [reporting, ejecting] = EjectionVotesLocked(endpoint);
+    if (reporting == 0 || ejecting < reporting) {
+      m.ejected_since = {};
+      continue;
+    }
+    if (m.ejected_since == SteadyClock::time_point{}) m.ejected_since = now;
+    if (options_.ejected_failed.count() == 0 || now - m.ejected_since < options_.ejected_failed) {
+      continue;
+    }
+    m.state = Member::State::kGone;
+    m.holds.clear();
+    m.ejected_since = {};
+    Log(absl::StrCat("service ", endpoint, " ejected by every router for ",
+                     options_.ejected_failed.count(),
+                     " ms: treated as failed, its experts are re-homed"));
     triggered_ = true;
   }
 }
@@ -816,6 +852,11 @@ v1::ControllerState PlacementController::StateLocked() const {
     st->set_weight_bytes(experts[endpoint] * m.expert_bytes);
     st->set_lease_left_ms(std::max<int64_t>(
         0, std::chrono::duration_cast<std::chrono::milliseconds>(m.lease_until - now).count()));
+    st->set_ejected_by(EjectionVotesLocked(endpoint).second);
+    if (m.ejected_since != SteadyClock::time_point{}) {
+      st->set_ejected_all_ms(
+          std::chrono::duration_cast<std::chrono::milliseconds>(now - m.ejected_since).count());
+    }
   }
   for (const auto& [id, r] : routers_) {
     v1::RouterState* rs = s.add_routers();

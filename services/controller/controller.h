@@ -64,6 +64,9 @@ struct ControllerOptions {
   std::chrono::milliseconds load_timeout{120000};
   std::chrono::milliseconds ack_timeout{45000};
   int max_message_bytes = 64 << 20;
+  // A service that every router reporting load has ejected (outlier ejection) for this long
+  // is treated as failed: its experts are re-homed as when its lease expires. 0: never.
+  std::chrono::milliseconds ejected_failed{0};
   // Where the metrics go (docs/metrics.md); not owned; nullptr: none.
   metrics::Registry* registry = nullptr;
   // TLS, the identity every call needs, and the credentials the controller dials expert
@@ -95,13 +98,16 @@ class PlacementController {
     std::chrono::steady_clock::time_point lease_until;
     int64_t expert_bytes = 0;
     std::set<std::pair<int64_t, int32_t>> holds;  // as last registered or loaded
+    // Since when every reporting router ejects it (the epoch of the clock: not all do).
+    std::chrono::steady_clock::time_point ejected_since{};
     std::unique_ptr<v1::ExpertService::Stub> stub;
   };
   struct Router {
     uint64_t acked_epoch = 0;
     uint64_t refused_epoch = 0;  // the last epoch it refused, and why
     std::string refusal;
-    int streams = 0;  // watch streams open
+    int streams = 0;                // watch streams open
+    std::set<std::string> ejected;  // endpoints it ejects, from its last load report
     std::chrono::steady_clock::time_point last_seen;
     v1::ExpertLoad load;
     std::chrono::steady_clock::time_point load_at;
@@ -138,6 +144,12 @@ class PlacementController {
   // them become ready.
   void PromoteJoinersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ExpireLeasesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // With ejected_failed: a service every reporting router has ejected for that long is
+  // treated as failed, as when its lease expires.
+  void ExpireEjectedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Routers that reported within a lease, and how many of them eject `endpoint`.
+  std::pair<int, int> EjectionVotesLocked(const std::string& endpoint) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Services that hold experts the placement does not give them (a round aborted after its
   // publish, a restart): unloaded once every router serves an epoch without them.
   void CollectGarbage() ABSL_LOCKS_EXCLUDED(mu_);

@@ -16,6 +16,7 @@ constexpr char kUsage[] =
     "moemesh controller --model DIR [--listen HOST:PORT] [--metrics-listen HOST:PORT]\n"
     "  [--rebalance-interval-s S] [--min-replicas R] [--expert-slots N] [--lease-s S]\n"
     "  [--settle-s S] [--min-gain F] [--load-timeout-s S] [--ack-timeout-s S]\n"
+    "  [--ejected-failed-s S]\n"
     "  Owns the placement of one model: expert services register with it (moemesh expert\n"
     "  --controller), routers follow it (moemesh router --controller), and every\n"
     "  --rebalance-interval-s (default 10; 0: only on request) it moves and replicates\n"
@@ -28,15 +29,18 @@ constexpr char kUsage[] =
     "  --min-gain: publish a layer's new placement only when its most loaded service's load\n"
     "    drops by this fraction (default 0.10; docs/planner.md)\n"
     "  --load-timeout-s, --ack-timeout-s: a service loading its new experts (default 120), every\n"
-    "    router acknowledging a new epoch (default 45): past them the round is aborted\n";
+    "    router acknowledging a new epoch (default 45): past them the round is aborted\n"
+    "  --ejected-failed-s: a service every router reporting load has ejected (outlier\n"
+    "    ejection) for S seconds is treated as failed and its experts re-homed (default 0:\n"
+    "    never)\n";
 
 absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(
       CliArgs args,
-      CliArgs::Parse(argv,
-                     WithSecurityFlags({"model", "listen", "metrics-listen", "rebalance-interval-s",
-                                        "min-replicas", "expert-slots", "lease-s", "settle-s",
-                                        "min-gain", "load-timeout-s", "ack-timeout-s"})));
+      CliArgs::Parse(argv, WithSecurityFlags(
+                               {"model", "listen", "metrics-listen", "rebalance-interval-s",
+                                "min-replicas", "expert-slots", "lease-s", "settle-s", "min-gain",
+                                "load-timeout-s", "ack-timeout-s", "ejected-failed-s"})));
   ControllerOptions o;
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   ASSIGN_OR_RETURN(o.security, SecurityFromFlags(args));
@@ -75,6 +79,11 @@ absl::Status Run(const std::vector<std::string>& argv) {
     }
     *field = std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
   }
+  ASSIGN_OR_RETURN(const double ejected_s, args.Double("ejected-failed-s", 0));
+  if (!(ejected_s >= 0 && ejected_s <= 86400)) {
+    return absl::InvalidArgumentError("--ejected-failed-s must be in [0, 86400]");
+  }
+  o.ejected_failed = std::chrono::milliseconds(static_cast<int64_t>(ejected_s * 1000));
   metrics::Registry registry;
   const std::string metrics_listen = args.String("metrics-listen", "");
   if (!metrics_listen.empty()) {
