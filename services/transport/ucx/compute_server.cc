@@ -352,7 +352,9 @@ void UcxComputeServer::Hello(uint64_t id, std::string address) {
   auto it = clients_.find(id);
   if (it == clients_.end()) return;  // made by Accept, before this was posted
   std::unique_ptr<Client>& client = it->second;
-  if (client->ep != nullptr && client->address == address) return;  // a reconnect: same client
+  // A hello on a connection the client made anew: its way back is made anew too, even to
+  // the same address (the old one may be broken without UCX having said so yet, e.g.
+  // after the connection was reset: replies sent there would be lost).
   if (client->ep != nullptr) {
     ucx::CloseEndpoint(client->ep);
     client->ep = nullptr;
