@@ -21,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "controller.grpc.pb.h"
+#include "expert_service.grpc.pb.h"
 #include "router_control.grpc.pb.h"
 #include "services/model/model_generator.h"
 #include "services/rpc/wire.h"
@@ -209,6 +210,38 @@ TEST(ControllerTest, KillMinus9WithTwoReplicasLosesNothing) {
       },
       seconds(30));
   EXPECT_TRUE(healed.ok()) << healed;
+  std::this_thread::sleep_for(seconds(1));
+  ExpectNothingLost(*driver);
+}
+
+// A service killed and restarted on the same endpoint before its lease ends comes back
+// holding nothing, while the placement still names it: its experts count as missing
+// replicas (not as held), so the controller loads them onto it again, and nothing is lost
+// meanwhile (the routers retry NOT_FOUND on the other replica).
+TEST(ControllerTest, AServiceRestartedEmptyOnItsEndpointIsRefilled) {
+  const GeneratedModel m = Model();
+  ControlledMeshOptions o = Options(m, 2);
+  o.min_replicas = 2;
+  o.lease_s = 30;  // back before anyone notices it was gone
+  auto mesh = ControlledMesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const TokenSkew uniform = TokenSkew::Uniform(*m.ckpt, m.config).value();
+  auto driver = Drive(**mesh, m, uniform);
+  ASSERT_NE(driver, nullptr);
+  std::this_thread::sleep_for(seconds(1));
+  (*mesh)->expert_process(0).Signal(SIGKILL, /*wait=*/true);
+  ASSERT_TRUE((*mesh)->RestartExpert(0).ok());
+  auto stub = v1::ExpertService::NewStub(
+      grpc::CreateChannel((*mesh)->expert_endpoints()[0], grpc::InsecureChannelCredentials()));
+  int64_t held = 0;
+  for (int i = 0; i < 150 && held < m.config.num_experts; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    grpc::ClientContext ctx;
+    v1::InfoResponse info;
+    if (stub->Info(&ctx, v1::InfoRequest(), &info).ok()) held = info.experts_size();
+  }
+  // min_replicas 2 on 2 services: it holds every expert of every MoE layer again.
+  EXPECT_EQ(held, m.config.num_experts * static_cast<int64_t>(m.config.MoeLayers().size()));
   std::this_thread::sleep_for(seconds(1));
   ExpectNothingLost(*driver);
 }

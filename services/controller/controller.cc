@@ -452,9 +452,12 @@ bool PlacementController::NeedsRepairLocked() const {
   for (const v1::PlacementEntry& e : placement_.entries()) {
     int ready = 0;
     for (const std::string& r : e.replicas()) {
+      // A replica counts only while the service holds the expert: one restarted on the
+      // same endpoint comes back empty.
       auto it = members_.find(r);
       if (it != members_.end() && it->second.state != Member::State::kGone &&
-          it->second.state != Member::State::kDraining) {
+          it->second.state != Member::State::kDraining &&
+          it->second.holds.count({e.layer(), e.expert()})) {
         ++ready;
       }
     }
@@ -487,8 +490,12 @@ absl::StatusOr<PlannerInput> PlacementController::PlannerInputLocked(
       if (layer == in.current.end() || e.expert() < 0 || e.expert() >= config_.num_experts)
         continue;
       for (const std::string& r : e.replicas()) {
+        // Only where the expert is held (a service restarted on the same endpoint holds
+        // nothing, though the placement still names it): the planner loads it again.
         auto it = index.find(r);
-        if (it != index.end()) layer->second[e.expert()].push_back(it->second);
+        if (it != index.end() && members_.at(r).holds.count({e.layer(), e.expert()})) {
+          layer->second[e.expert()].push_back(it->second);
+        }
       }
     }
   } else {
