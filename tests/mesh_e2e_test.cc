@@ -416,11 +416,12 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
   bf16_wire.wire_dtype = DType::kBF16;
   auto ref = MoeLayer::Create(*m.ckpt, m.config, 0, bf16_wire).value();
   const Tensor x = Input(64, H, 11);
-  // Every Compute takes 3 s (fault injection): a call stays in flight while the router
-  // drains, its expert services healthy all along.
+  // Every Compute takes 6 s (fault injection): a call stays in flight while the router
+  // drains and the checks below run (each up to 2 s, slower on a loaded machine), its
+  // expert services healthy all along.
   auto mesh = StartMesh(m, 2, 1, "bf16", [](LocalMeshOptions* o) {
     o->metrics = true;
-    o->expert_flags = {"--fault-delay-ms", "3000"};
+    o->expert_flags = {"--fault-delay-ms", "6000"};
   });
   ASSERT_NE(mesh, nullptr);
   KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
