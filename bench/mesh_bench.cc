@@ -93,6 +93,25 @@ absl::StatusOr<std::unique_ptr<LocalMesh>> StartMesh(
   return mesh;
 }
 
+// Calls clients[0] and clients[1] in turn (which goes first alternates), `repeats` times
+// each after 2 warm-ups: the median call time of each, in ms.
+absl::StatusOr<std::pair<double, double>> AlternatingMedians(KServeClient (&clients)[2],
+                                                             const Tensor& x, int64_t layer,
+                                                             int64_t repeats) {
+  std::vector<double> ms[2];
+  for (int64_t r = -2; r < repeats; ++r) {  // r < 0: warm-up
+    for (int k = 0; k < 2; ++k) {
+      const int which = (r + k) % 2 == 0 ? 0 : 1;
+      const auto t0 = Clock::now();
+      auto got = clients[which].Infer(x, layer, std::chrono::seconds(120), false);
+      const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      if (!got.ok()) return got.status();
+      if (r >= 0) ms[which].push_back(m);
+    }
+  }
+  return std::pair{Median(ms[0]), Median(ms[1])};
+}
+
 absl::Status MetricsCost(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
                          const std::vector<int64_t>& tokens, int64_t repeats, int64_t services) {
   const int64_t layer = c.MoeLayers().front();
@@ -119,19 +138,13 @@ absl::Status MetricsCost(const std::string& binary, const std::string& dir, cons
   absl::Status status;
   for (int64_t T : tokens) {
     const Tensor x = RandomInput(T, c.hidden_size);
-    std::vector<double> ms[2];
-    for (int64_t r = -2; r < repeats && status.ok(); ++r) {  // r < 0: warm-up
-      for (int k = 0; k < 2 && status.ok(); ++k) {
-        const int on = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
-        const auto t0 = Clock::now();
-        auto got = clients[on].Infer(x, layer, std::chrono::seconds(120), false);
-        const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        if (!got.ok()) status = got.status();
-        if (r >= 0) ms[on].push_back(m);
-      }
+    absl::StatusOr<std::pair<double, double>> medians =
+        AlternatingMedians(clients, x, layer, repeats);
+    if (!medians.ok()) {
+      status = medians.status();
+      break;
     }
-    if (!status.ok()) break;
-    const double off = Median(ms[0]), on = Median(ms[1]);
+    const auto [off, on] = *medians;
     std::printf(
         "{\"T\":%lld,\"metrics_off_ms\":%.3f,\"metrics_on_ms\":%.3f,"
         "\"throughput_ratio_on_off\":%.4f,\"repeats\":%lld,\"scrapes\":%lld}\n",
@@ -227,19 +240,13 @@ absl::Status TlsCost(const std::string& binary, const std::string& dir, const Mo
   absl::Status status;
   for (int64_t T : tokens) {
     const Tensor x = RandomInput(T, c.hidden_size);
-    std::vector<double> ms[2];
-    for (int64_t r = -2; r < repeats && status.ok(); ++r) {  // r < 0: warm-up
-      for (int k = 0; k < 2 && status.ok(); ++k) {
-        const int on = (r + k) % 2 == 0 ? 0 : 1;  // alternate which goes first
-        const auto t0 = Clock::now();
-        auto got = clients[on].Infer(x, layer, std::chrono::seconds(120), false);
-        const double m = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        if (!got.ok()) status = got.status();
-        if (r >= 0) ms[on].push_back(m);
-      }
+    absl::StatusOr<std::pair<double, double>> medians =
+        AlternatingMedians(clients, x, layer, repeats);
+    if (!medians.ok()) {
+      status = medians.status();
+      break;
     }
-    if (!status.ok()) break;
-    const double off = Median(ms[0]), on = Median(ms[1]);
+    const auto [off, on] = *medians;
     std::printf(
         "{\"transport\":\"%s\",\"T\":%lld,\"plaintext_ms\":%.3f,\"mtls_ms\":%.3f,"
         "\"throughput_ratio_mtls_plaintext\":%.4f,\"repeats\":%lld}\n",
