@@ -465,7 +465,7 @@ void ExpertServer::Shutdown(std::chrono::system_clock::time_point deadline) {
     // ones in flight finish; only then does the server stop accepting.
     server_->GetHealthCheckService()->SetServingStatus(false);
     drain_.Drain(deadline);
-    server_->Shutdown(deadline);
+    server_->Shutdown(DrainGate::ShutdownDeadline(deadline));
   });
 }
 

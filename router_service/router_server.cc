@@ -287,7 +287,7 @@ void RouterServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   // New calls are refused (UNAVAILABLE) while the ones in flight finish; only then does the
   // server stop accepting.
   drain_.Drain(deadline);
-  server_->Shutdown(deadline);
+  server_->Shutdown(DrainGate::ShutdownDeadline(deadline));
 }
 
 void RouterServer::Wait() { server_->Wait(); }

@@ -416,12 +416,12 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
   bf16_wire.wire_dtype = DType::kBF16;
   auto ref = MoeLayer::Create(*m.ckpt, m.config, 0, bf16_wire).value();
   const Tensor x = Input(64, H, 11);
-  // Every Compute takes 6 s (fault injection): a call stays in flight while the router
-  // drains and the checks below run (each up to 2 s, slower on a loaded machine), its
-  // expert services healthy all along.
+  // Every Compute waits 2 s (fault injection), so the call below is still in the expert
+  // services when they are stopped (SIGSTOP); they go on only once the checks made while
+  // the router drains are over, however slow the machine: the call is in flight all along.
   auto mesh = StartMesh(m, 2, 1, "bf16", [](LocalMeshOptions* o) {
     o->metrics = true;
-    o->expert_flags = {"--fault-delay-ms", "6000"};
+    o->expert_flags = {"--fault-delay-ms", "2000"};
   });
   ASSERT_NE(mesh, nullptr);
   KServeClient client(mesh->router_endpoint(), 256 << 20, ClientSecurity());
@@ -444,10 +444,11 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
   });
   ASSERT_TRUE(MetricReaches(mesh->router_metrics_url(), "moemesh_router_inflight_requests", 1,
                             seconds(10)));
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(mesh->expert_process(i).Stop());
   mesh->router_process().Signal(SIGTERM, false);
 
   // Draining: the health stream turns NOT_SERVING while the call is still in flight...
-  const absl::StatusOr<int> draining = (*watch)->Next(seconds(2));
+  const absl::StatusOr<int> draining = (*watch)->Next(seconds(10));
   ASSERT_TRUE(draining.ok()) << draining.status();
   EXPECT_EQ(*draining, 2);
   EXPECT_FALSE(done.load()) << "the call ended before the drain was seen";
@@ -455,21 +456,28 @@ TEST(MeshTest, RouterDrainsInFlightCallsOnSigtermAndExitsZero) {
   // UNAVAILABLE (which clients retry on another router), not a refused connection...
   {
     auto fresh = ClientSecurity()->Dial(mesh->router_endpoint());
-    const absl::StatusOr<int> health = CheckHealth(fresh, seconds(2));
+    const absl::StatusOr<int> health = CheckHealth(fresh, seconds(10));
     ASSERT_TRUE(health.ok()) << health.status();
     EXPECT_EQ(*health, 2);
     KServeClient late(mesh->router_endpoint(), 256 << 20, ClientSecurity());
-    const auto refused = late.Infer(x, 0, seconds(2));
+    const auto refused = late.Infer(x, 0, seconds(10));
     ASSERT_FALSE(refused.ok());
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
     EXPECT_NE(refused.status().message().find("router is draining"), std::string::npos)
         << refused.status();
   }
-  // ...and the call in flight completes with the right answer. Then the router exits 0.
+  // ...and the call in flight completes with the right answer once the expert services
+  // go on. Then the router exits 0, soon: the health stream still open is cancelled a
+  // second after the drain (DrainGate::kGraceAfterDrain), not at the drain deadline.
+  for (int i = 0; i < 2; ++i) mesh->expert_process(i).Signal(SIGCONT, false);
   caller.join();
   ASSERT_TRUE(in_flight.ok()) << in_flight.status();
   EXPECT_TRUE(SameBits(in_flight->output, ref->Forward(x).value().output));
+  const auto exiting = std::chrono::steady_clock::now();
   EXPECT_EQ(mesh->router_process().Signal(0, /*wait=*/true), 0);
+  // Drain time is 10 s from SIGTERM, 8 s after the call ended: an exit within 5 s was not
+  // held by the stream (it takes about 1.3 s: the linger, then the grace).
+  EXPECT_LT(std::chrono::steady_clock::now() - exiting, seconds(5));
 }
 
 // A replica killed while a call to it is in flight: the router sends that destination's
