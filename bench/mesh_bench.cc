@@ -7,6 +7,7 @@
 //   mesh_bench --compare-transports [--tokens 1,16,256,2048] [--repeats N]
 //   mesh_bench --tls-cost [--transport grpc|ucx] [--tokens 1,256] [--repeats N]
 //   mesh_bench --overload [--tokens 64] [--seconds S]
+//   mesh_bench --arena-cost [--tokens 1,256] [--repeats N] [--clients C]
 //
 // Prints one JSON line per (wire, T): medians of the in-process layer and of a mesh call
 // (one client, calls back to back), the throughput ratio in-process/mesh time and the
@@ -32,12 +33,19 @@
 // clients send back to back (2x overload; a refused client waits 5 ms before it tries
 // again). Prints the admitted calls' p50/p99 against the unloaded ones, the share shed, the
 // slowest call (nothing hangs), and the same overload on a router without the bound.
+//
+// --arena-cost: the price of the services' malloc arena cap (services/runtime/
+// serving_settings.h). Two meshes side by side, one with glibc's default arena count
+// (MALLOC_ARENA_MAX=8 per core set for its processes) and one with the cap; per T, one
+// client alternating between them (median call time), then C clients at once on one mesh
+// and then the other, in turn, `repeats` rounds of 20 calls each (median calls/s).
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <random>
@@ -305,6 +313,61 @@ OverloadRun Drive(const std::string& router, const Tensor& x, int64_t layer, int
   return run;
 }
 
+absl::Status ArenaCost(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
+                       const std::vector<int64_t>& tokens, int64_t repeats, int64_t services,
+                       int64_t concurrency) {
+  const int64_t layer = c.MoeLayers().front();
+  const std::string glibc_default = std::to_string(8 * std::thread::hardware_concurrency());
+  std::unique_ptr<LocalMesh> meshes[2];  // [0] glibc's default, [1] the cap
+  for (int k = 0; k < 2; ++k) {
+    // The children inherit the environment; a set MALLOC_ARENA_MAX overrides the cap.
+    if (k == 0) ::setenv("MALLOC_ARENA_MAX", glibc_default.c_str(), 1);
+    absl::StatusOr<std::unique_ptr<LocalMesh>> mesh =
+        StartMesh(binary, dir, services, [](LocalMeshOptions&) {});
+    ::unsetenv("MALLOC_ARENA_MAX");
+    if (!mesh.ok()) return mesh.status();
+    meshes[k] = *std::move(mesh);
+  }
+  KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
+                             KServeClient(meshes[1]->router_endpoint(), 1 << 30)};
+  for (int64_t T : tokens) {
+    const Tensor x = RandomInput(T, c.hidden_size);
+    ASSIGN_OR_RETURN(const auto medians, AlternatingMedians(clients, x, layer, repeats));
+    // C clients at once: calls/s of a round of 20 calls each, rounds alternating.
+    constexpr int kCallsPerClient = 20;
+    std::vector<double> rate[2];
+    for (int64_t r = -1; r < repeats; ++r) {  // r < 0: warm-up
+      for (int k = 0; k < 2; ++k) {
+        const int which = (r + k) % 2 == 0 ? 0 : 1;
+        std::atomic<int64_t> failed{0};
+        const auto t0 = Clock::now();
+        std::vector<std::thread> threads;
+        for (int64_t i = 0; i < concurrency; ++i) {
+          threads.emplace_back([&] {
+            for (int j = 0; j < kCallsPerClient; ++j) {
+              if (!clients[which].Infer(x, layer, std::chrono::seconds(120), false).ok()) ++failed;
+            }
+          });
+        }
+        for (std::thread& t : threads) t.join();
+        const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+        if (failed > 0) return absl::InternalError(absl::StrCat(failed.load(), " calls failed"));
+        if (r >= 0) rate[which].push_back(concurrency * kCallsPerClient / s);
+      }
+    }
+    const double d = Median(rate[0]), a = Median(rate[1]);
+    std::printf(
+        "{\"T\":%lld,\"default_arenas\":%s,\"capped_arenas\":%d,\"default_ms\":%.3f,"
+        "\"capped_ms\":%.3f,\"latency_ratio_capped_default\":%.4f,\"clients\":%lld,"
+        "\"default_calls_per_s\":%.1f,\"capped_calls_per_s\":%.1f,"
+        "\"throughput_ratio_capped_default\":%.4f,\"repeats\":%lld}\n",
+        (long long)T, glibc_default.c_str(), kMallocArenas, medians.first, medians.second,
+        medians.second / medians.first, (long long)concurrency, d, a, a / d, (long long)repeats);
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Overload(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
                       int64_t T, double seconds, int64_t services) {
   const int64_t layer = c.MoeLayers().front();
@@ -346,8 +409,9 @@ absl::Status Run(int argc, char** argv) {
       CliArgs args,
       CliArgs::Parse(std::vector<std::string>(argv + 1, argv + argc),
                      {"model", "tokens", "repeats", "expert-services", "moemesh", "metrics-cost",
-                      "compare-transports", "tls-cost", "transport", "overload", "seconds"},
-                     {"metrics-cost", "compare-transports", "tls-cost", "overload"}));
+                      "compare-transports", "tls-cost", "transport", "overload", "seconds",
+                      "arena-cost", "clients"},
+                     {"metrics-cost", "compare-transports", "tls-cost", "overload", "arena-cost"}));
   std::string dir = args.String("model", "");
   if (dir.empty()) {
     dir = (std::filesystem::temp_directory_path() / "mesh_bench_model").string();
@@ -365,8 +429,9 @@ absl::Status Run(int argc, char** argv) {
   std::vector<int64_t> tokens;
   for (absl::string_view s :
        absl::StrSplit(args.String("tokens", args.Has("metrics-cost") ? "256"
-                                            : args.Has("tls-cost")   ? "1,256"
-                                                                     : "1,16,256,2048"),
+                                            : args.Has("tls-cost") || args.Has("arena-cost")
+                                                ? "1,256"
+                                                : "1,16,256,2048"),
                       ',')) {
     int64_t t;
     if (!absl::SimpleAtoi(s, &t) || t <= 0) return absl::InvalidArgumentError("bad --tokens");
@@ -384,6 +449,11 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(const double seconds, args.Double("seconds", 10));
     return Overload(args.String("moemesh", MOEMESH_BINARY), dir, c,
                     args.Has("tokens") ? tokens.front() : 64, seconds, services);
+  }
+  if (args.Has("arena-cost")) {
+    ASSIGN_OR_RETURN(const int64_t clients, args.Int("clients", 4));
+    return ArenaCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services,
+                     clients);
   }
   if (args.Has("tls-cost")) {
     return TlsCost(args.String("moemesh", MOEMESH_BINARY), dir, c, tokens, repeats, services,

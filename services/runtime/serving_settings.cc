@@ -2,6 +2,9 @@
 
 #include <malloc.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "absl/synchronization/mutex.h"
 
 namespace moemesh {
@@ -9,6 +12,11 @@ namespace moemesh {
 void ConfigureForServing() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's largest accepted value on 64-bit
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (std::getenv("MALLOC_ARENA_MAX") == nullptr &&
+      (tunables == nullptr || std::strstr(tunables, "arena_max") == nullptr)) {
+    mallopt(M_ARENA_MAX, kMallocArenas);
+  }
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
