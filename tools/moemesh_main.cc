@@ -89,7 +89,6 @@ absl::Status RunGenModel(const std::vector<std::string>& argv) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
-  moemesh::ConfigureForServing();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::fputs(moemesh::kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
@@ -100,6 +99,8 @@ int main(int argc, char** argv) {
     std::fputs(moemesh::kUsage, stdout);
     return 0;
   }
+  // The services configure themselves (RunServiceMain), each for its role.
+  if (cmd == "layer" || cmd == "gen-model" || cmd == "demo") moemesh::ConfigureForServing();
   absl::Status st;
   if (cmd == "layer") {
     st = moemesh::RunLayer(rest);

@@ -106,7 +106,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int ControllerMain(const std::vector<std::string>& args) {
-  return RunServiceMain("controller", kUsage, args, Run);
+  return RunServiceMain("controller", kUsage, args, Run, ProcessRole::kControlPlane);
 }
 
 }  // namespace moemesh

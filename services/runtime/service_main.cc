@@ -8,13 +8,14 @@
 namespace moemesh {
 
 int RunServiceMain(const char* command, const char* usage, const std::vector<std::string>& args,
-                   const std::function<absl::Status(const std::vector<std::string>&)>& run) {
+                   const std::function<absl::Status(const std::vector<std::string>&)>& run,
+                   ProcessRole role) {
   if (HelpRequested(args)) {
     std::fputs(usage, stdout);
     std::fputs(kSecurityUsage, stdout);
     return 0;
   }
-  ConfigureForServing();
+  ConfigureForServing(role);
   // Before any thread starts, so that every thread inherits the mask and the signal reaches
   // only WaitForStopSignal: no work happens inside a signal handler.
   BlockStopSignals();

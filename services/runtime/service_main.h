@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "services/runtime/serving_settings.h"
 #include "services/runtime/signals.h"
 
 namespace moemesh {
@@ -27,9 +28,10 @@ inline constexpr std::chrono::seconds kDefaultDrainTime{10};
 // (services/runtime/serving_settings.h), stop signals blocked in every thread before `run(args)`
 // starts any, and a stop when the launcher that started the process dies (StopWithParent). Returns
 // 0 when `run` returns OK; else prints "moemesh COMMAND: ERROR" and `usage` on stderr and
-// returns 1.
+// returns 1. `role`: the serving settings' kind of process.
 int RunServiceMain(const char* command, const char* usage, const std::vector<std::string>& args,
-                   const std::function<absl::Status(const std::vector<std::string>&)>& run);
+                   const std::function<absl::Status(const std::vector<std::string>&)>& run,
+                   ProcessRole role = ProcessRole::kDataPlane);
 
 // Prints "listening on HOST:PORT" on stdout (HOST from `listen`, PORT the bound `port`):
 // the line launchers and tests wait for before they call.

@@ -9,9 +9,11 @@
 
 namespace moemesh {
 
-void ConfigureForServing() {
-  mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's largest accepted value on 64-bit
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+void ConfigureForServing(ProcessRole role) {
+  if (role == ProcessRole::kDataPlane) {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's largest accepted value on 64-bit
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  }
   const char* tunables = std::getenv("GLIBC_TUNABLES");
   if (std::getenv("MALLOC_ARENA_MAX") == nullptr &&
       (tunables == nullptr || std::strstr(tunables, "arena_max") == nullptr)) {
