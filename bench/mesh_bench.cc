@@ -120,9 +120,24 @@ absl::StatusOr<std::pair<double, double>> AlternatingMedians(KServeClient (&clie
   return std::pair{Median(ms[0]), Median(ms[1])};
 }
 
+// For each T of `tokens`: a random input x, AlternatingMedians of the two clients on it,
+// and `report(T, x, median ms of clients[0], of clients[1])`. Stops at the first error.
+absl::Status CompareEachT(
+    KServeClient (&clients)[2], const MoeModelConfig& c, const std::vector<int64_t>& tokens,
+    int64_t repeats,
+    const std::function<absl::Status(int64_t T, const Tensor& x, double ms0, double ms1)>& report) {
+  const int64_t layer = c.MoeLayers().front();
+  for (int64_t T : tokens) {
+    const Tensor x = RandomInput(T, c.hidden_size);
+    ASSIGN_OR_RETURN(const auto medians, AlternatingMedians(clients, x, layer, repeats));
+    RETURN_IF_ERROR(report(T, x, medians.first, medians.second));
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MetricsCost(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
                          const std::vector<int64_t>& tokens, int64_t repeats, int64_t services) {
-  const int64_t layer = c.MoeLayers().front();
   std::unique_ptr<LocalMesh> meshes[2];  // [0] metrics off, [1] on
   for (int on = 0; on < 2; ++on) {
     ASSIGN_OR_RETURN(meshes[on], StartMesh(binary, dir, services,
@@ -143,22 +158,14 @@ absl::Status MetricsCost(const std::string& binary, const std::string& dir, cons
   });
   KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
                              KServeClient(meshes[1]->router_endpoint(), 1 << 30)};
-  absl::Status status;
-  for (int64_t T : tokens) {
-    const Tensor x = RandomInput(T, c.hidden_size);
-    absl::StatusOr<std::pair<double, double>> medians =
-        AlternatingMedians(clients, x, layer, repeats);
-    if (!medians.ok()) {
-      status = medians.status();
-      break;
-    }
-    const auto [off, on] = *medians;
-    std::printf(
-        "{\"T\":%lld,\"metrics_off_ms\":%.3f,\"metrics_on_ms\":%.3f,"
-        "\"throughput_ratio_on_off\":%.4f,\"repeats\":%lld,\"scrapes\":%lld}\n",
-        (long long)T, off, on, off / on, (long long)repeats, (long long)scrapes.load());
-    std::fflush(stdout);
-  }
+  const absl::Status status = CompareEachT(
+      clients, c, tokens, repeats, [&](int64_t T, const Tensor&, double off, double on) {
+        std::printf(
+            "{\"T\":%lld,\"metrics_off_ms\":%.3f,\"metrics_on_ms\":%.3f,"
+            "\"throughput_ratio_on_off\":%.4f,\"repeats\":%lld,\"scrapes\":%lld}\n",
+            (long long)T, off, on, off / on, (long long)repeats, (long long)scrapes.load());
+        return absl::OkStatus();
+      });
   done = true;
   scraper.join();
   return status;
@@ -219,7 +226,6 @@ absl::Status CompareTransports(const std::string& binary, const std::string& dir
 absl::Status TlsCost(const std::string& binary, const std::string& dir, const MoeModelConfig& c,
                      const std::vector<int64_t>& tokens, int64_t repeats, int64_t services,
                      const std::string& transport) {
-  const int64_t layer = c.MoeLayers().front();
   const std::string pki =
       (std::filesystem::temp_directory_path() / absl::StrCat("mesh_bench_pki_", ::getpid()))
           .string();
@@ -245,22 +251,14 @@ absl::Status TlsCost(const std::string& binary, const std::string& dir, const Mo
   }
   KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
                              KServeClient(meshes[1]->router_endpoint(), 1 << 30, security)};
-  absl::Status status;
-  for (int64_t T : tokens) {
-    const Tensor x = RandomInput(T, c.hidden_size);
-    absl::StatusOr<std::pair<double, double>> medians =
-        AlternatingMedians(clients, x, layer, repeats);
-    if (!medians.ok()) {
-      status = medians.status();
-      break;
-    }
-    const auto [off, on] = *medians;
-    std::printf(
-        "{\"transport\":\"%s\",\"T\":%lld,\"plaintext_ms\":%.3f,\"mtls_ms\":%.3f,"
-        "\"throughput_ratio_mtls_plaintext\":%.4f,\"repeats\":%lld}\n",
-        transport.c_str(), (long long)T, off, on, off / on, (long long)repeats);
-    std::fflush(stdout);
-  }
+  const absl::Status status = CompareEachT(
+      clients, c, tokens, repeats, [&](int64_t T, const Tensor&, double off, double on) {
+        std::printf(
+            "{\"transport\":\"%s\",\"T\":%lld,\"plaintext_ms\":%.3f,\"mtls_ms\":%.3f,"
+            "\"throughput_ratio_mtls_plaintext\":%.4f,\"repeats\":%lld}\n",
+            transport.c_str(), (long long)T, off, on, off / on, (long long)repeats);
+        return absl::OkStatus();
+      });
   std::error_code ec;
   std::filesystem::remove_all(pki, ec);
   return status;
@@ -330,42 +328,43 @@ absl::Status ArenaCost(const std::string& binary, const std::string& dir, const 
   }
   KServeClient clients[2] = {KServeClient(meshes[0]->router_endpoint(), 1 << 30),
                              KServeClient(meshes[1]->router_endpoint(), 1 << 30)};
-  for (int64_t T : tokens) {
-    const Tensor x = RandomInput(T, c.hidden_size);
-    ASSIGN_OR_RETURN(const auto medians, AlternatingMedians(clients, x, layer, repeats));
-    // C clients at once: calls/s of a round of 20 calls each, rounds alternating.
-    constexpr int kCallsPerClient = 20;
-    std::vector<double> rate[2];
-    for (int64_t r = -1; r < repeats; ++r) {  // r < 0: warm-up
-      for (int k = 0; k < 2; ++k) {
-        const int which = (r + k) % 2 == 0 ? 0 : 1;
-        std::atomic<int64_t> failed{0};
-        const auto t0 = Clock::now();
-        std::vector<std::thread> threads;
-        for (int64_t i = 0; i < concurrency; ++i) {
-          threads.emplace_back([&] {
-            for (int j = 0; j < kCallsPerClient; ++j) {
-              if (!clients[which].Infer(x, layer, std::chrono::seconds(120), false).ok()) ++failed;
+  return CompareEachT(
+      clients, c, tokens, repeats,
+      [&](int64_t T, const Tensor& x, double default_ms, double capped_ms) {
+        // C clients at once: calls/s of a round of 20 calls each, rounds alternating.
+        constexpr int kCallsPerClient = 20;
+        std::vector<double> rate[2];
+        for (int64_t r = -1; r < repeats; ++r) {  // r < 0: warm-up
+          for (int k = 0; k < 2; ++k) {
+            const int which = (r + k) % 2 == 0 ? 0 : 1;
+            std::atomic<int64_t> failed{0};
+            const auto t0 = Clock::now();
+            std::vector<std::thread> threads;
+            for (int64_t i = 0; i < concurrency; ++i) {
+              threads.emplace_back([&] {
+                for (int j = 0; j < kCallsPerClient; ++j) {
+                  if (!clients[which].Infer(x, layer, std::chrono::seconds(120), false).ok())
+                    ++failed;
+                }
+              });
             }
-          });
+            for (std::thread& t : threads) t.join();
+            const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+            if (failed > 0)
+              return absl::InternalError(absl::StrCat(failed.load(), " calls failed"));
+            if (r >= 0) rate[which].push_back(concurrency * kCallsPerClient / s);
+          }
         }
-        for (std::thread& t : threads) t.join();
-        const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-        if (failed > 0) return absl::InternalError(absl::StrCat(failed.load(), " calls failed"));
-        if (r >= 0) rate[which].push_back(concurrency * kCallsPerClient / s);
-      }
-    }
-    const double d = Median(rate[0]), a = Median(rate[1]);
-    std::printf(
-        "{\"T\":%lld,\"default_arenas\":%s,\"capped_arenas\":%d,\"default_ms\":%.3f,"
-        "\"capped_ms\":%.3f,\"latency_ratio_capped_default\":%.4f,\"clients\":%lld,"
-        "\"default_calls_per_s\":%.1f,\"capped_calls_per_s\":%.1f,"
-        "\"throughput_ratio_capped_default\":%.4f,\"repeats\":%lld}\n",
-        (long long)T, glibc_default.c_str(), kMallocArenas, medians.first, medians.second,
-        medians.second / medians.first, (long long)concurrency, d, a, a / d, (long long)repeats);
-    std::fflush(stdout);
-  }
-  return absl::OkStatus();
+        const double d = Median(rate[0]), a = Median(rate[1]);
+        std::printf(
+            "{\"T\":%lld,\"default_arenas\":%s,\"capped_arenas\":%d,\"default_ms\":%.3f,"
+            "\"capped_ms\":%.3f,\"latency_ratio_capped_default\":%.4f,\"clients\":%lld,"
+            "\"default_calls_per_s\":%.1f,\"capped_calls_per_s\":%.1f,"
+            "\"throughput_ratio_capped_default\":%.4f,\"repeats\":%lld}\n",
+            (long long)T, glibc_default.c_str(), kMallocArenas, default_ms, capped_ms,
+            capped_ms / default_ms, (long long)concurrency, d, a, a / d, (long long)repeats);
+        return absl::OkStatus();
+      });
 }
 
 absl::Status Overload(const std::string& binary, const std::string& dir, const MoeModelConfig& c,

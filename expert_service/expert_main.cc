@@ -59,16 +59,10 @@ absl::Status Run(const std::vector<std::string>& argv) {
   o.ucx = transport.ucx;
   o.ucx_spin = transport.ucx_spin;
   ASSIGN_OR_RETURN(o.gpus, ParseDeviceFlags(args));
-  ASSIGN_OR_RETURN(double rebalance_s, args.Double("gpu-rebalance-s", 5.0));
-  if (!(rebalance_s >= 0 && rebalance_s <= 86400)) {
-    return absl::InvalidArgumentError("--gpu-rebalance-s must be in [0, 86400]");
-  }
-  o.gpu_rebalance_interval = std::chrono::milliseconds(static_cast<int64_t>(rebalance_s * 1000));
+  ASSIGN_OR_RETURN(o.gpu_rebalance_interval, args.Seconds("gpu-rebalance-s", 5.0, 0, 86400));
   const std::string controller = args.String("controller", "");
-  ASSIGN_OR_RETURN(const double leave_timeout_s, args.Double("leave-timeout-s", 60.0));
-  if (!(leave_timeout_s >= 0 && leave_timeout_s <= 3600)) {
-    return absl::InvalidArgumentError("--leave-timeout-s must be in [0, 3600]");
-  }
+  ASSIGN_OR_RETURN(const std::chrono::milliseconds leave_timeout,
+                   args.Seconds("leave-timeout-s", 60.0, 0, 3600));
   ASSIGN_OR_RETURN(const int64_t fault_delay_ms, args.Int("fault-delay-ms", 0));
   if (fault_delay_ms < 0 || fault_delay_ms > 600000) {
     return absl::InvalidArgumentError("--fault-delay-ms must be in [0, 600000]");
@@ -124,8 +118,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ServeUntilStopSignal("expert service", o.listen, *server, [&] {
     if (agent == nullptr) return;
     // Its experts move to other services first: nothing routes here when the drain starts.
-    const auto deadline = std::chrono::system_clock::now() +
-                          std::chrono::milliseconds(static_cast<int64_t>(leave_timeout_s * 1000));
+    const auto deadline = std::chrono::system_clock::now() + leave_timeout;
     if (const absl::Status s = agent->Leave(deadline); !s.ok()) {
       std::fprintf(stderr,
                    "expert service %s: no handover (%s); routers still sending here are "

@@ -93,10 +93,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError(
         "--controller gives the placement: no --endpoints or --placement-file with it");
   }
-  ASSIGN_OR_RETURN(const double report_s, args.Double("load-report-s", 2.0));
-  if (!(report_s >= 0.1 && report_s <= 3600)) {
-    return absl::InvalidArgumentError("--load-report-s must be in [0.1, 3600]");
-  }
+  ASSIGN_OR_RETURN(const std::chrono::milliseconds report_interval,
+                   args.Seconds("load-report-s", 2.0, 0.1, 3600));
   ASSIGN_OR_RETURN(ro.policy, ParsePlacementPolicy(args.String("placement", "contiguous")));
   ASSIGN_OR_RETURN(int64_t replicas, args.Int("replicas", 1));
   ro.replicas = static_cast<int>(std::clamp<int64_t>(replicas, -1, 1 << 20));
@@ -115,11 +113,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   if (gpus.size() > 1)
     return absl::InvalidArgumentError("--gpu: the router's gating runs on one GPU");
   ro.gate.gpu = gpus.empty() ? -1 : gpus[0];
-  ASSIGN_OR_RETURN(double window_s, args.Double("load-window-s", 60.0));
-  if (!(window_s >= 1 && window_s <= 86400)) {
-    return absl::InvalidArgumentError("--load-window-s must be in [1, 86400]");
-  }
-  ro.load_window = std::chrono::milliseconds(static_cast<int64_t>(window_s * 1000));
+  ASSIGN_OR_RETURN(ro.load_window, args.Seconds("load-window-s", 60.0, 1, 86400));
   ResilienceOptions& res = ro.resilience;
   ASSIGN_OR_RETURN(const int64_t eject_after, args.Int("eject-after", res.eject_after));
   if (eject_after < 0 || eject_after > 1000000) {
@@ -182,7 +176,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
     wo.controller = controller;
     wo.router_id = args.String("router-id", "");
     wo.security = security;
-    wo.report_interval = std::chrono::milliseconds(static_cast<int64_t>(report_s * 1000));
+    wo.report_interval = report_interval;
     ASSIGN_OR_RETURN(watcher, PlacementWatcher::Start(wo, &server->router()));
   }
   ServeUntilStopSignal("router", so.listen, *server);

@@ -45,11 +45,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
   ASSIGN_OR_RETURN(o.security, SecurityFromFlags(args));
   o.listen = args.String("listen", o.listen);
-  ASSIGN_OR_RETURN(const double interval_s, args.Double("rebalance-interval-s", 10.0));
-  if (!(interval_s >= 0 && interval_s <= 86400)) {
-    return absl::InvalidArgumentError("--rebalance-interval-s must be in [0, 86400]");
-  }
-  o.rebalance_interval = std::chrono::milliseconds(static_cast<int64_t>(interval_s * 1000));
+  ASSIGN_OR_RETURN(o.rebalance_interval, args.Seconds("rebalance-interval-s", 10.0, 0, 86400));
   ASSIGN_OR_RETURN(const int64_t replicas, args.Int("min-replicas", 1));
   if (replicas < 1 || replicas > 64) {
     return absl::InvalidArgumentError("--min-replicas must be in [1, 64]");
@@ -60,30 +56,14 @@ absl::Status Run(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--expert-slots must be >= 0");
   }
   o.expert_slots = static_cast<int>(slots);
-  ASSIGN_OR_RETURN(const double lease_s, args.Double("lease-s", 3.0));
-  if (!(lease_s >= 0.3 && lease_s <= 3600)) {
-    return absl::InvalidArgumentError("--lease-s must be in [0.3, 3600]");
-  }
-  o.lease = std::chrono::milliseconds(static_cast<int64_t>(lease_s * 1000));
-  ASSIGN_OR_RETURN(const double settle_s, args.Double("settle-s", 2.0));
-  if (!(settle_s >= 0 && settle_s <= 3600)) {
-    return absl::InvalidArgumentError("--settle-s must be in [0, 3600]");
-  }
-  o.settle = std::chrono::milliseconds(static_cast<int64_t>(settle_s * 1000));
+  ASSIGN_OR_RETURN(o.lease, args.Seconds("lease-s", 3.0, 0.3, 3600));
+  ASSIGN_OR_RETURN(o.settle, args.Seconds("settle-s", 2.0, 0, 3600));
   ASSIGN_OR_RETURN(o.min_gain, args.Double("min-gain", o.min_gain));
-  for (const auto& [flag, field] :
-       {std::pair{"load-timeout-s", &o.load_timeout}, std::pair{"ack-timeout-s", &o.ack_timeout}}) {
-    ASSIGN_OR_RETURN(const double s, args.Double(flag, field->count() / 1000.0));
-    if (!(s >= 0.1 && s <= 3600)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be in [0.1, 3600]"));
-    }
-    *field = std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
-  }
-  ASSIGN_OR_RETURN(const double ejected_s, args.Double("ejected-failed-s", 0));
-  if (!(ejected_s >= 0 && ejected_s <= 86400)) {
-    return absl::InvalidArgumentError("--ejected-failed-s must be in [0, 86400]");
-  }
-  o.ejected_failed = std::chrono::milliseconds(static_cast<int64_t>(ejected_s * 1000));
+  ASSIGN_OR_RETURN(o.load_timeout,
+                   args.Seconds("load-timeout-s", o.load_timeout.count() / 1000.0, 0.1, 3600));
+  ASSIGN_OR_RETURN(o.ack_timeout,
+                   args.Seconds("ack-timeout-s", o.ack_timeout.count() / 1000.0, 0.1, 3600));
+  ASSIGN_OR_RETURN(o.ejected_failed, args.Seconds("ejected-failed-s", 0, 0, 86400));
   metrics::Registry registry;
   const std::string metrics_listen = args.String("metrics-listen", "");
   if (!metrics_listen.empty()) {

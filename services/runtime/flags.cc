@@ -84,6 +84,17 @@ absl::StatusOr<double> CliArgs::Double(const std::string& name, double fallback)
   return v;
 }
 
+absl::StatusOr<std::chrono::milliseconds> CliArgs::Seconds(const std::string& name,
+                                                           double fallback_s, double min_s,
+                                                           double max_s) const {
+  ASSIGN_OR_RETURN(const double s, Double(name, fallback_s));
+  if (!(s >= min_s && s <= max_s)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be in [", min_s, ", ", max_s, "]"));
+  }
+  return std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
+}
+
 absl::StatusOr<int> ParseMessageLimit(const CliArgs& args, int default_bytes) {
   ASSIGN_OR_RETURN(const int64_t mb, args.Int("max-message-mb", default_bytes >> 20));
   if (mb <= 0 || mb > 2047)

@@ -31,6 +31,10 @@ class CliArgs {
   std::string String(const std::string& name, const std::string& fallback) const;
   absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
   absl::StatusOr<double> Double(const std::string& name, double fallback) const;
+  // --NAME S, a time in seconds (`fallback_s` when absent) within [min_s, max_s], as
+  // milliseconds.
+  absl::StatusOr<std::chrono::milliseconds> Seconds(const std::string& name, double fallback_s,
+                                                    double min_s, double max_s) const;
 
  private:
   std::map<std::string, std::string> values_;
