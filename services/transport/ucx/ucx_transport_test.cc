@@ -221,6 +221,8 @@ TEST(UcxTransportTest, DeadServiceIsUnavailableAndARestartedOneIsReconnected) {
   EXPECT_TRUE(back[0].status.ok()) << back[0].status;
   EXPECT_GE(control->info_calls("a"), 2);
   EXPECT_EQ(t->in_flight(), 0);
+  // The transport's prober asks `control` about `again`, made after it: it goes first.
+  t.reset();
 }
 
 TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
@@ -257,6 +259,8 @@ TEST(UcxTransportTest, RestartWhileACallWaitsIsUnavailableNotAHang) {
   // The next call reaches the new instance, whose address the transport fetched again.
   auto next = Call(*t, {{"a", Request(2, 10)}});
   EXPECT_TRUE(next[0].status.ok()) << next[0].status;
+  // The transport's prober asks `control` about `fresh`, made after it: it goes first.
+  t.reset();
 }
 
 TEST(UcxTransportTest, OversizedRequestIsRefusedAndTheServiceStaysUp) {
